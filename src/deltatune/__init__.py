@@ -1,0 +1,25 @@
+"""deltatune: parameter-efficient fine-tuning for PyTorch models, with adapters in peft's checkpoint format."""
+
+from deltatune.config import AdapterConfig
+from deltatune.errors import (
+    AdapterError,
+    CheckpointError,
+    ConfigError,
+    DeltatuneError,
+    MergeError,
+    TargetNotFoundError,
+    UnknownMethodError,
+    UnsupportedFieldError,
+    UnsupportedModuleError,
+)
+from deltatune.methods.lora import LoraConfig
+from deltatune.model import PeftModel, get_peft_model, load_config
+from deltatune.registry import MethodSpec, get_method, list_methods, register_method
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterConfig", "AdapterError", "CheckpointError", "ConfigError", "DeltatuneError", "LoraConfig", "MergeError",
+    "MethodSpec", "PeftModel", "TargetNotFoundError", "UnknownMethodError", "UnsupportedFieldError",
+    "UnsupportedModuleError", "get_method", "get_peft_model", "list_methods", "load_config", "register_method",
+]

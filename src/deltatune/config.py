@@ -1,0 +1,131 @@
+"""`AdapterConfig`: the base dataclass of every method's config, read and written as peft's `adapter_config.json`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, ClassVar
+
+from deltatune.errors import ConfigError, UnsupportedFieldError
+
+CONFIG_NAME = "adapter_config.json"
+
+
+def _is_unset(value: Any) -> bool:
+    """True for the values peft writes for an option that is off (None, False, empty, "none")."""
+    return value is None or value is False or value == "none" or (hasattr(value, "__len__") and len(value) == 0)
+
+
+@dataclass
+class AdapterConfig:
+    """Fields shared by every method; names and meanings are peft's.
+
+    Subclasses set the class attribute `peft_type` and list peft fields they know but do not implement in
+    `unsupported_fields`: loading a file that sets one of those to a non-default value raises
+    `UnsupportedFieldError` instead of silently training something else.
+    """
+
+    peft_type: ClassVar[str] = ""
+    unsupported_fields: ClassVar[tuple[str, ...]] = ()
+
+    target_modules: list[str] | str | None = None
+    """Module names to adapt: a list of name suffixes, a regex matched against the full name, or "all-linear"."""
+    exclude_modules: list[str] | str | None = None
+    """Module names never adapted (same forms as `target_modules`)."""
+    layers_to_transform: list[int] | int | None = None
+    """Only adapt these layer indices (of the model's layer list)."""
+    layers_pattern: list[str] | str | None = None
+    """Name of the layer list (e.g. "layers", "h") used with `layers_to_transform`."""
+    modules_to_save: list[str] | None = None
+    """Modules trained in full and saved with the adapter (e.g. a classifier head)."""
+    task_type: str | None = None
+    """peft's task type ("CAUSAL_LM", "SEQ_CLS", ...), recorded for other tools."""
+    base_model_name_or_path: str | None = None
+    """Where the base model lives; filled in from the model's config when saving."""
+    revision: str | None = None
+    inference_mode: bool = False
+    """True when the adapter is loaded for inference only (peft writes true on save)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = sorted(self.target_modules)
+        if isinstance(self.modules_to_save, (set, tuple)):
+            self.modules_to_save = list(self.modules_to_save)
+        if isinstance(self.target_modules, list):
+            if not self.target_modules:
+                raise ConfigError('target_modules is an empty list: name at least one module, e.g. ["q_proj", "v_proj"].')
+            bad = [t for t in self.target_modules if not isinstance(t, str) or not t]
+            if bad:
+                raise ConfigError(f"target_modules must hold non-empty strings; got {bad!r}.")
+        if isinstance(self.layers_to_transform, int):
+            self.layers_to_transform = [self.layers_to_transform]
+        if self.layers_to_transform is not None and any(i < 0 for i in self.layers_to_transform):
+            raise ConfigError(f"layers_to_transform holds a negative index: {self.layers_to_transform}.")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ConfigError("layers_pattern is only used with layers_to_transform: set both, or neither.")
+
+    # -- JSON ---------------------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict with peft's keys, `peft_type` included."""
+        out = {f.name: _jsonable(getattr(self, f.name)) for f in fields(self)}
+        out["peft_type"] = self.peft_type
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AdapterConfig:
+        """Build from a peft-style dict; fields peft knows but deltatune does not implement must be unset."""
+        data = dict(data)
+        peft_type = data.pop("peft_type", cls.peft_type)
+        if peft_type != cls.peft_type:
+            raise ConfigError(f"peft_type {peft_type!r} given to {cls.__name__}, which reads {cls.peft_type!r}.")
+        known = {f.name for f in fields(cls)}
+        for name in cls.unsupported_fields:
+            if name in data and not _is_unset(data[name]):
+                raise UnsupportedFieldError(
+                    f"adapter config sets {name}={data[name]!r}, which deltatune's {cls.__name__} does not support; "
+                    f"remove the field (or set it to its default) to load this adapter."
+                )
+        # Other unknown keys (peft_version, auto_mapping, newer peft options left at their defaults) carry no meaning
+        # for the weights and are dropped, as peft itself does for keys it does not know.
+        kwargs = {k: v for k, v in data.items() if k in known}
+        try:
+            return cls(**kwargs)
+        except TypeError as exc:  # a wrong type deep in a field
+            raise ConfigError(f"invalid {cls.__name__}: {exc}") from exc
+
+    def save(self, directory: str | Path) -> None:
+        """Write `adapter_config.json` atomically."""
+        from deltatune.io import atomic_write_bytes
+
+        payload = json.dumps(self.to_dict(), indent=2, sort_keys=True).encode()
+        atomic_write_bytes(Path(directory) / CONFIG_NAME, payload)
+
+    def replace(self, **changes: Any) -> AdapterConfig:
+        """A validated copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (set, tuple)):
+        return sorted(value) if isinstance(value, set) else list(value)
+    return value
+
+
+def read_config_dict(directory: str | Path) -> dict[str, Any]:
+    """Read and syntax-check `adapter_config.json`; errors name the file."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise ConfigError(f"no {CONFIG_NAME} in {directory}: is this an adapter directory saved by save_pretrained?")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}); fix or re-save it.") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a JSON object, got {type(data).__name__}.")
+    if "peft_type" not in data:
+        raise ConfigError(f'{path} has no "peft_type" field; add e.g. "peft_type": "LORA".')
+    return data
+
+

@@ -1,0 +1,46 @@
+"""Typed exceptions. Each message names the problem and the fix."""
+
+from __future__ import annotations
+
+
+class DeltatuneError(Exception):
+    """Base class of every error deltatune raises on purpose."""
+
+
+class ConfigError(DeltatuneError, ValueError):
+    """An adapter or run configuration has an invalid value (the message names the field and the fix)."""
+
+
+class UnsupportedFieldError(ConfigError):
+    """A config sets a field that this version of deltatune does not implement (e.g. a peft-only option)."""
+
+
+class UnknownMethodError(ConfigError):
+    """A `peft_type` that no registered method provides."""
+
+
+class TargetNotFoundError(ConfigError):
+    """A `target_modules` entry matched no module; `suggestions` holds the closest module names."""
+
+    def __init__(self, message: str, suggestions: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.suggestions = suggestions or []
+
+
+class UnsupportedModuleError(ConfigError):
+    """A target module's type has no layer in the method's dispatch table."""
+
+
+class AdapterError(DeltatuneError, KeyError):
+    """An adapter name that does not exist, already exists, or cannot be used for the asked operation."""
+
+    def __str__(self) -> str:  # KeyError would print the message with quotes around it
+        return str(self.args[0]) if self.args else ""
+
+
+class CheckpointError(DeltatuneError):
+    """A saved adapter is unreadable or does not fit the model (missing/unexpected keys, wrong shapes)."""
+
+
+class MergeError(DeltatuneError):
+    """Merging would write non-finite values into the base weights; nothing was changed."""

@@ -1,0 +1,106 @@
+"""Checkpoint io: safetensors only, peft's key layout, atomic writes, validation before anything changes.
+
+Saved keys are `base_model.model.<module path>.<peft attribute>[.<sub key>]` with the adapter name left out
+(`...q_proj.lora_A.weight`); they are built structurally from each wrapper's `adapter_state`, never by editing
+strings, so adapter or module names that contain "lora" or "weight" cannot confuse them.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_dumps
+from torch import Tensor, nn
+
+from deltatune.errors import CheckpointError
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+KEY_PREFIX = "base_model.model."
+
+
+def atomic_write_bytes(path: str | Path, payload: bytes) -> None:
+    """Write `payload` to `path` via a temp file in the same folder and a rename: readers see old or new, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(payload)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def dump_tensors(tensors: dict[str, Tensor]) -> bytes:
+    """Serialize to safetensors bytes (contiguous CPU copies; peft's `format: pt` metadata)."""
+    plain = {k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}
+    return safetensors_dumps(plain, metadata={"format": "pt"})
+
+
+def read_tensors(directory: str | Path) -> dict[str, Tensor]:
+    """Load `adapter_model.safetensors`; a missing, truncated or corrupt file raises CheckpointError."""
+    path = Path(directory) / WEIGHTS_NAME
+    if not path.is_file():
+        other = Path(directory) / "adapter_model.bin"
+        why = " (only a pickled adapter_model.bin is there: deltatune never loads pickles; re-save it as safetensors)"
+        raise CheckpointError(f"no {WEIGHTS_NAME} in {directory}{why if other.exists() else ''}.")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({exc}); it may be truncated. Re-save it.")
+
+
+def to_peft_keys(relative: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Add peft's `base_model.model.` prefix to module-relative keys."""
+    return {KEY_PREFIX + k: v for k, v in relative.items()}
+
+
+def from_peft_keys(saved: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Strip peft's prefix; keys without it are an error (the file was not written in peft's layout)."""
+    bad = [k for k in saved if not k.startswith(KEY_PREFIX)]
+    if bad:
+        raise CheckpointError(
+            f"key {bad[0]!r} does not start with {KEY_PREFIX!r}: not a peft-layout adapter file "
+            f"({len(bad)} such keys)."
+        )
+    return {k[len(KEY_PREFIX):]: v for k, v in saved.items()}
+
+
+def check_state(expected: dict[str, Tensor], found: dict[str, Tensor], source: str) -> None:
+    """Raise CheckpointError naming the first missing key, unexpected key or shape/dtype mismatch."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    if missing:
+        raise CheckpointError(
+            f"{source} lacks {len(missing)} adapter tensor(s), e.g. {KEY_PREFIX}{missing[0]!r}; it was saved from a "
+            f"different model or config (check target_modules / layers_to_transform)."
+        )
+    if unexpected:
+        raise CheckpointError(
+            f"{source} has {len(unexpected)} tensor(s) this model has no place for, e.g. {KEY_PREFIX}{unexpected[0]!r}; "
+            f"was it saved from another architecture?"
+        )
+    for key, tensor in found.items():
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            raise CheckpointError(
+                f"{source}: {KEY_PREFIX}{key} has shape {tuple(tensor.shape)}, the model expects "
+                f"{tuple(expected[key].shape)}; the adapter was trained with another rank or model size."
+            )
+        if not tensor.is_floating_point():
+            raise CheckpointError(f"{source}: {KEY_PREFIX}{key} has dtype {tensor.dtype}, expected a float tensor.")
+
+
+@torch.no_grad()
+def copy_named_parameters(model: nn.Module, state: dict[str, Tensor]) -> None:
+    """Copy tensors into the model's parameters named by (module-relative) `state` keys."""
+    params = dict(model.named_parameters())
+    for key, tensor in state.items():
+        params[key].copy_(tensor.to(params[key].dtype))

@@ -1,0 +1,205 @@
+"""`AdapterLayer`: the wrapper that replaces one target module, and `TrainableCopy` for `modules_to_save`.
+
+A method subclass declares its per-adapter state as data (`adapter_param_names`) and implements `add_adapter`,
+`forward`, `compose` and `decompose`; the base class drives merge/unmerge (casting, the finite check, the merged
+stack), deletion, activation and the structural state-dict mapping used by checkpoint io.
+"""
+
+from __future__ import annotations
+
+import abc
+import copy
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+
+from deltatune.errors import AdapterError, MergeError
+
+
+class AdapterLayer(nn.Module, metaclass=abc.ABCMeta):
+    """Base of every layer-method wrapper. `base_layer` is frozen and never replaced.
+
+    Subclasses implement:
+        add_adapter(name, **flat_args): create the adapter's parameters.
+        forward(x): base_layer(x) plus the method's term for every active, unmerged adapter.
+        compose(name, W) -> W': the merged weight (float32 in, float32 out).
+        decompose(name, W') -> W: the exact inverse of `compose`.
+    """
+
+    adapter_param_names: tuple[str, ...] = ()
+    """Attributes holding per-adapter tensors (ModuleDict or ParameterDict keyed by adapter name), in peft's names."""
+    adapter_other_names: tuple[str, ...] = ()
+    """Attributes holding per-adapter plain values (dicts keyed by adapter name), e.g. scaling."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+        for p in base_layer.parameters():
+            p.requires_grad_(False)
+
+    # -- adapter bookkeeping ------------------------------------------------------------------------------------------
+    @property
+    def adapter_names(self) -> list[str]:
+        """Adapters this layer holds, in insertion order."""
+        first = getattr(self, self.adapter_param_names[0])
+        return list(first.keys())
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    def unmerged_active(self) -> list[str]:
+        """Active adapters whose term the forward must add (none while disabled)."""
+        if self.disabled:
+            return []
+        return [n for n in self.active_adapters if n in self.adapter_names and n not in self.merged_adapters]
+
+    def set_active(self, names: Iterable[str]) -> None:
+        self.active_adapters = [n for n in names if n in self.adapter_names]
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.merged_adapters:
+            raise AdapterError(f"adapter {name!r} is merged into the base weights; unmerge it before deleting.")
+        for attr in self.adapter_param_names + self.adapter_other_names:
+            container = getattr(self, attr)
+            if name in container:
+                del container[name]
+        self.active_adapters = [n for n in self.active_adapters if n != name]
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        return [p for attr in self.adapter_param_names if name in (c := getattr(self, attr)) for p in _params(c[name])]
+
+    # -- state for checkpoints (structural: no string surgery on adapter names) --------------------------------------
+    def adapter_state(self, name: str) -> dict[str, Tensor]:
+        """Tensors of adapter `name`, keyed relative to this layer without the adapter name (peft's saved keys)."""
+        out: dict[str, Tensor] = {}
+        for attr in self.adapter_param_names:
+            container = getattr(self, attr)
+            if name not in container:
+                continue
+            value = container[name]
+            if isinstance(value, nn.Module):
+                out.update({f"{attr}.{k}": t for k, t in value.state_dict().items()})
+            else:
+                out[attr] = value
+        return out
+
+    @torch.no_grad()
+    def load_adapter_state(self, name: str, state: dict[str, Tensor]) -> None:
+        """Copy tensors (keys as produced by `adapter_state`) into adapter `name`; shapes were checked by the caller."""
+        own = self.adapter_state(name)
+        for key, tensor in state.items():
+            own[key].copy_(tensor.to(own[key].dtype))
+
+    # -- merging ------------------------------------------------------------------------------------------------------
+    @property
+    def base_weight(self) -> nn.Parameter:
+        return self.base_layer.weight
+
+    @abc.abstractmethod
+    def add_adapter(self, name: str, **kwargs) -> None:
+        """Create adapter `name`'s parameters from flat keyword arguments."""
+
+    @abc.abstractmethod
+    def compose(self, name: str, weight: Tensor) -> Tensor:
+        """The base weight with adapter `name` folded in (float32)."""
+
+    @abc.abstractmethod
+    def decompose(self, name: str, weight: Tensor) -> Tensor:
+        """The inverse of `compose`."""
+
+    @torch.no_grad()
+    def merge(self, names: Iterable[str] | None = None, safe: bool = False) -> None:
+        """Fold adapters into the base weight (in float32, cast back once). `safe` checks finiteness first."""
+        names = [n for n in (self.active_adapters if names is None else names) if n not in self.merged_adapters]
+        for name in names:
+            if name not in self.adapter_names:
+                raise AdapterError(f"adapter {name!r} does not exist on this layer; it holds {self.adapter_names}.")
+        weight = self.base_weight
+        for name in names:
+            new = self.compose(name, weight.detach().float())
+            if safe and not torch.isfinite(new).all():
+                raise MergeError(f"merging adapter {name!r} gives non-finite weights; the base was left unchanged.")
+            weight.data.copy_(new.to(weight.dtype))
+            self.merged_adapters.append(name)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo every merge, newest first."""
+        weight = self.base_weight
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            weight.data.copy_(self.decompose(name, weight.detach().float()).to(weight.dtype))
+
+
+class TrainableCopy(nn.Module):
+    """`modules_to_save`: a trainable copy of a module per adapter; the original stays frozen and is used when disabled.
+
+    Attribute names (`original_module`, `modules_to_save`) are peft's, so the saved key of adapter `a`'s copy of
+    `classifier.weight` is simply `classifier.weight`.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.original_module = module
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapters: list[str] = []
+        self.disabled = False
+        for p in module.parameters():
+            p.requires_grad_(False)
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.modules_to_save.keys())
+
+    def add_adapter(self, name: str) -> None:
+        self.modules_to_save[name] = copy.deepcopy(self.original_module)
+
+    def set_active(self, names: Iterable[str]) -> None:
+        self.active_adapters = [n for n in names if n in self.modules_to_save]
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.modules_to_save:
+            del self.modules_to_save[name]
+        self.active_adapters = [n for n in self.active_adapters if n != name]
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        return list(self.modules_to_save[name].parameters()) if name in self.modules_to_save else []
+
+    def adapter_state(self, name: str) -> dict[str, Tensor]:
+        return dict(self.modules_to_save[name].state_dict()) if name in self.modules_to_save else {}
+
+    @torch.no_grad()
+    def load_adapter_state(self, name: str, state: dict[str, Tensor]) -> None:
+        own = self.adapter_state(name)
+        for key, tensor in state.items():
+            own[key].copy_(tensor.to(own[key].dtype))
+
+    def selected(self) -> nn.Module:
+        """The module the forward uses: the first active copy, else the original."""
+        if self.disabled or not self.active_adapters:
+            return self.original_module
+        return self.modules_to_save[self.active_adapters[0]]
+
+    def forward(self, *args, **kwargs):
+        return self.selected()(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("_") or name in _OWN_ATTRS or "_modules" not in self.__dict__:
+                raise
+            # Code outside (e.g. transformers reading `lm_head.weight`) sees the module in use.
+            return getattr(self.selected(), name)
+
+
+_OWN_ATTRS = frozenset({"original_module", "modules_to_save", "active_adapters", "disabled"})
+
+
+def _params(value: nn.Module | nn.Parameter) -> list[nn.Parameter]:
+    return list(value.parameters()) if isinstance(value, nn.Module) else [value]

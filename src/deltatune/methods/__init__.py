@@ -1,0 +1,3 @@
+"""Every bundled method; importing a module registers it (one line per method)."""
+
+from deltatune.methods import lora  # noqa: F401

@@ -1,0 +1,286 @@
+"""LoRA: low-rank adaptation (Hu et al. 2021, arXiv:2106.09685, §4.1).
+
+    h = W0 x + s · B A dropout(x),   s = lora_alpha / r   (rsLoRA, arXiv:2312.03732: s = lora_alpha / sqrt(r))
+    A: (r, d_in) kaiming-uniform, B: (d_out, r) zeros, so the adapted model starts equal to the base.
+    trainable params per adapted matrix: r · (d_in + d_out); merge: W' = W0 + s · B A (no inference latency).
+
+Mirrors peft's `LoraConfig` fields and parameter names (`lora_A`, `lora_B`, `lora_embedding_A`, `lora_embedding_B`).
+Layers: nn.Linear, transformers' GPT-2 Conv1D (weight stored (d_in, d_out), i.e. fan_in_fan_out), nn.Conv1d/2d/3d,
+nn.Embedding.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
+
+from deltatune.config import AdapterConfig
+from deltatune.errors import ConfigError, UnsupportedFieldError, UnsupportedModuleError
+from deltatune.functional.init import gaussian_a_zero_b, kaiming_a_zero_b
+from deltatune.functional.lora import embedding_lora_delta, lora_branch, lora_delta, lora_scale
+from deltatune.layers import AdapterLayer
+from deltatune.models import default_lora_targets
+from deltatune.registry import MethodSpec, register_method
+
+
+@dataclass
+class LoraConfig(AdapterConfig):
+    """Configuration of a LoRA adapter (field names and defaults are peft's)."""
+
+    peft_type = "LORA"
+    # peft options deltatune does not implement (yet): loading an adapter that turns one on is an error, not a guess.
+    unsupported_fields = (
+        "use_dora", "lora_bias", "layer_replication", "loftq_config", "use_qalora", "megatron_config", "eva_config",
+        "corda_config", "trainable_token_indices", "alora_invocation_tokens", "arrow_config", "target_parameters",
+        "kasa_config", "lora_ga_config", "monteclora_config", "use_bdlora", "velora_config",
+    )
+
+    r: int = 8
+    """Rank of the update B·A."""
+    lora_alpha: float = 8
+    """Scale numerator: the update is multiplied by lora_alpha / r (or / sqrt(r) with use_rslora)."""
+    lora_dropout: float = 0.0
+    """Dropout probability on the adapter's input (training only)."""
+    fan_in_fan_out: bool = False
+    """True when the base stores weights as (d_in, d_out); deltatune sets it per layer from the layer type (Conv1D)."""
+    bias: Literal["none", "all", "lora_only"] = "none"
+    """Which base biases also train and are saved: none, all biases, or those of adapted layers."""
+    use_rslora: bool = False
+    """Rank-stabilised scaling lora_alpha / sqrt(r)."""
+    init_lora_weights: bool | str = True
+    """True: kaiming-uniform A, zero B. "gaussian": A ~ N(0, 1/r), zero B. False: both random (for tests)."""
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    """Per-module ranks: regex (matched as a name suffix) -> r, e.g. {"down_proj": 16}."""
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    """Per-module alphas, like rank_pattern."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+            raise ConfigError(f"r must be a positive integer (the LoRA rank), got {self.r!r}; typical values are 4-64.")
+        if not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
+            raise ConfigError(f"lora_alpha must be a positive number, got {self.lora_alpha!r}; a common choice is 2*r.")
+        if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
+        if self.bias not in ("none", "all", "lora_only"):
+            raise ConfigError(f'bias must be "none", "all" or "lora_only", got {self.bias!r}.')
+        if self.init_lora_weights not in (True, False, "gaussian"):
+            raise UnsupportedFieldError(
+                f"init_lora_weights={self.init_lora_weights!r} is not supported; use True, False or \"gaussian\"."
+            )
+        for name, pattern in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
+            if not isinstance(pattern, dict) or any(not isinstance(v, (int, float)) or v <= 0 for v in pattern.values()):
+                raise ConfigError(f"{name} must map module-name regexes to positive numbers, got {pattern!r}.")
+
+
+def _pattern_value(pattern: dict[str, Any], module_path: str, default: Any) -> Any:
+    """The value of the first pattern that matches the end of `module_path` (peft's rule), else `default`."""
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", module_path):
+            return value
+    return default
+
+
+def lora_layer_kwargs(config: LoraConfig, module_path: str) -> dict[str, Any]:
+    """Flat arguments for one target's `add_adapter` (rank/alpha patterns resolved here, not in the layer)."""
+    return {
+        "r": int(_pattern_value(config.rank_pattern, module_path, config.r)),
+        "lora_alpha": float(_pattern_value(config.alpha_pattern, module_path, config.lora_alpha)),
+        "lora_dropout": float(config.lora_dropout),
+        "use_rslora": bool(config.use_rslora),
+        "init_lora_weights": config.init_lora_weights,
+    }
+
+
+class _LoraLayer(AdapterLayer):
+    """Shared bookkeeping of the LoRA wrappers: per-adapter rank, scale and dropout."""
+
+    adapter_other_names = ("r", "lora_alpha", "scaling", "dropout_p")
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.dropout_p: dict[str, float] = {}
+
+    def _record(self, name: str, r: int, lora_alpha: float, lora_dropout: float, use_rslora: bool) -> None:
+        self.r[name], self.lora_alpha[name], self.dropout_p[name] = r, lora_alpha, lora_dropout
+        self.scaling[name] = lora_scale(lora_alpha, r, use_rslora)
+
+    def _device(self) -> torch.device:
+        return self.base_weight.device
+
+
+class LoraLinear(_LoraLayer):
+    """LoRA around nn.Linear or GPT-2's Conv1D (which computes x W + b with W stored (d_in, d_out))."""
+
+    adapter_param_names = ("lora_A", "lora_B")
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.fan_in_fan_out = not isinstance(base_layer, nn.Linear)
+        d0, d1 = base_layer.weight.shape
+        self.in_features, self.out_features = (d0, d1) if self.fan_in_fan_out else (d1, d0)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+
+    def add_adapter(self, name: str, *, r: int, lora_alpha: float, lora_dropout: float = 0.0,
+                    use_rslora: bool = False, init_lora_weights: bool | str = True) -> None:
+        self._record(name, r, lora_alpha, lora_dropout, use_rslora)
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=self._device())
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=self._device())
+        _init_pair(self.lora_A[name].weight, self.lora_B[name].weight, init_lora_weights, r)
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        for name in self.unmerged_active():
+            a = self.lora_A[name].weight.to(x.dtype)  # cast the small adapter, never the activation
+            b = self.lora_B[name].weight.to(x.dtype)
+            branch = lora_branch(x, a, b, self.scaling[name], self.dropout_p[name], self.training)
+            result = result + branch.to(result.dtype)
+        return result
+
+    def delta_weight(self, name: str) -> Tensor:
+        """s · B A in the base weight's layout, float32."""
+        a, b = self.lora_A[name].weight.float(), self.lora_B[name].weight.float()
+        return lora_delta(a, b, self.scaling[name], self.fan_in_fan_out)
+
+    def compose(self, name: str, weight: Tensor) -> Tensor:
+        return weight + self.delta_weight(name)
+
+    def decompose(self, name: str, weight: Tensor) -> Tensor:
+        return weight - self.delta_weight(name)
+
+
+class LoraConv(_LoraLayer):
+    """LoRA around nn.Conv1d/2d/3d: A is a conv with the base's kernel, stride and padding; B is a 1x1 conv."""
+
+    adapter_param_names = ("lora_A", "lora_B")
+
+    def __init__(self, base_layer: nn.modules.conv._ConvNd) -> None:
+        if base_layer.groups != 1:
+            raise UnsupportedModuleError(
+                f"LoRA on grouped convolutions (groups={base_layer.groups}) is not supported; exclude this module."
+            )
+        super().__init__(base_layer)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+
+    def add_adapter(self, name: str, *, r: int, lora_alpha: float, lora_dropout: float = 0.0,
+                    use_rslora: bool = False, init_lora_weights: bool | str = True) -> None:
+        self._record(name, r, lora_alpha, lora_dropout, use_rslora)
+        base, conv_cls = self.base_layer, type(self.base_layer)
+        ones = (1,) * len(base.kernel_size)
+        self.lora_A[name] = conv_cls(base.in_channels, r, base.kernel_size, base.stride, base.padding,
+                                     base.dilation, bias=False, padding_mode=base.padding_mode, device=self._device())
+        self.lora_B[name] = conv_cls(r, base.out_channels, ones, ones, bias=False, device=self._device())
+        _init_pair(self.lora_A[name].weight, self.lora_B[name].weight, init_lora_weights, r)
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        for name in self.unmerged_active():
+            xd = F.dropout(x, self.dropout_p[name], self.training)
+            lora_a, lora_b = self.lora_A[name], self.lora_B[name]
+            branch = lora_b(lora_a(xd.to(lora_a.weight.dtype))) * self.scaling[name]
+            result = result + branch.to(result.dtype)
+        return result
+
+    def delta_weight(self, name: str) -> Tensor:
+        a, b = self.lora_A[name].weight.float(), self.lora_B[name].weight.float()
+        return lora_delta(a, b, self.scaling[name])
+
+    def compose(self, name: str, weight: Tensor) -> Tensor:
+        return weight + self.delta_weight(name)
+
+    def decompose(self, name: str, weight: Tensor) -> Tensor:
+        return weight - self.delta_weight(name)
+
+
+class LoraEmbedding(_LoraLayer):
+    """LoRA around nn.Embedding: E' = E + s · (B A)^T, A (r, num_embeddings) zero-initialised, B (dim, r) normal."""
+
+    adapter_param_names = ("lora_embedding_A", "lora_embedding_B")
+
+    def __init__(self, base_layer: nn.Embedding) -> None:
+        super().__init__(base_layer)
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+
+    def add_adapter(self, name: str, *, r: int, lora_alpha: float, lora_dropout: float = 0.0,
+                    use_rslora: bool = False, init_lora_weights: bool | str = True) -> None:
+        self._record(name, r, lora_alpha, lora_dropout, use_rslora)
+        num, dim = self.base_layer.weight.shape
+        a = torch.randn(r, num, device=self._device())
+        b = torch.randn(dim, r, device=self._device())
+        if init_lora_weights is not False:  # reversed w.r.t. Linear, as in peft: A = 0, B ~ N(0, 1)
+            a.zero_()
+        self.lora_embedding_A[name] = nn.Parameter(a)
+        self.lora_embedding_B[name] = nn.Parameter(b)
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        base = self.base_layer
+        for name in self.unmerged_active():
+            a = self.lora_embedding_A[name]
+            after_a = F.embedding(x, a.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq,
+                                  base.sparse)
+            branch = (after_a @ self.lora_embedding_B[name].T) * self.scaling[name]
+            result = result + branch.to(result.dtype)
+        return result
+
+    def delta_weight(self, name: str) -> Tensor:
+        a, b = self.lora_embedding_A[name].float(), self.lora_embedding_B[name].float()
+        return embedding_lora_delta(a, b, self.scaling[name])
+
+    def compose(self, name: str, weight: Tensor) -> Tensor:
+        return weight + self.delta_weight(name)
+
+    def decompose(self, name: str, weight: Tensor) -> Tensor:
+        return weight - self.delta_weight(name)
+
+
+def _init_pair(lora_a: Tensor, lora_b: Tensor, init: bool | str, r: int) -> None:
+    if init == "gaussian":
+        gaussian_a_zero_b(lora_a, lora_b, r)
+    elif init:
+        kaiming_a_zero_b(lora_a, lora_b)
+    # False: keep the random init of both (nn.Linear/Conv defaults), a non-identity start used in tests
+
+
+def lora_extra_trainable(model: nn.Module, config: LoraConfig) -> list[str]:
+    """Base biases trained with the adapter when `bias` is "all" or "lora_only"."""
+    if config.bias == "none":
+        return []
+    names = [n for n, _ in model.named_parameters() if n.endswith("bias")]
+    if config.bias == "lora_only":
+        wrapped = {n for n, m in model.named_modules() if isinstance(m, _LoraLayer)}
+        names = [n for n in names if n.rsplit(".", 2)[0] in wrapped and n.endswith("base_layer.bias")]
+    return names
+
+
+LORA_LAYERS: dict[type[nn.Module], type[AdapterLayer]] = {
+    nn.Linear: LoraLinear,
+    Conv1D: LoraLinear,
+    nn.Conv1d: LoraConv,
+    nn.Conv2d: LoraConv,
+    nn.Conv3d: LoraConv,
+    nn.Embedding: LoraEmbedding,
+}
+
+LORA = register_method(MethodSpec(
+    peft_type="LORA",
+    config_cls=LoraConfig,
+    kind="layer",
+    layers=LORA_LAYERS,
+    layer_kwargs=lora_layer_kwargs,
+    param_prefix="lora_",
+    extra_trainable=lora_extra_trainable,
+    default_targets=default_lora_targets,
+))

@@ -1,0 +1,365 @@
+"""`PeftModel`: the façade over a base model with named adapters (add, switch, disable, delete, merge, save, load).
+
+It knows methods only through the registry (`MethodSpec`) and adapter wrappers only through `AdapterLayer` /
+`TrainableCopy`; it never names a method or a model family.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from deltatune import io
+from deltatune.config import CONFIG_NAME, AdapterConfig, read_config_dict
+from deltatune.errors import AdapterError, ConfigError, MergeError
+from deltatune.inject import find_targets, replace_module, resolve_modules_to_save
+from deltatune.layers import AdapterLayer, TrainableCopy
+from deltatune.models import model_type_of
+from deltatune.registry import MethodSpec, get_method, spec_for_config
+
+Wrapper = (AdapterLayer, TrainableCopy)
+
+
+class PeftModel(nn.Module):
+    """A base model plus named adapters. `forward` and `generate` pass through to the (modified) base model."""
+
+    def __init__(self, model: nn.Module, peft_config: AdapterConfig | None = None, adapter_name: str = "default"):
+        super().__init__()
+        self.base_model = model
+        self.peft_config: dict[str, AdapterConfig] = {}
+        self._active: list[str] = []
+        if peft_config is not None:
+            self.add_adapter(adapter_name, peft_config)
+
+    # -- pass-through -------------------------------------------------------------------------------------------------
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model.generate(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("_") or name == "base_model" or "_modules" not in self.__dict__:
+                raise
+            return getattr(self._modules["base_model"], name)  # config, device, generation_config, ...
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model
+
+    # -- adapter bookkeeping ------------------------------------------------------------------------------------------
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active)
+
+    @property
+    def active_adapter(self) -> str | None:
+        return self._active[0] if self._active else None
+
+    def _wrappers(self) -> Iterator[tuple[str, AdapterLayer | TrainableCopy]]:
+        for name, module in self.base_model.named_modules():
+            if isinstance(module, Wrapper):
+                yield name, module
+
+    def _layers(self) -> Iterator[AdapterLayer]:
+        return (m for _, m in self._wrappers() if isinstance(m, AdapterLayer))
+
+    def _check_name(self, adapter_name: str, *, exists: bool) -> None:
+        if exists and adapter_name not in self.peft_config:
+            raise AdapterError(f"no adapter named {adapter_name!r}; this model has {sorted(self.peft_config)}.")
+        if not exists:
+            if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+                raise AdapterError(f"adapter name {adapter_name!r} must be a non-empty string without dots.")
+            if adapter_name in self.peft_config:
+                raise AdapterError(f"adapter {adapter_name!r} already exists; delete it first or pick another name.")
+
+    def add_adapter(self, adapter_name: str, peft_config: AdapterConfig) -> None:
+        """Add a new (trainable) adapter; the first one added becomes active."""
+        self._check_name(adapter_name, exists=False)
+        spec = spec_for_config(peft_config)
+        peft_config = self._with_default_targets(peft_config, spec)
+        self._check_same_method(spec)
+        self._inject(adapter_name, peft_config, spec, strict=True)
+        self.peft_config[adapter_name] = peft_config
+        if not self._active:
+            self._active = [adapter_name]
+        self._apply_active()
+
+    def _with_default_targets(self, config: AdapterConfig, spec: MethodSpec) -> AdapterConfig:
+        if config.target_modules is not None:
+            return config
+        targets = spec.default_targets(model_type_of(self.base_model))
+        if targets is None:
+            raise ConfigError(f"target_modules is not set and {spec.peft_type} has no default for this model; set it.")
+        return config.replace(target_modules=targets)
+
+    def _check_same_method(self, spec: MethodSpec) -> None:
+        types = {c.peft_type for c in self.peft_config.values()}
+        if types and types != {spec.peft_type}:
+            raise ConfigError(
+                f"this model holds {sorted(types)} adapters; a {spec.peft_type} adapter needs its own PeftModel "
+                f"(or merge_and_unload() the current ones first)."
+            )
+
+    def _module_types(self) -> dict[str, type[nn.Module]]:
+        """Module name -> type as the user sees it: wrappers show their base layer's type, their insides are hidden."""
+        out: dict[str, type[nn.Module]] = {}
+        hidden: list[str] = []
+        for name, module in self.base_model.named_modules():
+            if any(name.startswith(h + ".") for h in hidden):
+                continue
+            if isinstance(module, AdapterLayer):
+                out[name] = type(module.base_layer)
+                hidden.append(name)
+            elif isinstance(module, TrainableCopy):
+                hidden.append(name)
+            else:
+                out[name] = type(module)
+        return out
+
+    def _output_head(self) -> str | None:
+        get_head = getattr(self.base_model, "get_output_embeddings", None)
+        head = get_head() if callable(get_head) else None
+        return next((n for n, m in self.base_model.named_modules() if m is head), None) if head is not None else None
+
+    def _inject(self, adapter_name: str, config: AdapterConfig, spec: MethodSpec, strict: bool) -> None:
+        """Wrap every target and add the adapter to it; on any failure, undo everything this call did."""
+        targets = find_targets(
+            self._module_types(), target_modules=config.target_modules, supported=tuple(spec.layers),
+            exclude_modules=config.exclude_modules, layers_to_transform=config.layers_to_transform,
+            layers_pattern=config.layers_pattern, output_head=self._output_head(), strict=strict,
+        )
+        try:
+            for target in targets:
+                module = self.base_model.get_submodule(target)
+                if not isinstance(module, AdapterLayer):
+                    module = spec.layer_for(module)(module)
+                    replace_module(self.base_model, target, module)
+                module.add_adapter(adapter_name, **spec.layer_kwargs(config, target))
+            for target in resolve_modules_to_save(self.base_model, config.modules_to_save or []):
+                module = self.base_model.get_submodule(target)
+                if not isinstance(module, TrainableCopy):
+                    module = TrainableCopy(module)
+                    replace_module(self.base_model, target, module)
+                module.add_adapter(adapter_name)
+        except BaseException:
+            self._remove_from_modules(adapter_name)
+            raise
+
+    def _remove_from_modules(self, adapter_name: str) -> None:
+        """Drop the adapter from every wrapper; wrappers left empty give their module back."""
+        for name, wrapper in list(self._wrappers()):
+            wrapper.delete_adapter(adapter_name)
+            if not wrapper.adapter_names:
+                original = wrapper.base_layer if isinstance(wrapper, AdapterLayer) else wrapper.original_module
+                replace_module(self.base_model, name, original)
+
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        """Make one adapter, or several (their terms add up), active and trainable; merged weights are unmerged."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        if not names:
+            raise AdapterError("set_adapter needs at least one adapter name.")
+        for name in names:
+            self._check_name(name, exists=True)
+        if any(layer.merged for layer in self._layers()):
+            self.unmerge_adapter()
+        self._active = names
+        self._apply_active()
+
+    def _apply_active(self) -> None:
+        for _, wrapper in self._wrappers():
+            wrapper.set_active(self._active)
+        self._update_trainable()
+
+    def _update_trainable(self) -> None:
+        """Only the active adapters' tensors (and what their method adds, e.g. biases) train; the base is frozen."""
+        for p in self.base_model.parameters():
+            p.requires_grad_(False)
+        wrappers = [w for _, w in self._wrappers()]
+        params = dict(self.base_model.named_parameters())
+        for name in self._active:
+            config = self.peft_config[name]
+            if config.inference_mode:
+                continue
+            for wrapper in wrappers:
+                for p in wrapper.adapter_parameters(name):
+                    p.requires_grad_(True)
+            extra = get_method(config.peft_type).extra_trainable
+            for pname in extra(self.base_model, config) if extra else []:
+                params[pname].requires_grad_(True)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter; modules left without adapters become their original selves again."""
+        self._check_name(adapter_name, exists=True)
+        if any(adapter_name in layer.merged_adapters for layer in self._layers()):
+            raise AdapterError(f"adapter {adapter_name!r} is merged; call unmerge_adapter() before deleting it.")
+        self._remove_from_modules(adapter_name)
+        del self.peft_config[adapter_name]
+        self._active = [n for n in self._active if n != adapter_name] or list(self.peft_config)[:1]
+        self._apply_active()
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Run the plain base model inside the block (merged adapters are unmerged first)."""
+        if any(layer.merged for layer in self._layers()):
+            self.unmerge_adapter()
+        wrappers = [w for _, w in self._wrappers()]
+        for wrapper in wrappers:
+            wrapper.disabled = True
+        try:
+            yield
+        finally:
+            for wrapper in wrappers:
+                wrapper.disabled = False
+
+    # -- merging ------------------------------------------------------------------------------------------------------
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Fold adapters (default: the active ones) into the base weights; `unmerge_adapter` undoes it exactly.
+
+        With `safe_merge`, every layer's merged weight is computed and checked for NaN/inf before any is written.
+        """
+        names = self._active if adapter_names is None else list(adapter_names)
+        for name in names:
+            self._check_name(name, exists=True)
+        layers = list(self._layers())
+        if safe_merge:
+            for layer in layers:
+                for name in [n for n in names if n in layer.adapter_names and n not in layer.merged_adapters]:
+                    with torch.no_grad():
+                        if not torch.isfinite(layer.compose(name, layer.base_weight.float())).all():
+                            raise MergeError(f"adapter {name!r} has non-finite weights; nothing was merged.")
+        for layer in layers:
+            layer.merge([n for n in names if n in layer.adapter_names])
+
+    def unmerge_adapter(self) -> None:
+        for layer in self._layers():
+            layer.unmerge()
+
+    def merge_and_unload(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
+        """Merge, then return the plain base model with every wrapper removed (no added inference latency)."""
+        self.merge_adapter(adapter_names, safe_merge=safe_merge)
+        return self._unwrap(keep_copies=True)
+
+    def unload(self) -> nn.Module:
+        """Return the original base model: adapters removed without merging."""
+        self.unmerge_adapter()
+        return self._unwrap(keep_copies=False)
+
+    def _unwrap(self, keep_copies: bool) -> nn.Module:
+        for name, wrapper in list(self._wrappers()):
+            if isinstance(wrapper, AdapterLayer):
+                replace_module(self.base_model, name, wrapper.base_layer)
+            else:
+                replace_module(self.base_model, name, wrapper.selected() if keep_copies else wrapper.original_module)
+        self.peft_config.clear()
+        self._active = []
+        return self.base_model
+
+    # -- checkpoints --------------------------------------------------------------------------------------------------
+    def adapter_state_dict(self, adapter_name: str) -> dict[str, Tensor]:
+        """Adapter `adapter_name`'s tensors under peft's saved keys."""
+        relative: dict[str, Tensor] = {}
+        for path, wrapper in self._wrappers():
+            relative.update({f"{path}.{k}": t for k, t in wrapper.adapter_state(adapter_name).items()})
+        config = self.peft_config[adapter_name]
+        extra = get_method(config.peft_type).extra_trainable
+        if extra:
+            params = dict(self.base_model.named_parameters())
+            relative.update({n: params[n] for n in extra(self.base_model, config)})
+        return io.to_peft_keys(relative)
+
+    def save_pretrained(self, save_directory: str | Path, selected_adapters: list[str] | None = None,
+                        **_ignored: Any) -> None:
+        """Write `adapter_config.json` + `adapter_model.safetensors` per adapter ("default" at the top, others in
+        `save_directory/<name>/`), each file atomically."""
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        for name in names:
+            self._check_name(name, exists=True)
+        for name in names:
+            target = Path(save_directory) if name == "default" else Path(save_directory) / name
+            config = self.peft_config[name]
+            base_path = config.base_model_name_or_path or getattr(
+                getattr(self.base_model, "config", None), "_name_or_path", None) or None
+            config_dict = config.replace(base_model_name_or_path=base_path, inference_mode=True).to_dict()
+            weights = io.dump_tensors(self.adapter_state_dict(name))
+            # weights first, then the config: a crash between the two leaves the old config beside new weights of
+            # the same shapes at worst, never a half-written file.
+            io.atomic_write_bytes(target / io.WEIGHTS_NAME, weights)
+            io.atomic_write_bytes(target / CONFIG_NAME, json.dumps(config_dict, indent=2, sort_keys=True).encode())
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, model_id: str | Path, adapter_name: str = "default",
+                        is_trainable: bool = False, **_ignored: Any) -> PeftModel:
+        """Load a saved adapter (deltatune's or peft's) onto `model`. On any error the model is left unchanged."""
+        peft_model = cls(model)
+        peft_model.load_adapter(model_id, adapter_name, is_trainable=is_trainable)
+        return peft_model
+
+    def load_adapter(self, model_id: str | Path, adapter_name: str, is_trainable: bool = False) -> None:
+        """Add the adapter saved in `model_id` under `adapter_name`; validated fully before the model changes.
+
+        Raises:
+            ConfigError / UnsupportedFieldError / UnknownMethodError: the config is malformed or asks for more than
+                deltatune implements.
+            CheckpointError: the weights file is missing or corrupt, or its keys/shapes do not fit this model.
+        """
+        self._check_name(adapter_name, exists=False)
+        data = read_config_dict(model_id)
+        spec = get_method(data["peft_type"])
+        config = spec.config_cls.from_dict(data).replace(inference_mode=not is_trainable)
+        config = self._with_default_targets(config, spec)
+        self._check_same_method(spec)
+        found = io.from_peft_keys(io.read_tensors(model_id))
+        requires_grad = {n: p.requires_grad for n, p in self.base_model.named_parameters()}
+        self._inject(adapter_name, config, spec, strict=False)
+        self.peft_config[adapter_name] = config
+        try:
+            expected = io.from_peft_keys(self.adapter_state_dict(adapter_name))
+            io.check_state(expected, found, str(Path(model_id) / io.WEIGHTS_NAME))
+        except BaseException:
+            del self.peft_config[adapter_name]
+            self._remove_from_modules(adapter_name)
+            for n, p in self.base_model.named_parameters():
+                p.requires_grad_(requires_grad[n])
+            raise
+        self._copy_state(adapter_name, found)
+        if not self._active:
+            self._active = [adapter_name]
+        self._apply_active()
+
+    @torch.no_grad()
+    def _copy_state(self, adapter_name: str, found: dict[str, Tensor]) -> None:
+        own = io.from_peft_keys(self.adapter_state_dict(adapter_name))
+        for key, tensor in found.items():
+            own[key].copy_(tensor.to(own[key].dtype))
+
+    # -- reports ------------------------------------------------------------------------------------------------------
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, all) parameter counts, adapters included in `all` (peft's definition)."""
+        params = list(self.parameters())
+        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+
+def get_peft_model(model: nn.Module, peft_config: AdapterConfig, adapter_name: str = "default") -> PeftModel:
+    """Wrap `model` with a new adapter described by `peft_config` (its base weights are frozen)."""
+    return PeftModel(model, peft_config, adapter_name)
+
+
+def load_config(model_id: str | Path) -> AdapterConfig:
+    """Read and validate a saved adapter's config without touching any model."""
+    data = read_config_dict(model_id)
+    return get_method(data["peft_type"]).config_cls.from_dict(data)
+
+

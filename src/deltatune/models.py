@@ -1,0 +1,97 @@
+"""Architecture table: where things are in each transformers model family (one row per `model_type`).
+
+Methods ask this table ("where is the layer list", "what does LoRA target by default") instead of naming model
+families themselves. A new family is one row; unknown families fall back to `GENERIC`, found by inspection.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Semantic locations inside one model family (module names are suffixes within a layer)."""
+
+    embeddings: str
+    layers: str
+    attn_q: str | None
+    attn_k: str | None
+    attn_v: str | None
+    attn_o: str | None
+    mlp_up: str | None
+    mlp_down: str | None
+    mlp_gate: str | None = None
+    heads_attr: str = "num_attention_heads"
+    lora_targets: tuple[str, ...] = ()
+    """Default LoRA targets when `target_modules` is not given (peft's defaults)."""
+
+
+_LLAMA_LIKE = ArchSpec(
+    embeddings="model.embed_tokens", layers="model.layers", attn_q="self_attn.q_proj", attn_k="self_attn.k_proj",
+    attn_v="self_attn.v_proj", attn_o="self_attn.o_proj", mlp_up="mlp.up_proj", mlp_down="mlp.down_proj",
+    mlp_gate="mlp.gate_proj", lora_targets=("q_proj", "v_proj"),
+)
+_BERT_LIKE_PREFIX = {"bert": "bert", "roberta": "roberta"}
+
+ARCHS: dict[str, ArchSpec] = {
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "gpt2": ArchSpec(
+        embeddings="transformer.wte", layers="transformer.h", attn_q="attn.c_attn", attn_k="attn.c_attn",
+        attn_v="attn.c_attn", attn_o="attn.c_proj", mlp_up="mlp.c_fc", mlp_down="mlp.c_proj", heads_attr="n_head",
+        lora_targets=("c_attn",),
+    ),
+    **{
+        family: ArchSpec(
+            embeddings=f"{prefix}.embeddings.word_embeddings", layers=f"{prefix}.encoder.layer",
+            attn_q="attention.self.query", attn_k="attention.self.key", attn_v="attention.self.value",
+            attn_o="attention.output.dense", mlp_up="intermediate.dense", mlp_down="output.dense",
+            lora_targets=("query", "value"),
+        )
+        for family, prefix in _BERT_LIKE_PREFIX.items()
+    },
+    "t5": ArchSpec(
+        embeddings="shared", layers="encoder.block", attn_q="layer.0.SelfAttention.q", attn_k="layer.0.SelfAttention.k",
+        attn_v="layer.0.SelfAttention.v", attn_o="layer.0.SelfAttention.o", mlp_up="layer.1.DenseReluDense.wi",
+        mlp_down="layer.1.DenseReluDense.wo", heads_attr="num_heads", lora_targets=("q", "v"),
+    ),
+}
+
+GENERIC = ArchSpec(
+    embeddings="", layers="", attn_q=None, attn_k=None, attn_v=None, attn_o=None, mlp_up=None, mlp_down=None,
+    lora_targets=(),
+)
+
+
+def arch_for(model_type: str | None) -> ArchSpec:
+    """The row for `model_type`, or the generic fallback."""
+    return ARCHS.get(model_type or "", GENERIC)
+
+
+def model_type_of(model: nn.Module) -> str | None:
+    config = getattr(model, "config", None)
+    return getattr(config, "model_type", None)
+
+
+def find_layer_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """(name, list) of the model's repeated blocks: the table's entry, else the longest nn.ModuleList found."""
+    spec = arch_for(model_type_of(model))
+    if spec.layers:
+        try:
+            return spec.layers, model.get_submodule(spec.layers)
+        except AttributeError:
+            pass  # a head model wraps the base under another prefix: fall through to inspection
+    lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    if not lists:
+        raise LookupError(f"{type(model).__name__} has no nn.ModuleList of layers; pass layer names explicitly.")
+    return max(lists, key=lambda item: len(item[1]))
+
+
+def default_lora_targets(model_type: str | None) -> list[str] | str | None:
+    """LoRA's default targets for a family; unknown families get "all-linear" (every linear but the output head)."""
+    targets = arch_for(model_type).lora_targets
+    return list(targets) if targets else "all-linear"

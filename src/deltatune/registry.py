@@ -1,0 +1,101 @@
+"""The method registry: the only place the core learns which methods exist.
+
+A method module builds one `MethodSpec` and calls `register_method` at import time; `PeftModel`, injection and
+checkpoint io look methods up here by `peft_type` and never name one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+from torch import nn
+
+from deltatune.errors import UnknownMethodError
+
+if TYPE_CHECKING:
+    from deltatune.config import AdapterConfig
+    from deltatune.layers import AdapterLayer
+
+
+class MethodHooks(Protocol):
+    """Training-time behaviour a method may add; the trainer calls these and nothing else."""
+
+    def on_step(self, model: nn.Module, step: int) -> None: ...
+
+    def extra_loss(self, model: nn.Module) -> Any: ...
+
+
+LayerFactory = Callable[..., "AdapterLayer"]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """Everything the core needs to know about one method.
+
+    Attributes:
+        peft_type: the `peft_type` string written in `adapter_config.json` (peft's value where peft has the method).
+        config_cls: the method's `AdapterConfig` subclass.
+        kind: "layer" (wraps modules); other kinds join as their methods land.
+        layers: ordered dispatch table, base module type -> wrapper class; the first `isinstance` match wins,
+            so specific (e.g. quantized) types come first.
+        layer_kwargs: turns (config, module path) into the flat keyword arguments of `add_adapter` for that target.
+        param_prefix: prefix of the method's parameter attributes (e.g. "lora_"), used in reports.
+        extra_trainable: optional, (model, config) -> names of base parameters the method also trains (LoRA's bias).
+        hooks: optional training hooks.
+    """
+
+    peft_type: str
+    config_cls: type[AdapterConfig]
+    kind: Literal["layer"]
+    layers: Mapping[type[nn.Module], type[AdapterLayer]]
+    layer_kwargs: Callable[[AdapterConfig, str], dict[str, Any]]
+    param_prefix: str
+    extra_trainable: Callable[[nn.Module, AdapterConfig], list[str]] | None = None
+    hooks: MethodHooks | None = None
+    default_targets: Callable[[str], list[str] | str | None] = field(default=lambda model_type: None)
+
+    def layer_for(self, module: nn.Module) -> type[AdapterLayer] | None:
+        """The wrapper class for `module`, or None if this method cannot adapt its type."""
+        for base_type, layer_cls in self.layers.items():
+            if isinstance(module, base_type):
+                return layer_cls
+        return None
+
+
+_METHODS: dict[str, MethodSpec] = {}
+
+
+def register_method(spec: MethodSpec) -> MethodSpec:
+    """Add a method; its module calls this once at import. Re-registering the same type replaces it."""
+    _METHODS[spec.peft_type] = spec
+    return spec
+
+
+def get_method(peft_type: str) -> MethodSpec:
+    """The spec for `peft_type`; an unknown type lists the known ones."""
+    _ensure_loaded()
+    try:
+        return _METHODS[peft_type]
+    except KeyError:
+        known = ", ".join(sorted(_METHODS)) or "none"
+        raise UnknownMethodError(f"unknown peft_type {peft_type!r}; deltatune provides: {known}.") from None
+
+
+def list_methods() -> list[MethodSpec]:
+    """Every registered method, sorted by peft_type."""
+    _ensure_loaded()
+    return [_METHODS[k] for k in sorted(_METHODS)]
+
+
+def spec_for_config(config: AdapterConfig) -> MethodSpec:
+    """The spec whose config class `config` is."""
+    spec = get_method(config.peft_type)
+    if not isinstance(config, spec.config_cls):
+        raise UnknownMethodError(f"{type(config).__name__} is not the config class of {spec.peft_type}.")
+    return spec
+
+
+def _ensure_loaded() -> None:
+    import deltatune.methods  # noqa: F401  (registers every bundled method)

@@ -1,0 +1,87 @@
+"""Tiny random-init models shared by the tests (built offline, seeded)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+
+def tiny_llama() -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_gpt2() -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def tiny_bert() -> nn.Module:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+                     max_position_embeddings=64, num_labels=3)
+    return BertForSequenceClassification(cfg).eval()
+
+
+class TinyMLP(nn.Module):
+    """A custom (non-transformers) model with every layer type LoRA supports."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(50, 16)
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.conv1d = nn.Conv1d(16, 16, 3, padding=1)
+        self.lin0 = nn.Linear(16, 24)
+        self.lin1 = nn.Linear(24, 8)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(input_ids)  # (b, t, 16)
+        h = h + self.conv1d(h.transpose(1, 2)).transpose(1, 2)
+        img = self.conv(h.unsqueeze(1)).mean(1)  # (b, t, 16)
+        return self.lin1(torch.relu(self.lin0(img)))
+
+
+def tiny_mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return TinyMLP().eval()
+
+
+# (factory, LoRA targets, input builder) per tiny model; the contract matrix runs every method over these.
+def _ids(vocab: int = 97) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return {"input_ids": torch.randint(0, vocab, (2, 7), generator=g)}
+
+
+TINY_MODELS = {
+    "llama": (tiny_llama, ["q_proj", "v_proj", "down_proj"], _ids),
+    "gpt2": (tiny_gpt2, ["c_attn", "c_fc"], _ids),
+    "bert": (tiny_bert, ["query", "value"], _ids),
+    "mlp": (tiny_mlp, ["emb", "conv", "conv1d", "lin0", "lin1"], lambda: _ids(50)),
+}
+
+
+def model_output(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    out = model(**inputs)
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+@pytest.fixture(params=sorted(TINY_MODELS))
+def tiny(request):
+    """(model name, fresh model, LoRA targets, inputs)."""
+    factory, targets, inputs = TINY_MODELS[request.param]
+    return request.param, factory(), targets, inputs()
