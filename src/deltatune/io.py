@@ -80,12 +80,12 @@ def check_state(expected: dict[str, Tensor], found: dict[str, Tensor], source: s
     unexpected = sorted(set(found) - set(expected))
     if missing:
         raise CheckpointError(
-            f"{source} lacks {len(missing)} adapter tensor(s), e.g. {KEY_PREFIX}{missing[0]!r}; it was saved from a "
+            f"{source} lacks {len(missing)} adapter tensor(s), e.g. {KEY_PREFIX + missing[0]!r}; it was saved from a "
             f"different model or config (check target_modules / layers_to_transform)."
         )
     if unexpected:
         raise CheckpointError(
-            f"{source} has {len(unexpected)} tensor(s) this model has no place for, e.g. {KEY_PREFIX}{unexpected[0]!r}; "
+            f"{source} has {len(unexpected)} tensor(s) this model has no place for, e.g. {KEY_PREFIX + unexpected[0]!r}; "
             f"was it saved from another architecture?"
         )
     for key, tensor in found.items():

@@ -323,6 +323,7 @@ class PeftModel(nn.Module):
         self.peft_config[adapter_name] = config
         try:
             expected = io.from_peft_keys(self.adapter_state_dict(adapter_name))
+            expected.update(self._saved_base_weights(found))
             io.check_state(expected, found, str(Path(model_id) / io.WEIGHTS_NAME))
         except BaseException:
             del self.peft_config[adapter_name]
@@ -335,9 +336,16 @@ class PeftModel(nn.Module):
             self._active = [adapter_name]
         self._apply_active()
 
+    def _saved_base_weights(self, found: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Base weights of adapted layers that peft stores beside the adapter (an adapted embedding's full table,
+        `<path>.base_layer.weight`, e.g. after resizing the vocabulary): loaded into the base like peft does."""
+        layers = {f"{path}.base_layer.weight": w.base_weight for path, w in self._wrappers() if isinstance(w, AdapterLayer)}
+        return {k: layers[k] for k in found if k in layers}
+
     @torch.no_grad()
     def _copy_state(self, adapter_name: str, found: dict[str, Tensor]) -> None:
         own = io.from_peft_keys(self.adapter_state_dict(adapter_name))
+        own.update(self._saved_base_weights(found))
         for key, tensor in found.items():
             own[key].copy_(tensor.to(own[key].dtype))
 

@@ -1,0 +1,84 @@
+"""peft as an oracle, both directions: adapters saved by one library load into the other with the same outputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import deltatune as dt
+from tests.conftest import TINY_MODELS, model_output
+
+peft = pytest.importorskip("peft")
+
+CASES = {
+    "llama": dict(target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]),
+    "gpt2": dict(target_modules=["c_attn", "c_proj"], fan_in_fan_out=True),
+    "bert": dict(target_modules=["query", "value"], modules_to_save=["classifier"]),
+    "mlp": dict(target_modules=["emb", "conv", "conv1d", "lin0", "lin1"]),
+    "llama-rslora-patterns": dict(target_modules=["q_proj", "up_proj"], use_rslora=True, rank_pattern={"up_proj": 6},
+                                  alpha_pattern={"q_proj": 3}),
+    "llama-bias-all": dict(target_modules=["q_proj"], bias="all"),
+    "llama-embedding": dict(target_modules=["embed_tokens", "q_proj"]),
+}
+
+
+def _model_for(case: str):
+    return TINY_MODELS[case.split("-")[0]]
+
+
+def _perturb(model: torch.nn.Module) -> None:
+    """Non-zero B (and embedding A) and a changed head, so the adapter really changes the outputs."""
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_peft_adapter_loads_into_deltatune(case, tmp_path):
+    factory, _, inputs_fn = _model_for(case)
+    inputs = inputs_fn()
+    theirs = peft.get_peft_model(factory(), peft.LoraConfig(r=4, lora_alpha=8, **CASES[case]))
+    _perturb(theirs)
+    theirs.eval()
+    want = model_output(theirs, inputs)
+    theirs.save_pretrained(tmp_path)
+    ours = dt.PeftModel.from_pretrained(factory(), tmp_path)
+    torch.testing.assert_close(model_output(ours, inputs), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_deltatune_adapter_loads_into_peft(case, tmp_path):
+    factory, _, inputs_fn = _model_for(case)
+    inputs = inputs_fn()
+    ours = dt.get_peft_model(factory(), dt.LoraConfig(r=4, lora_alpha=8, **CASES[case]))
+    _perturb(ours)
+    want = model_output(ours, inputs)
+    ours.save_pretrained(tmp_path)
+    theirs = peft.PeftModel.from_pretrained(factory(), tmp_path).eval()
+    torch.testing.assert_close(model_output(theirs, inputs), want, rtol=1e-5, atol=1e-5)
+
+
+def test_keys_and_config_match_peft_exactly(tmp_path):
+    from safetensors.torch import load_file
+
+    factory, targets, _ = TINY_MODELS["llama"]
+    cfg = dict(r=4, lora_alpha=8, target_modules=targets)
+    peft.get_peft_model(factory(), peft.LoraConfig(**cfg)).save_pretrained(tmp_path / "peft")
+    dt.get_peft_model(factory(), dt.LoraConfig(**cfg)).save_pretrained(tmp_path / "ours")
+    theirs, ours = load_file(tmp_path / "peft/adapter_model.safetensors"), load_file(tmp_path / "ours/adapter_model.safetensors")
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
+
+
+def test_named_adapters_saved_in_subfolders_load_into_peft(tmp_path):
+    factory, targets, inputs_fn = TINY_MODELS["llama"]
+    inputs = inputs_fn()
+    ours = dt.get_peft_model(factory(), dt.LoraConfig(r=4, target_modules=targets))
+    ours.add_adapter("other", dt.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    ours.set_adapter("other")
+    want = model_output(ours, inputs)
+    ours.save_pretrained(tmp_path)
+    assert (tmp_path / "adapter_model.safetensors").exists() and (tmp_path / "other" / "adapter_config.json").exists()
+    theirs = peft.PeftModel.from_pretrained(factory(), tmp_path / "other").eval()
+    torch.testing.assert_close(model_output(theirs, inputs), want, rtol=1e-5, atol=1e-5)
