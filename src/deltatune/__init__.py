@@ -19,7 +19,22 @@ from deltatune.registry import MethodSpec, get_method, list_methods, register_me
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdapterConfig", "AdapterError", "CheckpointError", "ConfigError", "DeltatuneError", "LoraConfig", "MergeError",
-    "MethodSpec", "PeftModel", "TargetNotFoundError", "UnknownMethodError", "UnsupportedFieldError",
-    "UnsupportedModuleError", "get_method", "get_peft_model", "list_methods", "load_config", "register_method",
+    "AdapterConfig",
+    "AdapterError",
+    "CheckpointError",
+    "ConfigError",
+    "DeltatuneError",
+    "LoraConfig",
+    "MergeError",
+    "MethodSpec",
+    "PeftModel",
+    "TargetNotFoundError",
+    "UnknownMethodError",
+    "UnsupportedFieldError",
+    "UnsupportedModuleError",
+    "get_method",
+    "get_peft_model",
+    "list_methods",
+    "load_config",
+    "register_method",
 ]

@@ -55,7 +55,9 @@ class AdapterConfig:
             self.modules_to_save = list(self.modules_to_save)
         if isinstance(self.target_modules, list):
             if not self.target_modules:
-                raise ConfigError('target_modules is an empty list: name at least one module, e.g. ["q_proj", "v_proj"].')
+                raise ConfigError(
+                    'target_modules is an empty list: name at least one module, e.g. ["q_proj", "v_proj"].'
+                )
             bad = [t for t in self.target_modules if not isinstance(t, str) or not t]
             if bad:
                 raise ConfigError(f"target_modules must hold non-empty strings; got {bad!r}.")
@@ -125,7 +127,5 @@ def read_config_dict(directory: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a JSON object, got {type(data).__name__}.")
     if "peft_type" not in data:
-        raise ConfigError(f'{path} has no "peft_type" field; add e.g. "peft_type": "LORA".')
+        raise ConfigError(f'{path} has no "peft_type" field; add the method\'s type (see deltatune.list_methods()).')
     return data
-
-

@@ -60,7 +60,7 @@ def find_targets(
     """Names of the modules to adapt.
 
     Args:
-        module_types: every module name of the model -> its type (e.g. `{n: type(m) for n, m in model.named_modules()}`).
+        module_types: module name -> type (e.g. `{n: type(m) for n, m in model.named_modules()}`).
         target_modules: list of suffixes, a regex, or "all-linear".
         supported: module types the method can wrap (isinstance check); for "all-linear", the linear types.
         exclude_modules: names never adapted (suffix list or regex).
@@ -108,7 +108,7 @@ def _check_entries(found, names, module_types, target_modules, supported, strict
         hint = f" Did you mean: {', '.join(guesses)}?" if guesses else ""
         raise TargetNotFoundError(
             f"target module {wanted!r} matches no module in the model.{hint} "
-            f"(Entries are name suffixes, a regex string, or \"all-linear\".)",
+            f'(Entries are name suffixes, a regex string, or "all-linear".)',
             suggestions=guesses,
         )
     for t in entries:

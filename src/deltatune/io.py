@@ -55,7 +55,9 @@ def read_tensors(directory: str | Path) -> dict[str, Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({exc}); it may be truncated. Re-save it.")
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file ({exc}); it may be truncated. Re-save it."
+        ) from exc
 
 
 def to_peft_keys(relative: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -68,10 +70,9 @@ def from_peft_keys(saved: dict[str, Tensor]) -> dict[str, Tensor]:
     bad = [k for k in saved if not k.startswith(KEY_PREFIX)]
     if bad:
         raise CheckpointError(
-            f"key {bad[0]!r} does not start with {KEY_PREFIX!r}: not a peft-layout adapter file "
-            f"({len(bad)} such keys)."
+            f"key {bad[0]!r} does not start with {KEY_PREFIX!r}: not a peft-layout adapter file ({len(bad)} such keys)."
         )
-    return {k[len(KEY_PREFIX):]: v for k, v in saved.items()}
+    return {k[len(KEY_PREFIX) :]: v for k, v in saved.items()}
 
 
 def check_state(expected: dict[str, Tensor], found: dict[str, Tensor], source: str) -> None:
@@ -85,8 +86,8 @@ def check_state(expected: dict[str, Tensor], found: dict[str, Tensor], source: s
         )
     if unexpected:
         raise CheckpointError(
-            f"{source} has {len(unexpected)} tensor(s) this model has no place for, e.g. {KEY_PREFIX + unexpected[0]!r}; "
-            f"was it saved from another architecture?"
+            f"{source} has {len(unexpected)} tensor(s) this model has no place for, "
+            f"e.g. {KEY_PREFIX + unexpected[0]!r}; was it saved from another architecture?"
         )
     for key, tensor in found.items():
         if tuple(tensor.shape) != tuple(expected[key].shape):

@@ -133,9 +133,14 @@ class PeftModel(nn.Module):
     def _inject(self, adapter_name: str, config: AdapterConfig, spec: MethodSpec, strict: bool) -> None:
         """Wrap every target and add the adapter to it; on any failure, undo everything this call did."""
         targets = find_targets(
-            self._module_types(), target_modules=config.target_modules, supported=tuple(spec.layers),
-            exclude_modules=config.exclude_modules, layers_to_transform=config.layers_to_transform,
-            layers_pattern=config.layers_pattern, output_head=self._output_head(), strict=strict,
+            self._module_types(),
+            target_modules=config.target_modules,
+            supported=tuple(spec.layers),
+            exclude_modules=config.exclude_modules,
+            layers_to_transform=config.layers_to_transform,
+            layers_pattern=config.layers_pattern,
+            output_head=self._output_head(),
+            strict=strict,
         )
         try:
             for target in targets:
@@ -276,8 +281,9 @@ class PeftModel(nn.Module):
             relative.update({n: params[n] for n in extra(self.base_model, config)})
         return io.to_peft_keys(relative)
 
-    def save_pretrained(self, save_directory: str | Path, selected_adapters: list[str] | None = None,
-                        **_ignored: Any) -> None:
+    def save_pretrained(
+        self, save_directory: str | Path, selected_adapters: list[str] | None = None, **_ignored: Any
+    ) -> None:
         """Write `adapter_config.json` + `adapter_model.safetensors` per adapter ("default" at the top, others in
         `save_directory/<name>/`), each file atomically."""
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
@@ -286,8 +292,11 @@ class PeftModel(nn.Module):
         for name in names:
             target = Path(save_directory) if name == "default" else Path(save_directory) / name
             config = self.peft_config[name]
-            base_path = config.base_model_name_or_path or getattr(
-                getattr(self.base_model, "config", None), "_name_or_path", None) or None
+            base_path = (
+                config.base_model_name_or_path
+                or getattr(getattr(self.base_model, "config", None), "_name_or_path", None)
+                or None
+            )
             config_dict = config.replace(base_model_name_or_path=base_path, inference_mode=True).to_dict()
             weights = io.dump_tensors(self.adapter_state_dict(name))
             # weights first, then the config: a crash between the two leaves the old config beside new weights of
@@ -296,8 +305,14 @@ class PeftModel(nn.Module):
             io.atomic_write_bytes(target / CONFIG_NAME, json.dumps(config_dict, indent=2, sort_keys=True).encode())
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, model_id: str | Path, adapter_name: str = "default",
-                        is_trainable: bool = False, **_ignored: Any) -> PeftModel:
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        model_id: str | Path,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        **_ignored: Any,
+    ) -> PeftModel:
         """Load a saved adapter (deltatune's or peft's) onto `model`. On any error the model is left unchanged."""
         peft_model = cls(model)
         peft_model.load_adapter(model_id, adapter_name, is_trainable=is_trainable)
@@ -339,7 +354,9 @@ class PeftModel(nn.Module):
     def _saved_base_weights(self, found: dict[str, Tensor]) -> dict[str, Tensor]:
         """Base weights of adapted layers that peft stores beside the adapter (an adapted embedding's full table,
         `<path>.base_layer.weight`, e.g. after resizing the vocabulary): loaded into the base like peft does."""
-        layers = {f"{path}.base_layer.weight": w.base_weight for path, w in self._wrappers() if isinstance(w, AdapterLayer)}
+        layers = {
+            f"{path}.base_layer.weight": w.base_weight for path, w in self._wrappers() if isinstance(w, AdapterLayer)
+        }
         return {k: layers[k] for k in found if k in layers}
 
     @torch.no_grad()
@@ -357,7 +374,9 @@ class PeftModel(nn.Module):
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+        )
 
 
 def get_peft_model(model: nn.Module, peft_config: AdapterConfig, adapter_name: str = "default") -> PeftModel:
@@ -369,5 +388,3 @@ def load_config(model_id: str | Path) -> AdapterConfig:
     """Read and validate a saved adapter's config without touching any model."""
     data = read_config_dict(model_id)
     return get_method(data["peft_type"]).config_cls.from_dict(data)
-
-

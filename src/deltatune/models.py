@@ -30,9 +30,16 @@ class ArchSpec:
 
 
 _LLAMA_LIKE = ArchSpec(
-    embeddings="model.embed_tokens", layers="model.layers", attn_q="self_attn.q_proj", attn_k="self_attn.k_proj",
-    attn_v="self_attn.v_proj", attn_o="self_attn.o_proj", mlp_up="mlp.up_proj", mlp_down="mlp.down_proj",
-    mlp_gate="mlp.gate_proj", lora_targets=("q_proj", "v_proj"),
+    embeddings="model.embed_tokens",
+    layers="model.layers",
+    attn_q="self_attn.q_proj",
+    attn_k="self_attn.k_proj",
+    attn_v="self_attn.v_proj",
+    attn_o="self_attn.o_proj",
+    mlp_up="mlp.up_proj",
+    mlp_down="mlp.down_proj",
+    mlp_gate="mlp.gate_proj",
+    lora_targets=("q_proj", "v_proj"),
 )
 _BERT_LIKE_PREFIX = {"bert": "bert", "roberta": "roberta"}
 
@@ -41,28 +48,54 @@ ARCHS: dict[str, ArchSpec] = {
     "mistral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
     "gpt2": ArchSpec(
-        embeddings="transformer.wte", layers="transformer.h", attn_q="attn.c_attn", attn_k="attn.c_attn",
-        attn_v="attn.c_attn", attn_o="attn.c_proj", mlp_up="mlp.c_fc", mlp_down="mlp.c_proj", heads_attr="n_head",
+        embeddings="transformer.wte",
+        layers="transformer.h",
+        attn_q="attn.c_attn",
+        attn_k="attn.c_attn",
+        attn_v="attn.c_attn",
+        attn_o="attn.c_proj",
+        mlp_up="mlp.c_fc",
+        mlp_down="mlp.c_proj",
+        heads_attr="n_head",
         lora_targets=("c_attn",),
     ),
     **{
         family: ArchSpec(
-            embeddings=f"{prefix}.embeddings.word_embeddings", layers=f"{prefix}.encoder.layer",
-            attn_q="attention.self.query", attn_k="attention.self.key", attn_v="attention.self.value",
-            attn_o="attention.output.dense", mlp_up="intermediate.dense", mlp_down="output.dense",
+            embeddings=f"{prefix}.embeddings.word_embeddings",
+            layers=f"{prefix}.encoder.layer",
+            attn_q="attention.self.query",
+            attn_k="attention.self.key",
+            attn_v="attention.self.value",
+            attn_o="attention.output.dense",
+            mlp_up="intermediate.dense",
+            mlp_down="output.dense",
             lora_targets=("query", "value"),
         )
         for family, prefix in _BERT_LIKE_PREFIX.items()
     },
     "t5": ArchSpec(
-        embeddings="shared", layers="encoder.block", attn_q="layer.0.SelfAttention.q", attn_k="layer.0.SelfAttention.k",
-        attn_v="layer.0.SelfAttention.v", attn_o="layer.0.SelfAttention.o", mlp_up="layer.1.DenseReluDense.wi",
-        mlp_down="layer.1.DenseReluDense.wo", heads_attr="num_heads", lora_targets=("q", "v"),
+        embeddings="shared",
+        layers="encoder.block",
+        attn_q="layer.0.SelfAttention.q",
+        attn_k="layer.0.SelfAttention.k",
+        attn_v="layer.0.SelfAttention.v",
+        attn_o="layer.0.SelfAttention.o",
+        mlp_up="layer.1.DenseReluDense.wi",
+        mlp_down="layer.1.DenseReluDense.wo",
+        heads_attr="num_heads",
+        lora_targets=("q", "v"),
     ),
 }
 
 GENERIC = ArchSpec(
-    embeddings="", layers="", attn_q=None, attn_k=None, attn_v=None, attn_o=None, mlp_up=None, mlp_down=None,
+    embeddings="",
+    layers="",
+    attn_q=None,
+    attn_k=None,
+    attn_v=None,
+    attn_o=None,
+    mlp_up=None,
+    mlp_down=None,
     lora_targets=(),
 )
 

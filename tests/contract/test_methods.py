@@ -41,8 +41,9 @@ class MethodCase:
 
 METHOD_CASES: dict[str, MethodCase] = {
     "LORA": MethodCase(
-        make_config=lambda targets, **kw: dt.LoraConfig(r=4, lora_alpha=8, target_modules=targets,
-                                                        init_lora_weights=False, **kw),
+        make_config=lambda targets, **kw: dt.LoraConfig(
+            r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False, **kw
+        ),
         trainable=_lora_count,
     ),
 }
@@ -135,13 +136,15 @@ def test_two_adapters_coexist_switch_and_sum(tiny, method):
     out_a = model_output(pm, inputs)
     pm.set_adapter("b")
     out_b = model_output(pm, inputs)
-    torch.testing.assert_close(out_b, model_output(_reference(TINY_MODELS[name][0], pm, ["b"]), inputs),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        out_b, model_output(_reference(TINY_MODELS[name][0], pm, ["b"]), inputs), rtol=1e-5, atol=1e-5
+    )
     assert not torch.allclose(out_a, out_b)
     pm.set_adapter(["default", "b"])
     both = model_output(pm, inputs)
-    torch.testing.assert_close(both, model_output(_reference(TINY_MODELS[name][0], pm, ["default", "b"]), inputs),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        both, model_output(_reference(TINY_MODELS[name][0], pm, ["default", "b"]), inputs), rtol=1e-5, atol=1e-5
+    )
     pm.delete_adapter("b")
     torch.testing.assert_close(model_output(pm, inputs), out_a, rtol=0, atol=0)
 

@@ -54,7 +54,7 @@ def test_lora_branch_grads_match_autograd_reference(p):
     xd = _dropout(xr, p, seed) if p > 0 else xr
     yr = xd @ ar.T @ br.T * 1.5
     torch.testing.assert_close(y, yr)
-    for got, want in zip((gx, ga, gb), torch.autograd.grad(yr, (xr, ar, br), g)):
+    for got, want in zip((gx, ga, gb), torch.autograd.grad(yr, (xr, ar, br), g), strict=True):
         torch.testing.assert_close(got, want)
 
 

@@ -15,8 +15,9 @@ CASES = {
     "gpt2": dict(target_modules=["c_attn", "c_proj"], fan_in_fan_out=True),
     "bert": dict(target_modules=["query", "value"], modules_to_save=["classifier"]),
     "mlp": dict(target_modules=["emb", "conv", "conv1d", "lin0", "lin1"]),
-    "llama-rslora-patterns": dict(target_modules=["q_proj", "up_proj"], use_rslora=True, rank_pattern={"up_proj": 6},
-                                  alpha_pattern={"q_proj": 3}),
+    "llama-rslora-patterns": dict(
+        target_modules=["q_proj", "up_proj"], use_rslora=True, rank_pattern={"up_proj": 6}, alpha_pattern={"q_proj": 3}
+    ),
     "llama-bias-all": dict(target_modules=["q_proj"], bias="all"),
     "llama-embedding": dict(target_modules=["embed_tokens", "q_proj"]),
 }
@@ -30,7 +31,7 @@ def _perturb(model: torch.nn.Module) -> None:
     """Non-zero B (and embedding A) and a changed head, so the adapter really changes the outputs."""
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
-        for n, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=g) * 0.1)
 
@@ -67,7 +68,10 @@ def test_keys_and_config_match_peft_exactly(tmp_path):
     cfg = dict(r=4, lora_alpha=8, target_modules=targets)
     peft.get_peft_model(factory(), peft.LoraConfig(**cfg)).save_pretrained(tmp_path / "peft")
     dt.get_peft_model(factory(), dt.LoraConfig(**cfg)).save_pretrained(tmp_path / "ours")
-    theirs, ours = load_file(tmp_path / "peft/adapter_model.safetensors"), load_file(tmp_path / "ours/adapter_model.safetensors")
+    theirs, ours = (
+        load_file(tmp_path / "peft/adapter_model.safetensors"),
+        load_file(tmp_path / "ours/adapter_model.safetensors"),
+    )
     assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
 
 

@@ -57,8 +57,9 @@ def test_conv1d_gpt2_forward_equals_dense_formula(dtype):
     torch.testing.assert_close(layer(x).float(), want, **tol)
 
 
-@pytest.mark.parametrize("conv", [nn.Conv1d(3, 5, 3, padding=1), nn.Conv2d(3, 5, 3, stride=2, padding=1),
-                                  nn.Conv3d(2, 4, (1, 3, 3))])
+@pytest.mark.parametrize(
+    "conv", [nn.Conv1d(3, 5, 3, padding=1), nn.Conv2d(3, 5, 3, stride=2, padding=1), nn.Conv3d(2, 4, (1, 3, 3))]
+)
 def test_conv_forward_equals_conv_with_merged_kernel(conv):
     torch.manual_seed(0)
     layer = LoraConv(conv)
@@ -108,8 +109,13 @@ def test_gaussian_init_std():
 
 
 def test_rank_and_alpha_patterns_resolve_per_module():
-    cfg = dt.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], rank_pattern={"down_proj": 16},
-                        alpha_pattern={r"layers\.1\.self_attn\.q_proj": 2})
+    cfg = dt.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "down_proj"],
+        rank_pattern={"down_proj": 16},
+        alpha_pattern={r"layers\.1\.self_attn\.q_proj": 2},
+    )
     assert lora_layer_kwargs(cfg, "model.layers.0.mlp.down_proj")["r"] == 16
     assert lora_layer_kwargs(cfg, "model.layers.0.self_attn.q_proj")["lora_alpha"] == 8
     assert lora_layer_kwargs(cfg, "model.layers.1.self_attn.q_proj")["lora_alpha"] == 2

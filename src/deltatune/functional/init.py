@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 @torch.no_grad()
 def kaiming_a_zero_b(lora_a: Tensor, lora_b: Tensor) -> None:
-    """LoRA's default: A ~ kaiming-uniform(a=sqrt(5)) (bound 1/sqrt(fan_in), as nn.Linear), B = 0, so ΔW = 0 at start."""
+    """LoRA's default: A ~ kaiming-uniform(a=sqrt(5)) (bound 1/sqrt(fan_in), as nn.Linear), B = 0: ΔW = 0 at start."""
     nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5))
     nn.init.zeros_(lora_b)
 

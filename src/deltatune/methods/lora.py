@@ -36,9 +36,23 @@ class LoraConfig(AdapterConfig):
     peft_type = "LORA"
     # peft options deltatune does not implement (yet): loading an adapter that turns one on is an error, not a guess.
     unsupported_fields = (
-        "use_dora", "lora_bias", "layer_replication", "loftq_config", "use_qalora", "megatron_config", "eva_config",
-        "corda_config", "trainable_token_indices", "alora_invocation_tokens", "arrow_config", "target_parameters",
-        "kasa_config", "lora_ga_config", "monteclora_config", "use_bdlora", "velora_config",
+        "use_dora",
+        "lora_bias",
+        "layer_replication",
+        "loftq_config",
+        "use_qalora",
+        "megatron_config",
+        "eva_config",
+        "corda_config",
+        "trainable_token_indices",
+        "alora_invocation_tokens",
+        "arrow_config",
+        "target_parameters",
+        "kasa_config",
+        "lora_ga_config",
+        "monteclora_config",
+        "use_bdlora",
+        "velora_config",
     )
 
     r: int = 8
@@ -72,10 +86,12 @@ class LoraConfig(AdapterConfig):
             raise ConfigError(f'bias must be "none", "all" or "lora_only", got {self.bias!r}.')
         if self.init_lora_weights not in (True, False, "gaussian"):
             raise UnsupportedFieldError(
-                f"init_lora_weights={self.init_lora_weights!r} is not supported; use True, False or \"gaussian\"."
+                f'init_lora_weights={self.init_lora_weights!r} is not supported; use True, False or "gaussian".'
             )
         for name, pattern in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
-            if not isinstance(pattern, dict) or any(not isinstance(v, (int, float)) or v <= 0 for v in pattern.values()):
+            if not isinstance(pattern, dict) or any(
+                not isinstance(v, (int, float)) or v <= 0 for v in pattern.values()
+            ):
                 raise ConfigError(f"{name} must map module-name regexes to positive numbers, got {pattern!r}.")
 
 
@@ -131,8 +147,16 @@ class LoraLinear(_LoraLayer):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
 
-    def add_adapter(self, name: str, *, r: int, lora_alpha: float, lora_dropout: float = 0.0,
-                    use_rslora: bool = False, init_lora_weights: bool | str = True) -> None:
+    def add_adapter(
+        self,
+        name: str,
+        *,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        init_lora_weights: bool | str = True,
+    ) -> None:
         self._record(name, r, lora_alpha, lora_dropout, use_rslora)
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=self._device())
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=self._device())
@@ -173,13 +197,30 @@ class LoraConv(_LoraLayer):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
 
-    def add_adapter(self, name: str, *, r: int, lora_alpha: float, lora_dropout: float = 0.0,
-                    use_rslora: bool = False, init_lora_weights: bool | str = True) -> None:
+    def add_adapter(
+        self,
+        name: str,
+        *,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        init_lora_weights: bool | str = True,
+    ) -> None:
         self._record(name, r, lora_alpha, lora_dropout, use_rslora)
         base, conv_cls = self.base_layer, type(self.base_layer)
         ones = (1,) * len(base.kernel_size)
-        self.lora_A[name] = conv_cls(base.in_channels, r, base.kernel_size, base.stride, base.padding,
-                                     base.dilation, bias=False, padding_mode=base.padding_mode, device=self._device())
+        self.lora_A[name] = conv_cls(
+            base.in_channels,
+            r,
+            base.kernel_size,
+            base.stride,
+            base.padding,
+            base.dilation,
+            bias=False,
+            padding_mode=base.padding_mode,
+            device=self._device(),
+        )
         self.lora_B[name] = conv_cls(r, base.out_channels, ones, ones, bias=False, device=self._device())
         _init_pair(self.lora_A[name].weight, self.lora_B[name].weight, init_lora_weights, r)
 
@@ -213,8 +254,16 @@ class LoraEmbedding(_LoraLayer):
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
 
-    def add_adapter(self, name: str, *, r: int, lora_alpha: float, lora_dropout: float = 0.0,
-                    use_rslora: bool = False, init_lora_weights: bool | str = True) -> None:
+    def add_adapter(
+        self,
+        name: str,
+        *,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        init_lora_weights: bool | str = True,
+    ) -> None:
         self._record(name, r, lora_alpha, lora_dropout, use_rslora)
         num, dim = self.base_layer.weight.shape
         a = torch.randn(r, num, device=self._device())
@@ -229,8 +278,9 @@ class LoraEmbedding(_LoraLayer):
         base = self.base_layer
         for name in self.unmerged_active():
             a = self.lora_embedding_A[name]
-            after_a = F.embedding(x, a.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq,
-                                  base.sparse)
+            after_a = F.embedding(
+                x, a.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
+            )
             branch = (after_a @ self.lora_embedding_B[name].T) * self.scaling[name]
             result = result + branch.to(result.dtype)
         return result
@@ -274,13 +324,15 @@ LORA_LAYERS: dict[type[nn.Module], type[AdapterLayer]] = {
     nn.Embedding: LoraEmbedding,
 }
 
-LORA = register_method(MethodSpec(
-    peft_type="LORA",
-    config_cls=LoraConfig,
-    kind="layer",
-    layers=LORA_LAYERS,
-    layer_kwargs=lora_layer_kwargs,
-    param_prefix="lora_",
-    extra_trainable=lora_extra_trainable,
-    default_targets=default_lora_targets,
-))
+LORA = register_method(
+    MethodSpec(
+        peft_type="LORA",
+        config_cls=LoraConfig,
+        kind="layer",
+        layers=LORA_LAYERS,
+        layer_kwargs=lora_layer_kwargs,
+        param_prefix="lora_",
+        extra_trainable=lora_extra_trainable,
+        default_targets=default_lora_targets,
+    )
+)

@@ -1,0 +1,145 @@
+"""PeftModel behaviour: adapter CRUD, merging, modules_to_save, reports."""
+
+import re
+
+import pytest
+import torch
+
+import deltatune as dt
+from deltatune.errors import AdapterError, MergeError, TargetNotFoundError
+from deltatune.layers import AdapterLayer, TrainableCopy
+from tests.conftest import model_output, tiny_bert, tiny_gpt2, tiny_llama
+
+IDS = {"input_ids": torch.randint(0, 97, (2, 6), generator=torch.Generator().manual_seed(0))}
+
+
+def _lora(**kw):
+    return dt.LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], **kw})
+
+
+def test_print_trainable_parameters_in_peft_format(capsys):
+    pm = dt.get_peft_model(tiny_llama(), _lora())
+    pm.print_trainable_parameters()
+    line = capsys.readouterr().out.strip()
+    assert re.fullmatch(r"trainable params: [\d,]+ \|\| all params: [\d,]+ \|\| trainable%: \d+\.\d{4}", line)
+    # q: 32->32, v: 32->16 (2 kv heads of 8); 2 layers; r=4
+    assert pm.get_nb_trainable_parameters()[0] == 2 * 4 * ((32 + 32) + (32 + 16))
+
+
+def test_default_targets_come_from_the_architecture_table():
+    pm = dt.get_peft_model(tiny_gpt2(), dt.LoraConfig(r=2))
+    wrapped = [n for n, m in pm.named_modules() if isinstance(m, AdapterLayer)]
+    assert wrapped and all(n.endswith("c_attn") for n in wrapped)
+
+
+def test_target_not_found_suggests_close_names():
+    with pytest.raises(TargetNotFoundError, match="Did you mean: q_proj") as info:
+        dt.get_peft_model(tiny_llama(), _lora(target_modules=["q_prj"]))
+    assert "q_proj" in info.value.suggestions
+
+
+def test_failed_injection_leaves_model_untouched():
+    model = tiny_llama()
+    types = {n: type(m) for n, m in model.named_modules()}
+    with pytest.raises(TargetNotFoundError):
+        dt.get_peft_model(model, _lora(modules_to_save=["clasifier"]))
+    assert {n: type(m) for n, m in model.named_modules()} == types
+
+
+def test_set_adapter_several_trains_all_of_them():
+    pm = dt.get_peft_model(tiny_llama(), _lora())
+    pm.add_adapter("b", _lora(r=2))
+    assert all(not p.requires_grad for n, p in pm.named_parameters() if ".b." in n)
+    pm.set_adapter(["default", "b"])
+    assert all(p.requires_grad for n, p in pm.named_parameters() if ".b." in n or ".default." in n)
+    assert pm.active_adapters == ["default", "b"]
+
+
+def test_adapter_name_errors():
+    pm = dt.get_peft_model(tiny_llama(), _lora())
+    with pytest.raises(AdapterError, match="already exists"):
+        pm.add_adapter("default", _lora())
+    with pytest.raises(AdapterError, match="no adapter named"):
+        pm.set_adapter("nope")
+    with pytest.raises(AdapterError, match="without dots"):
+        pm.add_adapter("a.b", _lora())
+
+
+def test_delete_last_adapter_restores_original_modules():
+    model = tiny_llama()
+    types = {n: type(m) for n, m in model.named_modules()}
+    pm = dt.get_peft_model(model, _lora(modules_to_save=["lm_head"]))
+    pm.delete_adapter("default")
+    assert {n: type(m) for n, m in model.named_modules()} == types
+    assert pm.active_adapters == [] and pm.peft_config == {}
+
+
+def test_cannot_delete_merged_adapter():
+    pm = dt.get_peft_model(tiny_llama(), _lora())
+    pm.merge_adapter()
+    with pytest.raises(AdapterError, match="merged"):
+        pm.delete_adapter("default")
+
+
+def test_safe_merge_refuses_non_finite_and_changes_nothing():
+    pm = dt.get_peft_model(tiny_llama(), _lora(init_lora_weights=False))
+    layers = [m for m in pm.modules() if isinstance(m, AdapterLayer)]
+    with torch.no_grad():
+        layers[-1].lora_B["default"].weight[0, 0] = float("nan")
+    before = [m.base_weight.clone() for m in layers]
+    with pytest.raises(MergeError, match="non-finite"):
+        pm.merge_adapter(safe_merge=True)
+    assert all(torch.equal(m.base_weight, b) for m, b in zip(layers, before, strict=True))
+    assert not any(m.merged for m in layers)
+
+
+def test_unload_returns_original_weights_and_modules():
+    model = tiny_llama()
+    want = model_output(model, IDS)
+    pm = dt.get_peft_model(model, _lora(init_lora_weights=False))
+    pm.merge_adapter()
+    plain = pm.unload()
+    assert not any(isinstance(m, (AdapterLayer, TrainableCopy)) for m in plain.modules())
+    torch.testing.assert_close(model_output(plain, IDS), want, rtol=1e-5, atol=1e-5)
+
+
+def test_modules_to_save_trains_a_copy_and_keeps_the_original():
+    model = tiny_bert()
+    original = model.classifier.weight.detach().clone()
+    pm = dt.get_peft_model(model, dt.LoraConfig(r=2, target_modules=["query"], modules_to_save=["classifier"]))
+    assert isinstance(model.classifier, TrainableCopy)
+    assert model.classifier.modules_to_save["default"].weight.requires_grad
+    assert not model.classifier.original_module.weight.requires_grad
+    with torch.no_grad():
+        model.classifier.modules_to_save["default"].weight.add_(1.0)
+    assert torch.equal(model.classifier.original_module.weight, original)
+    keys = set(pm.adapter_state_dict("default"))
+    assert "base_model.model.classifier.weight" in keys and "base_model.model.classifier.bias" in keys
+    merged = pm.merge_and_unload()
+    assert isinstance(merged.classifier, torch.nn.Linear)
+    assert torch.equal(merged.classifier.weight, original + 1.0)
+
+
+def test_bias_modes_choose_trainable_biases():
+    pm = dt.get_peft_model(tiny_gpt2(), dt.LoraConfig(r=2, target_modules=["c_attn"], bias="lora_only"))
+    trainable_biases = {n for n, p in pm.named_parameters() if p.requires_grad and n.endswith("bias")}
+    assert trainable_biases and all("c_attn.base_layer.bias" in n for n in trainable_biases)
+    pm_all = dt.get_peft_model(tiny_gpt2(), dt.LoraConfig(r=2, target_modules=["c_attn"], bias="all"))
+    n_all = sum(1 for n, p in pm_all.named_parameters() if p.requires_grad and n.endswith("bias"))
+    assert n_all > len(trainable_biases)
+
+
+def test_disable_adapter_unmerges_and_reenables():
+    pm = dt.get_peft_model(tiny_llama(), _lora(init_lora_weights=False))
+    with_adapter = model_output(pm, IDS)
+    pm.merge_adapter()
+    with pm.disable_adapter():
+        pass
+    torch.testing.assert_close(model_output(pm, IDS), with_adapter, rtol=1e-5, atol=1e-5)
+
+
+def test_attribute_passthrough_to_base_model():
+    pm = dt.get_peft_model(tiny_llama(), _lora())
+    assert pm.config.model_type == "llama"
+    out = pm.generate(**IDS, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert out.shape == (2, 9)
