@@ -1,0 +1,40 @@
+"""`deltatune inspect DIR`: what is in a saved adapter, read without loading any model."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from deltatune import io
+from deltatune.model import load_config
+
+
+def adapter_summary(directory: str | Path) -> tuple[dict, dict[str, int], int]:
+    """(config dict, parameters per module path, weights file size in bytes)."""
+    config = load_config(directory)
+    tensors = io.from_peft_keys(io.read_tensors(directory))
+    per_module: dict[str, int] = defaultdict(int)
+    for key, tensor in tensors.items():
+        module = key.split(".lora_")[0] if ".lora_" in key else key.rsplit(".", 1)[0]
+        per_module[module] += tensor.numel()
+    return config.to_dict(), dict(per_module), (Path(directory) / io.WEIGHTS_NAME).stat().st_size
+
+
+def show_adapter(directory: Path, console: Console) -> None:
+    config, per_module, size = adapter_summary(directory)
+    head = Table(title=f"{directory} ({config['peft_type']})", show_header=False)
+    for key in sorted(config):
+        if config[key] not in (None, [], {}, False, ""):
+            head.add_row(key, str(config[key]))
+    console.print(head)
+    table = Table(title="parameters per module")
+    table.add_column("module")
+    table.add_column("params", justify="right")
+    for module, count in sorted(per_module.items()):
+        table.add_row(module, f"{count:,}")
+    table.add_row("[bold]total", f"[bold]{sum(per_module.values()):,}")
+    console.print(table)
+    console.print(f"{io.WEIGHTS_NAME}: {size / 1e6:.3f} MB")

