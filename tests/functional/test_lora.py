@@ -6,7 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from deltatune.functional.lora import _dropout, embedding_lora_delta, lora_branch, lora_delta, lora_scale
+from deltatune.functional.lora import (
+    _dropout,
+    dropout_keep_mask,
+    embedding_lora_delta,
+    lora_branch,
+    lora_delta,
+    lora_scale,
+)
 
 
 def test_lora_scale_plain_and_rslora():
@@ -49,7 +56,7 @@ def test_lora_branch_grads_match_autograd_reference(p):
     gx, ga, gb = torch.autograd.grad(y, (x, a, b), g)
     # reference: the same mask (same seed drawn from the same global RNG state), plain autograd
     torch.manual_seed(123)
-    seed = int(torch.randint(0, 2**62, (1,)).item())
+    seed = int(torch.randint(0, 2**31, (1,)).item())
     xr, ar, br = (t.detach().clone().requires_grad_() for t in (x, a, b))
     xd = _dropout(xr, p, seed) if p > 0 else xr
     yr = xd @ ar.T @ br.T * 1.5
@@ -64,6 +71,23 @@ def test_dropout_keeps_expected_fraction_and_scale():
     kept = (y != 0).float().mean().item()
     assert abs(kept - 0.75) < 0.01
     assert torch.allclose(y[y != 0], torch.full_like(y[y != 0], 1 / 0.75))
+
+
+@pytest.mark.parametrize("p", [0.05, 0.5])
+def test_hash_mask_is_deterministic_uniform_and_independent_across_seeds(p):
+    shape = (600, 700)
+    m1 = dropout_keep_mask(shape, p, 11, torch.device("cpu"))
+    assert torch.equal(m1, dropout_keep_mask(shape, p, 11, torch.device("cpu")))
+    m2 = dropout_keep_mask(shape, p, 12, torch.device("cpu"))
+    n = m1.numel()
+    sd = ((1 - p) * p / n) ** 0.5
+    assert abs(m1.float().mean().item() - (1 - p)) < 5 * sd
+    assert abs((m1 & m2).float().mean().item() - (1 - p) ** 2) < 5 * sd  # independent streams
+    # no structure along rows or columns: every row's keep rate is plausible
+    rows = m1.float().mean(1)
+    assert (rows - (1 - p)).abs().max() < 6 * ((1 - p) * p / shape[1]) ** 0.5
+    neighbours = (m1[:, 1:] & m1[:, :-1]).float().mean().item()
+    assert abs(neighbours - (1 - p) ** 2) < 5 * sd
 
 
 def test_lora_branch_eval_ignores_dropout():

@@ -37,8 +37,8 @@ def embedding_lora_delta(lora_embedding_a: Tensor, lora_embedding_b: Tensor, sca
 class _LoraBranch(torch.autograd.Function):
     """y = s · dropout(x) A^T B^T, saving only x (already alive for the base layer), A, B and the small x A^T.
 
-    The dropout mask is regenerated in backward from a saved RNG seed instead of being stored with a dropped copy
-    of x: the LoRA branch then keeps no activation of the input's size of its own.
+    The dropout mask is regenerated in backward from a saved seed (a counter-based hash, `dropout_keep_mask`)
+    instead of being stored with a dropped copy of x: the LoRA branch then keeps no activation of x's size of its own.
     """
 
     @staticmethod
@@ -52,25 +52,48 @@ class _LoraBranch(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         x, a, b, h = ctx.saved_tensors
+        p, need_x, need_a, need_b = ctx.p, *ctx.needs_input_grad[:3]
         g = grad_out * ctx.scale
         grad_h = g @ b
-        grad_b = g.reshape(-1, g.shape[-1]).T @ h.reshape(-1, h.shape[-1]) if ctx.needs_input_grad[2] else None
+        grad_b = g.reshape(-1, g.shape[-1]).T @ h.reshape(-1, h.shape[-1]) if need_b else None
+        keep = dropout_keep_mask(x.shape, p, ctx.seed, x.device) if p > 0 and (need_a or need_x) else None
         grad_a = grad_x = None
-        if ctx.needs_input_grad[1]:
-            xd = _dropout(x, ctx.p, ctx.seed) if ctx.p > 0 else x
+        if need_a:
+            xd = _apply_mask(x, keep, p) if keep is not None else x
             grad_a = grad_h.reshape(-1, grad_h.shape[-1]).T @ xd.reshape(-1, xd.shape[-1])
-        if ctx.needs_input_grad[0]:
+        if need_x:
             grad_x = grad_h @ a
-            if ctx.p > 0:
-                grad_x = _dropout(grad_x, ctx.p, ctx.seed)  # the same mask and 1/(1-p) factor: dropout is linear
+            if keep is not None:  # dropout is linear: the same mask and 1/(1-p) factor
+                grad_x = _apply_mask(grad_x, keep, p)
         return grad_x, grad_a, grad_b, None, None, None
 
 
+_GOLDEN, _MIX1, _MIX2 = -1640531527, -2048144789, -1028477387  # 0x9E3779B9, 0x85EBCA6B, 0xC2B2AE35 as int32
+
+
+def dropout_keep_mask(shape: torch.Size | tuple[int, ...], p: float, seed: int, device: torch.device) -> Tensor:
+    """Bernoulli(1 - p) keep-mask that is a pure function of (shape, p, seed): murmur3's 32-bit finalizer over
+    element indices. Several times cheaper than torch's CPU generator, identical on every device, and cheap to
+    recompute in backward, so the mask never has to be stored.
+    """
+    n = math.prod(shape)
+    seed = (seed * 0x9E3779B97F4A7C15 >> 32) & 0xFFFFFFFF  # spread the seed's bits before offsetting the counter
+    h = torch.arange(n, dtype=torch.int32, device=device) * _GOLDEN + (seed - (1 << 31))  # int32 wraps around
+    h = h ^ ((h >> 16) & 0xFFFF)
+    h = h * _MIX1
+    h = h ^ ((h >> 13) & 0x7FFFF)
+    h = h * _MIX2
+    h = h ^ ((h >> 16) & 0xFFFF)  # ~uniform over int32
+    return (h >= int(p * 2**32) - 2**31).view(shape)
+
+
+def _apply_mask(x: Tensor, keep: Tensor, p: float) -> Tensor:
+    return x.masked_fill(~keep, 0.0) * (1.0 / (1.0 - p))
+
+
 def _dropout(x: Tensor, p: float, seed: int) -> Tensor:
-    gen = torch.Generator(device=x.device)
-    gen.manual_seed(seed)
-    keep = torch.empty(x.shape, device=x.device, dtype=x.dtype).bernoulli_(1.0 - p, generator=gen)
-    return x * keep * (1.0 / (1.0 - p))
+    """Inverted dropout with the hash mask of `seed`."""
+    return _apply_mask(x, dropout_keep_mask(x.shape, p, seed, x.device), p)
 
 
 def lora_branch(x: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float, dropout: float, training: bool) -> Tensor:
@@ -79,5 +102,5 @@ def lora_branch(x: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float, dropout
         dropout = 0.0
     if dropout == 0.0 and not torch.is_grad_enabled():
         return (x @ lora_a.T @ lora_b.T) * scale
-    seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout > 0 else 0
+    seed = int(torch.randint(0, 2**31, (1,)).item()) if dropout > 0 else 0  # from the global RNG: reproducible
     return _LoraBranch.apply(x, lora_a, lora_b, scale, dropout, seed)

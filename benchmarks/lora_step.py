@@ -1,0 +1,148 @@
+"""One LoRA training step on the SmolLM2-135M shape: deltatune vs the frozen-base floor vs peft, interleaved.
+
+Batch 4 x 128 tokens, r=8 on q,k,v,o, fwd + bwd + AdamW. The floor is the frozen base with gradients only for
+its input embeddings: the least any method that trains inside the network must compute. Writes
+benchmarks/results/lora_step.md. Run: `make bench` (or `python benchmarks/lora_step.py --rounds 10`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import interleaved, median, saved_activation_bytes, smollm2_shaped  # noqa: E402
+
+import deltatune as dt  # noqa: E402
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+BATCH, SEQ = 4, 128
+
+
+def variant_names() -> list[str]:
+    try:
+        import peft  # noqa: F401
+
+        return ["floor", "deltatune", "peft"]
+    except ImportError:
+        return ["floor", "deltatune"]
+
+
+def make_variant(name: str, dropout: float):
+    """(model, loss function, optimizer or None) for one variant."""
+    ids = torch.randint(0, 49152, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
+    if name == "floor":
+        floor = smollm2_shaped()
+        floor.requires_grad_(False)
+        embeds = floor.get_input_embeddings()(ids).detach()
+        return floor, lambda: floor(inputs_embeds=embeds.clone().requires_grad_(True), labels=ids).loss, None
+    lib = dt if name == "deltatune" else __import__("peft")
+    model = lib.get_peft_model(smollm2_shaped(), lib.LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout,
+                                                                target_modules=TARGETS)).train()
+    return model, lambda: model(input_ids=ids, labels=ids).loss, _adamw(model)
+
+
+def _adamw(model):
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+
+def _step_fn(loss_fn, opt):
+    def step():
+        loss_fn().backward()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def inference_latency(rounds: int) -> dict[str, float]:
+    """Forward latency (no grad) of the base vs the same model after LoRA merge_and_unload vs LoRA unmerged."""
+    ids = torch.randint(0, 49152, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
+    base = smollm2_shaped().eval()
+    unmerged = dt.get_peft_model(smollm2_shaped(), dt.LoraConfig(r=8, target_modules=TARGETS)).eval()
+    merged = dt.get_peft_model(smollm2_shaped(), dt.LoraConfig(r=8, target_modules=TARGETS)).merge_and_unload().eval()
+
+    def fwd(model):
+        def run():
+            with torch.no_grad():
+                model(input_ids=ids)
+        return run
+
+    times = interleaved({"base": fwd(base), "merged": fwd(merged), "unmerged": fwd(unmerged)}, rounds)
+    return {k: median(v) for k, v in times.items()}
+
+
+def peak_rss_mb(variant: str, dropout: float) -> float:
+    """Peak RSS of a fresh process doing 3 training steps of one variant (memory is not noisy like time)."""
+    code = (
+        "import sys, resource; sys.path.insert(0, 'benchmarks'); import lora_step as b;"
+        f"m, loss, opt = b.make_variant({variant!r}, {dropout}); step = b._step_fn(loss, opt);"
+        "[step() for _ in range(3)];"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--dropout", type=float, default=0.05)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "lora_step.md")
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+
+    variants = {name: make_variant(name, args.dropout) for name in variant_names()}
+    saved = {name: saved_activation_bytes(m, loss) for name, (m, loss, _) in variants.items()}
+    for m, _, _ in variants.values():
+        m.zero_grad(set_to_none=True)
+    times = interleaved({n: _step_fn(loss, opt) for n, (_, loss, opt) in variants.items()}, args.rounds)
+    step = {k: median(v) for k, v in times.items()}
+    latency = inference_latency(args.rounds)
+    rss = {name: peak_rss_mb(name, args.dropout) for name in variants}
+    results = dict(step_s=step, saved_bytes=saved, latency_s=latency, peak_rss_mb=rss, rounds=args.rounds,
+                   dropout=args.dropout, torch=torch.__version__, threads=torch.get_num_threads(),
+                   machine=platform.processor() or platform.machine())
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(render(results))
+    args.out.with_suffix(".json").write_text(json.dumps(results, indent=2))
+    print(args.out.read_text())
+
+
+def render(r: dict) -> str:
+    s, a, lat, rss = r["step_s"], r["saved_bytes"], r["latency_s"], r["peak_rss_mb"]
+    rows = [
+        "# LoRA training step: SmolLM2-135M shape, batch 4 x 128, r=8 on q,k,v,o",
+        "",
+        f"torch {r['torch']}, {r['threads']} threads, {r['machine']}; median of {r['rounds']} interleaved rounds; "
+        f"lora_dropout={r['dropout']}.",
+        "",
+        "| variant | step time (s) | vs floor | vs peft | saved activations (MiB) | vs floor | peak RSS (MiB) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in s:
+        vs_peft = f"{s[name] / s['peft']:.3f}x" if "peft" in s else "n/a"
+        rows.append(f"| {name} | {s[name]:.3f} | {s[name] / s['floor']:.3f}x | {vs_peft} | {a[name] / 2**20:.1f} | "
+                    f"{a[name] / a['floor']:.3f}x | {rss[name]:.0f} |")
+    rows += [
+        "",
+        "## Inference latency (forward, no grad)",
+        "",
+        "| model | latency (s) | vs base |",
+        "|---|---|---|",
+    ]
+    rows += [f"| {k} | {v:.4f} | {v / lat['base']:.3f}x |" for k, v in lat.items()]
+    rows += ["", "Targets: deltatune step <= 1.10x floor and <= 1.0x peft; merged latency <= 1.02x base; saved "
+             "activations <= 1.10x floor.", ""]
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    main()
