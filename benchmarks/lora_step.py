@@ -80,12 +80,14 @@ def inference_latency(rounds: int) -> dict[str, float]:
 
 
 def peak_rss_mb(variant: str, dropout: float) -> float:
-    """Peak RSS of a fresh process doing 3 training steps of one variant (memory is not noisy like time)."""
+    """Peak RSS (VmHWM) of a fresh process during 3 training steps of one variant, the peak being reset after the
+    model is built and one warm-up step ran (Linux clear_refs), so model construction does not hide the step."""
     code = (
-        "import sys, resource; sys.path.insert(0, 'benchmarks'); import lora_step as b;"
-        f"m, loss, opt = b.make_variant({variant!r}, {dropout}); step = b._step_fn(loss, opt);"
+        "import sys, re; sys.path.insert(0, 'benchmarks'); import lora_step as b;"
+        f"m, loss, opt = b.make_variant({variant!r}, {dropout}); step = b._step_fn(loss, opt); step();"
+        "open('/proc/self/clear_refs', 'w').write('5');"
         "[step() for _ in range(3)];"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+        "print(int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)) / 1024)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
