@@ -10,9 +10,18 @@ import torch
 from torch import nn
 
 # SmolLM2-135M's shape (LLaMA architecture); random init keeps the benchmark independent of the download.
-SMOLLM2_SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                     num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
-                     tie_word_embeddings=True, rms_norm_eps=1e-5, rope_theta=100000.0)
+SMOLLM2_SHAPE = dict(
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    max_position_embeddings=2048,
+    tie_word_embeddings=True,
+    rms_norm_eps=1e-5,
+    rope_theta=100000.0,
+)
 
 
 def smollm2_shaped(seed: int = 0) -> nn.Module:

@@ -43,8 +43,9 @@ def make_variant(name: str, dropout: float):
         embeds = floor.get_input_embeddings()(ids).detach()
         return floor, lambda: floor(inputs_embeds=embeds.clone().requires_grad_(True), labels=ids).loss, None
     lib = dt if name == "deltatune" else __import__("peft")
-    model = lib.get_peft_model(smollm2_shaped(), lib.LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout,
-                                                                target_modules=TARGETS)).train()
+    model = lib.get_peft_model(
+        smollm2_shaped(), lib.LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=TARGETS)
+    ).train()
     return model, lambda: model(input_ids=ids, labels=ids).loss, _adamw(model)
 
 
@@ -73,6 +74,7 @@ def inference_latency(rounds: int) -> dict[str, float]:
         def run():
             with torch.no_grad():
                 model(input_ids=ids)
+
         return run
 
     times = interleaved({"base": fwd(base), "merged": fwd(merged), "unmerged": fwd(unmerged)}, rounds)
@@ -109,9 +111,17 @@ def main() -> None:
     step = {k: median(v) for k, v in times.items()}
     latency = inference_latency(args.rounds)
     rss = {name: peak_rss_mb(name, args.dropout) for name in variants}
-    results = dict(step_s=step, saved_bytes=saved, latency_s=latency, peak_rss_mb=rss, rounds=args.rounds,
-                   dropout=args.dropout, torch=torch.__version__, threads=torch.get_num_threads(),
-                   machine=platform.processor() or platform.machine())
+    results = dict(
+        step_s=step,
+        saved_bytes=saved,
+        latency_s=latency,
+        peak_rss_mb=rss,
+        rounds=args.rounds,
+        dropout=args.dropout,
+        torch=torch.__version__,
+        threads=torch.get_num_threads(),
+        machine=platform.processor() or platform.machine(),
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(render(results))
     args.out.with_suffix(".json").write_text(json.dumps(results, indent=2))
@@ -131,8 +141,10 @@ def render(r: dict) -> str:
     ]
     for name in s:
         vs_peft = f"{s[name] / s['peft']:.3f}x" if "peft" in s else "n/a"
-        rows.append(f"| {name} | {s[name]:.3f} | {s[name] / s['floor']:.3f}x | {vs_peft} | {a[name] / 2**20:.1f} | "
-                    f"{a[name] / a['floor']:.3f}x | {rss[name]:.0f} |")
+        rows.append(
+            f"| {name} | {s[name]:.3f} | {s[name] / s['floor']:.3f}x | {vs_peft} | {a[name] / 2**20:.1f} | "
+            f"{a[name] / a['floor']:.3f}x | {rss[name]:.0f} |"
+        )
     rows += [
         "",
         "## Inference latency (forward, no grad)",
@@ -141,8 +153,12 @@ def render(r: dict) -> str:
         "|---|---|---|",
     ]
     rows += [f"| {k} | {v:.4f} | {v / lat['base']:.3f}x |" for k, v in lat.items()]
-    rows += ["", "Targets: deltatune step <= 1.10x floor and <= 1.0x peft; merged latency <= 1.02x base; saved "
-             "activations <= 1.10x floor.", ""]
+    rows += [
+        "",
+        "Targets: deltatune step <= 1.10x floor and <= 1.0x peft; merged latency <= 1.02x base; saved "
+        "activations <= 1.10x floor.",
+        "",
+    ]
     return "\n".join(rows)
 
 

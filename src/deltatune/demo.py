@@ -34,8 +34,9 @@ class DemoReport:
 
 def _batch(tokenizer):
     texts = [
-        tokenizer.apply_chat_template([{"role": "user", "content": p}, {"role": "assistant", "content": a}],
-                                      tokenize=False)
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}, {"role": "assistant", "content": a}], tokenize=False
+        )
         for p, a in zip(PROMPTS, ANSWERS, strict=True)
     ]
     enc = tokenizer(texts, return_tensors="pt", padding=True)
@@ -71,8 +72,9 @@ def run_demo(out_dir: str | Path = "runs/lora-demo", steps: int = 6, console: Co
     model.eval()
     console.print("loss over", steps, "steps:", " -> ".join(f"{v:.3f}" for v in losses))
 
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": PROMPTS[0]}], add_generation_prompt=True,
-                                           return_tensors="pt", return_dict=True)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": PROMPTS[0]}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     with torch.no_grad():
         unmerged = model(**batch).logits
         tokens = model.generate(**prompt, max_new_tokens=12, do_sample=False)
@@ -85,10 +87,20 @@ def run_demo(out_dir: str | Path = "runs/lora-demo", steps: int = 6, console: Co
     reloaded = PeftModel.from_pretrained(load_causal_lm()[0], out_dir)
     with torch.no_grad():
         reload_diff = (reloaded(**batch).logits - unmerged).abs().max().item()
-    report = DemoReport(trainable, _expected_lora_count(model), total, losses, (merged - unmerged).abs().max().item(),
-                        bool(torch.equal(tokens, merged_tokens)), reload_diff,
-                        (out_dir / "adapter_model.safetensors").stat().st_size, out_dir)
-    _print_report(console, report, tokenizer.decode(tokens[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True))
+    report = DemoReport(
+        trainable,
+        _expected_lora_count(model),
+        total,
+        losses,
+        (merged - unmerged).abs().max().item(),
+        bool(torch.equal(tokens, merged_tokens)),
+        reload_diff,
+        (out_dir / "adapter_model.safetensors").stat().st_size,
+        out_dir,
+    )
+    _print_report(
+        console, report, tokenizer.decode(tokens[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
+    )
     console.print(f"done in {time.time() - t0:.1f}s")
     return report
 
@@ -98,7 +110,10 @@ def _print_report(console: Console, r: DemoReport, sample: str) -> None:
     table.add_column("check")
     table.add_column("result")
     table.add_row("trainable / all params", f"{r.trainable:,} / {r.total:,} ({100 * r.trainable / r.total:.3f}%)")
-    table.add_row("expected Σ r·(d_in+d_out)", f"{r.expected_trainable:,} ({'ok' if r.expected_trainable == r.trainable else 'MISMATCH'})")
+    table.add_row(
+        "expected Σ r·(d_in+d_out)",
+        f"{r.expected_trainable:,} ({'ok' if r.expected_trainable == r.trainable else 'MISMATCH'})",
+    )
     table.add_row("merged vs unmerged logits", f"max |Δ| = {r.merged_max_abs_diff:.2e}")
     table.add_row("greedy tokens merged == unmerged", str(r.merged_same_tokens))
     table.add_row("save -> load logits", f"max |Δ| = {r.reload_max_abs_diff:.2e}")

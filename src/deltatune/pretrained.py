@@ -80,7 +80,7 @@ def default_model_dir() -> Path:
 
 
 def resolve_model_path(model: str | Path | None) -> Path:
-    """"smollm2"/None -> the bundled model's directory; a .gguf file -> its converted directory; a dir -> itself."""
+    """ "smollm2"/None -> the bundled model's directory; a .gguf file -> its converted directory; a dir -> itself."""
     if model is None or str(model) == DEFAULT_MODEL:
         return default_model_dir()
     path = Path(model)
@@ -90,7 +90,9 @@ def resolve_model_path(model: str | Path | None) -> Path:
         out = cache_dir() / "models" / path.stem
         return out if (out / "model.safetensors").is_file() else convert_gguf(path, out)
     if not (path / "config.json").is_file():
-        raise ConfigError(f"{path} is not a model directory (no config.json); pass a HF model dir, a .gguf or 'smollm2'.")
+        raise ConfigError(
+            f"{path} is not a model directory (no config.json); pass a HF model dir, a .gguf or 'smollm2'."
+        )
     return path
 
 

@@ -11,8 +11,11 @@ from rich.console import Console
 
 from deltatune.errors import DeltatuneError
 
-app = typer.Typer(help="deltatune: parameter-efficient fine-tuning (LoRA and friends).", no_args_is_help=True,
-                  pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="deltatune: parameter-efficient fine-tuning (LoRA and friends).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
 console = Console()
 
 
@@ -32,8 +35,10 @@ def _friendly(fn):
 
 @app.command()
 @_friendly
-def quickstart(out: Annotated[Path, typer.Option(help="where the adapter is saved")] = Path("runs/quickstart"),
-               steps: Annotated[int, typer.Option(help="training steps of the demo")] = 6) -> None:
+def quickstart(
+    out: Annotated[Path, typer.Option(help="where the adapter is saved")] = Path("runs/quickstart"),
+    steps: Annotated[int, typer.Option(help="training steps of the demo")] = 6,
+) -> None:
     """LoRA on the bundled SmolLM2-135M-Instruct: counts, training steps, merge check, save/load round trip."""
     from deltatune.demo import run_demo
 
@@ -51,9 +56,11 @@ def inspect(adapter: Annotated[Path, typer.Argument(help="adapter directory (ada
 
 @app.command()
 @_friendly
-def merge(model: Annotated[str, typer.Option(help="base model: HF dir, .gguf file or 'smollm2'")] = "smollm2",
-          adapter: Annotated[Path, typer.Option(help="adapter directory")] = ...,
-          out: Annotated[Path, typer.Option(help="output directory for the merged model")] = ...) -> None:
+def merge(
+    model: Annotated[str, typer.Option(help="base model: HF dir, .gguf file or 'smollm2'")] = "smollm2",
+    adapter: Annotated[Path, typer.Option(help="adapter directory")] = ...,
+    out: Annotated[Path, typer.Option(help="output directory for the merged model")] = ...,
+) -> None:
     """Merge an adapter into its base and write a standalone HF model directory (safetensors)."""
     from deltatune.cli.merge_cmd import merge_to_dir
 
