@@ -44,3 +44,7 @@ class CheckpointError(DeltatuneError):
 
 class MergeError(DeltatuneError):
     """Merging would write non-finite values into the base weights; nothing was changed."""
+
+
+class TrainingDiverged(DeltatuneError):
+    """The loss became NaN/inf; training stopped before applying that update (the last checkpoint is intact)."""

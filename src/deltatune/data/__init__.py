@@ -1,0 +1,1 @@
+"""Data shipped with deltatune (the quickstart dataset)."""

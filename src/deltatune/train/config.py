@@ -1,0 +1,149 @@
+"""Run configuration: pydantic models read from YAML, with `--set key=value` overrides.
+
+Unknown or mistyped keys are errors that name the key (`extra="forbid"`), raised as `ConfigError` with one line
+per problem.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from deltatune.config import AdapterConfig
+from deltatune.errors import ConfigError
+from deltatune.registry import get_method
+
+BUNDLED = "bundled:quickstart"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(_Strict):
+    train: str = BUNDLED
+    """Training data: a .jsonl / .csv / .parquet file, a `datasets` directory saved with save_to_disk, or
+    "bundled:quickstart"."""
+    eval: str | None = None
+    """Held-out data (same forms); for the bundled data its test split is used when unset."""
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    messages_field: str = "messages"
+    """Chat records: a list of {role, content}; the loss covers assistant turns only."""
+    max_length: int = Field(256, gt=8)
+    """Examples longer than this (in tokens) are an error, not silently cut."""
+    packing: bool = False
+    """Concatenate examples into max_length rows (attention stays per row)."""
+
+
+class OptimConfig(_Strict):
+    steps: int = Field(80, gt=0)
+    batch_size: int = Field(8, gt=0)
+    """Examples per optimizer step per process (before gradient accumulation)."""
+    grad_accum: int = Field(1, gt=0)
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    loraplus_lr_ratio: float | None = Field(None, gt=0)
+    """LoRA+: the B matrices learn this many times faster (the paper suggests 16)."""
+    warmup_steps: int = Field(5, ge=0)
+    schedule: Literal["linear", "cosine", "constant"] = "cosine"
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Autocast precision; adapters stay float32. fp16 needs CUDA."""
+    gradient_checkpointing: bool = False
+
+
+class TrainConfig(_Strict):
+    model: str = "smollm2"
+    """A HF model directory, a .gguf file, or "smollm2" (the bundled SmolLM2-135M-Instruct)."""
+    method: dict[str, Any] = Field(default_factory=lambda: {
+        "peft_type": "LORA", "r": 8, "lora_alpha": 16, "lora_dropout": 0.05,
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    })
+    """Adapter config: `peft_type` plus that method's fields (peft's names)."""
+    data: DataConfig = Field(default_factory=DataConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    output_dir: str = "runs/quickstart"
+    seed: int = 0
+    log_every: int = Field(5, gt=0)
+    eval_every: int | None = Field(None, gt=0)
+    """Held-out loss every N steps (and always at the end)."""
+    save_every: int | None = Field(None, gt=0)
+    """Resumable checkpoint every N steps."""
+    generate_eval: int = Field(0, ge=0)
+    """Score this many held-out examples by greedy generation (exact match) before and after training."""
+    max_new_tokens: int = Field(40, gt=0)
+
+    @field_validator("method")
+    @classmethod
+    def _method_is_valid(cls, value: dict[str, Any]) -> dict[str, Any]:
+        adapter_config(value)  # raises a ConfigError naming the bad field
+        return value
+
+    @model_validator(mode="after")
+    def _data_files_exist(self) -> TrainConfig:
+        for source in (self.data.train, self.data.eval):
+            if source and not source.startswith("bundled:") and not Path(source).exists():
+                raise ValueError(f"data file {source!r} does not exist")
+        return self
+
+
+def adapter_config(method: dict[str, Any]) -> AdapterConfig:
+    """The method's AdapterConfig from a `{peft_type: ..., fields...}` mapping."""
+    if "peft_type" not in method:
+        raise ConfigError("method needs a peft_type, e.g. {peft_type: LORA, r: 8, target_modules: [q_proj, v_proj]}.")
+    spec = get_method(str(method["peft_type"]).upper())
+    data = {**method, "peft_type": spec.peft_type}
+    known = set(spec.config_cls.__dataclass_fields__) | {"peft_type"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"method.{unknown[0]} is not a field of {spec.config_cls.__name__}; "
+                          f"known fields: {', '.join(sorted(known - {'peft_type'}))}.")
+    return spec.config_cls.from_dict(data)
+
+
+def _apply_override(tree: dict[str, Any], assignment: str) -> None:
+    if "=" not in assignment:
+        raise ConfigError(f"--set expects key=value, got {assignment!r} (e.g. --set optim.lr=1e-4).")
+    key, raw = assignment.split("=", 1)
+    node = tree
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: {part} is not a section.")
+    node[parts[-1]] = yaml.safe_load(raw)  # "1e-4" -> float, "[q_proj]" -> list, "true" -> bool
+
+
+def load_train_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                      base: dict[str, Any] | None = None) -> TrainConfig:
+    """Read YAML (optional), apply `key=value` overrides, validate. All problems become one ConfigError."""
+    tree: dict[str, Any] = dict(base or {})
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist.") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path} must hold a mapping of settings, got {type(loaded).__name__}.")
+        tree.update(loaded)
+    for assignment in overrides or []:
+        _apply_override(tree, assignment)
+    try:
+        return TrainConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "config"
+        what = "unknown key (check the spelling)" if err["type"] == "extra_forbidden" else err["msg"]
+        lines.append(f"{where}: {what}")
+    return "invalid training config: " + "; ".join(lines)

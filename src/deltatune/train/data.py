@@ -1,0 +1,151 @@
+"""Data: read records, render them with the tokenizer's chat template, mask everything but the responses.
+
+Records are prompt/response pairs or chat `messages`; the loss covers response (assistant) tokens only. The order
+of examples is a pure function of (seed, step), so resuming needs nothing but the step number.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from deltatune.errors import ConfigError
+from deltatune.train.config import DataConfig
+
+IGNORE = -100
+
+
+def read_records(source: str, split: str = "train") -> list[dict[str, Any]]:
+    """Records from a .jsonl/.json/.csv/.parquet file, a `datasets` save_to_disk directory, or "bundled:NAME"."""
+    if source.startswith("bundled:"):
+        name = source.split(":", 1)[1]
+        resource = resources.files("deltatune.data") / f"{name}_{split}.jsonl"
+        if not resource.is_file():
+            raise ConfigError(f"no bundled dataset {name!r} with a {split!r} split.")
+        return [json.loads(line) for line in resource.read_text().splitlines() if line.strip()]
+    path = Path(source)
+    if path.is_dir():
+        import datasets
+
+        return list(datasets.load_from_disk(str(path)))
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    elif suffix == ".json":
+        rows = json.loads(path.read_text())
+    elif suffix == ".csv":
+        with open(path, newline="") as fh:
+            rows = list(csv.DictReader(fh))
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(path).to_pylist()
+    else:
+        raise ConfigError(f"{path}: unsupported data format {suffix!r}; use .jsonl, .json, .csv, .parquet or a "
+                          f"datasets directory.")
+    if not rows:
+        raise ConfigError(f"{path} holds no examples.")
+    return rows
+
+
+def _render(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> list[int]:
+    if getattr(tokenizer, "chat_template", None):
+        out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)
+        return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
+    # no chat template: plain "role: content" lines
+    text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+    if add_generation_prompt:
+        text += "assistant: "
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def to_messages(record: dict[str, Any], cfg: DataConfig) -> list[dict[str, str]]:
+    if cfg.messages_field in record:
+        return list(record[cfg.messages_field])
+    if cfg.prompt_field in record and cfg.response_field in record:
+        return [{"role": "user", "content": str(record[cfg.prompt_field])},
+                {"role": "assistant", "content": str(record[cfg.response_field])}]
+    raise ConfigError(f"example has neither {cfg.messages_field!r} nor {cfg.prompt_field!r}/{cfg.response_field!r}: "
+                      f"keys {sorted(record)}; set data.prompt_field / data.response_field.")
+
+
+def encode(tokenizer, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) with labels = IGNORE outside assistant turns."""
+    ids = _render(tokenizer, messages)
+    labels = [IGNORE] * len(ids)
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start = len(_render(tokenizer, messages[:i], add_generation_prompt=True))
+        end = len(_render(tokenizer, messages[: i + 1]))
+        labels[start:end] = ids[start:end]
+    if eos := getattr(tokenizer, "eos_token_id", None):
+        if not getattr(tokenizer, "chat_template", None):
+            ids, labels = ids + [eos], labels + [eos]
+    return ids, labels
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+
+
+def build_examples(records: list[dict[str, Any]], tokenizer, cfg: DataConfig, source: str) -> list[Example]:
+    if not records:
+        raise ConfigError(f"{source} holds no examples.")
+    examples = []
+    for n, record in enumerate(records):
+        ids, labels = encode(tokenizer, to_messages(record, cfg))
+        if len(ids) > cfg.max_length:
+            raise ConfigError(f"{source}: example {n} is {len(ids)} tokens, longer than data.max_length="
+                              f"{cfg.max_length}; raise max_length or shorten the example.")
+        if all(label == IGNORE for label in labels):
+            raise ConfigError(f"{source}: example {n} has no response tokens to learn from.")
+        examples.append(Example(ids, labels))
+    return pack(examples, cfg.max_length) if cfg.packing else examples
+
+
+def pack(examples: list[Example], max_length: int) -> list[Example]:
+    """Greedy packing into rows of at most max_length tokens, never splitting an example. Attention is not reset at
+    example boundaries (transformers' CPU attention has no per-example masks in one row)."""
+    rows: list[Example] = []
+    for ex in examples:
+        if rows and len(rows[-1].input_ids) + len(ex.input_ids) <= max_length:
+            rows[-1] = Example(rows[-1].input_ids + ex.input_ids, rows[-1].labels + ex.labels)
+        else:
+            rows.append(Example(list(ex.input_ids), list(ex.labels)))
+    return rows
+
+
+def collate(examples: list[Example], pad_id: int) -> dict[str, Tensor]:
+    """Right-padded batch: input_ids, attention_mask and (unshifted) labels."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        ids[row, : len(e.input_ids)] = torch.tensor(e.input_ids)
+        labels[row, : len(e.labels)] = torch.tensor(e.labels)
+        mask[row, : len(e.input_ids)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def step_indices(n_examples: int, global_batch: int, step: int, seed: int) -> list[int]:
+    """Example indices of optimizer step `step`: epochs are fresh permutations seeded by (seed, epoch)."""
+    perms: dict[int, list[int]] = {}
+    out = []
+    for k in range(step * global_batch, (step + 1) * global_batch):
+        epoch, pos = divmod(k, n_examples)
+        if epoch not in perms:
+            gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+            perms[epoch] = torch.randperm(n_examples, generator=gen).tolist()
+        out.append(perms[epoch][pos])
+    return out

@@ -1,0 +1,262 @@
+"""`train()`: setup -> loop -> eval -> save, one linear function of small steps.
+
+Any registered method trains here; method-specific behaviour would come only through its `MethodSpec.hooks`.
+Distributed data parallel runs when launched by `torchrun` (gloo on CPU, nccl on CUDA); rank 0 alone writes.
+Loss is the sum of response-token cross-entropies divided by the number of response tokens in the whole global
+batch, so 1 process with batch 2B and 2 processes with batch B compute the same gradient.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from rich.console import Console
+from torch import nn
+
+from deltatune.errors import ConfigError, TrainingDiverged
+from deltatune.model import PeftModel, get_peft_model
+from deltatune.registry import get_method
+from deltatune.train import checkpoint as ckpt
+from deltatune.train.config import TrainConfig, adapter_config
+from deltatune.train.data import IGNORE, _render, build_examples, collate, read_records, step_indices, to_messages
+from deltatune.train.evaluate import eval_loss, exact_match, generate_answers
+from deltatune.train.optim import build_optimizer, build_scheduler
+from deltatune.train.progress import TrainProgress, plot_losses
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    adapter_dir: Path
+    steps: int
+    losses: list[float]
+    eval_loss: float | None = None
+    metric_before: float | None = None
+    metric_after: float | None = None
+    samples: list[dict[str, str]] = field(default_factory=list)
+    trainable: int = 0
+    total: int = 0
+    adapter_bytes: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class _Run:
+    cfg: TrainConfig
+    model: PeftModel
+    ddp: nn.Module
+    tokenizer: Any
+    train_set: list
+    eval_set: list
+    eval_records: list
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    device: torch.device
+    rank: int
+    world: int
+    run_dir: Path
+    start_step: int = 0
+    losses: list[float] = field(default_factory=list)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _distributed() -> tuple[int, int, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    rank = dist.get_rank() if world > 1 else 0
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    return rank, world, device
+
+
+def _setup(cfg: TrainConfig, resume: bool, model: nn.Module | None, tokenizer: Any) -> _Run:
+    rank, world, device = _distributed()
+    torch.manual_seed(cfg.seed)
+    if model is None:
+        from deltatune.pretrained import load_causal_lm
+
+        model, tokenizer = load_causal_lm(cfg.model)
+    peft_model = get_peft_model(model.to(device), adapter_config(cfg.method))
+    if cfg.optim.gradient_checkpointing:  # non-reentrant: no need for input embeddings that require grad
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    train_set = build_examples(read_records(cfg.data.train, "train"), tokenizer, cfg.data, cfg.data.train)
+    eval_source = cfg.data.eval or (cfg.data.train if cfg.data.train.startswith("bundled:") else None)
+    eval_records = read_records(eval_source, "test") if eval_source else []
+    eval_set = build_examples(eval_records, tokenizer, cfg.data, eval_source) if eval_records else []
+    ddp = nn.parallel.DistributedDataParallel(peft_model) if world > 1 else peft_model
+    optimizer = build_optimizer(peft_model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.loraplus_lr_ratio)
+    scheduler = build_scheduler(optimizer, cfg.optim.steps, cfg.optim.warmup_steps, cfg.optim.schedule)
+    run = _Run(cfg, peft_model, ddp, tokenizer, train_set, eval_set, eval_records, optimizer, scheduler, device,
+               rank, world, Path(cfg.output_dir))
+    if resume:
+        _resume(run)
+    return run
+
+
+def _resume(run: _Run) -> None:
+    path = ckpt.latest_checkpoint(run.run_dir)
+    if path is None:
+        raise ConfigError(f"--resume: no checkpoint under {run.run_dir}/checkpoints (set save_every to write some).")
+    adapter, optimizer, rng, meta = ckpt.load_checkpoint(path)
+    run.model.load_adapter_tensors("default", adapter)
+    run.optimizer.load_state_dict(optimizer)
+    run.scheduler.load_state_dict(meta["scheduler"])
+    ckpt.restore_rng(rng)
+    run.start_step, run.losses = meta["step"], meta["losses"]
+
+
+def _loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], precision: str) -> torch.Tensor:
+    """Sum of next-token cross-entropies over response tokens (float32)."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    device_type = batch["input_ids"].device.type
+    with torch.autocast(device_type, dtype=dtype) if dtype else contextlib.nullcontext():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
+                                       ignore_index=IGNORE, reduction="sum")
+
+
+def _micro_batches(run: _Run, step: int) -> list[dict[str, torch.Tensor]]:
+    """This rank's micro-batches of optimizer step `step` (a contiguous slice of the global batch)."""
+    local = run.cfg.optim.batch_size * run.cfg.optim.grad_accum
+    indices = step_indices(len(run.train_set), local * run.world, step, run.cfg.seed)[run.rank * local:][:local]
+    pad = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else 0
+    size = run.cfg.optim.batch_size
+    return [{k: v.to(run.device) for k, v in collate([run.train_set[i] for i in indices[s:s + size]], pad).items()}
+            for s in range(0, local, size)]
+
+
+def _all_sum(value: float, run: _Run) -> float:
+    if run.world == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=run.device)
+    dist.all_reduce(t)
+    return float(t.item())
+
+
+def _train_step(run: _Run, step: int) -> tuple[float, int]:
+    """One optimizer step (with gradient accumulation); returns (mean loss over the global batch, local tokens)."""
+    micro = _micro_batches(run, step)
+    local_tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)
+    global_tokens = _all_sum(local_tokens, run)
+    loss_total = 0.0
+    for i, batch in enumerate(micro):
+        sync = i == len(micro) - 1 or run.world == 1
+        with contextlib.nullcontext() if sync else run.ddp.no_sync():
+            loss = _loss_sum(run.ddp, batch, run.cfg.optim.precision)
+            (loss * run.world / global_tokens).backward()  # DDP averages over ranks: undo it
+        loss_total += loss.item()
+    mean_loss = _all_sum(loss_total, run) / global_tokens
+    if not math.isfinite(mean_loss):
+        run.optimizer.zero_grad(set_to_none=True)
+        last = ckpt.latest_checkpoint(run.run_dir)
+        raise TrainingDiverged(f"loss became {mean_loss} at step {step + 1}; no update was applied. Last good "
+                               f"checkpoint: {last or 'none'}. Lower optim.lr or use precision=fp32.")
+    if run.cfg.optim.max_grad_norm:
+        torch.nn.utils.clip_grad_norm_([p for p in run.model.parameters() if p.requires_grad],
+                                       run.cfg.optim.max_grad_norm)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    hooks = get_method(run.model.peft_config["default"].peft_type).hooks
+    if hooks is not None:
+        hooks.on_step(run.model, step)
+    return mean_loss, local_tokens
+
+
+def _log(run: _Run, record: dict[str, Any]) -> None:
+    if run.is_main:
+        with open(run.run_dir / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+
+def _loop(run: _Run, console: Console) -> None:
+    cfg = run.cfg
+    with TrainProgress(console, cfg.optim.steps, run.start_step, enabled=run.is_main) as progress:
+        for step in range(run.start_step, cfg.optim.steps):
+            t0 = time.perf_counter()
+            loss, tokens = _train_step(run, step)
+            run.losses.append(loss)
+            tok_s = tokens * run.world / (time.perf_counter() - t0)
+            lr = run.scheduler.get_last_lr()[0]
+            progress.update(step + 1, loss, lr, tok_s)
+            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.optim.steps:
+                _log(run, {"step": step + 1, "loss": loss, "lr": lr, "tokens_per_s": tok_s})
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and run.eval_set:
+                _log(run, {"step": step + 1, "eval_loss": _eval_loss(run)})
+            if cfg.save_every and (step + 1) % cfg.save_every == 0 and run.is_main:
+                ckpt.save_checkpoint(run.run_dir, step + 1, run.model.adapter_state_dict("default"), run.optimizer,
+                                     run.scheduler, {"losses": run.losses})
+
+
+def _eval_loss(run: _Run) -> float:
+    value = eval_loss(run.model, run.eval_set, run.tokenizer.pad_token_id or 0, run.cfg.optim.batch_size, run.device)
+    run.model.train()
+    return value
+
+
+def _score(run: _Run) -> tuple[float, list[str]]:
+    """Exact match of greedy answers on the first `generate_eval` held-out examples."""
+    records = run.eval_records[: run.cfg.generate_eval]
+    messages = [to_messages(r, run.cfg.data) for r in records]
+    prompts = [_render(run.tokenizer, m[:-1], add_generation_prompt=True) for m in messages]
+    answers = generate_answers(run.model, run.tokenizer, prompts, run.cfg.max_new_tokens, run.device)
+    hits = [exact_match(a, m[-1]["content"]) for a, m in zip(answers, messages, strict=True)]
+    run.model.train()
+    return sum(hits) / max(1, len(hits)), answers
+
+
+def _samples(run: _Run, before: list[str], after: list[str]) -> list[dict[str, str]]:
+    out = []
+    for record, b, a in zip(run.eval_records, before, after, strict=False):
+        messages = to_messages(record, run.cfg.data)
+        out.append({"prompt": messages[-2]["content"], "reference": messages[-1]["content"], "before": b, "after": a})
+    return out
+
+
+def train(cfg: TrainConfig, resume: bool = False, console: Console | None = None, model: nn.Module | None = None,
+          tokenizer: Any = None) -> TrainResult:
+    """Fine-tune `cfg.model` (or the given model/tokenizer) with the adapter `cfg.method`; see TrainConfig."""
+    console = console or Console()
+    started = time.perf_counter()
+    run = _setup(cfg, resume, model, tokenizer)
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    if run.is_main and not resume:
+        (run.run_dir / "metrics.jsonl").write_text("")
+        (run.run_dir / "train_config.json").write_text(cfg.model_dump_json(indent=2))
+    result = TrainResult(run.run_dir, run.run_dir / "adapter", cfg.optim.steps, run.losses)
+    result.trainable, result.total = run.model.get_nb_trainable_parameters()
+    do_score = cfg.generate_eval > 0 and run.is_main and run.eval_records
+    if do_score:
+        result.metric_before, before = _score(run)
+    run.model.train()
+    _loop(run, console)
+    if run.eval_set:
+        result.eval_loss = _eval_loss(run)
+        _log(run, {"step": cfg.optim.steps, "eval_loss": result.eval_loss})
+    if do_score:
+        result.metric_after, after = _score(run)
+        result.samples = _samples(run, before, after)
+    if run.is_main:
+        run.model.save_pretrained(result.adapter_dir)
+        result.adapter_bytes = (result.adapter_dir / "adapter_model.safetensors").stat().st_size
+        plot_losses(run.losses, run.run_dir / "loss.png")
+    if run.world > 1:
+        dist.barrier()
+    result.seconds = time.perf_counter() - started
+    return result
