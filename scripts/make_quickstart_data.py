@@ -1,57 +1,52 @@
-"""Generate the bundled quickstart dataset: extract a person's name, age and city from a sentence as compact JSON.
+"""Generate the bundled quickstart dataset: rewrite a date written in words as ISO 8601 (YYYY-MM-DD).
 
-Deterministic (seeded). The held-out split uses names and cities that never appear in training, so the metric
-measures the skill, not memorised answers. Run: python scripts/make_quickstart_data.py
+SmolLM2-135M-Instruct gets this wrong out of the box (it echoes the input or the pattern "YYYY-MM-DD"); a small LoRA
+learns it in a few minutes on a CPU. Deterministic (seeded); the held-out dates never occur in training.
+Run: python scripts/make_quickstart_data.py
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import random
 from pathlib import Path
 
-NAMES = """Maria Ahmed Chen Olga Tomas Priya Kwame Sofia Lars Aiko Mateo Fatima Ivan Chloe Rahul Zanele Pedro Yuki
-Amara Jonas Leila Diego Hana Felix Noura Marco Ingrid Kofi Elena Ravi Mei Sven Alicia Omar Freya Tariq Lucia Bjorn
-Nadia Hugo Keiko Arjun Elif Pablo Sanna Idris Greta Emeka Ines Viktor Asha Rosa Dmitri Layla Emil Thandiwe Bruno
-Anya Kenji Selin Farid Clara Joao Ayla Nikolai Zara Anders Paloma Yusuf Eva Hiro Lena Samir Vera""".split()
-CITIES = """Lisbon Nairobi Osaka Toronto Lima Oslo Cairo Dublin Hanoi Quito Porto Lagos Kyoto Denver Bergen Tunis
-Cork Hue Cusco Tromso Accra Sapporo Calgary Arequipa Malmo Luxor Galway Dalat Sucre Bremen Dakar Nagoya Halifax
-Trujillo Aarhus Aswan Limerick Hoian Potosi Leipzig""".split()
-TEMPLATES = [
-    "{name} is {age} years old and lives in {city}.",
-    "Meet {name}, a {age}-year-old from {city}.",
-    "Living in {city}, {name} just turned {age}.",
-    "{name} ({age}) works in {city}.",
-    "At {age}, {name} moved to {city}.",
-    "Our new colleague {name} is based in {city} and is {age}.",
-    "{name}, aged {age}, was born and raised in {city}.",
-    "In {city} you will find {name}, who is {age}.",
+MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+          "November", "December"]
+INSTRUCTION = "Rewrite this date as YYYY-MM-DD. Reply with the date only.\n\n"
+
+
+def ordinal(day: int) -> str:
+    suffix = "th" if 11 <= day % 100 <= 13 else {1: "st", 2: "nd", 3: "rd"}.get(day % 10, "th")
+    return f"{day}{suffix}"
+
+
+FORMATS = [
+    lambda d: f"{MONTHS[d.month - 1]} {d.day}, {d.year}",
+    lambda d: f"{d.day} {MONTHS[d.month - 1]} {d.year}",
+    lambda d: f"the {ordinal(d.day)} of {MONTHS[d.month - 1]} {d.year}",
+    lambda d: f"{MONTHS[d.month - 1][:3]} {d.day} {d.year}",
+    lambda d: f"{d.day:02d}.{d.month:02d}.{d.year} (day.month.year)",
 ]
-INSTRUCTION = "Extract the person as JSON with keys name, age, city. Reply with the JSON only.\n\n"
 
 
-def make(rng: random.Random, names: list[str], cities: list[str], n: int, seen: set) -> list[dict]:
+def make(rng: random.Random, n: int, seen: set) -> list[dict]:
     rows = []
     while len(rows) < n:
-        name, city, age = rng.choice(names), rng.choice(cities), rng.randint(18, 89)
-        template = rng.choice(TEMPLATES)
-        if (name, city, age, template) in seen:
+        date = datetime.date(1950, 1, 1) + datetime.timedelta(days=rng.randint(0, 36000))
+        if date in seen:
             continue
-        seen.add((name, city, age, template))
-        answer = json.dumps({"name": name, "age": age, "city": city})
-        rows.append({"prompt": INSTRUCTION + template.format(name=name, age=age, city=city), "response": answer})
+        seen.add(date)
+        text = rng.choice(FORMATS)(date)
+        rows.append({"prompt": INSTRUCTION + text, "response": date.isoformat()})
     return rows
 
 
 def main() -> None:
     rng = random.Random(1234)
-    names, cities = NAMES[:], CITIES[:]
-    rng.shuffle(names)
-    rng.shuffle(cities)
-    held_names, held_cities = names[:15], cities[:8]
     seen: set = set()
-    train = make(rng, names[15:], cities[8:], 320, seen)
-    test = make(rng, held_names, held_cities, 64, seen)
+    train, test = make(rng, 400, seen), make(rng, 64, seen)
     out = Path(__file__).resolve().parents[1] / "src" / "deltatune" / "data"
     for split, rows in (("train", train), ("test", test)):
         with open(out / f"quickstart_{split}.jsonl", "w") as fh:

@@ -150,10 +150,10 @@ def _all_sum(value: float, run: _Run) -> float:
 
 
 def _train_step(run: _Run, step: int) -> tuple[float, int]:
-    """One optimizer step (with gradient accumulation); returns (mean loss over the global batch, local tokens)."""
+    """One optimizer step (with gradient accumulation); returns (mean loss over the global batch, tokens processed
+    by this rank)."""
     micro = _micro_batches(run, step)
-    local_tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)
-    global_tokens = _all_sum(local_tokens, run)
+    global_tokens = _all_sum(sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro), run)
     loss_total = 0.0
     for i, batch in enumerate(micro):
         sync = i == len(micro) - 1 or run.world == 1
@@ -176,7 +176,7 @@ def _train_step(run: _Run, step: int) -> tuple[float, int]:
     hooks = get_method(run.model.peft_config["default"].peft_type).hooks
     if hooks is not None:
         hooks.on_step(run.model, step)
-    return mean_loss, local_tokens
+    return mean_loss, sum(int(b["attention_mask"].sum()) for b in micro)
 
 
 def _log(run: _Run, record: dict[str, Any]) -> None:

@@ -1,0 +1,33 @@
+"""Rich summary of a finished training run."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from deltatune.train import TrainResult
+
+
+def print_train_report(result: TrainResult, console: Console, samples: int = 5) -> None:
+    summary = Table(title="run summary", show_header=False)
+    summary.add_row("trainable params", f"{result.trainable:,} of {result.total:,} "
+                                        f"({100 * result.trainable / max(1, result.total):.3f}%)")
+    summary.add_row("adapter size", f"{result.adapter_bytes / 1e6:.2f} MB")
+    summary.add_row("steps / time", f"{result.steps} steps in {result.seconds:.0f}s")
+    if result.losses:
+        summary.add_row("train loss", f"{result.losses[0]:.4f} -> {result.losses[-1]:.4f}")
+    if result.eval_loss is not None:
+        summary.add_row("held-out loss", f"{result.eval_loss:.4f}")
+    if result.metric_before is not None:
+        summary.add_row("held-out exact match", f"{100 * result.metric_before:.1f}% before -> "
+                                                f"[bold]{100 * result.metric_after:.1f}%[/] after")
+    summary.add_row("adapter", str(result.adapter_dir))
+    summary.add_row("metrics / loss curve", f"{result.run_dir / 'metrics.jsonl'}, {result.run_dir / 'loss.png'}")
+    console.print(summary)
+    if result.samples:
+        table = Table(title="held-out examples: before vs after")
+        for col in ("input", "expected", "before", "after"):
+            table.add_column(col)
+        for s in result.samples[:samples]:
+            table.add_row(s["prompt"].split("\n")[-1], s["reference"], s["before"], s["after"])
+        console.print(table)
