@@ -12,8 +12,20 @@ import json
 import random
 from pathlib import Path
 
-MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
-          "November", "December"]
+MONTHS = [
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+]
 INSTRUCTION = "Rewrite this date as YYYY-MM-DD. Reply with the date only.\n\n"
 
 

@@ -360,7 +360,8 @@ class PeftModel(nn.Module):
         return {k: layers[k] for k in found if k in layers}
 
     def load_adapter_tensors(self, adapter_name: str, tensors: dict[str, Tensor]) -> None:
-        """Overwrite an existing adapter's tensors from a peft-keyed dict (e.g. a training checkpoint), checked first."""
+        """Overwrite an existing adapter's tensors from a peft-keyed dict (e.g. a training checkpoint); checked
+        first."""
         self._check_name(adapter_name, exists=True)
         found = io.from_peft_keys(tensors)
         io.check_state(io.from_peft_keys(self.adapter_state_dict(adapter_name)), found, "adapter tensors")

@@ -35,24 +35,36 @@ def _friendly(fn):
 
 @app.command()
 @_friendly
-def quickstart(out: Annotated[Path, typer.Option(help="run directory")] = Path("runs/quickstart"),
-               steps: Annotated[int, typer.Option(help="training steps")] = 60,
-               eval_examples: Annotated[int, typer.Option(help="held-out examples scored before/after")] = 64) -> None:
+def quickstart(
+    out: Annotated[Path, typer.Option(help="run directory")] = Path("runs/quickstart"),
+    steps: Annotated[int, typer.Option(help="training steps")] = 60,
+    eval_examples: Annotated[int, typer.Option(help="held-out examples scored before/after")] = 64,
+) -> None:
     """Fine-tune the bundled SmolLM2-135M-Instruct with LoRA on the bundled date task; report before/after."""
     from deltatune.cli.report import print_train_report
     from deltatune.train import load_train_config, train
 
-    cfg = load_train_config(None, [f"output_dir={out}", f"optim.steps={steps}", f"generate_eval={eval_examples}",
-                                   "max_new_tokens=12", "eval_every=20"])
+    cfg = load_train_config(
+        None,
+        [
+            f"output_dir={out}",
+            f"optim.steps={steps}",
+            f"generate_eval={eval_examples}",
+            "max_new_tokens=12",
+            "eval_every=20",
+        ],
+    )
     console.print(f"[bold]quickstart[/]: LoRA on SmolLM2-135M-Instruct, {steps} steps, run dir {out}")
     print_train_report(train(cfg, console=console), console)
 
 
 @app.command(name="train")
 @_friendly
-def train_cmd(config: Annotated[Path | None, typer.Argument(help="YAML run config")] = None,
-              set_: Annotated[list[str] | None, typer.Option("--set", help="override, e.g. optim.lr=1e-4")] = None,
-              resume: Annotated[bool, typer.Option(help="continue from the run's latest checkpoint")] = False) -> None:
+def train_cmd(
+    config: Annotated[Path | None, typer.Argument(help="YAML run config")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override, e.g. optim.lr=1e-4")] = None,
+    resume: Annotated[bool, typer.Option(help="continue from the run's latest checkpoint")] = False,
+) -> None:
     """Fine-tune a model with any registered method, from a YAML config (see docs/training.md)."""
     from deltatune.cli.report import print_train_report
     from deltatune.train import load_train_config, train
@@ -62,12 +74,14 @@ def train_cmd(config: Annotated[Path | None, typer.Argument(help="YAML run confi
 
 @app.command()
 @_friendly
-def generate(prompt: Annotated[str, typer.Option(help="user message")],
-             model: Annotated[str, typer.Option(help="HF dir, .gguf or 'smollm2'")] = "smollm2",
-             adapter: Annotated[Path | None, typer.Option(help="adapter directory")] = None,
-             max_new_tokens: Annotated[int, typer.Option()] = 64,
-             temperature: Annotated[float, typer.Option(help="0 = greedy")] = 0.0,
-             stream: Annotated[bool, typer.Option(help="print tokens as they come")] = True) -> None:
+def generate(
+    prompt: Annotated[str, typer.Option(help="user message")],
+    model: Annotated[str, typer.Option(help="HF dir, .gguf or 'smollm2'")] = "smollm2",
+    adapter: Annotated[Path | None, typer.Option(help="adapter directory")] = None,
+    max_new_tokens: Annotated[int, typer.Option()] = 64,
+    temperature: Annotated[float, typer.Option(help="0 = greedy")] = 0.0,
+    stream: Annotated[bool, typer.Option(help="print tokens as they come")] = True,
+) -> None:
     """Chat-format a prompt and generate (greedy or sampled), optionally with an adapter."""
     from deltatune.cli.generate_cmd import generate_text
 

@@ -10,19 +10,27 @@ from deltatune.model import PeftModel
 from deltatune.pretrained import load_causal_lm
 
 
-def generate_text(model: str, adapter: Path | None, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
-                  stream: bool = False) -> str:
+def generate_text(
+    model: str,
+    adapter: Path | None,
+    prompt: str,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    stream: bool = False,
+) -> str:
     """The assistant's reply; with `stream`, tokens are printed as they are generated."""
     from transformers import TextStreamer
 
     lm, tokenizer = load_causal_lm(model)
     if adapter is not None:
         lm = PeftModel.from_pretrained(lm, adapter)
-    inputs = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                           return_tensors="pt", return_dict=True)
+    inputs = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
     with torch.no_grad():
-        out = lm.generate(**inputs, max_new_tokens=max_new_tokens, streamer=streamer,
-                          pad_token_id=tokenizer.pad_token_id, **sampling)
-    return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        out = lm.generate(
+            **inputs, max_new_tokens=max_new_tokens, streamer=streamer, pad_token_id=tokenizer.pad_token_id, **sampling
+        )
+    return tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)

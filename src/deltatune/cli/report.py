@@ -10,8 +10,10 @@ from deltatune.train import TrainResult
 
 def print_train_report(result: TrainResult, console: Console, samples: int = 5) -> None:
     summary = Table(title="run summary", show_header=False)
-    summary.add_row("trainable params", f"{result.trainable:,} of {result.total:,} "
-                                        f"({100 * result.trainable / max(1, result.total):.3f}%)")
+    summary.add_row(
+        "trainable params",
+        f"{result.trainable:,} of {result.total:,} ({100 * result.trainable / max(1, result.total):.3f}%)",
+    )
     summary.add_row("adapter size", f"{result.adapter_bytes / 1e6:.2f} MB")
     summary.add_row("steps / time", f"{result.steps} steps in {result.seconds:.0f}s")
     if result.losses:
@@ -19,8 +21,10 @@ def print_train_report(result: TrainResult, console: Console, samples: int = 5) 
     if result.eval_loss is not None:
         summary.add_row("held-out loss", f"{result.eval_loss:.4f}")
     if result.metric_before is not None:
-        summary.add_row("held-out exact match", f"{100 * result.metric_before:.1f}% before -> "
-                                                f"[bold]{100 * result.metric_after:.1f}%[/] after")
+        summary.add_row(
+            "held-out exact match",
+            f"{100 * result.metric_before:.1f}% before -> [bold]{100 * result.metric_after:.1f}%[/] after",
+        )
     summary.add_row("adapter", str(result.adapter_dir))
     summary.add_row("metrics / loss curve", f"{result.run_dir / 'metrics.jsonl'}, {result.run_dir / 'loss.png'}")
     console.print(summary)

@@ -42,8 +42,14 @@ def _optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict[str, Any]
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def save_checkpoint(run_dir: Path, step: int, adapter_state: dict[str, torch.Tensor],
-                    optimizer: torch.optim.Optimizer, scheduler: Any, extra: dict[str, Any]) -> Path:
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    adapter_state: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    extra: dict[str, Any],
+) -> Path:
     """Write `run_dir/checkpoints/step-<step>` and point `latest` at it; keep the newest KEEP checkpoints."""
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
@@ -87,7 +93,9 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
         optimizer = _optimizer_from_files(load_file(path / "optimizer.safetensors"), meta.pop("optimizer"))
         rng = load_file(path / "rng.safetensors")
     except (OSError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"checkpoint {path} is unreadable ({exc}); delete it to resume from an older one.")
+        raise CheckpointError(
+            f"checkpoint {path} is unreadable ({exc}); delete it to resume from an older one."
+        ) from exc
     return adapter, optimizer, rng, meta
 
 

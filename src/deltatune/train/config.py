@@ -59,10 +59,15 @@ class OptimConfig(_Strict):
 class TrainConfig(_Strict):
     model: str = "smollm2"
     """A HF model directory, a .gguf file, or "smollm2" (the bundled SmolLM2-135M-Instruct)."""
-    method: dict[str, Any] = Field(default_factory=lambda: {
-        "peft_type": "LORA", "r": 8, "lora_alpha": 16, "lora_dropout": 0.05,
-        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    })
+    method: dict[str, Any] = Field(
+        default_factory=lambda: {
+            "peft_type": "LORA",
+            "r": 8,
+            "lora_alpha": 16,
+            "lora_dropout": 0.05,
+            "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+        }
+    )
     """Adapter config: `peft_type` plus that method's fields (peft's names)."""
     data: DataConfig = Field(default_factory=DataConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
@@ -100,8 +105,10 @@ def adapter_config(method: dict[str, Any]) -> AdapterConfig:
     known = set(spec.config_cls.__dataclass_fields__) | {"peft_type"}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ConfigError(f"method.{unknown[0]} is not a field of {spec.config_cls.__name__}; "
-                          f"known fields: {', '.join(sorted(known - {'peft_type'}))}.")
+        raise ConfigError(
+            f"method.{unknown[0]} is not a field of {spec.config_cls.__name__}; "
+            f"known fields: {', '.join(sorted(known - {'peft_type'}))}."
+        )
     return spec.config_cls.from_dict(data)
 
 
@@ -118,10 +125,14 @@ def _apply_override(tree: dict[str, Any], assignment: str) -> None:
     node[parts[-1]] = yaml.safe_load(raw)  # "1e-4" -> float, "[q_proj]" -> list, "true" -> bool
 
 
-def load_train_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                      base: dict[str, Any] | None = None) -> TrainConfig:
-    """Read YAML (optional), apply `key=value` overrides, validate. All problems become one ConfigError."""
-    tree: dict[str, Any] = dict(base or {})
+def load_train_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, base: dict[str, Any] | None = None
+) -> TrainConfig:
+    """Defaults, then YAML (optional; sections merge into the defaults, except `method`, which replaces them), then
+    `key=value` overrides (which merge into `method` too); validated at the end. All problems become one
+    ConfigError."""
+    tree: dict[str, Any] = TrainConfig().model_dump()
+    _merge(tree, dict(base or {}))
     if path is not None:
         try:
             loaded = yaml.safe_load(Path(path).read_text()) or {}
@@ -131,13 +142,21 @@ def load_train_config(path: str | Path | None = None, overrides: list[str] | Non
             raise ConfigError(f"{path} is not valid YAML: {exc}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path} must hold a mapping of settings, got {type(loaded).__name__}.")
-        tree.update(loaded)
+        _merge(tree, loaded)
     for assignment in overrides or []:
         _apply_override(tree, assignment)
     try:
         return TrainConfig.model_validate(tree)
     except ValidationError as exc:
         raise ConfigError(_describe(exc)) from None
+
+
+def _merge(tree: dict[str, Any], update: dict[str, Any]) -> None:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(tree.get(key), dict) and key != "method":
+            _merge(tree[key], value)
+        else:
+            tree[key] = value
 
 
 def _describe(exc: ValidationError) -> str:

@@ -48,8 +48,9 @@ def read_records(source: str, split: str = "train") -> list[dict[str, Any]]:
 
         rows = pq.read_table(path).to_pylist()
     else:
-        raise ConfigError(f"{path}: unsupported data format {suffix!r}; use .jsonl, .json, .csv, .parquet or a "
-                          f"datasets directory.")
+        raise ConfigError(
+            f"{path}: unsupported data format {suffix!r}; use .jsonl, .json, .csv, .parquet or a datasets directory."
+        )
     if not rows:
         raise ConfigError(f"{path} holds no examples.")
     return rows
@@ -70,10 +71,14 @@ def to_messages(record: dict[str, Any], cfg: DataConfig) -> list[dict[str, str]]
     if cfg.messages_field in record:
         return list(record[cfg.messages_field])
     if cfg.prompt_field in record and cfg.response_field in record:
-        return [{"role": "user", "content": str(record[cfg.prompt_field])},
-                {"role": "assistant", "content": str(record[cfg.response_field])}]
-    raise ConfigError(f"example has neither {cfg.messages_field!r} nor {cfg.prompt_field!r}/{cfg.response_field!r}: "
-                      f"keys {sorted(record)}; set data.prompt_field / data.response_field.")
+        return [
+            {"role": "user", "content": str(record[cfg.prompt_field])},
+            {"role": "assistant", "content": str(record[cfg.response_field])},
+        ]
+    raise ConfigError(
+        f"example has neither {cfg.messages_field!r} nor {cfg.prompt_field!r}/{cfg.response_field!r}: "
+        f"keys {sorted(record)}; set data.prompt_field / data.response_field."
+    )
 
 
 def encode(tokenizer, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
@@ -105,8 +110,10 @@ def build_examples(records: list[dict[str, Any]], tokenizer, cfg: DataConfig, so
     for n, record in enumerate(records):
         ids, labels = encode(tokenizer, to_messages(record, cfg))
         if len(ids) > cfg.max_length:
-            raise ConfigError(f"{source}: example {n} is {len(ids)} tokens, longer than data.max_length="
-                              f"{cfg.max_length}; raise max_length or shorten the example.")
+            raise ConfigError(
+                f"{source}: example {n} is {len(ids)} tokens, longer than data.max_length="
+                f"{cfg.max_length}; raise max_length or shorten the example."
+            )
         if all(label == IGNORE for label in labels):
             raise ConfigError(f"{source}: example {n} has no response tokens to learn from.")
         examples.append(Example(ids, labels))

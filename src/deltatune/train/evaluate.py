@@ -30,32 +30,39 @@ def eval_loss(model: nn.Module, examples: list[Example], pad_id: int, batch_size
     total, count = 0.0, 0
     model.eval()
     for start in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size], pad_id).items()}
+        batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size], pad_id).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         targets = batch["labels"][:, 1:]
-        loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
-                                           ignore_index=IGNORE, reduction="sum")
+        loss = nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum"
+        )
         total += loss.item()
         count += int((targets != IGNORE).sum())
     return total / max(1, count)
 
 
 @torch.no_grad()
-def generate_answers(model: nn.Module, tokenizer, prompts: list[list[int]], max_new_tokens: int, device,
-                     batch_size: int = 16) -> list[str]:
+def generate_answers(
+    model: nn.Module, tokenizer, prompts: list[list[int]], max_new_tokens: int, device, batch_size: int = 16
+) -> list[str]:
     """Greedy completions of already-rendered prompts (left-padded batches)."""
     model.eval()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     answers = []
     for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start:start + batch_size]
+        chunk = prompts[start : start + batch_size]
         width = max(len(p) for p in chunk)
         ids = torch.full((len(chunk), width), pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for row, p in enumerate(chunk):
-            ids[row, width - len(p):] = torch.tensor(p)
-            mask[row, width - len(p):] = 1
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=pad)
+            ids[row, width - len(p) :] = torch.tensor(p)
+            mask[row, width - len(p) :] = 1
+        out = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+        )
         answers += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
     return answers

@@ -11,8 +11,13 @@ from torch import nn
 B_NAMES = ("lora_B", "lora_embedding_B")
 
 
-def loraplus_param_groups(model: nn.Module, lr: float, loraplus_lr_ratio: float, weight_decay: float = 0.0,
-                          loraplus_lr_embedding: float | None = None) -> list[dict[str, Any]]:
+def loraplus_param_groups(
+    model: nn.Module,
+    lr: float,
+    loraplus_lr_ratio: float,
+    weight_decay: float = 0.0,
+    loraplus_lr_embedding: float | None = None,
+) -> list[dict[str, Any]]:
     """LoRA+ (Hayou et al. 2024, arXiv:2402.12354): B matrices (and 1-D trainables such as biases) learn at
     lr * loraplus_lr_ratio, the rest at lr; an embedding's A at `loraplus_lr_embedding` when given."""
     groups: dict[str, list[nn.Parameter]] = {"a": [], "b": [], "embedding": []}
@@ -33,20 +38,28 @@ def loraplus_param_groups(model: nn.Module, lr: float, loraplus_lr_ratio: float,
     return [g for g in out if g["params"]]
 
 
-def create_loraplus_optimizer(model: nn.Module, optimizer_cls: type[torch.optim.Optimizer], lr: float,
-                              loraplus_lr_ratio: float = 16.0, loraplus_lr_embedding: float | None = None,
-                              loraplus_weight_decay: float = 0.0, **kwargs: Any) -> torch.optim.Optimizer:
+def create_loraplus_optimizer(
+    model: nn.Module,
+    optimizer_cls: type[torch.optim.Optimizer],
+    lr: float,
+    loraplus_lr_ratio: float = 16.0,
+    loraplus_lr_embedding: float | None = None,
+    loraplus_weight_decay: float = 0.0,
+    **kwargs: Any,
+) -> torch.optim.Optimizer:
     """An optimizer over the trainable parameters with LoRA+ groups (peft's function name and arguments)."""
     groups = loraplus_param_groups(model, lr, loraplus_lr_ratio, loraplus_weight_decay, loraplus_lr_embedding)
     return optimizer_cls(groups, lr=lr, **kwargs)
 
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float,
-                    loraplus_lr_ratio: float | None) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module, lr: float, weight_decay: float, loraplus_lr_ratio: float | None
+) -> torch.optim.Optimizer:
     """AdamW over trainable parameters only (with LoRA+ groups when a ratio is given)."""
     if loraplus_lr_ratio:
-        return create_loraplus_optimizer(model, torch.optim.AdamW, lr, loraplus_lr_ratio,
-                                         loraplus_weight_decay=weight_decay)
+        return create_loraplus_optimizer(
+            model, torch.optim.AdamW, lr, loraplus_lr_ratio, loraplus_weight_decay=weight_decay
+        )
     params = [p for p in model.parameters() if p.requires_grad]
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
@@ -61,6 +74,7 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     return 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, total: int, warmup: int,
-                    schedule: str) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, total: int, warmup: int, schedule: str
+) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, warmup, schedule))

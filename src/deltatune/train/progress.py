@@ -13,9 +13,15 @@ class TrainProgress:
 
     def __init__(self, console: Console, total: int, start: int, enabled: bool = True) -> None:
         self.enabled = enabled
-        self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[stats]}"), TimeRemainingColumn(), console=console,
-                                 disable=not enabled)
+        self.progress = Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[stats]}"),
+            TimeRemainingColumn(),
+            console=console,
+            disable=not enabled,
+        )
         self.task = self.progress.add_task("train", total=total, completed=start, stats="")
 
     def __enter__(self) -> TrainProgress:

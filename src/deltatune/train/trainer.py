@@ -47,6 +47,8 @@ class TrainResult:
     total: int = 0
     adapter_bytes: int = 0
     seconds: float = 0.0
+    model: PeftModel | None = field(default=None, repr=False)
+    """The trained model (adapter still separate, active)."""
 
 
 @dataclass
@@ -102,8 +104,21 @@ def _setup(cfg: TrainConfig, resume: bool, model: nn.Module | None, tokenizer: A
     ddp = nn.parallel.DistributedDataParallel(peft_model) if world > 1 else peft_model
     optimizer = build_optimizer(peft_model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.loraplus_lr_ratio)
     scheduler = build_scheduler(optimizer, cfg.optim.steps, cfg.optim.warmup_steps, cfg.optim.schedule)
-    run = _Run(cfg, peft_model, ddp, tokenizer, train_set, eval_set, eval_records, optimizer, scheduler, device,
-               rank, world, Path(cfg.output_dir))
+    run = _Run(
+        cfg,
+        peft_model,
+        ddp,
+        tokenizer,
+        train_set,
+        eval_set,
+        eval_records,
+        optimizer,
+        scheduler,
+        device,
+        rank,
+        world,
+        Path(cfg.output_dir),
+    )
     if resume:
         _resume(run)
     return run
@@ -127,18 +142,21 @@ def _loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], precision: str) 
     device_type = batch["input_ids"].device.type
     with torch.autocast(device_type, dtype=dtype) if dtype else contextlib.nullcontext():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
-                                       ignore_index=IGNORE, reduction="sum")
+    return nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE, reduction="sum"
+    )
 
 
 def _micro_batches(run: _Run, step: int) -> list[dict[str, torch.Tensor]]:
     """This rank's micro-batches of optimizer step `step` (a contiguous slice of the global batch)."""
     local = run.cfg.optim.batch_size * run.cfg.optim.grad_accum
-    indices = step_indices(len(run.train_set), local * run.world, step, run.cfg.seed)[run.rank * local:][:local]
+    indices = step_indices(len(run.train_set), local * run.world, step, run.cfg.seed)[run.rank * local :][:local]
     pad = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else 0
     size = run.cfg.optim.batch_size
-    return [{k: v.to(run.device) for k, v in collate([run.train_set[i] for i in indices[s:s + size]], pad).items()}
-            for s in range(0, local, size)]
+    return [
+        {k: v.to(run.device) for k, v in collate([run.train_set[i] for i in indices[s : s + size]], pad).items()}
+        for s in range(0, local, size)
+    ]
 
 
 def _all_sum(value: float, run: _Run) -> float:
@@ -165,11 +183,14 @@ def _train_step(run: _Run, step: int) -> tuple[float, int]:
     if not math.isfinite(mean_loss):
         run.optimizer.zero_grad(set_to_none=True)
         last = ckpt.latest_checkpoint(run.run_dir)
-        raise TrainingDiverged(f"loss became {mean_loss} at step {step + 1}; no update was applied. Last good "
-                               f"checkpoint: {last or 'none'}. Lower optim.lr or use precision=fp32.")
+        raise TrainingDiverged(
+            f"loss became {mean_loss} at step {step + 1}; no update was applied. Last good "
+            f"checkpoint: {last or 'none'}. Lower optim.lr or use precision=fp32."
+        )
     if run.cfg.optim.max_grad_norm:
-        torch.nn.utils.clip_grad_norm_([p for p in run.model.parameters() if p.requires_grad],
-                                       run.cfg.optim.max_grad_norm)
+        torch.nn.utils.clip_grad_norm_(
+            [p for p in run.model.parameters() if p.requires_grad], run.cfg.optim.max_grad_norm
+        )
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
@@ -200,8 +221,14 @@ def _loop(run: _Run, console: Console) -> None:
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and run.eval_set:
                 _log(run, {"step": step + 1, "eval_loss": _eval_loss(run)})
             if cfg.save_every and (step + 1) % cfg.save_every == 0 and run.is_main:
-                ckpt.save_checkpoint(run.run_dir, step + 1, run.model.adapter_state_dict("default"), run.optimizer,
-                                     run.scheduler, {"losses": run.losses})
+                ckpt.save_checkpoint(
+                    run.run_dir,
+                    step + 1,
+                    run.model.adapter_state_dict("default"),
+                    run.optimizer,
+                    run.scheduler,
+                    {"losses": run.losses},
+                )
 
 
 def _eval_loss(run: _Run) -> float:
@@ -229,8 +256,13 @@ def _samples(run: _Run, before: list[str], after: list[str]) -> list[dict[str, s
     return out
 
 
-def train(cfg: TrainConfig, resume: bool = False, console: Console | None = None, model: nn.Module | None = None,
-          tokenizer: Any = None) -> TrainResult:
+def train(
+    cfg: TrainConfig,
+    resume: bool = False,
+    console: Console | None = None,
+    model: nn.Module | None = None,
+    tokenizer: Any = None,
+) -> TrainResult:
     """Fine-tune `cfg.model` (or the given model/tokenizer) with the adapter `cfg.method`; see TrainConfig."""
     console = console or Console()
     started = time.perf_counter()
@@ -259,4 +291,5 @@ def train(cfg: TrainConfig, resume: bool = False, console: Console | None = None
     if run.world > 1:
         dist.barrier()
     result.seconds = time.perf_counter() - started
+    result.model = run.model
     return result

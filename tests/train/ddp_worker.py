@@ -1,0 +1,31 @@
+"""Run by test_distributed through torchrun: trains the tiny model, saves this rank's in-memory adapter and losses."""
+
+import sys
+from pathlib import Path
+
+import torch.distributed as dist
+from safetensors.torch import save_file
+
+from deltatune.train import load_train_config, train
+
+model_dir, out, batch = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+cfg = load_train_config(
+    None,
+    [
+        f"model={model_dir}",
+        f"output_dir={out / 'run'}",
+        f"optim.batch_size={batch}",
+        "optim.steps=3",
+        "optim.lr=5e-3",
+        "method.lora_dropout=0.0",
+        "data.max_length=200",
+        "method.target_modules=[q_proj, v_proj]",
+    ],
+)
+result = train(cfg)
+rank = dist.get_rank() if dist.is_initialized() else 0
+state = {k: v.detach().contiguous() for k, v in result.model.adapter_state_dict("default").items()}
+save_file(state, out / f"adapter-{rank}.safetensors")
+(out / f"losses-{rank}.txt").write_text(" ".join(repr(v) for v in result.losses))
+if dist.is_initialized():
+    dist.destroy_process_group()

@@ -1,0 +1,50 @@
+"""DDP on CPU (gloo): 2 processes x batch 2 equal 1 process x batch 4, and both ranks end with the same adapter."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+WORKER = Path(__file__).with_name("ddp_worker.py")
+
+
+def _run(args: list[str], tmp: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=240, cwd=tmp)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_two_process_ddp_matches_single_process(tiny_model_dir, tmp_path):
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    single.mkdir()
+    multi.mkdir()
+    _run([sys.executable, str(WORKER), str(tiny_model_dir), str(single), "4"], tmp_path)
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(WORKER),
+            str(tiny_model_dir),
+            str(multi),
+            "2",
+        ],
+        tmp_path,
+    )
+    rank0, rank1 = load_file(multi / "adapter-0.safetensors"), load_file(multi / "adapter-1.safetensors")
+    alone = load_file(single / "adapter-0.safetensors")
+    assert rank0.keys() == rank1.keys() == alone.keys()
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), key  # DDP keeps the ranks in lockstep
+        torch.testing.assert_close(rank0[key], alone[key], rtol=1e-4, atol=1e-5)
+    losses_multi = [float(v) for v in (multi / "losses-0.txt").read_text().split()]
+    losses_single = [float(v) for v in (single / "losses-0.txt").read_text().split()]
+    torch.testing.assert_close(torch.tensor(losses_multi), torch.tensor(losses_single), rtol=1e-5, atol=1e-6)
+    assert (multi / "run" / "adapter" / "adapter_model.safetensors").exists()  # written once, by rank 0

@@ -1,0 +1,114 @@
+"""The trainer on a tiny LLaMA + character tokenizer (fast), end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import deltatune as dt
+from deltatune.train import load_train_config, train
+from deltatune.train import trainer as trainer_module
+from deltatune.train.optim import loraplus_param_groups, lr_factor
+
+
+def _cfg(model_dir, tmp_path, *extra):
+    return load_train_config(
+        None,
+        [
+            f"model={model_dir}",
+            f"output_dir={tmp_path / 'run'}",
+            "optim.batch_size=4",
+            "optim.lr=5e-3",
+            "optim.warmup_steps=1",
+            "data.max_length=200",
+            "method.target_modules=[q_proj, v_proj, down_proj]",
+            *extra,
+        ],
+    )
+
+
+def test_training_lowers_loss_writes_metrics_and_a_loadable_adapter(tiny_model_dir, tmp_path):
+    result = train(_cfg(tiny_model_dir, tmp_path, "optim.steps=12", "eval_every=6", "log_every=3"))
+    assert len(result.losses) == 12 and all(math.isfinite(v) for v in result.losses)
+    assert sum(result.losses[-3:]) / 3 < sum(result.losses[:3]) / 3
+    lines = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if "loss" in x] == [3, 6, 9, 12]
+    assert any("eval_loss" in x for x in lines) and (result.run_dir / "loss.png").stat().st_size > 1000
+    config = json.loads((result.adapter_dir / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tiny_model_dir)
+    from transformers import AutoModelForCausalLM
+
+    loaded = dt.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), result.adapter_dir)
+    assert loaded.peft_config["default"].r == 8
+
+
+def test_resume_after_interruption_reproduces_the_losses_exactly(tiny_model_dir, tmp_path, monkeypatch):
+    args = ("optim.steps=6", "save_every=3", "method.lora_dropout=0.1", "optim.grad_accum=2")
+    full = train(_cfg(tiny_model_dir, tmp_path / "full", *args)).losses
+
+    real_step = trainer_module._train_step
+
+    def interrupted(run, step):
+        if step == 4:
+            raise KeyboardInterrupt
+        return real_step(run, step)
+
+    monkeypatch.setattr(trainer_module, "_train_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(tiny_model_dir, tmp_path / "cut", *args))
+    monkeypatch.setattr(trainer_module, "_train_step", real_step)
+    resumed = train(_cfg(tiny_model_dir, tmp_path / "cut", *args), resume=True)
+    assert resumed.losses == full  # bit-identical: same data order, RNG, optimizer and scheduler state
+    a = load_file(tmp_path / "full" / "run" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "cut" / "run" / "adapter" / "adapter_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_non_finite_loss_stops_without_applying_the_update(tiny_model_dir, tmp_path, monkeypatch):
+    real_loss = trainer_module._loss_sum
+    calls = {"n": 0}
+
+    def poisoned(model, batch, precision):
+        calls["n"] += 1
+        loss = real_loss(model, batch, precision)
+        return loss * float("nan") if calls["n"] > 2 else loss
+
+    monkeypatch.setattr(trainer_module, "_loss_sum", poisoned)
+    with pytest.raises(dt.DeltatuneError, match="loss became nan at step 3.*Last good checkpoint: .*step-2"):
+        train(_cfg(tiny_model_dir, tmp_path, "optim.steps=5", "save_every=2"))
+
+
+def test_bf16_autocast_and_gradient_checkpointing_train(tiny_model_dir, tmp_path):
+    result = train(
+        _cfg(tiny_model_dir, tmp_path, "optim.steps=3", "optim.precision=bf16", "optim.gradient_checkpointing=true")
+    )
+    assert all(math.isfinite(v) for v in result.losses)
+
+
+def test_packing_makes_fewer_longer_rows(tiny_model_dir, tmp_path):
+    from deltatune.train.config import DataConfig
+    from deltatune.train.data import build_examples, read_records
+    from tests.conftest import tiny_tokenizer
+
+    records = read_records("bundled:quickstart")[:20]
+    plain = build_examples(records, tiny_tokenizer(), DataConfig(max_length=400), "x")
+    packed = build_examples(records, tiny_tokenizer(), DataConfig(max_length=400, packing=True), "x")
+    assert len(packed) < len(plain) and all(len(e.input_ids) <= 400 for e in packed)
+    assert sum(len(e.input_ids) for e in packed) == sum(len(e.input_ids) for e in plain)
+
+
+def test_loraplus_groups_and_schedules():
+    from tests.conftest import tiny_llama
+
+    model = dt.get_peft_model(tiny_llama(), dt.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    groups = loraplus_param_groups(model, lr=1e-4, loraplus_lr_ratio=16)
+    names = {id(p): n for n, p in model.named_parameters()}
+    a_group, b_group = groups
+    assert a_group["lr"] == 1e-4 and all("lora_A" in names[id(p)] for p in a_group["params"])
+    assert b_group["lr"] == pytest.approx(1.6e-3) and all("lora_B" in names[id(p)] for p in b_group["params"])
+    assert lr_factor(0, 10, 2, "cosine") == pytest.approx(1 / 3) and lr_factor(10, 10, 2, "cosine") == 0.0
+    assert lr_factor(6, 10, 2, "linear") == pytest.approx(0.5) and lr_factor(9, 10, 0, "constant") == 1.0
