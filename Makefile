@@ -34,6 +34,7 @@ quickstart: setup
 
 bench: setup
 	$(PY) benchmarks/lora_step.py
+	$(PY) benchmarks/train_overhead.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
