@@ -28,8 +28,9 @@ from common import median  # noqa: E402
 def minimal_step(model: nn.Module, opt, sched, batch: dict[str, torch.Tensor]) -> float:
     """The floor: forward, token-mean CE on response tokens, backward, clip, AdamW, schedule."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
-                                       ignore_index=IGNORE)
+    loss = nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE
+    )
     loss.backward()
     torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
     opt.step()
@@ -58,8 +59,9 @@ def step_overhead(steps: int) -> dict[str, float]:
 
 def quickstart_peak_rss(out: Path) -> tuple[float, float]:
     t = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "deltatune.cli", "quickstart", "--out", str(out)], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "deltatune.cli", "quickstart", "--out", str(out)], check=True, capture_output=True
+    )
     return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, time.perf_counter() - t
 
 
@@ -71,18 +73,26 @@ def main() -> None:
     args = parser.parse_args()
     r = step_overhead(args.steps)
     ours, floor = r["deltatune train step"], r["minimal loop step"]
-    lines = ["# Trainer overhead: SmolLM2-135M-Instruct, LoRA r=8 q,k,v,o, quickstart data, batch 8", "",
-             f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of {args.steps - 1} interleaved "
-             f"steps (first dropped); {r['tokens_per_step']:.0f} tokens per step.", "",
-             "| loop | step time (s) | tokens/s | vs minimal loop |", "|---|---|---|---|"]
+    lines = [
+        "# Trainer overhead: SmolLM2-135M-Instruct, LoRA r=8 q,k,v,o, quickstart data, batch 8",
+        "",
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of {args.steps - 1} interleaved "
+        f"steps (first dropped); {r['tokens_per_step']:.0f} tokens per step.",
+        "",
+        "| loop | step time (s) | tokens/s | vs minimal loop |",
+        "|---|---|---|---|",
+    ]
     for name, value in (("deltatune train step", ours), ("minimal loop step", floor)):
         lines.append(f"| {name} | {value:.3f} | {r['tokens_per_step'] / value:.0f} | {value / floor:.3f}x |")
     lines += ["", "Target: deltatune <= 1.05x the minimal loop's step time.", ""]
     result = {"step_s": {"deltatune": ours, "minimal": floor}, "tokens_per_step": r["tokens_per_step"]}
     if not args.skip_quickstart:
         rss, secs = quickstart_peak_rss(Path("/tmp/deltatune-bench-qs"))
-        lines += [f"Full quickstart (`deltatune quickstart`, 60 steps, 64-example before/after scoring): peak RSS "
-                  f"{rss:.0f} MiB, {secs:.0f} s wall (model already converted).", ""]
+        lines += [
+            f"Full quickstart (`deltatune quickstart`, 60 steps, 64-example before/after scoring): peak RSS "
+            f"{rss:.0f} MiB, {secs:.0f} s wall (model already converted).",
+            "",
+        ]
         result |= {"quickstart_peak_rss_mb": rss, "quickstart_seconds": secs}
     args.out.write_text("\n".join(lines))
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2))

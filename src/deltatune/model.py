@@ -282,13 +282,20 @@ class PeftModel(nn.Module):
         return io.to_peft_keys(relative)
 
     def save_pretrained(
-        self, save_directory: str | Path, selected_adapters: list[str] | None = None, **_ignored: Any
+        self,
+        save_directory: str | Path,
+        selected_adapters: list[str] | None = None,
+        state_dict: dict[str, Tensor] | None = None,
+        **_ignored: Any,
     ) -> None:
         """Write `adapter_config.json` + `adapter_model.safetensors` per adapter ("default" at the top, others in
-        `save_directory/<name>/`), each file atomically."""
+        `save_directory/<name>/`), each file atomically. `state_dict` (peft keys) replaces the live tensors of a
+        single saved adapter, e.g. tensors gathered from shards."""
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
         for name in names:
             self._check_name(name, exists=True)
+        if state_dict is not None and len(names) != 1:
+            raise AdapterError(f"state_dict given for {len(names)} adapters; pass selected_adapters=[one name].")
         for name in names:
             target = Path(save_directory) if name == "default" else Path(save_directory) / name
             config = self.peft_config[name]
@@ -298,7 +305,7 @@ class PeftModel(nn.Module):
                 or None
             )
             config_dict = config.replace(base_model_name_or_path=base_path, inference_mode=True).to_dict()
-            weights = io.dump_tensors(self.adapter_state_dict(name))
+            weights = io.dump_tensors(state_dict if state_dict is not None else self.adapter_state_dict(name))
             # weights first, then the config: a crash between the two leaves the old config beside new weights of
             # the same shapes at worst, never a half-written file.
             io.atomic_write_bytes(target / io.WEIGHTS_NAME, weights)

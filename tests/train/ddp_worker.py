@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 
 from deltatune.train import load_train_config, train
 
-model_dir, out, batch = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+model_dir, out, batch, strategy = sys.argv[1], Path(sys.argv[2]), sys.argv[3], sys.argv[4]
 cfg = load_train_config(
     None,
     [
@@ -24,8 +24,12 @@ cfg = load_train_config(
 )
 result = train(cfg)
 rank = dist.get_rank() if dist.is_initialized() else 0
-state = {k: v.detach().contiguous() for k, v in result.model.adapter_state_dict("default").items()}
+state = {
+    k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().contiguous()
+    for k, v in result.model.adapter_state_dict("default").items()
+}
 save_file(state, out / f"adapter-{rank}.safetensors")
 (out / f"losses-{rank}.txt").write_text(" ".join(repr(v) for v in result.losses))
 if dist.is_initialized():
+    dist.barrier()
     dist.destroy_process_group()

@@ -60,8 +60,10 @@ def quickstart(
 
 @app.command()
 @_friendly
-def tour(out: Annotated[Path, typer.Option(help="where the adapter is saved")] = Path("runs/tour"),
-         steps: Annotated[int, typer.Option(help="training steps")] = 6) -> None:
+def tour(
+    out: Annotated[Path, typer.Option(help="where the adapter is saved")] = Path("runs/tour"),
+    steps: Annotated[int, typer.Option(help="training steps")] = 6,
+) -> None:
     """A 10-second LoRA tour on SmolLM2: parameter counts, merged == unmerged, save/load round trip."""
     from deltatune.demo import run_demo
 

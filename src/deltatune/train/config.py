@@ -78,6 +78,9 @@ class TrainConfig(_Strict):
     """Held-out loss every N steps (and always at the end)."""
     save_every: int | None = Field(None, gt=0)
     """Resumable checkpoint every N steps."""
+    distributed: Literal["ddp", "fsdp"] = "ddp"
+    """Under torchrun: DistributedDataParallel, or FSDP2 (`fully_shard` per transformer layer: parameters, grads and
+    optimizer state sharded across processes). Ignored in a single process."""
     generate_eval: int = Field(0, ge=0)
     """Score this many held-out examples by greedy generation (exact match) before and after training."""
     max_new_tokens: int = Field(40, gt=0)
@@ -87,6 +90,14 @@ class TrainConfig(_Strict):
     def _method_is_valid(cls, value: dict[str, Any]) -> dict[str, Any]:
         adapter_config(value)  # raises a ConfigError naming the bad field
         return value
+
+    @model_validator(mode="after")
+    def _fsdp_limits(self) -> TrainConfig:
+        if self.distributed == "fsdp" and self.save_every:
+            raise ValueError("save_every (resumable checkpoints) is not available with distributed=fsdp; use ddp")
+        if self.distributed == "fsdp" and self.generate_eval:
+            raise ValueError("generate_eval runs on one process and is not available with distributed=fsdp")
+        return self
 
     @model_validator(mode="after")
     def _data_files_exist(self) -> TrainConfig:

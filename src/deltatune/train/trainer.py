@@ -101,7 +101,7 @@ def _setup(cfg: TrainConfig, resume: bool, model: nn.Module | None, tokenizer: A
     eval_source = cfg.data.eval or (cfg.data.train if cfg.data.train.startswith("bundled:") else None)
     eval_records = read_records(eval_source, "test") if eval_source else []
     eval_set = build_examples(eval_records, tokenizer, cfg.data, eval_source) if eval_records else []
-    ddp = nn.parallel.DistributedDataParallel(peft_model) if world > 1 else peft_model
+    ddp = _wrap(peft_model, model, world, cfg.distributed, device)
     optimizer = build_optimizer(peft_model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.loraplus_lr_ratio)
     scheduler = build_scheduler(optimizer, cfg.optim.steps, cfg.optim.warmup_steps, cfg.optim.schedule)
     run = _Run(
@@ -122,6 +122,48 @@ def _setup(cfg: TrainConfig, resume: bool, model: nn.Module | None, tokenizer: A
     if resume:
         _resume(run)
     return run
+
+
+def _wrap(peft_model: PeftModel, base: nn.Module, world: int, strategy: str, device: torch.device) -> nn.Module:
+    """The module the loop calls: the model itself, DDP around it, or the model sharded in place by FSDP2."""
+    if world == 1:
+        return peft_model
+    if strategy == "ddp":
+        return nn.parallel.DistributedDataParallel(peft_model)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from deltatune.models import find_layer_list
+
+    mesh = init_device_mesh(device.type, (world,))
+    for layer in find_layer_list(base)[1]:  # one FSDP unit per transformer block (adapters inside it)
+        fully_shard(layer, mesh=mesh)
+    fully_shard(peft_model, mesh=mesh)
+    return peft_model
+
+
+def _no_sync(run: _Run):
+    """Skip the gradient all-reduce on all but the last micro-batch of a step."""
+    if run.world == 1:
+        return contextlib.nullcontext()
+    if run.cfg.distributed == "ddp":
+        return run.ddp.no_sync()
+    return _fsdp_no_sync(run.ddp)
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(model: nn.Module):
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+def _full_adapter_state(run: _Run) -> dict[str, torch.Tensor]:
+    """The adapter's tensors, gathered from their shards under FSDP (a collective: every rank calls it)."""
+    state = run.model.adapter_state_dict("default")
+    return {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in state.items()}
 
 
 def _resume(run: _Run) -> None:
@@ -175,7 +217,7 @@ def _train_step(run: _Run, step: int) -> tuple[float, int]:
     loss_total = 0.0
     for i, batch in enumerate(micro):
         sync = i == len(micro) - 1 or run.world == 1
-        with contextlib.nullcontext() if sync else run.ddp.no_sync():
+        with contextlib.nullcontext() if sync else _no_sync(run):
             loss = _loss_sum(run.ddp, batch, run.cfg.optim.precision)
             (loss * run.world / global_tokens).backward()  # DDP averages over ranks: undo it
         loss_total += loss.item()
@@ -284,12 +326,13 @@ def train(
     if do_score:
         result.metric_after, after = _score(run)
         result.samples = _samples(run, before, after)
+    state = _full_adapter_state(run)
     if run.is_main:
-        run.model.save_pretrained(result.adapter_dir)
+        run.model.save_pretrained(result.adapter_dir, state_dict=state)
         result.adapter_bytes = (result.adapter_dir / "adapter_model.safetensors").stat().st_size
         plot_losses(run.losses, run.run_dir / "loss.png")
     if run.world > 1:
-        dist.barrier()
+        dist.barrier()  # every rank is done with collectives before any process group is torn down
     result.seconds = time.perf_counter() - started
     result.model = run.model
     return result
