@@ -14,6 +14,7 @@ from deltatune.errors import (
 )
 from deltatune.methods.lora import LoraConfig
 from deltatune.model import PeftModel, get_peft_model, load_config
+from deltatune.quant import QuantConfig, dequantize_model, quantize_model
 from deltatune.registry import MethodSpec, get_method, list_methods, register_method
 
 __version__ = "0.1.0"
@@ -37,4 +38,7 @@ __all__ = [
     "list_methods",
     "load_config",
     "register_method",
+    "QuantConfig",
+    "quantize_model",
+    "dequantize_model",
 ]

@@ -119,21 +119,28 @@ class AdapterLayer(nn.Module, metaclass=abc.ABCMeta):
         for name in names:
             if name not in self.adapter_names:
                 raise AdapterError(f"adapter {name!r} does not exist on this layer; it holds {self.adapter_names}.")
-        weight = self.base_weight
         for name in names:
-            new = self.compose(name, weight.detach().float())
+            new = self.compose(name, self.base_weight.detach().float())
             if safe and not torch.isfinite(new).all():
                 raise MergeError(f"merging adapter {name!r} gives non-finite weights; the base was left unchanged.")
-            weight.data.copy_(new.to(weight.dtype))
+            self._write_base_weight(new)
             self.merged_adapters.append(name)
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Undo every merge, newest first."""
-        weight = self.base_weight
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            weight.data.copy_(self.decompose(name, weight.detach().float()).to(weight.dtype))
+            self._write_base_weight(self.decompose(name, self.base_weight.detach().float()))
+
+    def _write_base_weight(self, value: Tensor) -> None:
+        """Store a new base weight: in place in the base's dtype, or through the base's own `set_weight` when its
+        weight is a derived view (a quantized layer re-quantizes)."""
+        setter = getattr(self.base_layer, "set_weight", None)
+        if callable(setter):
+            setter(value)
+        else:
+            self.base_layer.weight.data.copy_(value.to(self.base_layer.weight.dtype))
 
 
 class TrainableCopy(nn.Module):

@@ -6,6 +6,7 @@ checkpoint io look methods up here by `peft_type` and never name one.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -71,6 +72,13 @@ def register_method(spec: MethodSpec) -> MethodSpec:
     """Add a method; its module calls this once at import. Re-registering the same type replaces it."""
     _METHODS[spec.peft_type] = spec
     return spec
+
+
+def register_layer(peft_type: str, base_type: type[nn.Module], layer_cls: type[AdapterLayer]) -> None:
+    """Teach a method to wrap another base module type (e.g. a quantized linear); it is tried before the others."""
+    spec = get_method(peft_type)
+    table = {base_type: layer_cls, **{k: v for k, v in spec.layers.items() if k is not base_type}}
+    _METHODS[peft_type] = dataclasses.replace(spec, layers=table)
 
 
 def get_method(peft_type: str) -> MethodSpec:

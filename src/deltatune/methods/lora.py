@@ -131,7 +131,7 @@ class _LoraLayer(AdapterLayer):
         self.scaling[name] = lora_scale(lora_alpha, r, use_rslora)
 
     def _device(self) -> torch.device:
-        return self.base_weight.device
+        return next(t for t in (*self.base_layer.parameters(), *self.base_layer.buffers())).device
 
 
 class LoraLinear(_LoraLayer):
@@ -141,9 +141,11 @@ class LoraLinear(_LoraLayer):
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
-        self.fan_in_fan_out = not isinstance(base_layer, nn.Linear)
-        d0, d1 = base_layer.weight.shape
-        self.in_features, self.out_features = (d0, d1) if self.fan_in_fan_out else (d1, d0)
+        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
+        if self.fan_in_fan_out:
+            self.in_features, self.out_features = base_layer.weight.shape
+        else:  # nn.Linear, or any linear-like layer (e.g. a 4-bit one) that states its features
+            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
 

@@ -1,0 +1,99 @@
+"""Blockwise 4-bit quantization (QLoRA, Dettmers et al. 2023, arXiv:2305.14314, §3): NF4 and FP4 codebooks,
+absmax per block, two values packed per byte, and double quantization of the absmax constants.
+
+    w ≈ code[q] · absmax[block]          (q: 4-bit index of the nearest code value to w / absmax)
+
+Storage per parameter: 4 bits + 32/blocksize bits for fp32 absmax (0.5 bit at blocksize 64). Double quantization
+stores absmax - mean(absmax) as int8 with one fp32 scale per 256 constants: 8/64 + 32/(64·256) ≈ 0.127 bit. (The
+second level is a symmetric linear int8 code; bitsandbytes uses its 8-bit dynamic map there, same size.)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# The 16 NormalFloat values (QLoRA appendix; bit-for-bit bitsandbytes' table), index order 0..15.
+NF4_CODE = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+    0.7229568362236023, 1.0,
+)  # fmt: skip
+# FP4 (1 sign, 2 exponent, 1 mantissa bit), normalised to max 1: bitsandbytes' index order (bit 3 = sign).
+FP4_CODE = (
+    0.0, 0.0052083334885537624, 0.6666666865348816, 1.0, 0.3333333432674408, 0.5, 0.1666666716337204, 0.25,
+    0.0, -0.0052083334885537624, -0.6666666865348816, -1.0, -0.3333333432674408, -0.5, -0.1666666716337204, -0.25,
+)  # fmt: skip
+CODES = {"nf4": NF4_CODE, "fp4": FP4_CODE}
+NESTED_BLOCK = 256
+
+
+def codebook(quant_type: str, device: torch.device | str = "cpu") -> Tensor:
+    return torch.tensor(CODES[quant_type], dtype=torch.float32, device=device)
+
+
+def _nearest_index(normalized: Tensor, code: Tensor) -> Tensor:
+    """Index of the nearest code value for each element (ties go to the smaller value), without an (n, 16) temp."""
+    order = torch.argsort(code, stable=True)
+    sorted_code = code[order]
+    midpoints = (sorted_code[1:] + sorted_code[:-1]) / 2
+    return order[torch.bucketize(normalized, midpoints, right=False)].to(torch.uint8)
+
+
+def pack_nibbles(idx: Tensor) -> Tensor:
+    """Two 4-bit indices per byte, the first (even) element in the high nibble; odd lengths are zero-padded."""
+    if idx.numel() % 2:
+        idx = torch.cat([idx, idx.new_zeros(1)])
+    pairs = idx.view(-1, 2)
+    return (pairs[:, 0] << 4) | pairs[:, 1]
+
+
+def unpack_nibbles(packed: Tensor, n: int) -> Tensor:
+    return torch.stack([packed >> 4, packed & 0x0F], dim=1).flatten()[:n]
+
+
+def quantize_blockwise_4bit(w: Tensor, quant_type: str = "nf4", blocksize: int = 64) -> tuple[Tensor, Tensor]:
+    """(packed uint8 of ceil(n/2) bytes, fp32 absmax per block) of the flattened tensor."""
+    if not 32 <= blocksize <= 4096 or blocksize & (blocksize - 1):
+        raise ValueError(f"blocksize must be a power of two in [32, 4096], got {blocksize}")
+    flat = w.detach().reshape(-1).float()
+    n = flat.numel()
+    pad = (-n) % blocksize
+    blocks = torch.cat([flat, flat.new_zeros(pad)]).view(-1, blocksize)
+    absmax = blocks.abs().amax(dim=1)
+    normalized = blocks / torch.where(absmax == 0, torch.ones_like(absmax), absmax)[:, None]
+    idx = _nearest_index(normalized.reshape(-1)[:n], codebook(quant_type, w.device))
+    return pack_nibbles(idx), absmax
+
+
+def dequantize_blockwise_4bit(packed: Tensor, absmax: Tensor, shape: torch.Size | tuple[int, ...],
+                              quant_type: str = "nf4", blocksize: int = 64,
+                              dtype: torch.dtype = torch.float32) -> Tensor:
+    """code[q] · absmax[block], reshaped to `shape`, in `dtype`."""
+    n = 1
+    for s in shape:
+        n *= s
+    values = codebook(quant_type, packed.device)[unpack_nibbles(packed, n).long()]
+    pad = (-n) % blocksize
+    values = torch.cat([values, values.new_zeros(pad)]).view(-1, blocksize) * absmax[:, None]
+    return values.reshape(-1)[:n].view(shape).to(dtype)
+
+
+def double_quantize(absmax: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """absmax (fp32) -> (int8 codes, fp32 scale per 256 constants, fp32 offset = mean)."""
+    offset = absmax.mean()
+    centered = absmax - offset
+    pad = (-centered.numel()) % NESTED_BLOCK
+    blocks = torch.cat([centered, centered.new_zeros(pad)]).view(-1, NESTED_BLOCK)
+    scale = blocks.abs().amax(dim=1) / 127
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+    codes = torch.round(blocks / safe[:, None]).clamp(-127, 127).to(torch.int8)
+    return codes.reshape(-1)[: absmax.numel()], scale, offset
+
+
+def double_dequantize(codes: Tensor, scale: Tensor, offset: Tensor) -> Tensor:
+    n = codes.numel()
+    pad = (-n) % NESTED_BLOCK
+    blocks = torch.cat([codes.float(), codes.new_zeros(pad, dtype=torch.float32)]).view(-1, NESTED_BLOCK)
+    return (blocks * scale[:, None]).reshape(-1)[:n] + offset

@@ -1,0 +1,106 @@
+"""`Linear4bit`: a linear layer whose weight is stored in 4 bits and dequantized on the fly for each matmul.
+
+The autograd function recomputes the dequantized weight in backward instead of saving it, so training keeps no
+full-precision copy of frozen 4-bit weights alive between forward and backward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from deltatune.quant.state import DTYPES, QuantConfig, QuantState, dequantize_4bit, quantize_4bit
+
+_STATE_FIELDS = ("packed", "absmax", "absmax_codes", "absmax_scale", "absmax_offset")
+
+
+class _Matmul4bit(torch.autograd.Function):
+    """y = x Wᵀ with W = dequantize(state); W is frozen, so backward only needs grad_x = grad_y W."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, layer: Linear4bit) -> Tensor:
+        ctx.layer = layer
+        return x @ layer.dequantize(x.dtype).T
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        return grad_out @ ctx.layer.dequantize(grad_out.dtype), None
+
+
+class Linear4bit(nn.Module):
+    """Frozen linear layer with a 4-bit weight (buffers `packed`, `absmax`/`absmax_codes`/...) and an optional bias."""
+
+    def __init__(self, in_features: int, out_features: int, state: QuantState, bias: Tensor | None,
+                 compute_dtype: str = "fp32", backend: str = "torch") -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.quant_type, self.blocksize, self.compute_dtype, self.backend = (
+            state.quant_type, state.blocksize, compute_dtype, backend)
+        for name in _STATE_FIELDS:
+            self.register_buffer(name, getattr(state, name))
+        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, config: QuantConfig) -> Linear4bit:
+        state = quantize_4bit(linear.weight, config.quant_type, config.blocksize, config.double_quant)
+        backend = config.backend
+        if backend == "auto":
+            backend = "bitsandbytes" if linear.weight.is_cuda and _has_bitsandbytes() else "torch"
+        return cls(linear.in_features, linear.out_features, state, linear.bias, config.compute_dtype, backend)
+
+    def state(self) -> QuantState:
+        return QuantState(shape=torch.Size((self.out_features, self.in_features)), quant_type=self.quant_type,
+                          blocksize=self.blocksize, **{n: getattr(self, n) for n in _STATE_FIELDS})
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        return dequantize_4bit(self.state(), dtype)
+
+    @property
+    def weight(self) -> Tensor:
+        """The dequantized weight (a fresh float32 tensor; writes go through `set_weight`)."""
+        return self.dequantize(torch.float32)
+
+    @torch.no_grad()
+    def set_weight(self, weight: Tensor) -> None:
+        """Re-quantize from a full-precision weight (used when an adapter is merged into a 4-bit base)."""
+        state = quantize_4bit(weight, self.quant_type, self.blocksize, self.absmax_codes is not None)
+        for name in _STATE_FIELDS:
+            setattr(self, name, getattr(state, name))
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = DTYPES[self.compute_dtype]
+        if self.backend == "bitsandbytes":
+            out = _bnb_matmul(x.to(dtype), self)
+        else:
+            out = _Matmul4bit.apply(x.to(dtype), self)
+        if self.bias is not None:
+            out = out + self.bias.to(dtype)
+        return out.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, {self.quant_type}, "
+                f"blocksize={self.blocksize}, double_quant={self.absmax_codes is not None}, "
+                f"compute_dtype={self.compute_dtype}, backend={self.backend}")
+
+
+def _has_bitsandbytes() -> bool:
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _bnb_matmul(x: Tensor, layer: Linear4bit) -> Tensor:
+    """bitsandbytes' 4-bit matmul: our packing (high nibble first, absmax per block) is its layout; the absmax
+    constants are handed over dequantized (fp32), since its double quantization uses another 8-bit code."""
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import QuantState as BnbState
+
+    from deltatune.functional.nf4 import codebook
+
+    state = BnbState(absmax=layer.state().absmax_fp32(), shape=torch.Size((layer.out_features, layer.in_features)),
+                     code=codebook(layer.quant_type, x.device), blocksize=layer.blocksize, quant_type=layer.quant_type,
+                     dtype=x.dtype)
+    return bnb.matmul_4bit(x, layer.packed.view(-1, 1).t(), quant_state=state)

@@ -1,0 +1,105 @@
+"""QLoRA: LoRA on a 4-bit base equals LoRA on the dequantized weights; only the adapter trains; peft layout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import deltatune as dt
+from deltatune.quant import Linear4bit, merge_and_dequantize
+from tests.conftest import model_output, tiny_llama
+
+IDS = {"input_ids": torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(0))}
+LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+
+
+def _qlora(double_quant=True, quant_type="nf4"):
+    model = dt.quantize_model(tiny_llama(), dt.QuantConfig(quant_type=quant_type, double_quant=double_quant,
+                                                           compute_dtype="fp32"))
+    torch.manual_seed(1)
+    return dt.get_peft_model(model, dt.LoraConfig(**LORA))
+
+
+def _dense_twin(qlora: dt.PeftModel) -> dt.PeftModel:
+    """The same LoRA on an fp32 model whose linear weights are the 4-bit model's dequantized weights."""
+    dense = tiny_llama()
+    torch.manual_seed(1)
+    twin = dt.get_peft_model(dense, dt.LoraConfig(**LORA))
+    with torch.no_grad():
+        quantized = dict(qlora.base_model.named_modules())
+        for name, module in dense.named_modules():
+            if isinstance(quantized.get(name), Linear4bit):
+                module.weight.copy_(quantized[name].dequantize())
+    twin.load_adapter_tensors("default", qlora.adapter_state_dict("default"))
+    return twin
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_quantize_model_replaces_linears_but_keeps_head_and_embeddings(quant_type):
+    model = dt.quantize_model(tiny_llama(), dt.QuantConfig(quant_type=quant_type))
+    kinds = {n: type(m).__name__ for n, m in model.named_modules()}
+    assert kinds["lm_head"] == "Linear" and kinds["model.embed_tokens"] == "Embedding"
+    assert kinds["model.layers.0.self_attn.q_proj"] == "Linear4bit"
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_qlora_forward_equals_lora_on_dequantized_weights(double_quant):
+    qlora = _qlora(double_quant)
+    torch.testing.assert_close(model_output(qlora, IDS), model_output(_dense_twin(qlora), IDS), rtol=1e-5, atol=1e-5)
+
+
+def test_gradients_reach_only_the_adapter_and_no_dense_weight_is_saved():
+    qlora = _qlora()
+    qlora.train()
+    shapes = set()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.add(tuple(t.shape)) or t, lambda t: t):
+        loss = model_output(qlora, IDS).float().pow(2).mean()
+    loss.backward()
+    grads = {n for n, p in qlora.named_parameters() if p.grad is not None}
+    assert grads and all("lora_" in n for n in grads)
+    assert (48, 32) not in shapes and (32, 48) not in shapes  # no dequantized MLP weight kept for backward
+
+
+def test_adapter_on_4bit_base_saves_in_peft_layout_and_reloads(tmp_path):
+    qlora = _qlora()
+    want = model_output(qlora, IDS)
+    qlora.save_pretrained(tmp_path)
+    fresh = dt.quantize_model(tiny_llama(), dt.QuantConfig(compute_dtype="fp32"))
+    torch.testing.assert_close(model_output(dt.PeftModel.from_pretrained(fresh, tmp_path), IDS), want, rtol=0, atol=0)
+    peft = pytest.importorskip("peft")
+    twin_base = _dense_twin(qlora).unload()  # the fp32 model with the dequantized weights, no adapter
+    theirs = peft.PeftModel.from_pretrained(twin_base, tmp_path).eval()
+    torch.testing.assert_close(model_output(theirs, IDS), want, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_paths_requantize_or_dequantize():
+    qlora = _qlora()
+    want = model_output(qlora, IDS)
+    merged = merge_and_dequantize(_qlora())  # exact: dequantize to fp32, then merge
+    assert not any(isinstance(m, Linear4bit) for m in merged.modules())
+    torch.testing.assert_close(model_output(merged, IDS), want, rtol=1e-4, atol=1e-4)
+    qlora.merge_adapter()  # into the 4-bit weights: re-quantized, so only approximately equal (docs/qlora.md)
+    error = (model_output(qlora, IDS) - want).abs().max()
+    assert 0 < error < 0.5
+
+
+def test_linear_weights_take_at_most_4_2_bits_per_parameter():
+    for double_quant, limit in ((True, 4.2), (False, 4.6)):
+        model = dt.quantize_model(tiny_llama(), dt.QuantConfig(double_quant=double_quant))
+        layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+        bits = sum(m.state().nbytes() for m in layers) * 8 / sum(m.in_features * m.out_features for m in layers)
+        assert bits <= limit, (double_quant, bits)
+
+
+def test_bitsandbytes_backend_matches_torch_backend():
+    pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(128, 64)
+    ours = Linear4bit.from_linear(linear, dt.QuantConfig(compute_dtype="fp32", backend="torch"))
+    theirs = Linear4bit.from_linear(linear, dt.QuantConfig(compute_dtype="fp32", backend="bitsandbytes",
+                                                           double_quant=False))
+    x = torch.randn(3, 128)
+    torch.testing.assert_close(theirs(x), Linear4bit.from_linear(linear, dt.QuantConfig(
+        compute_dtype="fp32", double_quant=False))(x), rtol=1e-4, atol=1e-4)
+    assert ours(x).shape == (3, 64)
