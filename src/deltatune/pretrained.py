@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from deltatune.errors import ConfigError
+from deltatune.quant.state import QuantConfig
 
 DEFAULT_MODEL = "smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -96,12 +97,20 @@ def resolve_model_path(model: str | Path | None) -> Path:
     return path
 
 
-def load_causal_lm(model: str | Path | None = None, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object]:
-    """(model, tokenizer) from a HF directory, a GGUF file or the bundled default; weights via safetensors only."""
+def load_causal_lm(
+    model: str | Path | None = None, dtype: torch.dtype = torch.float32, quantize: QuantConfig | None = None
+) -> tuple[nn.Module, object]:
+    """(model, tokenizer) from a HF directory, a GGUF file or the bundled default; weights via safetensors only.
+    With `quantize`, linear layers are loaded straight into 4 bits, one tensor at a time."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(model)
-    lm = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True)
+    if quantize is not None:
+        from deltatune.quant.loading import load_quantized_causal_lm
+
+        lm = load_quantized_causal_lm(path, quantize, dtype)
+    else:
+        lm = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -62,8 +62,9 @@ def test_matches_bitsandbytes_cpu_exactly(quant_type):
     packed, absmax = quantize_blockwise_4bit(w, quant_type, 64)
     assert torch.equal(theirs.flatten(), packed) and torch.equal(state.absmax, absmax)
     their_deq = bnb.dequantize_4bit(theirs, state).reshape(-1)
-    torch.testing.assert_close(dequantize_blockwise_4bit(packed, absmax, w.shape, quant_type, 64), their_deq,
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        dequantize_blockwise_4bit(packed, absmax, w.shape, quant_type, 64), their_deq, rtol=0, atol=0
+    )
     if quant_type == "nf4":
         assert bnb.get_4bit_type("nf4", device="cpu").tolist() == PAPER_NF4
 

@@ -14,8 +14,9 @@ LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
 
 
 def _qlora(double_quant=True, quant_type="nf4"):
-    model = dt.quantize_model(tiny_llama(), dt.QuantConfig(quant_type=quant_type, double_quant=double_quant,
-                                                           compute_dtype="fp32"))
+    model = dt.quantize_model(
+        tiny_llama(), dt.QuantConfig(quant_type=quant_type, double_quant=double_quant, compute_dtype="fp32")
+    )
     torch.manual_seed(1)
     return dt.get_peft_model(model, dt.LoraConfig(**LORA))
 
@@ -97,9 +98,14 @@ def test_bitsandbytes_backend_matches_torch_backend():
     torch.manual_seed(0)
     linear = torch.nn.Linear(128, 64)
     ours = Linear4bit.from_linear(linear, dt.QuantConfig(compute_dtype="fp32", backend="torch"))
-    theirs = Linear4bit.from_linear(linear, dt.QuantConfig(compute_dtype="fp32", backend="bitsandbytes",
-                                                           double_quant=False))
+    theirs = Linear4bit.from_linear(
+        linear, dt.QuantConfig(compute_dtype="fp32", backend="bitsandbytes", double_quant=False)
+    )
     x = torch.randn(3, 128)
-    torch.testing.assert_close(theirs(x), Linear4bit.from_linear(linear, dt.QuantConfig(
-        compute_dtype="fp32", double_quant=False))(x), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        theirs(x),
+        Linear4bit.from_linear(linear, dt.QuantConfig(compute_dtype="fp32", double_quant=False))(x),
+        rtol=1e-4,
+        atol=1e-4,
+    )
     assert ours(x).shape == (3, 64)

@@ -76,12 +76,14 @@ def train_cmd(
     config: Annotated[Path | None, typer.Argument(help="YAML run config")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="override, e.g. optim.lr=1e-4")] = None,
     resume: Annotated[bool, typer.Option(help="continue from the run's latest checkpoint")] = False,
+    quantize: Annotated[str | None, typer.Option(help="load the base in 4 bits: nf4 or fp4 (QLoRA)")] = None,
 ) -> None:
     """Fine-tune a model with any registered method, from a YAML config (see docs/training.md)."""
     from deltatune.cli.report import print_train_report
     from deltatune.train import load_train_config, train
 
-    print_train_report(train(load_train_config(config, set_ or []), resume=resume, console=console), console)
+    overrides = [*(set_ or []), *([f"quantize={quantize}"] if quantize else [])]
+    print_train_report(train(load_train_config(config, overrides), resume=resume, console=console), console)
 
 
 @app.command()

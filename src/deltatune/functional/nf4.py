@@ -67,9 +67,14 @@ def quantize_blockwise_4bit(w: Tensor, quant_type: str = "nf4", blocksize: int =
     return pack_nibbles(idx), absmax
 
 
-def dequantize_blockwise_4bit(packed: Tensor, absmax: Tensor, shape: torch.Size | tuple[int, ...],
-                              quant_type: str = "nf4", blocksize: int = 64,
-                              dtype: torch.dtype = torch.float32) -> Tensor:
+def dequantize_blockwise_4bit(
+    packed: Tensor,
+    absmax: Tensor,
+    shape: torch.Size | tuple[int, ...],
+    quant_type: str = "nf4",
+    blocksize: int = 64,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
     """code[q] · absmax[block], reshaped to `shape`, in `dtype`."""
     n = 1
     for s in shape:

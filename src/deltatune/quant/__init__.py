@@ -18,8 +18,16 @@ from deltatune.quant.linear4bit import Linear4bit
 from deltatune.quant.state import DTYPES, QuantConfig, QuantState, dequantize_4bit, quantize_4bit
 from deltatune.registry import register_layer
 
-__all__ = ["Linear4bit", "QuantConfig", "QuantState", "dequantize_4bit", "dequantize_model", "merge_and_dequantize",
-           "quantize_4bit", "quantize_model"]
+__all__ = [
+    "Linear4bit",
+    "QuantConfig",
+    "QuantState",
+    "dequantize_4bit",
+    "dequantize_model",
+    "merge_and_dequantize",
+    "quantize_4bit",
+    "quantize_model",
+]
 
 
 def _output_head(model: nn.Module) -> nn.Module | None:
@@ -34,8 +42,13 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None) -> nn.Mo
     Embeddings and norms stay in their precision. Returns the same model object."""
     config = config or QuantConfig()
     head = _output_head(model)
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head
-             and not any(n == s or n.endswith("." + s) for s in config.skip_modules)]
+    names = [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear)
+        and m is not head
+        and not any(n == s or n.endswith("." + s) for s in config.skip_modules)
+    ]
     for name in names:
         linear = model.get_submodule(name)
         replace_module(model, name, Linear4bit.from_linear(linear, config))
@@ -53,8 +66,13 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
     for name, module in list(model.named_modules()):
         if isinstance(module, Linear4bit):
             target = dtype or DTYPES[module.compute_dtype]
-            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                               device=module.packed.device, dtype=target)
+            linear = nn.Linear(
+                module.in_features,
+                module.out_features,
+                bias=module.bias is not None,
+                device=module.packed.device,
+                dtype=target,
+            )
             linear.weight.copy_(module.dequantize(target))
             if module.bias is not None:
                 linear.bias.copy_(module.bias)

@@ -7,7 +7,6 @@ full-precision copy of frozen 4-bit weights alive between forward and backward.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deltatune.quant.state import DTYPES, QuantConfig, QuantState, dequantize_4bit, quantize_4bit
@@ -31,12 +30,23 @@ class _Matmul4bit(torch.autograd.Function):
 class Linear4bit(nn.Module):
     """Frozen linear layer with a 4-bit weight (buffers `packed`, `absmax`/`absmax_codes`/...) and an optional bias."""
 
-    def __init__(self, in_features: int, out_features: int, state: QuantState, bias: Tensor | None,
-                 compute_dtype: str = "fp32", backend: str = "torch") -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        state: QuantState,
+        bias: Tensor | None,
+        compute_dtype: str = "fp32",
+        backend: str = "torch",
+    ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.quant_type, self.blocksize, self.compute_dtype, self.backend = (
-            state.quant_type, state.blocksize, compute_dtype, backend)
+            state.quant_type,
+            state.blocksize,
+            compute_dtype,
+            backend,
+        )
         for name in _STATE_FIELDS:
             self.register_buffer(name, getattr(state, name))
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
@@ -50,8 +60,12 @@ class Linear4bit(nn.Module):
         return cls(linear.in_features, linear.out_features, state, linear.bias, config.compute_dtype, backend)
 
     def state(self) -> QuantState:
-        return QuantState(shape=torch.Size((self.out_features, self.in_features)), quant_type=self.quant_type,
-                          blocksize=self.blocksize, **{n: getattr(self, n) for n in _STATE_FIELDS})
+        return QuantState(
+            shape=torch.Size((self.out_features, self.in_features)),
+            quant_type=self.quant_type,
+            blocksize=self.blocksize,
+            **{n: getattr(self, n) for n in _STATE_FIELDS},
+        )
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         return dequantize_4bit(self.state(), dtype)
@@ -79,9 +93,11 @@ class Linear4bit(nn.Module):
         return out.to(x.dtype)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, {self.quant_type}, "
-                f"blocksize={self.blocksize}, double_quant={self.absmax_codes is not None}, "
-                f"compute_dtype={self.compute_dtype}, backend={self.backend}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, {self.quant_type}, "
+            f"blocksize={self.blocksize}, double_quant={self.absmax_codes is not None}, "
+            f"compute_dtype={self.compute_dtype}, backend={self.backend}"
+        )
 
 
 def _has_bitsandbytes() -> bool:
@@ -100,7 +116,12 @@ def _bnb_matmul(x: Tensor, layer: Linear4bit) -> Tensor:
 
     from deltatune.functional.nf4 import codebook
 
-    state = BnbState(absmax=layer.state().absmax_fp32(), shape=torch.Size((layer.out_features, layer.in_features)),
-                     code=codebook(layer.quant_type, x.device), blocksize=layer.blocksize, quant_type=layer.quant_type,
-                     dtype=x.dtype)
+    state = BnbState(
+        absmax=layer.state().absmax_fp32(),
+        shape=torch.Size((layer.out_features, layer.in_features)),
+        code=codebook(layer.quant_type, x.device),
+        blocksize=layer.blocksize,
+        quant_type=layer.quant_type,
+        dtype=x.dtype,
+    )
     return bnb.matmul_4bit(x, layer.packed.view(-1, 1).t(), quant_state=state)

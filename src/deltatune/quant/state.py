@@ -64,8 +64,9 @@ def quantize_4bit(w: Tensor, quant_type: str = "nf4", blocksize: int = 64, doubl
 
 def dequantize_4bit(state: QuantState, dtype: torch.dtype = torch.float32) -> Tensor:
     """The full-precision tensor a QuantState stands for."""
-    return dequantize_blockwise_4bit(state.packed, state.absmax_fp32(), state.shape, state.quant_type,
-                                     state.blocksize, dtype)
+    return dequantize_blockwise_4bit(
+        state.packed, state.absmax_fp32(), state.shape, state.quant_type, state.blocksize, dtype
+    )
 
 
 def _default_compute_dtype() -> str:

@@ -54,6 +54,9 @@ class OptimConfig(_Strict):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Autocast precision; adapters stay float32. fp16 needs CUDA."""
     gradient_checkpointing: bool = False
+    optimizer: Literal["adamw", "adamw_offload", "paged_adamw_8bit", "paged_adamw_32bit"] = "adamw"
+    """adamw; adamw_offload keeps the AdamW moments (and an fp32 master copy) in CPU memory and steps there;
+    paged_adamw_8bit/32bit are bitsandbytes' paged optimizers (CUDA + bitsandbytes)."""
 
 
 class TrainConfig(_Strict):
@@ -78,6 +81,9 @@ class TrainConfig(_Strict):
     """Held-out loss every N steps (and always at the end)."""
     save_every: int | None = Field(None, gt=0)
     """Resumable checkpoint every N steps."""
+    quantize: Literal["nf4", "fp4"] | None = None
+    """Load the base model's linear layers in 4 bits (QLoRA); QuantConfig defaults otherwise (blocks of 64, double
+    quantization, bf16 compute on CUDA, fp32 on CPU)."""
     distributed: Literal["ddp", "fsdp"] = "ddp"
     """Under torchrun: DistributedDataParallel, or FSDP2 (`fully_shard` per transformer layer: parameters, grads and
     optimizer state sharded across processes). Ignored in a single process."""

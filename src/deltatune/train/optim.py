@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from deltatune.errors import ConfigError
+
 B_NAMES = ("lora_B", "lora_embedding_B")
 
 
@@ -52,16 +54,76 @@ def create_loraplus_optimizer(
     return optimizer_cls(groups, lr=lr, **kwargs)
 
 
-def build_optimizer(
-    model: nn.Module, lr: float, weight_decay: float, loraplus_lr_ratio: float | None
-) -> torch.optim.Optimizer:
-    """AdamW over trainable parameters only (with LoRA+ groups when a ratio is given)."""
-    if loraplus_lr_ratio:
-        return create_loraplus_optimizer(
-            model, torch.optim.AdamW, lr, loraplus_lr_ratio, loraplus_weight_decay=weight_decay
+def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
+    """The optimizer class for a config name; the paged ones need bitsandbytes and CUDA."""
+    if name == "adamw":
+        return torch.optim.AdamW
+    if name == "adamw_offload":
+        return OffloadedAdamW
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise ConfigError(
+            f"optimizer {name} needs bitsandbytes (pip install 'deltatune[quant]') and CUDA; on CPU "
+            f"use adamw or adamw_offload."
+        ) from None
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            f"optimizer {name} pages optimizer state between GPU and CPU and needs CUDA; on CPU use "
+            f"adamw (the state already lives in CPU memory)."
         )
+    return bnb.optim.PagedAdamW8bit if name == "paged_adamw_8bit" else bnb.optim.PagedAdamW32bit
+
+
+def build_optimizer(
+    model: nn.Module, lr: float, weight_decay: float, loraplus_lr_ratio: float | None, name: str = "adamw"
+) -> torch.optim.Optimizer:
+    """The optimizer over trainable parameters only (with LoRA+ groups when a ratio is given)."""
+    cls = optimizer_class(name)
+    if loraplus_lr_ratio:
+        return create_loraplus_optimizer(model, cls, lr, loraplus_lr_ratio, loraplus_weight_decay=weight_decay)
     params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    return cls(params, lr=lr, weight_decay=weight_decay)
+
+
+class OffloadedAdamW(torch.optim.Optimizer):
+    """AdamW whose state lives in CPU memory: each step copies gradients to fp32 CPU masters (pinned on CUDA), steps
+    torch's AdamW there, and copies the result back. Device memory holds only the parameters and their grads."""
+
+    def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.0, **kwargs: Any) -> None:
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, **kwargs))
+        pin = torch.cuda.is_available()
+        self.masters = [
+            [p.detach().to("cpu", torch.float32, copy=True) for p in g["params"]] for g in self.param_groups
+        ]
+        if pin:
+            self.masters = [[m.pin_memory() for m in group] for group in self.masters]
+        groups = [
+            {**{k: v for k, v in g.items() if k != "params"}, "params": m}
+            for g, m in zip(self.param_groups, self.masters, strict=True)
+        ]
+        self.inner = torch.optim.AdamW(groups)
+        self.state = self.inner.state  # the moments, on CPU
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        pairs = list(zip(self.param_groups, self.masters, self.inner.param_groups, strict=True))
+        for group, masters, inner_group in pairs:
+            inner_group["lr"] = group["lr"]  # schedulers change the outer groups
+            for p, m in zip(group["params"], masters, strict=True):
+                m.grad = None if p.grad is None else p.grad.detach().to("cpu", torch.float32)
+        self.inner.step()
+        for group, masters, _ in pairs:
+            for p, m in zip(group["params"], masters, strict=True):
+                if m.grad is not None:
+                    p.copy_(m.to(p.device, p.dtype, non_blocking=True))
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state_dict)
+        self.state = self.inner.state
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:

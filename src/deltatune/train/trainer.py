@@ -92,8 +92,10 @@ def _setup(cfg: TrainConfig, resume: bool, model: nn.Module | None, tokenizer: A
     torch.manual_seed(cfg.seed)
     if model is None:
         from deltatune.pretrained import load_causal_lm
+        from deltatune.quant import QuantConfig
 
-        model, tokenizer = load_causal_lm(cfg.model)
+        quant = QuantConfig(quant_type=cfg.quantize) if cfg.quantize else None
+        model, tokenizer = load_causal_lm(cfg.model, quantize=quant)
     peft_model = get_peft_model(model.to(device), adapter_config(cfg.method))
     if cfg.optim.gradient_checkpointing:  # non-reentrant: no need for input embeddings that require grad
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -102,7 +104,9 @@ def _setup(cfg: TrainConfig, resume: bool, model: nn.Module | None, tokenizer: A
     eval_records = read_records(eval_source, "test") if eval_source else []
     eval_set = build_examples(eval_records, tokenizer, cfg.data, eval_source) if eval_records else []
     ddp = _wrap(peft_model, model, world, cfg.distributed, device)
-    optimizer = build_optimizer(peft_model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.loraplus_lr_ratio)
+    optimizer = build_optimizer(
+        peft_model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.loraplus_lr_ratio, cfg.optim.optimizer
+    )
     scheduler = build_scheduler(optimizer, cfg.optim.steps, cfg.optim.warmup_steps, cfg.optim.schedule)
     run = _Run(
         cfg,
