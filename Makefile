@@ -35,6 +35,7 @@ quickstart: setup
 bench: setup
 	$(PY) benchmarks/lora_step.py
 	$(PY) benchmarks/train_overhead.py
+	$(PY) benchmarks/quant.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

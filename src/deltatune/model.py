@@ -383,9 +383,11 @@ class PeftModel(nn.Module):
 
     # -- reports ------------------------------------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """(trainable, all) parameter counts, adapters included in `all` (peft's definition)."""
+        """(trainable, all) parameter counts, adapters included in `all` (peft's definition); weights a module
+        stores in another form (e.g. 4-bit buffers) count through its `stored_weight_numel`."""
         params = list(self.parameters())
-        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+        stored = sum(getattr(m, "stored_weight_numel", 0) for m in self.modules())
+        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params) + stored
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()

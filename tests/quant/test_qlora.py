@@ -109,3 +109,10 @@ def test_bitsandbytes_backend_matches_torch_backend():
         atol=1e-4,
     )
     assert ours(x).shape == (3, 64)
+
+
+def test_parameter_report_counts_4bit_weights_like_dense_ones():
+    def count(model):
+        return dt.get_peft_model(model, dt.LoraConfig(r=2, target_modules=["q_proj"])).get_nb_trainable_parameters()
+
+    assert count(dt.quantize_model(tiny_llama())) == count(tiny_llama())

@@ -10,6 +10,8 @@ second level is a symmetric linear int8 code; bitsandbytes uses its 8-bit dynami
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -67,6 +69,20 @@ def quantize_blockwise_4bit(w: Tensor, quant_type: str = "nf4", blocksize: int =
     return pack_nibbles(idx), absmax
 
 
+_PAIR_TABLES: dict[tuple[str, str], Tensor] = {}
+
+
+def _pair_table(quant_type: str, device: torch.device) -> Tensor:
+    """byte -> (code[high nibble], code[low nibble]) as one int64 per byte (two float32 side by side), so
+    dequantization is a single gather of 8-byte words instead of unpack + two lookups."""
+    key = (quant_type, str(device))
+    if key not in _PAIR_TABLES:
+        code = codebook(quant_type, device)
+        pairs = torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1).contiguous()
+        _PAIR_TABLES[key] = pairs.view(torch.int64).view(-1)
+    return _PAIR_TABLES[key]
+
+
 def dequantize_blockwise_4bit(
     packed: Tensor,
     absmax: Tensor,
@@ -76,12 +92,11 @@ def dequantize_blockwise_4bit(
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """code[q] · absmax[block], reshaped to `shape`, in `dtype`."""
-    n = 1
-    for s in shape:
-        n *= s
-    values = codebook(quant_type, packed.device)[unpack_nibbles(packed, n).long()]
+    n = math.prod(shape)
+    values = torch.take(_pair_table(quant_type, packed.device), packed.long()).view(torch.float32)
     pad = (-n) % blocksize
-    values = torch.cat([values, values.new_zeros(pad)]).view(-1, blocksize) * absmax[:, None]
+    values = values[:n] if pad == 0 else torch.cat([values[:n], values.new_zeros(pad)])
+    values = values.view(-1, blocksize) * absmax[:, None]
     return values.reshape(-1)[:n].view(shape).to(dtype)
 
 

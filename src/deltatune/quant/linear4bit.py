@@ -71,6 +71,11 @@ class Linear4bit(nn.Module):
         return dequantize_4bit(self.state(), dtype)
 
     @property
+    def stored_weight_numel(self) -> int:
+        """Parameters the 4-bit weight stands for (buffers are not counted as parameters by torch)."""
+        return self.in_features * self.out_features
+
+    @property
     def weight(self) -> Tensor:
         """The dequantized weight (a fresh float32 tensor; writes go through `set_weight`)."""
         return self.dequantize(torch.float32)
