@@ -20,6 +20,8 @@ CASES = {
     ),
     "llama-bias-all": dict(target_modules=["q_proj"], bias="all"),
     "llama-embedding": dict(target_modules=["embed_tokens", "q_proj"]),
+    "llama-dora": dict(target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True),
+    "gpt2-dora": dict(target_modules=["c_attn", "c_fc"], use_dora=True, fan_in_fan_out=True),
 }
 
 

@@ -116,3 +116,21 @@ def test_parameter_report_counts_4bit_weights_like_dense_ones():
         return dt.get_peft_model(model, dt.LoraConfig(r=2, target_modules=["q_proj"])).get_nb_trainable_parameters()
 
     assert count(dt.quantize_model(tiny_llama())) == count(tiny_llama())
+
+
+def test_dora_on_a_4bit_base_equals_dora_on_the_dequantized_weights():
+    def build(quantized: bool):
+        model = tiny_llama()
+        if quantized:
+            dt.quantize_model(model, dt.QuantConfig(compute_dtype="fp32"))
+        torch.manual_seed(1)
+        return dt.get_peft_model(model, dt.LoraConfig(**LORA, use_dora=True))
+
+    qdora, dense = build(True), build(False)
+    with torch.no_grad():
+        quantized = dict(qdora.base_model.named_modules())
+        for name, module in dense.base_model.named_modules():
+            if isinstance(quantized.get(name), Linear4bit):
+                module.weight.copy_(quantized[name].dequantize())
+    dense.load_adapter_tensors("default", qdora.adapter_state_dict("default"))
+    torch.testing.assert_close(model_output(qdora, IDS), model_output(dense, IDS), rtol=1e-5, atol=1e-5)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +36,6 @@ class LoraConfig(AdapterConfig):
     peft_type = "LORA"
     # peft options deltatune does not implement (yet): loading an adapter that turns one on is an error, not a guess.
     unsupported_fields = (
-        "use_dora",
         "lora_bias",
         "layer_replication",
         "loftq_config",
@@ -73,6 +72,8 @@ class LoraConfig(AdapterConfig):
     """Per-module ranks: regex (matched as a name suffix) -> r, e.g. {"down_proj": 16}."""
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     """Per-module alphas, like rank_pattern."""
+    use_dora: bool = False
+    """DoRA: decompose the update into magnitude and direction (deltatune.methods.dora)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -111,7 +112,38 @@ def lora_layer_kwargs(config: LoraConfig, module_path: str) -> dict[str, Any]:
         "lora_dropout": float(config.lora_dropout),
         "use_rslora": bool(config.use_rslora),
         "init_lora_weights": config.init_lora_weights,
+        "variant": next((flag for flag in LORA_VARIANTS if getattr(config, flag, False)), None),
     }
+
+
+class LoraVariant(Protocol):
+    """A LoRA variant (e.g. DoRA) selected by a config flag; it owns one extra per-adapter parameter."""
+
+    param_name: str
+
+    def init(self, layer: LoraLinear, name: str) -> None: ...
+
+    def forward(self, layer: LoraLinear, name: str, x: Tensor, result: Tensor) -> Tensor: ...
+
+    def compose(self, layer: LoraLinear, name: str, weight: Tensor) -> Tensor: ...
+
+    def decompose(self, layer: LoraLinear, name: str, weight: Tensor) -> Tensor: ...
+
+
+LORA_VARIANTS: dict[str, LoraVariant] = {}
+"""Config flag (e.g. "use_dora") -> variant; variant modules register themselves here."""
+
+
+def register_lora_variant(flag: str, variant: LoraVariant) -> None:
+    LORA_VARIANTS[flag] = variant
+
+
+def _refuse_variant(layer: nn.Module, variant: str | None) -> None:
+    if variant is not None:
+        raise UnsupportedModuleError(
+            f"{variant}=True is supported on Linear and Conv1D layers, not on {type(layer).__name__}; "
+            f"exclude those modules (exclude_modules) or set {variant}=False."
+        )
 
 
 class _LoraLayer(AdapterLayer):
@@ -137,10 +169,11 @@ class _LoraLayer(AdapterLayer):
 class LoraLinear(_LoraLayer):
     """LoRA around nn.Linear or GPT-2's Conv1D (which computes x W + b with W stored (d_in, d_out))."""
 
-    adapter_param_names = ("lora_A", "lora_B")
-
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
+        self.variant: dict[str, str] = {}  # adapter name -> variant flag, for adapters that use one
+        for variant in LORA_VARIANTS.values():
+            setattr(self, variant.param_name, nn.ParameterDict())
         self.fan_in_fan_out = isinstance(base_layer, Conv1D)
         if self.fan_in_fan_out:
             self.in_features, self.out_features = base_layer.weight.shape
@@ -158,15 +191,35 @@ class LoraLinear(_LoraLayer):
         lora_dropout: float = 0.0,
         use_rslora: bool = False,
         init_lora_weights: bool | str = True,
+        variant: str | None = None,
     ) -> None:
         self._record(name, r, lora_alpha, lora_dropout, use_rslora)
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=self._device())
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=self._device())
         _init_pair(self.lora_A[name].weight, self.lora_B[name].weight, init_lora_weights, r)
+        if variant is not None:
+            self.variant[name] = variant
+            LORA_VARIANTS[variant].init(self, name)
+
+    @property
+    def adapter_param_names(self) -> tuple[str, ...]:
+        return ("lora_A", "lora_B", *(v.param_name for v in LORA_VARIANTS.values()))
+
+    @property
+    def adapter_other_names(self) -> tuple[str, ...]:
+        return (*_LoraLayer.adapter_other_names, "variant")
+
+    def weight_out_in(self) -> Tensor:
+        """The base weight as (d_out, d_in), float32 (dequantized if the base stores it otherwise)."""
+        weight = self.base_weight.float()
+        return weight.T if self.fan_in_fan_out else weight
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         result = self.base_layer(x, *args, **kwargs)
         for name in self.unmerged_active():
+            if name in self.variant:
+                result = LORA_VARIANTS[self.variant[name]].forward(self, name, x, result)
+                continue
             a = self.lora_A[name].weight.to(x.dtype)  # cast the small adapter, never the activation
             b = self.lora_B[name].weight.to(x.dtype)
             branch = lora_branch(x, a, b, self.scaling[name], self.dropout_p[name], self.training)
@@ -179,9 +232,13 @@ class LoraLinear(_LoraLayer):
         return lora_delta(a, b, self.scaling[name], self.fan_in_fan_out)
 
     def compose(self, name: str, weight: Tensor) -> Tensor:
+        if name in self.variant:
+            return LORA_VARIANTS[self.variant[name]].compose(self, name, weight)
         return weight + self.delta_weight(name)
 
     def decompose(self, name: str, weight: Tensor) -> Tensor:
+        if name in self.variant:
+            return LORA_VARIANTS[self.variant[name]].decompose(self, name, weight)
         return weight - self.delta_weight(name)
 
 
@@ -208,7 +265,9 @@ class LoraConv(_LoraLayer):
         lora_dropout: float = 0.0,
         use_rslora: bool = False,
         init_lora_weights: bool | str = True,
+        variant: str | None = None,
     ) -> None:
+        _refuse_variant(self.base_layer, variant)
         self._record(name, r, lora_alpha, lora_dropout, use_rslora)
         base, conv_cls = self.base_layer, type(self.base_layer)
         ones = (1,) * len(base.kernel_size)
@@ -265,7 +324,9 @@ class LoraEmbedding(_LoraLayer):
         lora_dropout: float = 0.0,
         use_rslora: bool = False,
         init_lora_weights: bool | str = True,
+        variant: str | None = None,
     ) -> None:
+        _refuse_variant(self.base_layer, variant)
         self._record(name, r, lora_alpha, lora_dropout, use_rslora)
         num, dim = self.base_layer.weight.shape
         a = torch.randn(r, num, device=self._device())

@@ -1,0 +1,108 @@
+"""DoRA: the formula computed densely, detached-norm gradients, exact merge, paper parameter counts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+import deltatune as dt
+from deltatune.methods.lora import LoraLinear, lora_layer_kwargs
+from tests.conftest import tiny_mlp
+
+
+def _dora_layer(base: nn.Module) -> LoraLinear:
+    layer = LoraLinear(base)
+    cfg = dt.LoraConfig(r=3, lora_alpha=6, use_dora=True, target_modules=["x"])
+    layer.add_adapter("default", **lora_layer_kwargs(cfg, "x"))
+    layer.set_active(["default"])
+    with torch.no_grad():  # a non-trivial state: random B and a perturbed magnitude
+        layer.lora_B["default"].weight.normal_()
+        layer.lora_magnitude_vector["default"].mul_(torch.linspace(0.5, 1.5, layer.out_features))
+    return layer
+
+
+def _reference(layer: LoraLinear, x: torch.Tensor) -> torch.Tensor:
+    """m · (W0 + s B A) x / ‖W0 + s B A‖_row + b with the norm detached, computed densely."""
+    w0 = layer.weight_out_in()
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    combined = w0 + 2.0 * b @ a
+    norm = combined.norm(dim=1).detach()
+    weight = (layer.lora_magnitude_vector["default"] / norm)[:, None] * combined
+    return x @ weight.T + layer.base_layer.bias
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_forward_and_gradients_match_the_detached_norm_formula(kind):
+    torch.manual_seed(0)
+    base = nn.Linear(10, 7) if kind == "linear" else Conv1D(7, 10)
+    with torch.no_grad():
+        base.bias.normal_()
+    layer = _dora_layer(base)
+    x = torch.randn(4, 10)
+    got, want = layer(x), _reference(layer, x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    params = [layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.lora_magnitude_vector["default"]]
+    g = torch.randn_like(got)
+    for ours, theirs in zip(torch.autograd.grad(got, params, g), torch.autograd.grad(want, params, g), strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_magnitude_starts_at_the_weight_norm_so_the_output_is_unchanged():
+    base = nn.Linear(8, 5)
+    layer = LoraLinear(base)
+    layer.add_adapter("default", r=2, lora_alpha=2, variant="use_dora")
+    layer.set_active(["default"])
+    torch.testing.assert_close(layer.lora_magnitude_vector["default"], base.weight.norm(dim=1))
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(layer(x), base(x), rtol=1e-6, atol=1e-6)
+
+
+def test_merge_unmerge_exact_and_equal_outputs():
+    torch.manual_seed(0)
+    base = nn.Linear(12, 9)
+    layer = _dora_layer(base)
+    w0 = base.weight.detach().clone()
+    x = torch.randn(5, 12)
+    unmerged = layer(x)
+    layer.merge()
+    torch.testing.assert_close(layer(x), unmerged, rtol=1e-5, atol=1e-5)
+    layer.unmerge()
+    assert (base.weight - w0).abs().max() <= 1e-6
+
+
+def test_eval_norm_is_cached_until_the_adapter_changes():
+    layer = _dora_layer(nn.Linear(6, 4)).eval()
+    x = torch.randn(2, 6)
+    with torch.no_grad():
+        first = layer(x)
+        assert "default" in layer._dora_norm_cache
+        layer.lora_B["default"].weight.add_(1.0)  # in-place update bumps the version: the cache must not be reused
+        torch.testing.assert_close(layer(x), _reference(layer, x), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(layer(x), first)
+
+
+def test_dora_on_unsupported_layers_is_a_typed_error_and_changes_nothing():
+    model = tiny_mlp()
+    types = {n: type(m) for n, m in model.named_modules()}
+    with pytest.raises(dt.UnsupportedModuleError, match="use_dora"):
+        dt.get_peft_model(model, dt.LoraConfig(r=2, target_modules=["lin0", "conv"], use_dora=True))
+    assert {n: type(m) for n, m in model.named_modules()} == types
+
+
+def test_llama_7b_counts_from_the_dora_paper():
+    """LLaMA-7B, r=32 on q,k,v,up,down: LoRA 56,098,816 and DoRA 56,975,360 trainable (paper_facts.md §3)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, vocab_size=32000
+    )
+    targets = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+    counts = {}
+    for use_dora in (False, True):
+        with torch.device("meta"):
+            model = LlamaForCausalLM(cfg)
+        peft_model = dt.get_peft_model(model, dt.LoraConfig(r=32, target_modules=targets, use_dora=use_dora))
+        counts[use_dora] = peft_model.get_nb_trainable_parameters()[0]
+    assert counts == {False: 56_098_816, True: 56_975_360}
