@@ -1,4 +1,6 @@
 """Every bundled method; importing a module registers it (one line per method)."""
 
-from deltatune.methods import lora  # noqa: F401
-from deltatune.methods import dora  # noqa: F401
+from deltatune.methods import (
+    dora,  # noqa: F401
+    lora,  # noqa: F401
+)
