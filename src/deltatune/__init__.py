@@ -12,6 +12,7 @@ from deltatune.errors import (
     UnsupportedFieldError,
     UnsupportedModuleError,
 )
+from deltatune.methods.gralora import GraloraConfig
 from deltatune.methods.lora import LoraConfig
 from deltatune.model import PeftModel, get_peft_model, load_config
 from deltatune.quant import QuantConfig, dequantize_model, quantize_model
@@ -25,6 +26,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "DeltatuneError",
+    "GraloraConfig",
     "LoraConfig",
     "MergeError",
     "MethodSpec",

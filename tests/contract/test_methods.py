@@ -49,6 +49,15 @@ def _dora_count(model: dt.PeftModel, adapter: str) -> int:
     return _lora_count(model, adapter) + sum(m.out_features for m in layers)
 
 
+def _gralora_count(model: dt.PeftModel, adapter: str) -> int:
+    """(r + hybrid_r) · (d_in + d_out) per adapted layer: LoRA's count at the same total rank."""
+    return sum(
+        (m.r[adapter] + m.hybrid_r[adapter]) * (m.in_features + m.out_features)
+        for m in model.modules()
+        if isinstance(m, AdapterLayer) and adapter in m.adapter_names
+    )
+
+
 METHOD_CASES: dict[str, MethodCase] = {
     "LORA": MethodCase(
         "LORA",
@@ -65,6 +74,14 @@ METHOD_CASES: dict[str, MethodCase] = {
         trainable=_dora_count,
         skip={"mlp": "DoRA wraps Linear and Conv1D layers; the custom model targets conv and embedding layers"},
         not_additive="each active DoRA adapter renormalises the output of the ones before it (as in peft)",
+    ),
+    "GRALORA": MethodCase(
+        "GRALORA",
+        make_config=lambda targets, **kw: dt.GraloraConfig(
+            r=4, alpha=8, gralora_k=2, hybrid_r=2, target_modules=targets, init_weights=False, **kw
+        ),
+        trainable=_gralora_count,
+        skip={"mlp": "GraLoRA wraps Linear and Conv1D layers; the custom model targets conv and embedding layers"},
     ),
 }
 

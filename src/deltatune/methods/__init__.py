@@ -2,5 +2,6 @@
 
 from deltatune.methods import (
     dora,  # noqa: F401
+    gralora,  # noqa: F401
     lora,  # noqa: F401
 )
