@@ -14,6 +14,7 @@ from deltatune.errors import (
 )
 from deltatune.methods.gralora import GraloraConfig
 from deltatune.methods.lora import LoraConfig
+from deltatune.methods.vera import VeraConfig
 from deltatune.model import PeftModel, get_peft_model, load_config
 from deltatune.quant import QuantConfig, dequantize_model, quantize_model
 from deltatune.registry import MethodSpec, get_method, list_methods, register_method
@@ -28,6 +29,7 @@ __all__ = [
     "DeltatuneError",
     "GraloraConfig",
     "LoraConfig",
+    "VeraConfig",
     "MergeError",
     "MethodSpec",
     "PeftModel",

@@ -60,19 +60,39 @@ def read_tensors(directory: str | Path) -> dict[str, Tensor]:
         ) from exc
 
 
+SHARED_PREFIX = "base_model."
+SHARED_MARK = "<shared>."
+"""In-memory marker of method-level tensors shared by all layers of an adapter (e.g. VeRA's projections), which
+peft saves as `base_model.<name>` rather than under a module path."""
+
+
+def peft_key(relative: str) -> str:
+    """The saved key of a module-relative (or shared) in-memory key."""
+    if relative.startswith(SHARED_MARK):
+        return SHARED_PREFIX + relative[len(SHARED_MARK) :]
+    return KEY_PREFIX + relative
+
+
 def to_peft_keys(relative: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Add peft's `base_model.model.` prefix to module-relative keys."""
-    return {KEY_PREFIX + k: v for k, v in relative.items()}
+    """Add peft's `base_model.model.` prefix to module-relative keys (`base_model.` for shared tensors)."""
+    return {peft_key(k): v for k, v in relative.items()}
 
 
 def from_peft_keys(saved: dict[str, Tensor]) -> dict[str, Tensor]:
     """Strip peft's prefix; keys without it are an error (the file was not written in peft's layout)."""
-    bad = [k for k in saved if not k.startswith(KEY_PREFIX)]
-    if bad:
-        raise CheckpointError(
-            f"key {bad[0]!r} does not start with {KEY_PREFIX!r}: not a peft-layout adapter file ({len(bad)} such keys)."
-        )
-    return {k[len(KEY_PREFIX) :]: v for k, v in saved.items()}
+    out: dict[str, Tensor] = {}
+    for key, value in saved.items():
+        if key.startswith(KEY_PREFIX):
+            out[key[len(KEY_PREFIX) :]] = value
+        elif key.startswith(SHARED_PREFIX):
+            out[SHARED_MARK + key[len(SHARED_PREFIX) :]] = value
+        else:
+            bad = [k for k in saved if not k.startswith(SHARED_PREFIX)]
+            raise CheckpointError(
+                f"key {key!r} does not start with {KEY_PREFIX!r}: not a peft-layout adapter file "
+                f"({len(bad)} such keys)."
+            )
+    return out
 
 
 def check_state(expected: dict[str, Tensor], found: dict[str, Tensor], source: str) -> None:
@@ -81,22 +101,22 @@ def check_state(expected: dict[str, Tensor], found: dict[str, Tensor], source: s
     unexpected = sorted(set(found) - set(expected))
     if missing:
         raise CheckpointError(
-            f"{source} lacks {len(missing)} adapter tensor(s), e.g. {KEY_PREFIX + missing[0]!r}; it was saved from a "
+            f"{source} lacks {len(missing)} adapter tensor(s), e.g. {peft_key(missing[0])!r}; it was saved from a "
             f"different model or config (check target_modules / layers_to_transform)."
         )
     if unexpected:
         raise CheckpointError(
             f"{source} has {len(unexpected)} tensor(s) this model has no place for, "
-            f"e.g. {KEY_PREFIX + unexpected[0]!r}; was it saved from another architecture?"
+            f"e.g. {peft_key(unexpected[0])!r}; was it saved from another architecture?"
         )
     for key, tensor in found.items():
         if tuple(tensor.shape) != tuple(expected[key].shape):
             raise CheckpointError(
-                f"{source}: {KEY_PREFIX}{key} has shape {tuple(tensor.shape)}, the model expects "
+                f"{source}: {peft_key(key)} has shape {tuple(tensor.shape)}, the model expects "
                 f"{tuple(expected[key].shape)}; the adapter was trained with another rank or model size."
             )
         if not tensor.is_floating_point():
-            raise CheckpointError(f"{source}: {KEY_PREFIX}{key} has dtype {tensor.dtype}, expected a float tensor.")
+            raise CheckpointError(f"{source}: {peft_key(key)} has dtype {tensor.dtype}, expected a float tensor.")
 
 
 @torch.no_grad()

@@ -33,6 +33,7 @@ class PeftModel(nn.Module):
         super().__init__()
         self.base_model = model
         self.peft_config: dict[str, AdapterConfig] = {}
+        self.shared = nn.ModuleDict()  # per adapter: tensors all its layers share (only for methods that have some)
         self._active: list[str] = []
         if peft_config is not None:
             self.add_adapter(adapter_name, peft_config)
@@ -143,12 +144,17 @@ class PeftModel(nn.Module):
             strict=strict,
         )
         try:
+            extra: dict[str, nn.Module] = {}
+            if spec.make_shared is not None:
+                bases = [self.base_model.get_submodule(t) for t in targets]
+                bases = [m.base_layer if isinstance(m, AdapterLayer) else m for m in bases]
+                self.shared[adapter_name] = extra["shared"] = spec.make_shared(config, bases)
             for target in targets:
                 module = self.base_model.get_submodule(target)
                 if not isinstance(module, AdapterLayer):
                     module = spec.layer_for(module)(module)
                     replace_module(self.base_model, target, module)
-                module.add_adapter(adapter_name, **spec.layer_kwargs(config, target))
+                module.add_adapter(adapter_name, **spec.layer_kwargs(config, target), **extra)
             for target in resolve_modules_to_save(self.base_model, config.modules_to_save or []):
                 module = self.base_model.get_submodule(target)
                 if not isinstance(module, TrainableCopy):
@@ -161,6 +167,8 @@ class PeftModel(nn.Module):
 
     def _remove_from_modules(self, adapter_name: str) -> None:
         """Drop the adapter from every wrapper; wrappers left empty give their module back."""
+        if adapter_name in self.shared:
+            del self.shared[adapter_name]
         for name, wrapper in list(self._wrappers()):
             wrapper.delete_adapter(adapter_name)
             if not wrapper.adapter_names:
@@ -264,6 +272,8 @@ class PeftModel(nn.Module):
                 replace_module(self.base_model, name, wrapper.base_layer)
             else:
                 replace_module(self.base_model, name, wrapper.selected() if keep_copies else wrapper.original_module)
+        for name in list(self.shared):
+            del self.shared[name]
         self.peft_config.clear()
         self._active = []
         return self.base_model
@@ -279,6 +289,8 @@ class PeftModel(nn.Module):
         if extra:
             params = dict(self.base_model.named_parameters())
             relative.update({n: params[n] for n in extra(self.base_model, config)})
+        if adapter_name in self.shared:
+            relative.update({io.SHARED_MARK + k: t for k, t in self.shared[adapter_name].state_dict().items()})
         return io.to_peft_keys(relative)
 
     def save_pretrained(

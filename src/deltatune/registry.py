@@ -45,6 +45,7 @@ class MethodSpec:
         param_prefix: prefix of the method's parameter attributes (e.g. "lora_"), used in reports.
         extra_trainable: optional, (model, config) -> names of base parameters the method also trains (LoRA's bias).
         hooks: optional training hooks.
+        make_shared: optional builder of per-adapter tensors shared by all its layers.
     """
 
     peft_type: str
@@ -56,6 +57,10 @@ class MethodSpec:
     extra_trainable: Callable[[nn.Module, AdapterConfig], list[str]] | None = None
     hooks: MethodHooks | None = None
     default_targets: Callable[[str], list[str] | str | None] = field(default=lambda model_type: None)
+    make_shared: Callable[[AdapterConfig, list[nn.Module]], nn.Module] | None = None
+    """Optional: builds the tensors all of an adapter's layers share (from the config and the target modules); the
+    module is handed to each layer's `add_adapter(shared=...)`, and its persistent buffers are saved as
+    `base_model.<name>` (peft's key for e.g. VeRA's projections)."""
 
     def layer_for(self, module: nn.Module) -> type[AdapterLayer] | None:
         """The wrapper class for `module`, or None if this method cannot adapt its type."""

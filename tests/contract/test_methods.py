@@ -58,6 +58,15 @@ def _gralora_count(model: dt.PeftModel, adapter: str) -> int:
     )
 
 
+def _vera_count(model: dt.PeftModel, adapter: str) -> int:
+    """r + d_out per adapted layer (the shared projections are frozen buffers)."""
+    return sum(
+        m.vera_lambda_d[adapter].numel() + m.out_features
+        for m in model.modules()
+        if isinstance(m, AdapterLayer) and adapter in m.adapter_names
+    )
+
+
 METHOD_CASES: dict[str, MethodCase] = {
     "LORA": MethodCase(
         "LORA",
@@ -82,6 +91,12 @@ METHOD_CASES: dict[str, MethodCase] = {
         ),
         trainable=_gralora_count,
         skip={"mlp": "GraLoRA wraps Linear and Conv1D layers; the custom model targets conv and embedding layers"},
+    ),
+    "VERA": MethodCase(
+        "VERA",
+        make_config=lambda targets, **kw: dt.VeraConfig(r=8, target_modules=targets, init_weights=False, **kw),
+        trainable=_vera_count,
+        skip={"mlp": "VeRA wraps Linear and Conv1D layers; the custom model targets conv and embedding layers"},
     ),
 }
 

@@ -4,4 +4,5 @@ from deltatune.methods import (
     dora,  # noqa: F401
     gralora,  # noqa: F401
     lora,  # noqa: F401
+    vera,  # noqa: F401
 )
