@@ -119,6 +119,8 @@ def adapter_config(method: dict[str, Any]) -> AdapterConfig:
         raise ConfigError("method needs a peft_type, e.g. {peft_type: LORA, r: 8, target_modules: [q_proj, v_proj]}.")
     spec = get_method(str(method["peft_type"]).upper())
     data = {**method, "peft_type": spec.peft_type}
+    if data.get("rank_pattern") == "auto":  # resolved by the trainer from gradient sensitivity before training
+        data["rank_pattern"] = {}
     known = set(spec.config_cls.__dataclass_fields__) | {"peft_type"}
     unknown = sorted(set(data) - known)
     if unknown:

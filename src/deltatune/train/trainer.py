@@ -96,10 +96,10 @@ def _setup(cfg: TrainConfig, resume: bool, model: nn.Module | None, tokenizer: A
 
         quant = QuantConfig(quant_type=cfg.quantize) if cfg.quantize else None
         model, tokenizer = load_causal_lm(cfg.model, quantize=quant)
-    peft_model = get_peft_model(model.to(device), adapter_config(cfg.method))
+    train_set = build_examples(read_records(cfg.data.train, "train"), tokenizer, cfg.data, cfg.data.train)
+    peft_model = get_peft_model(model.to(device), _method_config(cfg, model, train_set, tokenizer, device))
     if cfg.optim.gradient_checkpointing:  # non-reentrant: no need for input embeddings that require grad
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    train_set = build_examples(read_records(cfg.data.train, "train"), tokenizer, cfg.data, cfg.data.train)
     eval_source = cfg.data.eval or (cfg.data.train if cfg.data.train.startswith("bundled:") else None)
     eval_records = read_records(eval_source, "test") if eval_source else []
     eval_set = build_examples(eval_records, tokenizer, cfg.data, eval_source) if eval_records else []
@@ -126,6 +126,31 @@ def _setup(cfg: TrainConfig, resume: bool, model: nn.Module | None, tokenizer: A
     if resume:
         _resume(run)
     return run
+
+
+def _method_config(cfg: TrainConfig, model: nn.Module, train_set: list, tokenizer: Any, device: torch.device):
+    """The adapter config; `rank_pattern: auto` becomes a gradient-sensitivity allocation at the same parameter
+    count as uniform rank r, scored on the first 4 batches of the run's data order."""
+    config = adapter_config(cfg.method)
+    if cfg.method.get("rank_pattern") != "auto":
+        return config
+    from deltatune.analysis import allocate_ranks
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    size = cfg.optim.batch_size
+    order = step_indices(len(train_set), 4 * size, 0, cfg.seed)
+    batches = [
+        {k: v.to(device) for k, v in collate([train_set[i] for i in order[s : s + size]], pad).items()}
+        for s in range(0, len(order), size)
+    ]
+    pattern = allocate_ranks(
+        model,
+        batches,
+        config.target_modules,
+        r=config.r,
+        loss_fn=lambda m, b: _loss_sum(m, b, "fp32") / (b["labels"] != IGNORE).sum(),
+    )
+    return config.replace(rank_pattern=pattern)
 
 
 def _wrap(peft_model: PeftModel, base: nn.Module, world: int, strategy: str, device: torch.device) -> nn.Module:
