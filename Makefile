@@ -36,6 +36,7 @@ bench: setup
 	$(PY) benchmarks/lora_step.py
 	$(PY) benchmarks/train_overhead.py
 	$(PY) benchmarks/quant.py
+	$(PY) benchmarks/methods_step.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
