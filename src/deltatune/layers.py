@@ -210,3 +210,26 @@ _OWN_ATTRS = frozenset({"original_module", "modules_to_save", "active_adapters",
 
 def _params(value: nn.Module | nn.Parameter) -> list[nn.Parameter]:
     return list(value.parameters()) if isinstance(value, nn.Module) else [value]
+
+
+def linear_features(module: nn.Module) -> tuple[int, int, bool]:
+    """(d_in, d_out, fan_in_fan_out) of a linear-like module: GPT-2's Conv1D stores its weight as (d_in, d_out);
+    nn.Linear and quantized linears state `in_features` / `out_features`."""
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(module, Conv1D):
+        d_in, d_out = module.weight.shape
+        return d_in, d_out, True
+    return module.in_features, module.out_features, False
+
+
+def bias_parameters(model: nn.Module, bias: str, layer_type: type[nn.Module]) -> list[str]:
+    """Names of the base biases a method trains: none; "all" biases; or (any other mode, e.g. "lora_only") the
+    biases of the layers wrapped by `layer_type`."""
+    if bias == "none":
+        return []
+    names = [n for n, _ in model.named_parameters() if n.endswith("bias")]
+    if bias == "all":
+        return names
+    wrapped = {n for n, m in model.named_modules() if isinstance(m, layer_type)}
+    return [n for n in names if n.endswith("base_layer.bias") and n.rsplit(".", 2)[0] in wrapped]

@@ -25,7 +25,7 @@ from transformers.pytorch_utils import Conv1D
 from deltatune.config import AdapterConfig
 from deltatune.errors import ConfigError, UnsupportedModuleError
 from deltatune.functional.gralora import gralora_delta, gralora_project
-from deltatune.layers import AdapterLayer
+from deltatune.layers import AdapterLayer, bias_parameters, linear_features
 from deltatune.models import default_lora_targets
 from deltatune.registry import MethodSpec, register_method
 
@@ -88,11 +88,7 @@ class GraloraLinear(AdapterLayer):
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
-        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
-        if self.fan_in_fan_out:
-            self.in_features, self.out_features = base_layer.weight.shape
-        else:
-            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.in_features, self.out_features, self.fan_in_fan_out = linear_features(base_layer)
         self.gralora_A, self.gralora_B = nn.ParameterDict(), nn.ParameterDict()
         self.gralora_A_general, self.gralora_B_general = nn.ModuleDict(), nn.ModuleDict()
         self.r: dict[str, int] = {}
@@ -151,13 +147,7 @@ class GraloraLinear(AdapterLayer):
 
 
 def gralora_extra_trainable(model: nn.Module, config: GraloraConfig) -> list[str]:
-    if config.bias == "none":
-        return []
-    names = [n for n, _ in model.named_parameters() if n.endswith("bias")]
-    if config.bias == "gralora_only":
-        wrapped = {n for n, m in model.named_modules() if isinstance(m, GraloraLinear)}
-        names = [n for n in names if n.endswith("base_layer.bias") and n.rsplit(".", 2)[0] in wrapped]
-    return names
+    return bias_parameters(model, config.bias, GraloraLinear)
 
 
 GRALORA = register_method(

@@ -24,7 +24,7 @@ from deltatune.config import AdapterConfig
 from deltatune.errors import ConfigError, UnsupportedFieldError, UnsupportedModuleError
 from deltatune.functional.init import gaussian_a_zero_b, kaiming_a_zero_b
 from deltatune.functional.lora import embedding_lora_delta, lora_branch, lora_delta, lora_scale
-from deltatune.layers import AdapterLayer
+from deltatune.layers import AdapterLayer, bias_parameters, linear_features
 from deltatune.models import default_lora_targets
 from deltatune.registry import MethodSpec, register_method
 
@@ -174,11 +174,7 @@ class LoraLinear(_LoraLayer):
         self.variant: dict[str, str] = {}  # adapter name -> variant flag, for adapters that use one
         for variant in LORA_VARIANTS.values():
             setattr(self, variant.param_name, nn.ParameterDict())
-        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
-        if self.fan_in_fan_out:
-            self.in_features, self.out_features = base_layer.weight.shape
-        else:  # nn.Linear, or any linear-like layer (e.g. a 4-bit one) that states its features
-            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.in_features, self.out_features, self.fan_in_fan_out = linear_features(base_layer)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
 
@@ -369,13 +365,7 @@ def _init_pair(lora_a: Tensor, lora_b: Tensor, init: bool | str, r: int) -> None
 
 def lora_extra_trainable(model: nn.Module, config: LoraConfig) -> list[str]:
     """Base biases trained with the adapter when `bias` is "all" or "lora_only"."""
-    if config.bias == "none":
-        return []
-    names = [n for n, _ in model.named_parameters() if n.endswith("bias")]
-    if config.bias == "lora_only":
-        wrapped = {n for n, m in model.named_modules() if isinstance(m, _LoraLayer)}
-        names = [n for n in names if n.rsplit(".", 2)[0] in wrapped and n.endswith("base_layer.bias")]
-    return names
+    return bias_parameters(model, config.bias, _LoraLayer)
 
 
 LORA_LAYERS: dict[type[nn.Module], type[AdapterLayer]] = {

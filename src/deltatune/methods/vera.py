@@ -23,7 +23,7 @@ from transformers.pytorch_utils import Conv1D
 from deltatune.config import AdapterConfig
 from deltatune.errors import ConfigError
 from deltatune.functional.vera import vera_delta, vera_projections
-from deltatune.layers import AdapterLayer
+from deltatune.layers import AdapterLayer, bias_parameters, linear_features
 from deltatune.models import default_lora_targets
 from deltatune.registry import MethodSpec, register_method
 
@@ -60,9 +60,7 @@ class VeraConfig(AdapterConfig):
 
 
 def _features(module: nn.Module) -> tuple[int, int]:
-    if isinstance(module, Conv1D):
-        return tuple(module.weight.shape)
-    return module.in_features, module.out_features
+    return linear_features(module)[:2]
 
 
 class VeraProjections(nn.Module):
@@ -95,8 +93,7 @@ class VeraLinear(AdapterLayer):
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
-        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
-        self.in_features, self.out_features = _features(base_layer)
+        self.in_features, self.out_features, self.fan_in_fan_out = linear_features(base_layer)
         self.vera_lambda_b, self.vera_lambda_d = nn.ParameterDict(), nn.ParameterDict()
         self.shared: dict[str, VeraProjections] = {}  # references only: the PeftModel owns the projections
         self.dropout_p: dict[str, float] = {}
@@ -145,13 +142,7 @@ class VeraLinear(AdapterLayer):
 
 
 def vera_extra_trainable(model: nn.Module, config: VeraConfig) -> list[str]:
-    if config.bias == "none":
-        return []
-    names = [n for n, _ in model.named_parameters() if n.endswith("bias")]
-    if config.bias == "vera_only":
-        wrapped = {n for n, m in model.named_modules() if isinstance(m, VeraLinear)}
-        names = [n for n in names if n.endswith("base_layer.bias") and n.rsplit(".", 2)[0] in wrapped]
-    return names
+    return bias_parameters(model, config.bias, VeraLinear)
 
 
 VERA = register_method(
