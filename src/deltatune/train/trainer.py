@@ -99,7 +99,10 @@ def _setup(cfg: TrainConfig, resume: bool, model: nn.Module | None, tokenizer: A
     train_set = build_examples(read_records(cfg.data.train, "train"), tokenizer, cfg.data, cfg.data.train)
     peft_model = get_peft_model(model.to(device), _method_config(cfg, model, train_set, tokenizer, device))
     if cfg.optim.gradient_checkpointing:  # non-reentrant: no need for input embeddings that require grad
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     eval_source = cfg.data.eval or (cfg.data.train if cfg.data.train.startswith("bundled:") else None)
     eval_records = read_records(eval_source, "test") if eval_source else []
     eval_set = build_examples(eval_records, tokenizer, cfg.data, eval_source) if eval_records else []
