@@ -7,7 +7,7 @@ import torch
 
 import deltatune as dt
 from deltatune.functional.gralora import gralora_delta, gralora_project
-from tests.conftest import TINY_MODELS, model_output
+from tests.interop.roundtrip import assert_round_trip
 
 
 def _dense_blocks(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -62,19 +62,7 @@ def test_bad_configs(bad):
 @pytest.mark.parametrize("direction", ["peft->deltatune", "deltatune->peft"])
 def test_peft_interop(case, direction, tmp_path):
     peft = pytest.importorskip("peft")
-    factory, _, inputs_fn = TINY_MODELS[case]
-    inputs = inputs_fn()
     targets = ["q_proj", "v_proj", "down_proj"] if case == "llama" else ["c_attn", "c_fc"]
     kwargs = dict(r=4, alpha=8, gralora_k=2, hybrid_r=2, target_modules=targets)
     lib_save, lib_load = (peft, dt) if direction == "peft->deltatune" else (dt, peft)
-    source = lib_save.get_peft_model(factory(), lib_save.GraloraConfig(**kwargs))
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(3)
-        for p in source.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
-    source.eval()
-    want = model_output(source, inputs)
-    source.save_pretrained(tmp_path)
-    loaded = lib_load.PeftModel.from_pretrained(factory(), tmp_path).eval()
-    torch.testing.assert_close(model_output(loaded, inputs), want, rtol=1e-5, atol=1e-5)
+    assert_round_trip(lib_save, lib_load, "GraloraConfig", kwargs, case, tmp_path)

@@ -9,7 +9,8 @@ import torch
 
 import deltatune as dt
 from deltatune.functional.vera import vera_projections
-from tests.conftest import TINY_MODELS, model_output
+from tests.conftest import TINY_MODELS
+from tests.interop.roundtrip import assert_round_trip
 
 
 def test_projections_are_seeded_kaiming_uniform_and_shared():
@@ -51,22 +52,10 @@ def test_count_is_r_plus_d_out_per_layer_on_a_real_size_config():
 @pytest.mark.parametrize("direction", ["peft->deltatune", "deltatune->peft"])
 def test_peft_interop(save_projection, direction, tmp_path):
     peft = pytest.importorskip("peft")
-    factory, _, inputs_fn = TINY_MODELS["llama"]
-    inputs = inputs_fn()
     kwargs = dict(r=8, target_modules=["q_proj", "v_proj", "down_proj"], save_projection=save_projection)
     lib_save, lib_load = (peft, dt) if direction == "peft->deltatune" else (dt, peft)
-    source = lib_save.get_peft_model(factory(), lib_save.VeraConfig(**kwargs))
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(3)
-        for p in source.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
-    source.eval()
-    want = model_output(source, inputs)
-    source.save_pretrained(tmp_path)
+    assert_round_trip(lib_save, lib_load, "VeraConfig", kwargs, "llama", tmp_path)
     from safetensors.torch import load_file
 
     keys = set(load_file(tmp_path / "adapter_model.safetensors"))
     assert ("base_model.vera_A" in keys) == save_projection
-    loaded = lib_load.PeftModel.from_pretrained(factory(), tmp_path).eval()
-    torch.testing.assert_close(model_output(loaded, inputs), want, rtol=1e-5, atol=1e-5)
