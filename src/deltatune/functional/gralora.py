@@ -19,10 +19,12 @@ def gralora_project(x: Tensor, gralora_a: Tensor, gralora_b: Tensor) -> Tensor:
     k, _, r = gralora_a.shape
     sub = r // k
     lead = x.shape[:-1]
-    blocks = x.reshape(*lead, k, -1)  # (..., n, d_in/k)
-    h = (blocks.unsqueeze(-2) @ gralora_a).squeeze(-2)  # (..., n, r): h[n, j·sub + s]
-    h = h.reshape(*lead, k, k, sub).transpose(-3, -2).reshape(*lead, k, r)  # (..., j, n·sub + s)
-    out = (h.unsqueeze(-2) @ gralora_b).squeeze(-2)  # (..., j, d_out/k)
+    blocks = x.reshape(-1, k, x.shape[-1] // k)  # (tokens, n, d_in/k)
+    # einsum contracts per block as one batched matmul over n with all tokens as rows; a broadcast `@` would expand
+    # the weights to every token (memory and time x tokens)
+    h = torch.einsum("tni,nir->tnr", blocks, gralora_a)  # h[t, n, j·sub + s]
+    h = h.reshape(-1, k, k, sub).transpose(1, 2).reshape(-1, k, r)  # (tokens, j, n·sub + s)
+    out = torch.einsum("tjr,jro->tjo", h, gralora_b)  # (tokens, j, d_out/k)
     return out.reshape(*lead, -1)
 
 
