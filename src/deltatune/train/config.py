@@ -40,7 +40,7 @@ class DataConfig(_Strict):
 
 
 class OptimConfig(_Strict):
-    steps: int = Field(80, gt=0)
+    steps: int = Field(60, gt=0)
     batch_size: int = Field(8, gt=0)
     """Examples per optimizer step per process (before gradient accumulation)."""
     grad_accum: int = Field(1, gt=0)
