@@ -13,7 +13,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 def test_readme_api_example_runs(tmp_path, monkeypatch, capsys):
     text = README.read_text()
-    section = text[text.index("## The API in five lines"):]
+    section = text[text.index("## The API in five lines") :]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     monkeypatch.chdir(tmp_path)
     namespace = {"base": tiny_llama(), "base2": tiny_llama()}

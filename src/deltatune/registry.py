@@ -21,7 +21,11 @@ if TYPE_CHECKING:
 
 
 class MethodHooks(Protocol):
-    """Training-time behaviour a method may add; the trainer calls these and nothing else."""
+    """Training-time behaviour a method may add; the trainer calls these and nothing else.
+
+    extra_loss(model) is added to every step's objective (split over its micro-batches); on_step(model, step) runs
+    after the optimizer update and before gradients are cleared.
+    """
 
     def on_step(self, model: nn.Module, step: int) -> None: ...
 

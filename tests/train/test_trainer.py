@@ -112,3 +112,27 @@ def test_loraplus_groups_and_schedules():
     assert b_group["lr"] == pytest.approx(1.6e-3) and all("lora_B" in names[id(p)] for p in b_group["params"])
     assert lr_factor(0, 10, 2, "cosine") == pytest.approx(1 / 3) and lr_factor(10, 10, 2, "cosine") == 0.0
     assert lr_factor(6, 10, 2, "linear") == pytest.approx(0.5) and lr_factor(9, 10, 0, "constant") == 1.0
+
+
+def test_method_hooks_see_gradients_and_add_their_loss(tiny_model_dir, tmp_path, monkeypatch):
+    import dataclasses
+
+    from deltatune import registry
+
+    seen = {"steps": [], "grads": []}
+
+    class Hooks:
+        def on_step(self, model, step):
+            seen["steps"].append(step)
+            seen["grads"].append(all(p.grad is not None for p in model.parameters() if p.requires_grad))
+
+        def extra_loss(self, model):
+            # pulls every lora_B towards 1: visible in the trained adapter even with a tiny lr
+            return sum(((p - 1.0) ** 2).sum() for n, p in model.named_parameters() if "lora_B" in n)
+
+    spec = registry.get_method("LORA")
+    monkeypatch.setitem(registry._METHODS, "LORA", dataclasses.replace(spec, hooks=Hooks()))
+    result = train(_cfg(tiny_model_dir, tmp_path, "optim.steps=3", "optim.grad_accum=2"))
+    assert seen["steps"] == [0, 1, 2] and all(seen["grads"])
+    b = [p for n, p in result.model.named_parameters() if "lora_B" in n]
+    assert all(p.mean() > 0 for p in b)  # the regulariser moved B away from its zero init, towards 1

@@ -246,12 +246,16 @@ def _train_step(run: _Run, step: int) -> tuple[float, int]:
     by this rank)."""
     micro = _micro_batches(run, step)
     global_tokens = _all_sum(sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro), run)
+    hooks = get_method(run.model.peft_config["default"].peft_type).hooks
     loss_total = 0.0
     for i, batch in enumerate(micro):
         sync = i == len(micro) - 1 or run.world == 1
         with contextlib.nullcontext() if sync else _no_sync(run):
             loss = _loss_sum(run.ddp, batch, run.cfg.optim.precision)
-            (loss * run.world / global_tokens).backward()  # DDP averages over ranks: undo it
+            objective = loss * run.world / global_tokens  # DDP averages over ranks: undo it
+            if hooks is not None:  # a method's regulariser (e.g. an orthogonality penalty), once per step
+                objective = objective + hooks.extra_loss(run.model) / len(micro)
+            objective.backward()
         loss_total += loss.item()
     mean_loss = _all_sum(loss_total, run) / global_tokens
     if not math.isfinite(mean_loss):
@@ -266,11 +270,10 @@ def _train_step(run: _Run, step: int) -> tuple[float, int]:
             [p for p in run.model.parameters() if p.requires_grad], run.cfg.optim.max_grad_norm
         )
     run.optimizer.step()
+    if hooks is not None:  # after the update, while gradients still exist (importance scores need them)
+        hooks.on_step(run.model, step)
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    hooks = get_method(run.model.peft_config["default"].peft_type).hooks
-    if hooks is not None:
-        hooks.on_step(run.model, step)
     return mean_loss, sum(int(b["attention_mask"].sum()) for b in micro)
 
 
