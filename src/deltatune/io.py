@@ -7,15 +7,17 @@ strings, so adapter or module names that contain "lora" or "weight" cannot confu
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
-import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_dumps
-from torch import Tensor, nn
+from torch import Tensor
 
 from deltatune.errors import CheckpointError
 
@@ -36,6 +38,22 @@ def atomic_write_bytes(path: str | Path, payload: bytes) -> None:
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_directory(final: Path) -> Iterator[Path]:
+    """Yield a fresh temporary folder beside `final`; on success it replaces `final` in one rename, on any error it
+    is removed and `final` is untouched."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
+    try:
+        yield tmp
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
@@ -117,11 +135,3 @@ def check_state(expected: dict[str, Tensor], found: dict[str, Tensor], source: s
             )
         if not tensor.is_floating_point():
             raise CheckpointError(f"{source}: {peft_key(key)} has dtype {tensor.dtype}, expected a float tensor.")
-
-
-@torch.no_grad()
-def copy_named_parameters(model: nn.Module, state: dict[str, Tensor]) -> None:
-    """Copy tensors into the model's parameters named by (module-relative) `state` keys."""
-    params = dict(model.named_parameters())
-    for key, tensor in state.items():
-        params[key].copy_(tensor.to(params[key].dtype))

@@ -88,13 +88,6 @@ class AdapterLayer(nn.Module, metaclass=abc.ABCMeta):
                 out[attr] = value
         return out
 
-    @torch.no_grad()
-    def load_adapter_state(self, name: str, state: dict[str, Tensor]) -> None:
-        """Copy tensors (keys as produced by `adapter_state`) into adapter `name`; shapes were checked by the caller."""
-        own = self.adapter_state(name)
-        for key, tensor in state.items():
-            own[key].copy_(tensor.to(own[key].dtype))
-
     # -- merging ------------------------------------------------------------------------------------------------------
     @property
     def base_weight(self) -> nn.Parameter:
@@ -180,12 +173,6 @@ class TrainableCopy(nn.Module):
     def adapter_state(self, name: str) -> dict[str, Tensor]:
         return dict(self.modules_to_save[name].state_dict()) if name in self.modules_to_save else {}
 
-    @torch.no_grad()
-    def load_adapter_state(self, name: str, state: dict[str, Tensor]) -> None:
-        own = self.adapter_state(name)
-        for key, tensor in state.items():
-            own[key].copy_(tensor.to(own[key].dtype))
-
     def selected(self) -> nn.Module:
         """The module the forward uses: the first active copy, else the original."""
         if self.disabled or not self.active_adapters:
@@ -210,6 +197,11 @@ _OWN_ATTRS = frozenset({"original_module", "modules_to_save", "active_adapters",
 
 def _params(value: nn.Module | nn.Parameter) -> list[nn.Parameter]:
     return list(value.parameters()) if isinstance(value, nn.Module) else [value]
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """Where a module's tensors live (its first parameter or buffer; quantized layers hold only buffers)."""
+    return next(t for t in (*module.parameters(), *module.buffers())).device
 
 
 def linear_features(module: nn.Module) -> tuple[int, int, bool]:

@@ -7,7 +7,6 @@ It knows methods only through the registry (`MethodSpec`) and adapter wrappers o
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,11 +15,11 @@ import torch
 from torch import Tensor, nn
 
 from deltatune import io
-from deltatune.config import CONFIG_NAME, AdapterConfig, read_config_dict
+from deltatune.config import AdapterConfig, read_config_dict
 from deltatune.errors import AdapterError, ConfigError, MergeError
 from deltatune.inject import find_targets, replace_module, resolve_modules_to_save
 from deltatune.layers import AdapterLayer, TrainableCopy
-from deltatune.models import model_type_of
+from deltatune.models import model_type_of, output_head_name
 from deltatune.registry import MethodSpec, get_method, spec_for_config
 
 Wrapper = (AdapterLayer, TrainableCopy)
@@ -126,11 +125,6 @@ class PeftModel(nn.Module):
                 out[name] = type(module)
         return out
 
-    def _output_head(self) -> str | None:
-        get_head = getattr(self.base_model, "get_output_embeddings", None)
-        head = get_head() if callable(get_head) else None
-        return next((n for n, m in self.base_model.named_modules() if m is head), None) if head is not None else None
-
     def _inject(self, adapter_name: str, config: AdapterConfig, spec: MethodSpec, strict: bool) -> None:
         """Wrap every target and add the adapter to it; on any failure, undo everything this call did."""
         targets = find_targets(
@@ -140,7 +134,7 @@ class PeftModel(nn.Module):
             exclude_modules=config.exclude_modules,
             layers_to_transform=config.layers_to_transform,
             layers_pattern=config.layers_pattern,
-            output_head=self._output_head(),
+            output_head=output_head_name(self.base_model),
             strict=strict,
         )
         try:
@@ -316,12 +310,11 @@ class PeftModel(nn.Module):
                 or getattr(getattr(self.base_model, "config", None), "_name_or_path", None)
                 or None
             )
-            config_dict = config.replace(base_model_name_or_path=base_path, inference_mode=True).to_dict()
             weights = io.dump_tensors(state_dict if state_dict is not None else self.adapter_state_dict(name))
             # weights first, then the config: a crash between the two leaves the old config beside new weights of
             # the same shapes at worst, never a half-written file.
             io.atomic_write_bytes(target / io.WEIGHTS_NAME, weights)
-            io.atomic_write_bytes(target / CONFIG_NAME, json.dumps(config_dict, indent=2, sort_keys=True).encode())
+            config.replace(base_model_name_or_path=base_path, inference_mode=True).save(target)
 
     @classmethod
     def from_pretrained(

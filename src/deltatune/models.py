@@ -110,6 +110,15 @@ def model_type_of(model: nn.Module) -> str | None:
     return getattr(config, "model_type", None)
 
 
+def output_head_name(model: nn.Module) -> str | None:
+    """Module name of the model's output head (transformers' `get_output_embeddings`), or None."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if head is None:
+        return None
+    return next((n for n, m in model.named_modules() if m is head), None)
+
+
 def find_layer_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """(name, list) of the model's repeated blocks: the table's entry, else the longest nn.ModuleList found."""
     spec = arch_for(model_type_of(model))

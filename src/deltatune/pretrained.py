@@ -10,8 +10,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -19,6 +17,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from deltatune.errors import ConfigError
+from deltatune.io import atomic_directory
 from deltatune.quant.state import QuantConfig
 
 DEFAULT_MODEL = "smollm2"
@@ -52,9 +51,7 @@ def _load_gguf(gguf: Path):
 def convert_gguf(gguf: Path, out_dir: Path) -> Path:
     """Write a GGUF model as a standard HF directory (config.json, model.safetensors, tokenizer files), atomically."""
     model, tokenizer = _load_gguf(gguf)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    try:
+    with atomic_directory(out_dir) as tmp:
         state = model.state_dict()
         if getattr(model.config, "tie_word_embeddings", False):
             state.pop("lm_head.weight", None)  # tied to the input embedding; transformers re-ties it on load
@@ -63,12 +60,6 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
         model.generation_config.to_json_file(tmp / "generation_config.json")
         tokenizer.save_pretrained(tmp)
         (tmp / "deltatune_source.json").write_text(json.dumps({"converted_from": str(gguf)}))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

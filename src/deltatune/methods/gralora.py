@@ -25,7 +25,7 @@ from transformers.pytorch_utils import Conv1D
 from deltatune.config import AdapterConfig
 from deltatune.errors import ConfigError, UnsupportedModuleError
 from deltatune.functional.gralora import gralora_delta, gralora_project
-from deltatune.layers import AdapterLayer, bias_parameters, linear_features
+from deltatune.layers import AdapterLayer, bias_parameters, linear_features, module_device
 from deltatune.models import default_lora_targets
 from deltatune.registry import MethodSpec, register_method
 
@@ -105,7 +105,7 @@ class GraloraLinear(AdapterLayer):
                 f"GraLoRA needs d_in={self.in_features} and d_out={self.out_features} divisible by gralora_k={k}; "
                 f"pick another gralora_k or exclude this module."
             )
-        device = next(t for t in (*self.base_layer.parameters(), *self.base_layer.buffers())).device
+        device = module_device(self.base_layer)
         a = torch.empty(k, self.in_features // k, r, device=device)
         nn.init.uniform_(a, -1 / math.sqrt(self.in_features // k), 1 / math.sqrt(self.in_features // k))
         b = torch.zeros(k, r, self.out_features // k, device=device)

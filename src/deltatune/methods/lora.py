@@ -24,7 +24,7 @@ from deltatune.config import AdapterConfig
 from deltatune.errors import ConfigError, UnsupportedFieldError, UnsupportedModuleError
 from deltatune.functional.init import gaussian_a_zero_b, kaiming_a_zero_b
 from deltatune.functional.lora import embedding_lora_delta, lora_branch, lora_delta, lora_scale
-from deltatune.layers import AdapterLayer, bias_parameters, linear_features
+from deltatune.layers import AdapterLayer, bias_parameters, linear_features, module_device
 from deltatune.models import default_lora_targets
 from deltatune.registry import MethodSpec, register_method
 
@@ -163,7 +163,7 @@ class _LoraLayer(AdapterLayer):
         self.scaling[name] = lora_scale(lora_alpha, r, use_rslora)
 
     def _device(self) -> torch.device:
-        return next(t for t in (*self.base_layer.parameters(), *self.base_layer.buffers())).device
+        return module_device(self.base_layer)
 
 
 class LoraLinear(_LoraLayer):

@@ -23,7 +23,7 @@ from transformers.pytorch_utils import Conv1D
 from deltatune.config import AdapterConfig
 from deltatune.errors import ConfigError
 from deltatune.functional.vera import vera_delta, vera_projections
-from deltatune.layers import AdapterLayer, bias_parameters, linear_features
+from deltatune.layers import AdapterLayer, bias_parameters, linear_features, module_device
 from deltatune.models import default_lora_targets
 from deltatune.registry import MethodSpec, register_method
 
@@ -59,19 +59,15 @@ class VeraConfig(AdapterConfig):
             raise ConfigError(f'bias must be "none", "all" or "vera_only", got {self.bias!r}.')
 
 
-def _features(module: nn.Module) -> tuple[int, int]:
-    return linear_features(module)[:2]
-
-
 class VeraProjections(nn.Module):
     """The adapter's shared frozen A and B (buffers; persistent iff save_projection)."""
 
     def __init__(self, config: VeraConfig, targets: list[nn.Module]) -> None:
         super().__init__()
-        max_in = max(_features(m)[0] for m in targets)
-        max_out = max(_features(m)[1] for m in targets)
+        max_in = max(linear_features(m)[0] for m in targets)
+        max_out = max(linear_features(m)[1] for m in targets)
         a, b = vera_projections(config.projection_prng_key, config.r, max_in, max_out)
-        device = next(t for t in (*targets[0].parameters(), *targets[0].buffers())).device
+        device = module_device(targets[0])
         self.register_buffer("vera_A", a.to(device), persistent=config.save_projection)
         self.register_buffer("vera_B", b.to(device), persistent=config.save_projection)
 

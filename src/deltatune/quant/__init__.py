@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from deltatune.inject import replace_module
-from deltatune.quant.linear4bit import Linear4bit
+from deltatune.quant.linear4bit import Linear4bit, linears_to_quantize
 from deltatune.quant.state import DTYPES, QuantConfig, QuantState, dequantize_4bit, quantize_4bit
 from deltatune.registry import register_layer
 
@@ -30,25 +30,13 @@ __all__ = [
 ]
 
 
-def _output_head(model: nn.Module) -> nn.Module | None:
-    get_head = getattr(model, "get_output_embeddings", None)
-    return get_head() if callable(get_head) else None
-
-
 @torch.no_grad()
 def quantize_model(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
     """Replace every nn.Linear (except `config.skip_modules` and the output head) by a Linear4bit, one layer at a time:
     each full-precision weight is released as soon as its 4-bit copy exists, so memory shrinks as it goes.
     Embeddings and norms stay in their precision. Returns the same model object."""
     config = config or QuantConfig()
-    head = _output_head(model)
-    names = [
-        n
-        for n, m in model.named_modules()
-        if isinstance(m, nn.Linear)
-        and m is not head
-        and not any(n == s or n.endswith("." + s) for s in config.skip_modules)
-    ]
+    names = linears_to_quantize(model, config)
     for name in names:
         linear = model.get_submodule(name)
         replace_module(model, name, Linear4bit.from_linear(linear, config))

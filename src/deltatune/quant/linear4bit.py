@@ -105,6 +105,20 @@ class Linear4bit(nn.Module):
         )
 
 
+def linears_to_quantize(model: nn.Module, config: QuantConfig) -> list[str]:
+    """Names of the nn.Linear modules a QuantConfig stores in 4 bits: all but `skip_modules` and the output head."""
+    from deltatune.models import output_head_name
+
+    head = output_head_name(model)
+    return [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear)
+        and n != head
+        and not any(n == s or n.endswith("." + s) for s in config.skip_modules)
+    ]
+
+
 def _has_bitsandbytes() -> bool:
     try:
         import bitsandbytes  # noqa: F401

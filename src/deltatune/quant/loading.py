@@ -17,7 +17,7 @@ from torch import nn
 
 from deltatune.errors import CheckpointError
 from deltatune.inject import replace_module
-from deltatune.quant.linear4bit import Linear4bit
+from deltatune.quant.linear4bit import Linear4bit, linears_to_quantize
 from deltatune.quant.state import QuantConfig
 
 
@@ -48,18 +48,6 @@ def _weight_files(path: Path) -> list[Path]:
     return files
 
 
-def _quantized_names(model: nn.Module, config: QuantConfig) -> set[str]:
-    get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None
-    return {
-        n
-        for n, m in model.named_modules()
-        if isinstance(m, nn.Linear)
-        and m is not head
-        and not any(n == s or n.endswith("." + s) for s in config.skip_modules)
-    }
-
-
 @torch.no_grad()
 def load_quantized_causal_lm(
     path: str | Path, config: QuantConfig | None = None, dtype: torch.dtype = torch.float32
@@ -71,7 +59,7 @@ def load_quantized_causal_lm(
     with _parameters_on_meta():
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
     model.config._name_or_path = str(path)
-    targets = _quantized_names(model, config)
+    targets = set(linears_to_quantize(model, config))
     pending: dict[str, dict[str, torch.Tensor]] = {}
     for file in _weight_files(path):
         with safe_open(str(file), framework="pt") as fh:

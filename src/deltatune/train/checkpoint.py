@@ -7,9 +7,7 @@ an interrupted save never replaces the last good checkpoint.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -52,9 +50,8 @@ def save_checkpoint(
 ) -> Path:
     """Write `run_dir/checkpoints/step-<step>` and point `latest` at it; keep the newest KEEP checkpoints."""
     root = run_dir / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
-    try:
+    final = root / f"step-{step}"
+    with io.atomic_directory(final) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in adapter_state.items()}, tmp / "adapter.safetensors")
         opt_tensors, opt_meta = _optimizer_to_files(optimizer)
         rng = {"torch": torch.get_rng_state()}
@@ -64,13 +61,6 @@ def save_checkpoint(
         save_file(rng, tmp / "rng.safetensors")
         meta = {"step": step, "optimizer": opt_meta, "scheduler": scheduler.state_dict(), **extra}
         (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=1))
-        final = root / f"step-{step}"
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     io.atomic_write_bytes(root / "latest", final.name.encode())
     for old in sorted((p for p in root.glob("step-*")), key=lambda p: int(p.name[5:]))[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
