@@ -150,7 +150,7 @@ def gralora_extra_trainable(model: nn.Module, config: GraloraConfig) -> list[str
     return bias_parameters(model, config.bias, GraloraLinear)
 
 
-GRALORA = register_method(
+register_method(
     MethodSpec(
         peft_type="GRALORA",
         config_cls=GraloraConfig,

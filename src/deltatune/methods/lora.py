@@ -377,7 +377,7 @@ LORA_LAYERS: dict[type[nn.Module], type[AdapterLayer]] = {
     nn.Embedding: LoraEmbedding,
 }
 
-LORA = register_method(
+register_method(
     MethodSpec(
         peft_type="LORA",
         config_cls=LoraConfig,

@@ -141,7 +141,7 @@ def vera_extra_trainable(model: nn.Module, config: VeraConfig) -> list[str]:
     return bias_parameters(model, config.bias, VeraLinear)
 
 
-VERA = register_method(
+register_method(
     MethodSpec(
         peft_type="VERA",
         config_cls=VeraConfig,
