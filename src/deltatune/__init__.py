@@ -12,6 +12,7 @@ from deltatune.errors import (
     UnsupportedFieldError,
     UnsupportedModuleError,
 )
+from deltatune.methods.adalora import AdaLoraConfig
 from deltatune.methods.gralora import GraloraConfig
 from deltatune.methods.lora import LoraConfig
 from deltatune.methods.vera import VeraConfig
@@ -22,6 +23,7 @@ from deltatune.registry import MethodSpec, get_method, list_methods, register_me
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaLoraConfig",
     "AdapterConfig",
     "AdapterError",
     "CheckpointError",

@@ -29,6 +29,8 @@ class AdapterConfig:
 
     peft_type: ClassVar[str] = ""
     unsupported_fields: ClassVar[tuple[str, ...]] = ()
+    accepts_auto_rank_pattern: ClassVar[bool] = False
+    """True when `rank_pattern` maps modules to integer ranks, so the trainer's `rank_pattern: auto` can fill it."""
 
     target_modules: list[str] | str | None = None
     """Module names to adapt: a list of name suffixes, a regex matched against the full name, or "all-linear"."""
@@ -103,6 +105,11 @@ class AdapterConfig:
 
         payload = json.dumps(self.to_dict(), indent=2, sort_keys=True).encode()
         atomic_write_bytes(Path(directory) / CONFIG_NAME, payload)
+
+    def for_training(self, total_steps: int) -> AdapterConfig:
+        """This config for a run of `total_steps` optimizer steps; methods whose schedule depends on the run's
+        length (AdaLoRA's budget) fill it in here."""
+        return self
 
     def replace(self, **changes: Any) -> AdapterConfig:
         """A validated copy with some fields changed."""

@@ -20,7 +20,7 @@ from deltatune.errors import AdapterError, ConfigError, MergeError
 from deltatune.inject import find_targets, replace_module, resolve_modules_to_save
 from deltatune.layers import AdapterLayer, TrainableCopy
 from deltatune.models import model_type_of, output_head_name
-from deltatune.registry import MethodSpec, get_method, spec_for_config
+from deltatune.registry import MethodHooks, MethodSpec, get_method, spec_for_config
 
 Wrapper = (AdapterLayer, TrainableCopy)
 
@@ -39,7 +39,13 @@ class PeftModel(nn.Module):
 
     # -- pass-through -------------------------------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.base_model(*args, **kwargs)
+        outputs = self.base_model(*args, **kwargs)
+        hooks = self._hooks()
+        loss = getattr(outputs, "loss", None)
+        if hooks is not None and self.training and isinstance(loss, Tensor):
+            # the method's regulariser joins a loss the model computed itself (labels given), as peft does
+            outputs.loss = loss + hooks.extra_loss(self)
+        return outputs
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         return self.base_model.generate(*args, **kwargs)
@@ -54,6 +60,40 @@ class PeftModel(nn.Module):
 
     def get_base_model(self) -> nn.Module:
         return self.base_model
+
+    # -- training hooks -----------------------------------------------------------------------------------------------
+    def _hooks(self) -> MethodHooks | None:
+        types = {c.peft_type for c in self.peft_config.values()}  # one method per model (_check_same_method)
+        return get_method(types.pop()).hooks if types else None
+
+    def update_and_allocate(self, global_step: int) -> None:
+        """Run the method's per-step training hook (AdaLoRA: update importance scores, re-allocate ranks); a no-op
+        for methods without one. In your own loop call it after `optimizer.step()` and before `zero_grad()`, with
+        steps counted from 0; deltatune's trainer calls it for you."""
+        hooks = self._hooks()
+        if hooks is not None:
+            hooks.on_step(self, global_step)
+
+    def training_state_dict(self) -> dict[str, Tensor]:
+        """What a resumed run needs besides the optimizer: every trainable tensor at full size, under its module
+        path (`param.<name>`), and the method hooks' accumulated state (`method.<key>`)."""
+        out = {f"param.{n}": p for n, p in self.base_model.named_parameters() if p.requires_grad}
+        hooks = self._hooks()
+        if hooks is not None:
+            out.update({f"method.{k}": v for k, v in hooks.state_dict(self).items()})
+        return out
+
+    @torch.no_grad()
+    def load_training_state_dict(self, tensors: dict[str, Tensor]) -> None:
+        """Restore `training_state_dict()` output; parameter names and shapes are checked before anything changes."""
+        params = {n: p for n, p in self.base_model.named_parameters() if p.requires_grad}
+        found = {k[len("param.") :]: v for k, v in tensors.items() if k.startswith("param.")}
+        io.check_state(params, found, "training checkpoint")
+        for name, value in found.items():
+            params[name].copy_(value.to(params[name].dtype))
+        hooks = self._hooks()
+        if hooks is not None:
+            hooks.load_state_dict(self, {k[len("method.") :]: v for k, v in tensors.items() if k.startswith("method.")})
 
     # -- adapter bookkeeping ------------------------------------------------------------------------------------------
     @property

@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from torch import nn
+from torch import Tensor, nn
 
 from deltatune.errors import UnknownMethodError
 
@@ -24,12 +24,17 @@ class MethodHooks(Protocol):
     """Training-time behaviour a method may add; the trainer calls these and nothing else.
 
     extra_loss(model) is added to every step's objective (split over its micro-batches); on_step(model, step) runs
-    after the optimizer update and before gradients are cleared.
+    after the optimizer update and before gradients are cleared (steps count from 0). state_dict / load_state_dict
+    carry whatever the hooks accumulate across steps (e.g. importance averages) through training checkpoints.
     """
 
     def on_step(self, model: nn.Module, step: int) -> None: ...
 
     def extra_loss(self, model: nn.Module) -> Any: ...
+
+    def state_dict(self, model: nn.Module) -> dict[str, Tensor]: ...
+
+    def load_state_dict(self, model: nn.Module, tensors: dict[str, Tensor]) -> None: ...
 
 
 LayerFactory = Callable[..., "AdapterLayer"]

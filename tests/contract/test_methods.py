@@ -67,7 +67,24 @@ def _vera_count(model: dt.PeftModel, adapter: str) -> int:
     )
 
 
+def _adalora_count(model: dt.PeftModel, adapter: str) -> int:
+    """init_r · (d_in + d_out + 1) per adapted matrix (A, B and the singular values E)."""
+    return sum(
+        m.r[adapter] * (m.in_features + m.out_features + 1)
+        for m in model.modules()
+        if isinstance(m, AdapterLayer) and adapter in m.adapter_names
+    )
+
+
 METHOD_CASES: dict[str, MethodCase] = {
+    "ADALORA": MethodCase(
+        "ADALORA",
+        make_config=lambda targets, **kw: dt.AdaLoraConfig(
+            init_r=4, target_r=2, lora_alpha=0.5, total_step=10, target_modules=targets, init_lora_weights=False, **kw
+        ),
+        trainable=_adalora_count,
+        skip={"mlp": "AdaLoRA wraps Linear, Conv1D and Conv2d layers; the custom model also targets embedding/Conv1d"},
+    ),
     "LORA": MethodCase(
         "LORA",
         make_config=lambda targets, **kw: dt.LoraConfig(

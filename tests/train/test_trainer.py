@@ -31,6 +31,22 @@ def _cfg(model_dir, tmp_path, *extra):
     )
 
 
+def _cut_and_resume(model_dir, tmp_path, monkeypatch, args, cut_at):
+    """Run under tmp_path/cut, interrupted before step `cut_at`, then resume it to the end."""
+    real_step = trainer_module._train_step
+
+    def interrupted(run, step):
+        if step == cut_at:
+            raise KeyboardInterrupt
+        return real_step(run, step)
+
+    monkeypatch.setattr(trainer_module, "_train_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(model_dir, tmp_path / "cut", *args))
+    monkeypatch.setattr(trainer_module, "_train_step", real_step)
+    return train(_cfg(model_dir, tmp_path / "cut", *args), resume=True)
+
+
 def test_training_lowers_loss_writes_metrics_and_a_loadable_adapter(tiny_model_dir, tmp_path):
     result = train(_cfg(tiny_model_dir, tmp_path, "optim.steps=12", "eval_every=6", "log_every=3"))
     assert len(result.losses) == 12 and all(math.isfinite(v) for v in result.losses)
@@ -50,18 +66,7 @@ def test_resume_after_interruption_reproduces_the_losses_exactly(tiny_model_dir,
     args = ("optim.steps=6", "save_every=3", "method.lora_dropout=0.1", "optim.grad_accum=2")
     full = train(_cfg(tiny_model_dir, tmp_path / "full", *args)).losses
 
-    real_step = trainer_module._train_step
-
-    def interrupted(run, step):
-        if step == 4:
-            raise KeyboardInterrupt
-        return real_step(run, step)
-
-    monkeypatch.setattr(trainer_module, "_train_step", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        train(_cfg(tiny_model_dir, tmp_path / "cut", *args))
-    monkeypatch.setattr(trainer_module, "_train_step", real_step)
-    resumed = train(_cfg(tiny_model_dir, tmp_path / "cut", *args), resume=True)
+    resumed = _cut_and_resume(tiny_model_dir, tmp_path, monkeypatch, args, cut_at=4)
     assert resumed.losses == full  # bit-identical: same data order, RNG, optimizer and scheduler state
     a = load_file(tmp_path / "full" / "run" / "adapter" / "adapter_model.safetensors")
     b = load_file(tmp_path / "cut" / "run" / "adapter" / "adapter_model.safetensors")
@@ -130,9 +135,39 @@ def test_method_hooks_see_gradients_and_add_their_loss(tiny_model_dir, tmp_path,
             # pulls every lora_B towards 1: visible in the trained adapter even with a tiny lr
             return sum(((p - 1.0) ** 2).sum() for n, p in model.named_parameters() if "lora_B" in n)
 
+        def state_dict(self, model):
+            return {}
+
+        def load_state_dict(self, model, tensors):
+            pass
+
     spec = registry.get_method("LORA")
     monkeypatch.setitem(registry._METHODS, "LORA", dataclasses.replace(spec, hooks=Hooks()))
     result = train(_cfg(tiny_model_dir, tmp_path, "optim.steps=3", "optim.grad_accum=2"))
     assert seen["steps"] == [0, 1, 2] and all(seen["grads"])
     b = [p for n, p in result.model.named_parameters() if "lora_B" in n]
     assert all(p.mean() > 0 for p in b)  # the regulariser moved B away from its zero init, towards 1
+
+
+def test_adalora_allocates_during_training_and_resumes_exactly(tiny_model_dir, tmp_path, monkeypatch):
+    args = (
+        "optim.steps=6",
+        "save_every=3",
+        "method.peft_type=ADALORA",
+        "method.init_r=4",
+        "method.target_r=2",
+        "method.tinit=1",
+        "method.tfinal=2",
+    )
+    full = train(_cfg(tiny_model_dir, tmp_path / "full", *args))
+    config = json.loads((full.adapter_dir / "adapter_config.json").read_text())
+    assert config["total_step"] == 6  # filled from optim.steps
+    assert sum(sum(v) for v in config["rank_pattern"].values()) == 2 * 6  # target_r x 6 adapted matrices
+    saved = load_file(full.adapter_dir / "adapter_model.safetensors")
+    assert sum(t.shape[0] for k, t in saved.items() if k.endswith("lora_E")) == 12
+
+    # cut in the budget phase: the checkpoint after 3 steps holds the importance averages and masks so far
+    resumed = _cut_and_resume(tiny_model_dir, tmp_path, monkeypatch, args, cut_at=4)
+    assert resumed.losses == full.losses  # importance averages and masks came back with the checkpoint
+    other = load_file(resumed.adapter_dir / "adapter_model.safetensors")
+    assert set(other) == set(saved) and all(torch.equal(saved[k], other[k]) for k in saved)

@@ -34,6 +34,7 @@ class LoraConfig(AdapterConfig):
     """Configuration of a LoRA adapter (field names and defaults are peft's)."""
 
     peft_type = "LORA"
+    accepts_auto_rank_pattern = True
     # peft options deltatune does not implement (yet): loading an adapter that turns one on is an error, not a guess.
     unsupported_fields = (
         "lora_bias",

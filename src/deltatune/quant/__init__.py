@@ -77,9 +77,11 @@ def merge_and_dequantize(peft_model, dtype: torch.dtype | None = None, safe_merg
 
 
 def _register() -> None:
+    from deltatune.methods.adalora import SvdLinear
     from deltatune.methods.lora import LoraLinear
 
     register_layer("LORA", Linear4bit, LoraLinear)
+    register_layer("ADALORA", Linear4bit, SvdLinear)
 
 
 _register()

@@ -120,6 +120,11 @@ def adapter_config(method: dict[str, Any]) -> AdapterConfig:
     spec = get_method(str(method["peft_type"]).upper())
     data = {**method, "peft_type": spec.peft_type}
     if data.get("rank_pattern") == "auto":  # resolved by the trainer from gradient sensitivity before training
+        if not spec.config_cls.accepts_auto_rank_pattern:
+            raise ConfigError(
+                f"rank_pattern: auto (one-shot gradient-sensitivity ranks, set before training) is for fixed-rank "
+                f"LoRA; {spec.peft_type} does not take it: remove it."
+            )
         data["rank_pattern"] = {}
     known = set(spec.config_cls.__dataclass_fields__) | {"peft_type"}
     unknown = sorted(set(data) - known)

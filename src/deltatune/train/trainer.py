@@ -134,7 +134,7 @@ def _setup(cfg: TrainConfig, resume: bool, model: nn.Module | None, tokenizer: A
 def _method_config(cfg: TrainConfig, model: nn.Module, train_set: list, tokenizer: Any, device: torch.device):
     """The adapter config; `rank_pattern: auto` becomes a gradient-sensitivity allocation at the same parameter
     count as uniform rank r, scored on the first 4 batches of the run's data order."""
-    config = adapter_config(cfg.method)
+    config = adapter_config(cfg.method).for_training(cfg.optim.steps)
     if cfg.method.get("rank_pattern") != "auto":
         return config
     from deltatune.analysis import allocate_ranks
@@ -203,7 +203,7 @@ def _resume(run: _Run) -> None:
     if path is None:
         raise ConfigError(f"--resume: no checkpoint under {run.run_dir}/checkpoints (set save_every to write some).")
     adapter, optimizer, rng, meta = ckpt.load_checkpoint(path)
-    run.model.load_adapter_tensors("default", adapter)
+    run.model.load_training_state_dict(adapter)
     run.optimizer.load_state_dict(optimizer)
     run.scheduler.load_state_dict(meta["scheduler"])
     ckpt.restore_rng(rng)
@@ -301,7 +301,7 @@ def _loop(run: _Run, console: Console) -> None:
                 ckpt.save_checkpoint(
                     run.run_dir,
                     step + 1,
-                    run.model.adapter_state_dict("default"),
+                    run.model.training_state_dict(),
                     run.optimizer,
                     run.scheduler,
                     {"losses": run.losses},
