@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test test-slow lint quickstart bench clean
+.PHONY: setup test test-slow test-gpu lint quickstart bench clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,10 @@ test: setup
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow tests
+
+# on a CUDA machine: the CUDA tests (they skip elsewhere)
+test-gpu: setup
+	$(PY) -m pytest -q tests/gpu
 
 quickstart: setup
 	$(VENV)/bin/deltatune quickstart

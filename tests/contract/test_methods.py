@@ -44,9 +44,17 @@ class MethodCase:
 
 
 def _dora_count(model: dt.PeftModel, adapter: str) -> int:
-    """LoRA's count plus one magnitude per output feature of each adapted layer."""
+    """LoRA's count plus one magnitude per output feature of each adapted layer (an embedding's features are its
+    dims; a conv's its output channels)."""
+    from deltatune.methods.lora import LoraConv, LoraEmbedding
+
+    def features(m):
+        if isinstance(m, LoraEmbedding):
+            return m.base_weight.shape[1]
+        return m.base_weight.shape[0] if isinstance(m, LoraConv) else m.out_features
+
     layers = [m for m in model.modules() if isinstance(m, AdapterLayer) and adapter in m.adapter_names]
-    return _lora_count(model, adapter) + sum(m.out_features for m in layers)
+    return _lora_count(model, adapter) + sum(features(m) for m in layers)
 
 
 def _gralora_count(model: dt.PeftModel, adapter: str) -> int:
@@ -98,7 +106,6 @@ METHOD_CASES: dict[str, MethodCase] = {
             r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False, use_dora=True, **kw
         ),
         trainable=_dora_count,
-        skip={"mlp": "DoRA wraps Linear and Conv1D layers; the custom model targets conv and embedding layers"},
         not_additive="each active DoRA adapter renormalises the output of the ones before it (as in peft)",
     ),
     "GRALORA": MethodCase(

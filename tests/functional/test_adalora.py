@@ -30,14 +30,21 @@ def test_orthogonality_penalty_is_zero_for_orthonormal_factors_and_frobenius_oth
     a, b = torch.randn(2, 4), torch.randn(5, 2)
     want = ((a @ a.T - torch.eye(2)) ** 2).sum().sqrt() + ((b.T @ b - torch.eye(2)) ** 2).sum().sqrt()
     torch.testing.assert_close(orthogonality_penalty(a, b), want)
+    stacked = orthogonality_penalty(torch.stack([a, 2 * a]), torch.stack([b, b]))
+    torch.testing.assert_close(stacked, torch.stack([want, orthogonality_penalty(2 * a, b)]))
 
 
 def test_importance_emas_follow_the_paper():
     p, g = torch.tensor([2.0, -1.0]), torch.tensor([0.5, 3.0])
     ipt, unc = torch.zeros(2), torch.zeros(2)
-    update_importance(p, g, ipt, unc, 0.85, 0.9)
+    other = [torch.ones(3), torch.zeros(3), torch.zeros(3)]  # a second tensor in the same call
+    update_importance([p, other[0]], [g, torch.full((3,), 2.0)], [ipt, other[1]], [unc, other[2]], 0.85, 0.9)
     torch.testing.assert_close(ipt, 0.15 * torch.tensor([1.0, 3.0]))
     torch.testing.assert_close(unc, 0.1 * (torch.tensor([1.0, 3.0]) - ipt).abs())  # uses the updated Ī
+    torch.testing.assert_close(other[1], torch.full((3,), 0.3))
+    ipt_before = ipt.clone()
+    update_importance([p], [g], [ipt], [unc], 0.85, 0.9)
+    torch.testing.assert_close(ipt, 0.85 * ipt_before + 0.15 * torch.tensor([1.0, 3.0]))
 
 
 def test_triplet_score_sums_e_and_row_and_column_means():

@@ -22,6 +22,7 @@ CASES = {
     "llama-embedding": dict(target_modules=["embed_tokens", "q_proj"]),
     "llama-dora": dict(target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True),
     "gpt2-dora": dict(target_modules=["c_attn", "c_fc"], use_dora=True, fan_in_fan_out=True),
+    "mlp-dora": dict(target_modules=["emb", "conv", "conv1d", "lin0", "lin1"], use_dora=True),  # embedding + convs
 }
 
 

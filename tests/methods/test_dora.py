@@ -83,12 +83,34 @@ def test_eval_norm_is_cached_until_the_adapter_changes():
         assert not torch.allclose(layer(x), first)
 
 
-def test_dora_on_unsupported_layers_is_a_typed_error_and_changes_nothing():
+def test_conv_and_embedding_magnitudes_have_peft_shapes_and_start_at_the_weight_norm():
     model = tiny_mlp()
-    types = {n: type(m) for n, m in model.named_modules()}
-    with pytest.raises(dt.UnsupportedModuleError, match="use_dora"):
-        dt.get_peft_model(model, dt.LoraConfig(r=2, target_modules=["lin0", "conv"], use_dora=True))
-    assert {n: type(m) for n, m in model.named_modules()} == types
+    inputs = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(1))
+    want = model(inputs)
+    pm = dt.get_peft_model(model, dt.LoraConfig(r=2, target_modules=["emb", "conv", "conv1d"], use_dora=True))
+    magnitude = {
+        n: m.lora_magnitude_vector["default"]
+        for n, m in pm.base_model.named_children()
+        if hasattr(m, "lora_magnitude_vector")
+    }
+    assert magnitude["conv"].shape == (1, 4, 1, 1) and magnitude["conv1d"].shape == (1, 16, 1)
+    emb = pm.base_model.emb.base_layer.weight
+    torch.testing.assert_close(magnitude["emb"], emb.norm(dim=0))  # per embedding dim, over the vocabulary
+    torch.testing.assert_close(pm(inputs), want, rtol=1e-5, atol=1e-5)  # B = 0 (A = 0 for embeddings): unchanged
+
+
+def test_dora_on_an_unsupported_layer_is_a_typed_error_and_changes_nothing():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    from deltatune.methods.lora import LORA_VARIANTS, LoraLinear
+
+    variants = dict(LORA_VARIANTS["use_dora"])
+    del LORA_VARIANTS["use_dora"][LoraLinear]
+    try:
+        with pytest.raises(dt.UnsupportedModuleError, match="use_dora=True is not supported on Linear"):
+            dt.get_peft_model(model, dt.LoraConfig(r=2, target_modules=["0"], use_dora=True))
+    finally:
+        LORA_VARIANTS["use_dora"] = variants
+    assert type(model[0]) is torch.nn.Linear
 
 
 def test_llama_7b_counts_from_the_dora_paper():

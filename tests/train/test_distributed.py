@@ -17,6 +17,8 @@ WORKER = Path(__file__).with_name("ddp_worker.py")
 
 def _run(args: list[str], tmp: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    if torch.cuda.device_count() < 2:  # nccl needs a GPU per process: with fewer, both ranks train on CPU (gloo)
+        env["CUDA_VISIBLE_DEVICES"] = ""
     proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=240, cwd=tmp)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 

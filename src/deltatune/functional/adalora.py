@@ -26,19 +26,27 @@ def svd_delta(lora_a: Tensor, lora_e: Tensor, lora_b: Tensor, scale: float, fan_
 
 
 def orthogonality_penalty(lora_a: Tensor, lora_b: Tensor) -> Tensor:
-    """‖A Aᵀ − I‖_F + ‖BᵀB − I‖_F: pushes the rows of A and the columns of B towards orthonormal sets."""
-    eye = torch.eye(lora_a.shape[0], device=lora_a.device, dtype=lora_a.dtype)
-    return torch.linalg.matrix_norm(lora_a @ lora_a.T - eye) + torch.linalg.matrix_norm(lora_b.T @ lora_b - eye)
+    """‖A Aᵀ − I‖_F + ‖BᵀB − I‖_F: pushes the rows of A and the columns of B towards orthonormal sets. Also takes
+    stacks (n, r, d_in) / (n, d_out, r) and returns the n sums."""
+    eye = torch.eye(lora_a.shape[-2], device=lora_a.device, dtype=lora_a.dtype)
+    gram_a, gram_b = lora_a @ lora_a.mT, lora_b.mT @ lora_b
+    return torch.linalg.matrix_norm(gram_a - eye) + torch.linalg.matrix_norm(gram_b - eye)
 
 
 @torch.no_grad()
 def update_importance(
-    param: Tensor, grad: Tensor, ema_ipt: Tensor, ema_unc: Tensor, beta1: float, beta2: float
+    params: list[Tensor], grads: list[Tensor], ema_ipt: list[Tensor], ema_unc: list[Tensor], beta1: float, beta2: float
 ) -> None:
-    """One step of the smoothed sensitivity Ī and its uncertainty Ū, in place."""
-    ipt = (param * grad).abs()
-    ema_ipt.mul_(beta1).add_(ipt, alpha=1 - beta1)
-    ema_unc.mul_(beta2).add_((ipt - ema_ipt).abs(), alpha=1 - beta2)
+    """One step of the smoothed sensitivity Ī and its uncertainty Ū for many tensors at once, in place (multi-tensor
+    kernels: a handful of launches for the whole model instead of several per tensor)."""
+    ipt = torch._foreach_mul(params, grads)
+    torch._foreach_abs_(ipt)
+    torch._foreach_mul_(ema_ipt, beta1)
+    torch._foreach_add_(ema_ipt, ipt, alpha=1 - beta1)
+    torch._foreach_sub_(ipt, ema_ipt)  # I − Ī, with the updated Ī
+    torch._foreach_abs_(ipt)
+    torch._foreach_mul_(ema_unc, beta2)
+    torch._foreach_add_(ema_unc, ipt, alpha=1 - beta2)
 
 
 def triplet_scores(score_a: Tensor, score_e: Tensor, score_b: Tensor) -> Tensor:

@@ -10,6 +10,7 @@ second level is a symmetric linear int8 code; bitsandbytes uses its 8-bit dynami
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -32,6 +33,13 @@ NESTED_BLOCK = 256
 
 
 def codebook(quant_type: str, device: torch.device | str = "cpu") -> Tensor:
+    """The 16 code values as a float32 tensor on `device`; cached (read-only: never modify it), so a forward on a GPU
+    does not copy it from the host for every layer."""
+    return _codebook(quant_type, torch.device(device))
+
+
+@functools.cache
+def _codebook(quant_type: str, device: torch.device) -> Tensor:
     return torch.tensor(CODES[quant_type], dtype=torch.float32, device=device)
 
 

@@ -184,9 +184,11 @@ class _SvdLayer(AdapterLayer):
 
     @torch.no_grad()
     def set_rank_mask(self, name: str, keep: Tensor) -> None:
-        """Keep only the triplets where `keep` is True: their E entries become (and stay) zero."""
-        self.lora_E[name].masked_fill_(~keep.view(-1, 1).to(self.lora_E[name].device), 0.0)
-        self.rank_mask[name] = keep.detach().to("cpu", torch.bool).clone()
+        """Keep only the triplets where `keep` is True: the others' E entries become zero (the mask stays on E's
+        device, so allocating never waits for the GPU)."""
+        keep = keep.detach().to(self.lora_E[name].device, torch.bool).reshape(-1)
+        self.lora_E[name].masked_fill_(~keep.view(-1, 1), 0.0)
+        self.rank_mask[name] = keep.clone()
 
     def kept_rank(self, name: str) -> int:
         mask = self.rank_mask.get(name)
@@ -341,31 +343,32 @@ class RankAllocator(nn.Module):
         return sum(layer.r[name] for layer in layers.values())
 
     def _update_importance(self, layers: dict[str, _SvdLayer], name: str, config: AdaLoraConfig) -> None:
+        params, grads = [], []
         for path, layer in layers.items():
             for attr in _SvdLayer.adapter_param_names:
                 param = getattr(layer, attr)[name]
                 key = f"{path}.{attr}"
                 if key not in self.ema:
                     self.ema[key] = (torch.zeros_like(param), torch.zeros_like(param))
-                grad = param.grad if param.grad is not None else torch.zeros_like(param)
-                update_importance(param.detach(), grad, *self.ema[key], config.beta1, config.beta2)
-
-    def _score(self, key: str, like: Tensor) -> Tensor:
-        ipt, unc = self.ema.get(key, (torch.zeros_like(like), torch.zeros_like(like)))
-        return ipt * unc
+                params.append(param.detach())
+                grads.append(param.grad if param.grad is not None else torch.zeros_like(param))
+        emas = [self.ema[f"{path}.{attr}"] for path in layers for attr in _SvdLayer.adapter_param_names]
+        update_importance(params, grads, [e[0] for e in emas], [e[1] for e in emas], config.beta1, config.beta2)
 
     def _mask_to_budget(self, layers: dict[str, _SvdLayer], name: str, config: AdaLoraConfig, budget: int) -> None:
-        scores = [
-            triplet_scores(
-                *(self._score(f"{path}.{attr}", getattr(layer, attr)[name]) for attr in ("lora_A", "lora_E", "lora_B"))
-            )
-            for path, layer in layers.items()
-        ]
-        pattern = {}
-        for (path, layer), keep in zip(layers.items(), keep_top(scores, budget), strict=True):
+        scores = []
+        for path, layer in layers.items():
+            element = []
+            for attr in ("lora_A", "lora_E", "lora_B"):
+                like = getattr(layer, attr)[name]
+                ipt, unc = self.ema.get(f"{path}.{attr}", (torch.zeros_like(like), torch.zeros_like(like)))
+                element.append(ipt * unc)
+            scores.append(triplet_scores(*element))
+        keeps = keep_top(scores, budget)
+        for layer, keep in zip(layers.values(), keeps, strict=True):
             layer.set_rank_mask(name, keep)
-            pattern[f"{path}.lora_E"] = [bool(k) for k in keep.tolist()]
-        config.rank_pattern = pattern
+        kept_lists = torch.cat(keeps).cpu().split([k.numel() for k in keeps])  # one device sync per allocation
+        config.rank_pattern = {f"{path}.lora_E": k.tolist() for path, k in zip(layers, kept_lists, strict=True)}
 
     def state_tensors(self, layers: dict[str, _SvdLayer], name: str) -> dict[str, Tensor]:
         """EMAs and masks, for an exact resume."""
@@ -376,10 +379,14 @@ class RankAllocator(nn.Module):
     def load_state_tensors(
         self, layers: dict[str, _SvdLayer], name: str, config: AdaLoraConfig, tensors: dict[str, Tensor]
     ) -> None:
+        devices = {
+            f"{path}.{attr}": getattr(m, attr)[name].device
+            for path, m in layers.items()
+            for attr in _SvdLayer.adapter_param_names
+        }
         self.ema = {
-            key[len("ema_ipt.") :]: (value.clone(), tensors["ema_unc." + key[len("ema_ipt.") :]].clone())
-            for key, value in tensors.items()
-            if key.startswith("ema_ipt.")
+            key: (value.to(devices[key], copy=True), tensors["ema_unc." + key].to(devices[key], copy=True))
+            for key, value in ((k[len("ema_ipt.") :], v) for k, v in tensors.items() if k.startswith("ema_ipt."))
         }
         masks = {key[len("mask.") :]: value.bool() for key, value in tensors.items() if key.startswith("mask.")}
         for path, keep in masks.items():
@@ -414,7 +421,15 @@ class AdaLoraHooks:
         for name, _, config, layers in _trained(model):
             if config.orth_reg_weight == 0 or not layers:
                 continue
-            penalty = sum(orthogonality_penalty(m.lora_A[name], m.lora_B[name]) for m in layers.values())
+            groups: dict[tuple, list[_SvdLayer]] = {}  # same shapes: one batched product per group
+            for m in layers.values():
+                groups.setdefault((m.lora_A[name].shape, m.lora_B[name].shape), []).append(m)
+            penalty = sum(
+                orthogonality_penalty(
+                    torch.stack([m.lora_A[name] for m in group]), torch.stack([m.lora_B[name] for m in group])
+                ).sum()
+                for group in groups.values()
+            )
             total = total + config.orth_reg_weight * penalty / (2 * len(layers))
         return total
 

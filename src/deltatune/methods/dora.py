@@ -8,17 +8,20 @@ Selected by `LoraConfig(use_dora=True)` (peft keeps `peft_type: LORA`); the magn
 The norm is a constant in backward (§4.3: no gradient through it, less memory). Training needs the full-size update
 B A once per forward to compute that norm (DoRA's cost); in eval without grad the norm is cached until A, B or W
 change. With dropout p > 0 in training, the base term is recomputed on the dropped input, as peft does.
-Supported layers: nn.Linear, GPT-2 Conv1D (and 4-bit linears).
+Supported layers: nn.Linear, GPT-2 Conv1D (and 4-bit linears), nn.Conv1d/2d/3d (magnitude per output channel,
+saved as (1, c_out, 1, ...)) and nn.Embedding (magnitude per embedding dim, the norm over the vocabulary), as peft.
 """
 
 from __future__ import annotations
+
+import abc
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deltatune.functional.dora import column_norm, dora_merge, dora_unmerge
-from deltatune.methods.lora import LoraLinear, register_lora_variant
+from deltatune.methods.lora import LoraConv, LoraEmbedding, LoraLinear, _LoraLayer, register_lora_variant
 
 
 class DoraVariant:
@@ -76,4 +79,89 @@ class DoraVariant:
         return restored.T if layer.fan_in_fan_out else restored
 
 
-register_lora_variant("use_dora", DoraVariant())
+class _DoraOriented(abc.ABC):
+    """DoRA for layers whose weight is not a plain (d_out, d_in) matrix: subclasses give the weight and the update
+    oriented as (output feature, ...) and apply the per-feature scale to the layer's output."""
+
+    param_name = "lora_magnitude_vector"
+
+    def oriented(self, layer: _LoraLayer, weight: Tensor) -> Tensor:
+        return weight
+
+    @abc.abstractmethod
+    def magnitude_shape(self, layer: _LoraLayer) -> tuple[int, ...]:
+        """The magnitude's saved shape (peft's)."""
+
+    @abc.abstractmethod
+    def forward(self, layer: _LoraLayer, name: str, x: Tensor, result: Tensor) -> Tensor:
+        """`result` (the base output plus earlier adapters) with this adapter's DoRA term applied."""
+
+    def init(self, layer: _LoraLayer, name: str) -> None:
+        with torch.no_grad():
+            norm = column_norm(self._combined(layer, name))
+        layer.lora_magnitude_vector[name] = nn.Parameter(norm.reshape(self.magnitude_shape(layer)))
+
+    def _combined(self, layer: _LoraLayer, name: str) -> Tensor:
+        weight = layer.base_weight.detach().float()
+        return self.oriented(layer, weight) + self.oriented(layer, layer.delta_weight(name))
+
+    def _scale(self, layer: _LoraLayer, name: str) -> Tensor:
+        """m / ‖W0 + ΔW‖_c per output feature, the norm detached (§4.3)."""
+        with torch.no_grad():
+            norm = column_norm(self._combined(layer, name))
+        return layer.lora_magnitude_vector[name].reshape(-1) / norm
+
+    def compose(self, layer: _LoraLayer, name: str, weight: Tensor) -> Tensor:
+        magnitude = layer.lora_magnitude_vector[name].float().reshape(-1)
+        delta = self.oriented(layer, layer.delta_weight(name))
+        merged, norm = dora_merge(self.oriented(layer, weight), delta, magnitude)
+        layer.__dict__.setdefault("_dora_merge_norm", {})[name] = norm
+        return self.oriented(layer, merged)
+
+    def decompose(self, layer: _LoraLayer, name: str, weight: Tensor) -> Tensor:
+        norm = layer.__dict__["_dora_merge_norm"].pop(name)
+        magnitude = layer.lora_magnitude_vector[name].float().reshape(-1)
+        delta = self.oriented(layer, layer.delta_weight(name))
+        return self.oriented(layer, dora_unmerge(self.oriented(layer, weight), delta, magnitude, norm))
+
+
+class DoraConvVariant(_DoraOriented):
+    """Conv1d/2d/3d: one magnitude per output channel, stored (1, c_out, 1, ...) as peft does."""
+
+    def magnitude_shape(self, layer: _LoraLayer) -> tuple[int, ...]:
+        weight = layer.base_weight
+        return (1, weight.shape[0], *([1] * (weight.dim() - 2)))
+
+    def forward(self, layer: _LoraLayer, name: str, x: Tensor, result: Tensor) -> Tensor:
+        base = layer.base_layer
+        scale = self._scale(layer, name).to(result.dtype).reshape(self.magnitude_shape(layer))
+        p = layer.dropout_p[name]
+        if layer.training and p > 0:
+            x = F.dropout(x, p, training=True)
+            base_out = base._conv_forward(x, base.weight, None)
+        else:
+            bias = base.bias
+            base_out = result - bias.reshape(self.magnitude_shape(layer)) if bias is not None else result
+        lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
+        lora_out = lora_b(lora_a(x.to(lora_a.weight.dtype))) * layer.scaling[name]
+        return result + ((scale - 1) * base_out + scale * lora_out).to(result.dtype)
+
+
+class DoraEmbeddingVariant(_DoraOriented):
+    """nn.Embedding: the output features are the embedding dims, so the norm runs over the vocabulary (peft's choice;
+    magnitude shape (dim,)): E' = (E0 + ΔE) · m / ‖(E0 + ΔE)ᵀ‖_c."""
+
+    def oriented(self, layer: _LoraLayer, weight: Tensor) -> Tensor:
+        return weight.T
+
+    def magnitude_shape(self, layer: _LoraLayer) -> tuple[int, ...]:
+        return (layer.base_weight.shape[1],)
+
+    def forward(self, layer: _LoraLayer, name: str, x: Tensor, result: Tensor) -> Tensor:
+        scale = self._scale(layer, name).to(result.dtype)
+        return scale * (result + layer.lora_output(name, x).to(result.dtype))
+
+
+register_lora_variant("use_dora", LoraLinear, DoraVariant())
+register_lora_variant("use_dora", LoraConv, DoraConvVariant())
+register_lora_variant("use_dora", LoraEmbedding, DoraEmbeddingVariant())

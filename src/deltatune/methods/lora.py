@@ -118,39 +118,36 @@ def lora_layer_kwargs(config: LoraConfig, module_path: str) -> dict[str, Any]:
 
 
 class LoraVariant(Protocol):
-    """A LoRA variant (e.g. DoRA) selected by a config flag; it owns one extra per-adapter parameter."""
+    """A LoRA variant (e.g. DoRA) selected by a config flag, for one wrapper type; it owns one extra per-adapter
+    parameter."""
 
     param_name: str
 
-    def init(self, layer: LoraLinear, name: str) -> None: ...
+    def init(self, layer: _LoraLayer, name: str) -> None: ...
 
-    def forward(self, layer: LoraLinear, name: str, x: Tensor, result: Tensor) -> Tensor: ...
+    def forward(self, layer: _LoraLayer, name: str, x: Tensor, result: Tensor) -> Tensor: ...
 
-    def compose(self, layer: LoraLinear, name: str, weight: Tensor) -> Tensor: ...
+    def compose(self, layer: _LoraLayer, name: str, weight: Tensor) -> Tensor: ...
 
-    def decompose(self, layer: LoraLinear, name: str, weight: Tensor) -> Tensor: ...
-
-
-LORA_VARIANTS: dict[str, LoraVariant] = {}
-"""Config flag (e.g. "use_dora") -> variant; variant modules register themselves here."""
+    def decompose(self, layer: _LoraLayer, name: str, weight: Tensor) -> Tensor: ...
 
 
-def register_lora_variant(flag: str, variant: LoraVariant) -> None:
-    LORA_VARIANTS[flag] = variant
+LORA_VARIANTS: dict[str, dict[type[nn.Module], LoraVariant]] = {}
+"""Config flag (e.g. "use_dora") -> wrapper class -> variant; variant modules register themselves here."""
 
 
-def _refuse_variant(layer: nn.Module, variant: str | None) -> None:
-    if variant is not None:
-        raise UnsupportedModuleError(
-            f"{variant}=True is supported on Linear and Conv1D layers, not on {type(layer).__name__}; "
-            f"exclude those modules (exclude_modules) or set {variant}=False."
-        )
+def register_lora_variant(flag: str, layer_cls: type[nn.Module], variant: LoraVariant) -> None:
+    LORA_VARIANTS.setdefault(flag, {})[layer_cls] = variant
+
+
+def _variant_param_names() -> list[str]:
+    return sorted({v.param_name for table in LORA_VARIANTS.values() for v in table.values()})
 
 
 class _LoraLayer(AdapterLayer):
-    """Shared bookkeeping of the LoRA wrappers: per-adapter rank, scale and dropout."""
+    """Shared bookkeeping of the LoRA wrappers: per-adapter rank, scale, dropout and variant (e.g. DoRA)."""
 
-    adapter_other_names = ("r", "lora_alpha", "scaling", "dropout_p")
+    lora_param_names: tuple[str, ...] = ("lora_A", "lora_B")
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -158,6 +155,43 @@ class _LoraLayer(AdapterLayer):
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
         self.dropout_p: dict[str, float] = {}
+        self.variant: dict[str, str] = {}  # adapter name -> variant flag, for adapters that use one
+        for param_name in _variant_param_names():
+            setattr(self, param_name, nn.ParameterDict())
+
+    @property
+    def adapter_param_names(self) -> tuple[str, ...]:
+        return (*self.lora_param_names, *_variant_param_names())
+
+    @property
+    def adapter_other_names(self) -> tuple[str, ...]:
+        return ("r", "lora_alpha", "scaling", "dropout_p", "variant")
+
+    def _init_variant(self, name: str, flag: str | None) -> None:
+        if flag is None:
+            return
+        if self._variant_for(flag) is None:
+            raise UnsupportedModuleError(
+                f"{flag}=True is not supported on {type(self.base_layer).__name__} layers; exclude those modules "
+                f"(exclude_modules) or set {flag}=False."
+            )
+        self.variant[name] = flag
+        self._variant_for(flag).init(self, name)
+
+    def _variant_for(self, flag: str) -> LoraVariant | None:
+        return next((v for cls, v in LORA_VARIANTS.get(flag, {}).items() if isinstance(self, cls)), None)
+
+    def variant_of(self, name: str) -> LoraVariant | None:
+        """The variant adapter `name` uses, or None for plain LoRA."""
+        return self._variant_for(self.variant[name]) if name in self.variant else None
+
+    def compose(self, name: str, weight: Tensor) -> Tensor:
+        variant = self.variant_of(name)
+        return variant.compose(self, name, weight) if variant else weight + self.delta_weight(name)
+
+    def decompose(self, name: str, weight: Tensor) -> Tensor:
+        variant = self.variant_of(name)
+        return variant.decompose(self, name, weight) if variant else weight - self.delta_weight(name)
 
     def _record(self, name: str, r: int, lora_alpha: float, lora_dropout: float, use_rslora: bool) -> None:
         self.r[name], self.lora_alpha[name], self.dropout_p[name] = r, lora_alpha, lora_dropout
@@ -172,9 +206,6 @@ class LoraLinear(_LoraLayer):
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
-        self.variant: dict[str, str] = {}  # adapter name -> variant flag, for adapters that use one
-        for variant in LORA_VARIANTS.values():
-            setattr(self, variant.param_name, nn.ParameterDict())
         self.in_features, self.out_features, self.fan_in_fan_out = linear_features(base_layer)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
@@ -194,17 +225,7 @@ class LoraLinear(_LoraLayer):
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=self._device())
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=self._device())
         _init_pair(self.lora_A[name].weight, self.lora_B[name].weight, init_lora_weights, r)
-        if variant is not None:
-            self.variant[name] = variant
-            LORA_VARIANTS[variant].init(self, name)
-
-    @property
-    def adapter_param_names(self) -> tuple[str, ...]:
-        return ("lora_A", "lora_B", *(v.param_name for v in LORA_VARIANTS.values()))
-
-    @property
-    def adapter_other_names(self) -> tuple[str, ...]:
-        return (*_LoraLayer.adapter_other_names, "variant")
+        self._init_variant(name, variant)
 
     def weight_out_in(self) -> Tensor:
         """The base weight as (d_out, d_in), float32 (dequantized if the base stores it otherwise)."""
@@ -215,7 +236,7 @@ class LoraLinear(_LoraLayer):
         result = self.base_layer(x, *args, **kwargs)
         for name in self.unmerged_active():
             if name in self.variant:
-                result = LORA_VARIANTS[self.variant[name]].forward(self, name, x, result)
+                result = self.variant_of(name).forward(self, name, x, result)
                 continue
             a = self.lora_A[name].weight.to(x.dtype)  # cast the small adapter, never the activation
             b = self.lora_B[name].weight.to(x.dtype)
@@ -228,21 +249,9 @@ class LoraLinear(_LoraLayer):
         a, b = self.lora_A[name].weight.float(), self.lora_B[name].weight.float()
         return lora_delta(a, b, self.scaling[name], self.fan_in_fan_out)
 
-    def compose(self, name: str, weight: Tensor) -> Tensor:
-        if name in self.variant:
-            return LORA_VARIANTS[self.variant[name]].compose(self, name, weight)
-        return weight + self.delta_weight(name)
-
-    def decompose(self, name: str, weight: Tensor) -> Tensor:
-        if name in self.variant:
-            return LORA_VARIANTS[self.variant[name]].decompose(self, name, weight)
-        return weight - self.delta_weight(name)
-
 
 class LoraConv(_LoraLayer):
     """LoRA around nn.Conv1d/2d/3d: A is a conv with the base's kernel, stride and padding; B is a 1x1 conv."""
-
-    adapter_param_names = ("lora_A", "lora_B")
 
     def __init__(self, base_layer: nn.modules.conv._ConvNd) -> None:
         if base_layer.groups != 1:
@@ -264,7 +273,6 @@ class LoraConv(_LoraLayer):
         init_lora_weights: bool | str = True,
         variant: str | None = None,
     ) -> None:
-        _refuse_variant(self.base_layer, variant)
         self._record(name, r, lora_alpha, lora_dropout, use_rslora)
         base, conv_cls = self.base_layer, type(self.base_layer)
         ones = (1,) * len(base.kernel_size)
@@ -281,10 +289,14 @@ class LoraConv(_LoraLayer):
         )
         self.lora_B[name] = conv_cls(r, base.out_channels, ones, ones, bias=False, device=self._device())
         _init_pair(self.lora_A[name].weight, self.lora_B[name].weight, init_lora_weights, r)
+        self._init_variant(name, variant)
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         result = self.base_layer(x, *args, **kwargs)
         for name in self.unmerged_active():
+            if name in self.variant:
+                result = self.variant_of(name).forward(self, name, x, result)
+                continue
             xd = F.dropout(x, self.dropout_p[name], self.training)
             lora_a, lora_b = self.lora_A[name], self.lora_B[name]
             branch = lora_b(lora_a(xd.to(lora_a.weight.dtype))) * self.scaling[name]
@@ -295,17 +307,11 @@ class LoraConv(_LoraLayer):
         a, b = self.lora_A[name].weight.float(), self.lora_B[name].weight.float()
         return lora_delta(a, b, self.scaling[name])
 
-    def compose(self, name: str, weight: Tensor) -> Tensor:
-        return weight + self.delta_weight(name)
-
-    def decompose(self, name: str, weight: Tensor) -> Tensor:
-        return weight - self.delta_weight(name)
-
 
 class LoraEmbedding(_LoraLayer):
     """LoRA around nn.Embedding: E' = E + s · (B A)^T, A (r, num_embeddings) zero-initialised, B (dim, r) normal."""
 
-    adapter_param_names = ("lora_embedding_A", "lora_embedding_B")
+    lora_param_names = ("lora_embedding_A", "lora_embedding_B")
 
     def __init__(self, base_layer: nn.Embedding) -> None:
         super().__init__(base_layer)
@@ -323,7 +329,6 @@ class LoraEmbedding(_LoraLayer):
         init_lora_weights: bool | str = True,
         variant: str | None = None,
     ) -> None:
-        _refuse_variant(self.base_layer, variant)
         self._record(name, r, lora_alpha, lora_dropout, use_rslora)
         num, dim = self.base_layer.weight.shape
         a = torch.randn(r, num, device=self._device())
@@ -332,28 +337,29 @@ class LoraEmbedding(_LoraLayer):
             a.zero_()
         self.lora_embedding_A[name] = nn.Parameter(a)
         self.lora_embedding_B[name] = nn.Parameter(b)
+        self._init_variant(name, variant)
+
+    def lora_output(self, name: str, x: Tensor) -> Tensor:
+        """s · B A looked up for the token ids `x`: (..., dim)."""
+        base = self.base_layer
+        a = self.lora_embedding_A[name]
+        after_a = F.embedding(
+            x, a.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
+        )
+        return (after_a @ self.lora_embedding_B[name].T) * self.scaling[name]
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         result = self.base_layer(x, *args, **kwargs)
-        base = self.base_layer
         for name in self.unmerged_active():
-            a = self.lora_embedding_A[name]
-            after_a = F.embedding(
-                x, a.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
-            )
-            branch = (after_a @ self.lora_embedding_B[name].T) * self.scaling[name]
-            result = result + branch.to(result.dtype)
+            if name in self.variant:
+                result = self.variant_of(name).forward(self, name, x, result)
+                continue
+            result = result + self.lora_output(name, x).to(result.dtype)
         return result
 
     def delta_weight(self, name: str) -> Tensor:
         a, b = self.lora_embedding_A[name].float(), self.lora_embedding_B[name].float()
         return embedding_lora_delta(a, b, self.scaling[name])
-
-    def compose(self, name: str, weight: Tensor) -> Tensor:
-        return weight + self.delta_weight(name)
-
-    def decompose(self, name: str, weight: Tensor) -> Tensor:
-        return weight - self.delta_weight(name)
 
 
 def _init_pair(lora_a: Tensor, lora_b: Tensor, init: bool | str, r: int) -> None:

@@ -80,7 +80,13 @@ def _distributed() -> tuple[int, int, torch.device]:
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
     rank = dist.get_rank() if world > 1 else 0
     if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(
+                f"process LOCAL_RANK={local_rank} has no GPU of its own ({torch.cuda.device_count()} visible): start "
+                f"at most that many processes per node, or set CUDA_VISIBLE_DEVICES= to train on CPU."
+            )
+        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
