@@ -1,7 +1,8 @@
 """One training step per method on a CUDA GPU: SmolLM2-135M shape, bf16 autocast, batch 8 x 512, q,k,v,o.
 
 deltatune vs peft, interleaved in one process (CUDA-synchronised wall time, median of rounds), plus each step's peak
-GPU memory above the resident model. QLoRA rows quantize the base with NF4 + double quantization: deltatune's
+GPU memory above the resident model. GPU_BATCH / GPU_SEQ change the batch shape, GPU_METHODS picks methods.
+QLoRA rows quantize the base with NF4 + double quantization: deltatune's
 `quantize_model` (bitsandbytes kernels on CUDA) against peft on transformers' bitsandbytes-loaded model. Needs a GPU;
 writes results/gpu_step.md (or $OUT/gpu_step.md when OUT is set).
 """
@@ -29,7 +30,8 @@ METHODS = {
     "VeRA": ("VeraConfig", dict(r=256)),
     "AdaLoRA": ("AdaLoraConfig", dict(init_r=12, target_r=8, lora_alpha=16, total_step=10**6, task_type="CAUSAL_LM")),
 }
-BATCH, SEQ = 8, 512
+BATCH, SEQ = int(os.environ.get("GPU_BATCH", 8)), int(os.environ.get("GPU_SEQ", 512))
+ONLY = [m for m in os.environ.get("GPU_METHODS", "").split(",") if m]  # e.g. "LoRA,QLoRA"; empty: all
 
 
 def _step_fn(model):
@@ -91,11 +93,14 @@ def main() -> None:
         pass
     models = {}
     for method, (cls, kwargs) in METHODS.items():
+        if ONLY and method not in ONLY:
+            continue
         for name, lib in libs.items():
             config = getattr(lib, cls)(target_modules=TARGETS, **kwargs)
             models[f"{method} ({name})"] = lib.get_peft_model(smollm2_shaped().cuda(), config).train()
     try:
-        models.update(_qlora_variants(libs))
+        if not ONLY or "QLoRA" in ONLY:
+            models.update(_qlora_variants(libs))
     except Exception as exc:  # bitsandbytes missing or failing: report it, keep the other rows
         print(f"QLoRA rows skipped: {type(exc).__name__}: {exc}")
     steps = {k: _step_fn(m.train()) for k, m in models.items()}
@@ -118,7 +123,8 @@ def main() -> None:
         vs_peft = f"{value / theirs:.3f}x" if theirs else "n/a"
         lines.append(f"| {key} | {value * 1e3:.1f} | {value / base:.3f}x | {vs_peft} | {peak[key] / 2**20:.0f} |")
     lines.append("")
-    out = Path(os.environ.get("OUT", Path(__file__).parent / "results")) / "gpu_step.md"
+    suffix = "" if (BATCH, SEQ) == (8, 512) else f"_b{BATCH}x{SEQ}"
+    out = Path(os.environ.get("OUT", Path(__file__).parent / "results")) / f"gpu_step{suffix}.md"
     out.write_text("\n".join(lines))
     out.with_suffix(".json").write_text(json.dumps({"step_s": step_s, "peak_bytes": peak}, indent=2))
     print("\n".join(lines))

@@ -49,31 +49,32 @@ class _LoraBranch(torch.autograd.Function):
         h = xd @ a.T
         ctx.save_for_backward(x, a, b, h)
         ctx.s, ctx.p, ctx.seed = s, p, seed
-        # backward runs outside autocast: remember the precision the forward's matmuls used, to use it again
-        device_type = x.device.type
-        autocast = torch.is_autocast_enabled(device_type)
-        ctx.compute_dtype = torch.get_autocast_dtype(device_type) if autocast else a.dtype
         return (h * s) @ b.T
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         x, a, b, h = ctx.saved_tensors
         s, p, (need_x, need_a, need_b) = ctx.s, ctx.p, ctx.needs_input_grad[:3]
-        dtype = ctx.compute_dtype  # the forward's matmul precision (bf16 under autocast), as autocast's own backward
-        grad_out, h = grad_out.to(dtype), h.to(dtype)
-        grad_h = (grad_out @ b.to(dtype)).mul_(s)  # (..., r): scaling here is cheap
-        grad_b = (_flat(grad_out).T @ _flat(h)).mul_(s).to(b.dtype) if need_b else None
+        # No full-size tensor changes dtype here (under autocast grad_out is bf16 while x is fp32): products with
+        # grad_out run in its dtype, products with x in x's; only the rank-r tensors are cast.
+        out_dtype, x_dtype = grad_out.dtype, x.dtype
+        grad_h = (grad_out @ _cast(b, out_dtype)).mul_(s)  # (..., r): scaling here is cheap
+        grad_b = _cast((_flat(grad_out).T @ _flat(_cast(h, out_dtype))).mul_(s), b.dtype) if need_b else None
+        grad_h = _cast(grad_h, x_dtype)
         keep = dropout_keep_mask(x.shape, p, ctx.seed, x.device) if p > 0 and (need_a or need_x) else None
         grad_a = grad_x = None
         if need_a:
             xd = x * keep if keep is not None else x
-            grad_a = (_flat(grad_h).T @ _flat(xd.to(dtype))).to(a.dtype)
+            grad_a = _cast(_flat(grad_h).T @ _flat(xd), a.dtype)
         if need_x:
-            grad_x = grad_h @ a.to(dtype)
+            grad_x = grad_h @ _cast(a, x_dtype)
             if keep is not None:  # dropout is linear: the same mask (its 1/(1-p) is already in s)
                 grad_x.mul_(keep)
-            grad_x = grad_x.to(x.dtype)
         return grad_x, grad_a, grad_b, None, None, None
+
+
+def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)  # skips the no-op call: backward runs once per layer per step
 
 
 def _flat(t: Tensor) -> Tensor:

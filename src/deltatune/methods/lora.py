@@ -164,6 +164,10 @@ class _LoraLayer(AdapterLayer):
         return (*self.lora_param_names, *_variant_param_names())
 
     @property
+    def adapter_names(self) -> list[str]:  # read on every forward: skip building adapter_param_names
+        return list(getattr(self, self.lora_param_names[0]).keys())
+
+    @property
     def adapter_other_names(self) -> tuple[str, ...]:
         return ("r", "lora_alpha", "scaling", "dropout_p", "variant")
 
@@ -238,10 +242,11 @@ class LoraLinear(_LoraLayer):
             if name in self.variant:
                 result = self.variant_of(name).forward(self, name, x, result)
                 continue
-            a = self.lora_A[name].weight.to(x.dtype)  # cast the small adapter, never the activation
-            b = self.lora_B[name].weight.to(x.dtype)
+            a, b = self.lora_A[name].weight, self.lora_B[name].weight
+            if a.dtype != x.dtype:  # cast the small adapter, never the activation
+                a, b = a.to(x.dtype), b.to(x.dtype)
             branch = lora_branch(x, a, b, self.scaling[name], self.dropout_p[name], self.training)
-            result = result + branch.to(result.dtype)
+            result = result + (branch if branch.dtype == result.dtype else branch.to(result.dtype))
         return result
 
     def delta_weight(self, name: str) -> Tensor:
