@@ -86,3 +86,12 @@ def test_train_inspect_generate_merge(tmp_path, base_args, tiny_model_dir):
     )
     assert code == 0 and (tmp_path / "merged" / "config.json").exists()
     assert not any(p.suffix == ".bin" for p in (tmp_path / "merged").iterdir())
+
+
+def test_inspect_summarises_long_rank_masks():
+    from deltatune.cli.inspect_cmd import _brief
+
+    masks = {f"m{i}.lora_E": [True, False, True] for i in range(8)}
+    assert _brief(masks) == "8 modules; 16 of 24 triplets kept (full masks in the config file)"
+    assert _brief({f"m{i}": 4 for i in range(8)}) == "8 entries (see the config file)"
+    assert _brief({"q_proj": 4}) == "{'q_proj': 4}"

@@ -28,7 +28,7 @@ def show_adapter(directory: Path, console: Console) -> None:
     head = Table(title=f"{directory} ({config['peft_type']})", show_header=False)
     for key in sorted(config):
         if config[key] not in (None, [], {}, False, ""):
-            head.add_row(key, str(config[key]))
+            head.add_row(key, _brief(config[key]))
     console.print(head)
     table = Table(title="parameters per module")
     table.add_column("module")
@@ -38,3 +38,14 @@ def show_adapter(directory: Path, console: Console) -> None:
     table.add_row("[bold]total", f"[bold]{sum(per_module.values()):,}")
     console.print(table)
     console.print(f"{io.WEIGHTS_NAME}: {size / 1e6:.3f} MB")
+
+
+def _brief(value: object) -> str:
+    """A config value on a line or two: long mappings (e.g. AdaLoRA's per-module keep masks) are summarised."""
+    if isinstance(value, dict) and len(value) > 6:
+        masks = [v for v in value.values() if isinstance(v, list) and all(isinstance(b, bool) for b in v)]
+        if len(masks) == len(value):
+            kept, total = sum(sum(m) for m in masks), sum(len(m) for m in masks)
+            return f"{len(value)} modules; {kept:,} of {total:,} triplets kept (full masks in the config file)"
+        return f"{len(value)} entries (see the config file)"
+    return str(value)
