@@ -230,3 +230,11 @@ def test_unpruned_adapter_moves_both_ways(model_name, direction, tmp_path):
     kwargs = dict(init_r=4, target_r=2, total_step=10, target_modules=TINY_MODELS[model_name][1])
     lib_save, lib_load = (peft, dt) if direction == "peft->deltatune" else (dt, peft)
     assert_round_trip(lib_save, lib_load, "AdaLoraConfig", kwargs, model_name, tmp_path)
+
+
+def test_without_tfinal_the_last_step_of_the_run_reaches_the_target_budget():
+    # the last re-allocation of peft's schedule is at step 5 (deltaT = 5), to a budget of 13 > 12, and none follows
+    config = dt.AdaLoraConfig(**_kw(init_r=12, target_r=2, total_step=7, tinit=0, tfinal=0, deltaT=5))
+    model = dt.get_peft_model(tiny_llama(), config)
+    _train(model, model.update_and_allocate, 7)
+    assert sum(sum(v) for v in model.peft_config["default"].rank_pattern.values()) == 2 * 6

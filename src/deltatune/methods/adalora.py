@@ -319,9 +319,13 @@ class RankAllocator(nn.Module):
             )
 
     def update_and_allocate(self, layers: dict[str, _SvdLayer], name: str, config: AdaLoraConfig, step: int) -> None:
-        """peft's schedule: EMAs until T − t_final, masks by budget, the final mask at T − t_final, then frozen."""
+        """peft's schedule: EMAs until T − t_final, masks by budget, the final mask at T − t_final, then frozen.
+
+        With t_final = 0 the final mask comes at the run's last step, T − 1 (steps count from 0), so a run of T steps
+        always ends at the target budget; peft reaches it there only when deltaT divides T − 1.
+        """
         self.forwards_since_step = 0
-        final = config.total_step - config.tfinal
+        final = config.total_step - config.tfinal if config.tfinal > 0 else config.total_step - 1
         if step < final:
             self._update_importance(layers, name, config)
             budget, mask_now = budget_schedule(
