@@ -41,6 +41,7 @@ bench: setup
 	$(PY) benchmarks/train_overhead.py
 	$(PY) benchmarks/quant.py
 	$(PY) benchmarks/methods_step.py
+	$(PY) benchmarks/cpu_allocator.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -171,3 +171,16 @@ def test_adalora_allocates_during_training_and_resumes_exactly(tiny_model_dir, t
     assert resumed.losses == full.losses  # importance averages and masks came back with the checkpoint
     other = load_file(resumed.adapter_dir / "adapter_model.safetensors")
     assert set(other) == set(saved) and all(torch.equal(saved[k], other[k]) for k in saved)
+
+
+def test_cpu_allocator_setting_applies_on_glibc_and_can_be_switched_off(monkeypatch):
+    import platform
+    import sys
+
+    from deltatune.train.host import keep_freed_memory
+
+    monkeypatch.setenv("DELTATUNE_DEFAULT_MALLOC", "1")
+    assert keep_freed_memory() is False
+    monkeypatch.delenv("DELTATUNE_DEFAULT_MALLOC")
+    glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    assert keep_freed_memory() is glibc

@@ -29,6 +29,7 @@ from deltatune.train import checkpoint as ckpt
 from deltatune.train.config import TrainConfig, adapter_config
 from deltatune.train.data import IGNORE, _render, build_examples, collate, read_records, step_indices, to_messages
 from deltatune.train.evaluate import eval_loss, exact_match, generate_answers
+from deltatune.train.host import keep_freed_memory
 from deltatune.train.optim import build_optimizer, build_scheduler
 from deltatune.train.progress import TrainProgress, plot_losses
 
@@ -349,6 +350,8 @@ def train(
     """Fine-tune `cfg.model` (or the given model/tokenizer) with the adapter `cfg.method`; see TrainConfig."""
     console = console or Console()
     started = time.perf_counter()
+    if not torch.cuda.is_available():
+        keep_freed_memory()  # CPU steps re-allocate the same large tensors: keep them out of page faults
     run = _setup(cfg, resume, model, tokenizer)
     run.run_dir.mkdir(parents=True, exist_ok=True)
     if run.is_main and not resume:
