@@ -17,10 +17,10 @@ CHILD = """
 import sys, re, statistics, time
 sys.path.insert(0, 'benchmarks')
 from deltatune.train.host import keep_freed_memory
-if sys.argv[1] == 'tuned':
-    assert keep_freed_memory()
 import lora_step as b
 m, loss, opt = b.make_variant('deltatune', 0.05)
+if sys.argv[1] == 'tuned':  # as the trainer does: after the model is built, before the steps
+    assert keep_freed_memory()
 step = b._step_fn(loss, opt)
 step()
 times = []

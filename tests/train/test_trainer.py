@@ -173,14 +173,23 @@ def test_adalora_allocates_during_training_and_resumes_exactly(tiny_model_dir, t
     assert set(other) == set(saved) and all(torch.equal(saved[k], other[k]) for k in saved)
 
 
-def test_cpu_allocator_setting_applies_on_glibc_and_can_be_switched_off(monkeypatch):
+def test_cpu_allocator_setting_applies_on_glibc_and_only_when_asked(tiny_model_dir, tmp_path, monkeypatch):
     import platform
     import sys
 
     from deltatune.train.host import keep_freed_memory
 
-    monkeypatch.setenv("DELTATUNE_DEFAULT_MALLOC", "1")
-    assert keep_freed_memory() is False
-    monkeypatch.delenv("DELTATUNE_DEFAULT_MALLOC")
     glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
     assert keep_freed_memory() is glibc
+    calls = []
+    monkeypatch.setattr(trainer_module, "keep_freed_memory", lambda: calls.append(1))
+    for setting, quantize, expected in [
+        ("auto", None, 1),
+        ("auto", "nf4", 0),
+        ("default", None, 0),
+        ("keep", "nf4", 1),
+    ]:
+        calls.clear()
+        extra = [f"cpu_allocator={setting}", "optim.steps=1"] + ([f"quantize={quantize}"] if quantize else [])
+        train(_cfg(tiny_model_dir, tmp_path / f"{setting}-{quantize}", *extra))
+        assert len(calls) == (expected if not torch.cuda.is_available() else 0), (setting, quantize)

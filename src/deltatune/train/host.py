@@ -2,15 +2,15 @@
 
 A training step allocates and frees the same large tensors every time (logits and their gradient are ~100 MB for
 a 49k vocabulary). With glibc's defaults, freed blocks above the trim / mmap thresholds go back to the operating
-system and the next step page-faults them in again, zeroed. Keeping them in the heap makes CPU steps about 5%
-faster (benchmarks/results/cpu_allocator.md); peak memory is what the step needs anyway.
+system and the next step page-faults them in again, zeroed. Keeping them in the heap made CPU steps 6-21%
+faster in our runs, at the price of ~10% more resident memory (benchmarks/results/cpu_allocator.md); the
+trainer's `cpu_allocator` setting chooses.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import os
 import sys
 
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
@@ -18,9 +18,9 @@ _KEEP_BYTES = 1 << 30
 
 
 def keep_freed_memory() -> bool:
-    """Ask glibc to keep freed blocks up to 1 GiB in the heap (process-wide; Linux only). Returns whether it applied.
-    Set DELTATUNE_DEFAULT_MALLOC=1 to leave the allocator alone."""
-    if not sys.platform.startswith("linux") or os.environ.get("DELTATUNE_DEFAULT_MALLOC") == "1":
+    """Ask glibc to keep freed blocks up to 1 GiB in the heap (process-wide, for the rest of the process; Linux
+    only). Returns whether it applied."""
+    if not sys.platform.startswith("linux"):
         return False
     name = ctypes.util.find_library("c")
     try:

@@ -350,8 +350,6 @@ def train(
     """Fine-tune `cfg.model` (or the given model/tokenizer) with the adapter `cfg.method`; see TrainConfig."""
     console = console or Console()
     started = time.perf_counter()
-    if not torch.cuda.is_available():
-        keep_freed_memory()  # CPU steps re-allocate the same large tensors: keep them out of page faults
     run = _setup(cfg, resume, model, tokenizer)
     run.run_dir.mkdir(parents=True, exist_ok=True)
     if run.is_main and not resume:
@@ -363,6 +361,9 @@ def train(
     if do_score:
         result.metric_before, before = _score(run)
     run.model.train()
+    keep = cfg.cpu_allocator == "keep" or (cfg.cpu_allocator == "auto" and not cfg.quantize)
+    if run.device.type == "cpu" and keep:  # after loading, whose freed memory must go back to the system
+        keep_freed_memory()
     _loop(run, console)
     if run.eval_set:
         result.eval_loss = _eval_loss(run)
