@@ -24,64 +24,9 @@ from deltatune.functional.dora import column_norm, dora_merge, dora_unmerge
 from deltatune.methods.lora import LoraConv, LoraEmbedding, LoraLinear, _LoraLayer, register_lora_variant
 
 
-class DoraVariant:
-    param_name = "lora_magnitude_vector"
-
-    def init(self, layer: LoraLinear, name: str) -> None:
-        with torch.no_grad():
-            magnitude = column_norm(layer.weight_out_in() + self._delta(layer, name))
-        layer.lora_magnitude_vector[name] = nn.Parameter(magnitude)
-
-    @staticmethod
-    def _delta(layer: LoraLinear, name: str) -> Tensor:
-        """s · B A as (d_out, d_in), float32."""
-        return layer.scaling[name] * (layer.lora_B[name].weight.float() @ layer.lora_A[name].weight.float())
-
-    def _norm(self, layer: LoraLinear, name: str) -> Tensor:
-        """‖W0 + s·B A‖_c without gradient; cached while nothing it depends on changes and no grad is needed."""
-        a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
-        weight = getattr(layer.base_layer, "weight", None)
-        key = (a._version, b._version, weight._version) if isinstance(weight, nn.Parameter) else None
-        cache = layer.__dict__.setdefault("_dora_norm_cache", {})
-        if key is not None and not torch.is_grad_enabled() and cache.get(name, (None,))[0] == key:
-            return cache[name][1]
-        with torch.no_grad():
-            norm = column_norm(layer.weight_out_in() + self._delta(layer, name))
-        if key is not None:
-            cache[name] = (key, norm)
-        return norm
-
-    def forward(self, layer: LoraLinear, name: str, x: Tensor, result: Tensor) -> Tensor:
-        a = layer.lora_A[name].weight.to(x.dtype)
-        b = layer.lora_B[name].weight.to(x.dtype)
-        scale = (layer.lora_magnitude_vector[name] / self._norm(layer, name)).to(x.dtype)  # gradient reaches m only
-        p = layer.dropout_p[name]
-        if layer.training and p > 0:
-            x = F.dropout(x, p, training=True)
-            base_out = x @ layer.weight_out_in().to(x.dtype).T
-        else:
-            bias = getattr(layer.base_layer, "bias", None)
-            base_out = result - bias if bias is not None else result
-        lora_out = (x @ a.T) @ b.T * layer.scaling[name]
-        return result + ((scale - 1) * base_out + scale * lora_out).to(result.dtype)
-
-    def compose(self, layer: LoraLinear, name: str, weight: Tensor) -> Tensor:
-        oriented = weight.T if layer.fan_in_fan_out else weight
-        merged, norm = dora_merge(oriented, self._delta(layer, name), layer.lora_magnitude_vector[name].float())
-        layer.__dict__.setdefault("_dora_merge_norm", {})[name] = norm
-        return merged.T if layer.fan_in_fan_out else merged
-
-    def decompose(self, layer: LoraLinear, name: str, weight: Tensor) -> Tensor:
-        oriented = weight.T if layer.fan_in_fan_out else weight
-        norm = layer.__dict__["_dora_merge_norm"].pop(name)  # cached by compose: unmerge always follows a merge
-        magnitude = layer.lora_magnitude_vector[name].float()
-        restored = dora_unmerge(oriented, self._delta(layer, name), magnitude, norm)
-        return restored.T if layer.fan_in_fan_out else restored
-
-
-class _DoraOriented(abc.ABC):
-    """DoRA for layers whose weight is not a plain (d_out, d_in) matrix: subclasses give the weight and the update
-    oriented as (output feature, ...) and apply the per-feature scale to the layer's output."""
+class _Dora(abc.ABC):
+    """DoRA on one LoRA wrapper type: subclasses orient the weight and the update as (output feature, ...), give the
+    magnitude's saved shape and apply the per-feature scale to the layer's output; init and merge are shared."""
 
     param_name = "lora_magnitude_vector"
 
@@ -125,7 +70,45 @@ class _DoraOriented(abc.ABC):
         return self.oriented(layer, dora_unmerge(self.oriented(layer, weight), delta, magnitude, norm))
 
 
-class DoraConvVariant(_DoraOriented):
+class DoraVariant(_Dora):
+    """nn.Linear, GPT-2 Conv1D and 4-bit linears: one magnitude per output feature, shape (d_out,)."""
+
+    def oriented(self, layer: _LoraLayer, weight: Tensor) -> Tensor:
+        return weight.T if layer.fan_in_fan_out else weight
+
+    def magnitude_shape(self, layer: _LoraLayer) -> tuple[int, ...]:
+        return (layer.out_features,)
+
+    def _norm(self, layer: LoraLinear, name: str) -> Tensor:
+        """‖W0 + s·B A‖_c without gradient; cached while nothing it depends on changes and no grad is needed."""
+        a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+        weight = getattr(layer.base_layer, "weight", None)
+        key = (a._version, b._version, weight._version) if isinstance(weight, nn.Parameter) else None
+        cache = layer.__dict__.setdefault("_dora_norm_cache", {})
+        if key is not None and not torch.is_grad_enabled() and cache.get(name, (None,))[0] == key:
+            return cache[name][1]
+        with torch.no_grad():
+            norm = column_norm(self._combined(layer, name))
+        if key is not None:
+            cache[name] = (key, norm)
+        return norm
+
+    def forward(self, layer: LoraLinear, name: str, x: Tensor, result: Tensor) -> Tensor:
+        a = layer.lora_A[name].weight.to(x.dtype)
+        b = layer.lora_B[name].weight.to(x.dtype)
+        scale = (layer.lora_magnitude_vector[name] / self._norm(layer, name)).to(x.dtype)  # gradient reaches m only
+        p = layer.dropout_p[name]
+        if layer.training and p > 0:
+            x = F.dropout(x, p, training=True)
+            base_out = x @ layer.weight_out_in().to(x.dtype).T
+        else:
+            bias = getattr(layer.base_layer, "bias", None)
+            base_out = result - bias if bias is not None else result
+        lora_out = (x @ a.T) @ b.T * layer.scaling[name]
+        return result + ((scale - 1) * base_out + scale * lora_out).to(result.dtype)
+
+
+class DoraConvVariant(_Dora):
     """Conv1d/2d/3d: one magnitude per output channel, stored (1, c_out, 1, ...) as peft does."""
 
     def magnitude_shape(self, layer: _LoraLayer) -> tuple[int, ...]:
@@ -147,7 +130,7 @@ class DoraConvVariant(_DoraOriented):
         return result + ((scale - 1) * base_out + scale * lora_out).to(result.dtype)
 
 
-class DoraEmbeddingVariant(_DoraOriented):
+class DoraEmbeddingVariant(_Dora):
     """nn.Embedding: the output features are the embedding dims, so the norm runs over the vocabulary (peft's choice;
     magnitude shape (dim,)): E' = (E0 + ΔE) · m / ‖(E0 + ΔE)ᵀ‖_c."""
 
