@@ -11,6 +11,7 @@ nn.Embedding.
 
 from __future__ import annotations
 
+import abc
 import re
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -197,9 +198,25 @@ class _LoraLayer(AdapterLayer):
         variant = self.variant_of(name)
         return variant.decompose(self, name, weight) if variant else weight - self.delta_weight(name)
 
-    def _record(self, name: str, r: int, lora_alpha: float, lora_dropout: float, use_rslora: bool) -> None:
+    def add_adapter(
+        self,
+        name: str,
+        *,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        init_lora_weights: bool | str = True,
+        variant: str | None = None,
+    ) -> None:
         self.r[name], self.lora_alpha[name], self.dropout_p[name] = r, lora_alpha, lora_dropout
         self.scaling[name] = lora_scale(lora_alpha, r, use_rslora)
+        self._create_weights(name, r, init_lora_weights)
+        self._init_variant(name, variant)
+
+    @abc.abstractmethod
+    def _create_weights(self, name: str, r: int, init_lora_weights: bool | str) -> None:
+        """Adapter `name`'s two low-rank factors, in this wrapper's form."""
 
     def _device(self) -> torch.device:
         return module_device(self.base_layer)
@@ -214,22 +231,10 @@ class LoraLinear(_LoraLayer):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
 
-    def add_adapter(
-        self,
-        name: str,
-        *,
-        r: int,
-        lora_alpha: float,
-        lora_dropout: float = 0.0,
-        use_rslora: bool = False,
-        init_lora_weights: bool | str = True,
-        variant: str | None = None,
-    ) -> None:
-        self._record(name, r, lora_alpha, lora_dropout, use_rslora)
+    def _create_weights(self, name: str, r: int, init_lora_weights: bool | str) -> None:
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=self._device())
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=self._device())
         _init_pair(self.lora_A[name].weight, self.lora_B[name].weight, init_lora_weights, r)
-        self._init_variant(name, variant)
 
     def weight_out_in(self) -> Tensor:
         """The base weight as (d_out, d_in), float32 (dequantized if the base stores it otherwise)."""
@@ -267,18 +272,7 @@ class LoraConv(_LoraLayer):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
 
-    def add_adapter(
-        self,
-        name: str,
-        *,
-        r: int,
-        lora_alpha: float,
-        lora_dropout: float = 0.0,
-        use_rslora: bool = False,
-        init_lora_weights: bool | str = True,
-        variant: str | None = None,
-    ) -> None:
-        self._record(name, r, lora_alpha, lora_dropout, use_rslora)
+    def _create_weights(self, name: str, r: int, init_lora_weights: bool | str) -> None:
         base, conv_cls = self.base_layer, type(self.base_layer)
         ones = (1,) * len(base.kernel_size)
         self.lora_A[name] = conv_cls(
@@ -294,7 +288,6 @@ class LoraConv(_LoraLayer):
         )
         self.lora_B[name] = conv_cls(r, base.out_channels, ones, ones, bias=False, device=self._device())
         _init_pair(self.lora_A[name].weight, self.lora_B[name].weight, init_lora_weights, r)
-        self._init_variant(name, variant)
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         result = self.base_layer(x, *args, **kwargs)
@@ -323,18 +316,7 @@ class LoraEmbedding(_LoraLayer):
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
 
-    def add_adapter(
-        self,
-        name: str,
-        *,
-        r: int,
-        lora_alpha: float,
-        lora_dropout: float = 0.0,
-        use_rslora: bool = False,
-        init_lora_weights: bool | str = True,
-        variant: str | None = None,
-    ) -> None:
-        self._record(name, r, lora_alpha, lora_dropout, use_rslora)
+    def _create_weights(self, name: str, r: int, init_lora_weights: bool | str) -> None:
         num, dim = self.base_layer.weight.shape
         a = torch.randn(r, num, device=self._device())
         b = torch.randn(dim, r, device=self._device())
@@ -342,7 +324,6 @@ class LoraEmbedding(_LoraLayer):
             a.zero_()
         self.lora_embedding_A[name] = nn.Parameter(a)
         self.lora_embedding_B[name] = nn.Parameter(b)
-        self._init_variant(name, variant)
 
     def lora_output(self, name: str, x: Tensor) -> Tensor:
         """s · B A looked up for the token ids `x`: (..., dim)."""
