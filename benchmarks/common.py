@@ -31,6 +31,19 @@ def smollm2_shaped(seed: int = 0) -> nn.Module:
     return LlamaForCausalLM(LlamaConfig(**SMOLLM2_SHAPE)).train()
 
 
+def step_allocator(model: nn.Module) -> Callable[[], None]:
+    """Calls the model's per-step hook with a running step count (AdaLoRA's allocation: deltatune has it on the
+    PeftModel, a no-op for other methods; peft on its AdaLoRA tuner only)."""
+    allocate = getattr(model, "update_and_allocate", None) or getattr(model.base_model, "update_and_allocate", None)
+    steps = iter(range(10**9))
+
+    def run() -> None:
+        if allocate is not None:
+            allocate(next(steps))
+
+    return run
+
+
 def interleaved(fns: dict[str, Callable[[], None]], rounds: int, warmup: int = 1) -> dict[str, list[float]]:
     """Run each fn once per round, in turn, so machine noise hits every variant alike; seconds per call."""
     for _ in range(warmup):

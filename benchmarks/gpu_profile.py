@@ -11,7 +11,8 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import smollm2_shaped  # noqa: E402
-from gpu_step import TARGETS, _step_fn  # noqa: E402
+from gpu_step import _step_fn  # noqa: E402
+from methods_step import TARGETS  # noqa: E402
 
 import deltatune as dt  # noqa: E402
 

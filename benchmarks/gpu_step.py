@@ -18,18 +18,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import interleaved, median, smollm2_shaped  # noqa: E402
+from common import interleaved, median, smollm2_shaped, step_allocator  # noqa: E402
+from methods_step import METHODS, TARGETS  # noqa: E402  (the same methods and settings as on CPU)
 
 import deltatune as dt  # noqa: E402
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
-METHODS = {
-    "LoRA": ("LoraConfig", dict(r=8, lora_alpha=16)),
-    "DoRA": ("LoraConfig", dict(r=8, lora_alpha=16, use_dora=True)),
-    "GraLoRA": ("GraloraConfig", dict(r=8, alpha=16, gralora_k=2)),
-    "VeRA": ("VeraConfig", dict(r=256)),
-    "AdaLoRA": ("AdaLoraConfig", dict(init_r=12, target_r=8, lora_alpha=16, total_step=10**6, task_type="CAUSAL_LM")),
-}
 BATCH, SEQ = int(os.environ.get("GPU_BATCH", 8)), int(os.environ.get("GPU_SEQ", 512))
 ONLY = [m for m in os.environ.get("GPU_METHODS", "").split(",") if m]  # e.g. "LoRA,QLoRA"; empty: all
 
@@ -37,16 +30,14 @@ ONLY = [m for m in os.environ.get("GPU_METHODS", "").split(",") if m]  # e.g. "L
 def _step_fn(model):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(0, 49152, (BATCH, SEQ), generator=torch.Generator().manual_seed(0)).cuda()
-    allocate = getattr(model, "update_and_allocate", None) or getattr(model.base_model, "update_and_allocate", None)
-    count = iter(range(10**9))
+    allocate = step_allocator(model)
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
-        if allocate is not None:
-            allocate(next(count))
+        allocate()
         opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import interleaved, median, saved_activation_bytes, smollm2_shaped  # noqa: E402
+from common import interleaved, median, saved_activation_bytes, smollm2_shaped, step_allocator  # noqa: E402
 
 import deltatune as dt  # noqa: E402
 
@@ -39,15 +39,12 @@ def build(lib, method: str):
     def loss():
         return model(input_ids=ids, labels=ids).loss
 
-    # AdaLoRA's per-step allocation (peft: on its tuner; deltatune: on the PeftModel, a no-op for other methods)
-    allocate = getattr(model, "update_and_allocate", None) or getattr(model.base_model, "update_and_allocate", None)
-    count = iter(range(10**9))
+    allocate = step_allocator(model)
 
     def step():
         loss().backward()
         opt.step()
-        if allocate is not None:
-            allocate(next(count))
+        allocate()
         opt.zero_grad(set_to_none=True)
 
     return model, loss, step
