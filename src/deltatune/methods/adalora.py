@@ -302,8 +302,16 @@ class RankAllocator(nn.Module):
             )
         self.ema: dict[str, tuple[Tensor, Tensor]] = {}  # "<module>.<lora_A|lora_E|lora_B>" -> (Ī, Ū)
         self.n_layers = len(targets)
+        self._layers: dict[str, _SvdLayer] | None = None  # path -> layer, found once (fixed for the adapter's life)
         self.forwards_since_step = 0
         self.warned = False
+
+    def layers(self, model: nn.Module, name: str) -> dict[str, _SvdLayer]:
+        """The adapter's layers by module path; searched once, since they change only with the adapter itself."""
+        if self._layers is None:
+            modules = model.base_model.named_modules()
+            self._layers = {path: m for path, m in modules if isinstance(m, _SvdLayer) and name in m.r}
+        return self._layers
 
     def note_forward(self) -> None:
         """Count layer forwards in training between allocations, to warn when nobody calls `update_and_allocate`
@@ -405,10 +413,8 @@ def _trained(model: nn.Module) -> list[tuple[str, RankAllocator, AdaLoraConfig, 
     for name in model.active_adapters:
         config = model.peft_config[name]
         if isinstance(config, AdaLoraConfig) and not config.inference_mode:
-            layers = {
-                path: m for path, m in model.base_model.named_modules() if isinstance(m, _SvdLayer) and name in m.r
-            }
-            out.append((name, model.shared[name], config, layers))
+            allocator = model.shared[name]
+            out.append((name, allocator, config, allocator.layers(model, name)))
     return out
 
 
