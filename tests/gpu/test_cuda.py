@@ -49,20 +49,25 @@ def test_method_on_cuda_matches_cpu_forward_grads_merge_and_save(case, tmp_path)
         torch.testing.assert_close(loaded(input_ids=IDS).logits, unmerged.cpu(), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("case", sorted(METHOD_CASES))
-def test_bf16_autocast_training_steps_on_cuda_lower_the_loss(case):
-    model = dt.get_peft_model(tiny_llama(), METHOD_CASES[case].make_config(TARGETS)).cuda().train()
+def _train_on_cuda(model, steps: int, autocast: bool) -> list[float]:
+    """AdamW steps on IDS with the per-step hook called; the losses."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    ids = IDS.cuda()
-    losses = []
-    for step in range(5):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+    ids, losses = IDS.cuda(), []
+    for step in range(steps):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
         model.update_and_allocate(step)
         opt.zero_grad()
         losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("case", sorted(METHOD_CASES))
+def test_bf16_autocast_training_steps_on_cuda_lower_the_loss(case):
+    model = dt.get_peft_model(tiny_llama(), METHOD_CASES[case].make_config(TARGETS)).cuda().train()
+    losses = _train_on_cuda(model, 5, autocast=True)
     assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
 
 
@@ -82,15 +87,7 @@ def test_qlora_with_adalora_trains_on_a_4bit_cuda_base():
     model = dt.quantize_model(tiny_llama().cuda(), dt.QuantConfig(compute_dtype="bf16"))
     assert any(m.backend == "bitsandbytes" for m in model.modules() if isinstance(m, Linear4bit))
     peft_model = dt.get_peft_model(model, METHOD_CASES["ADALORA"].make_config(TARGETS)).train()
-    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
-    ids, losses = IDS.cuda(), []
-    for step in range(6):
-        loss = peft_model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        peft_model.update_and_allocate(step)
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = _train_on_cuda(peft_model, 6, autocast=False)
     assert losses[-1] < losses[0]
 
 
