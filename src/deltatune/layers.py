@@ -10,6 +10,7 @@ from __future__ import annotations
 import abc
 import copy
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -38,6 +39,11 @@ class AdapterLayer(nn.Module, metaclass=abc.ABCMeta):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled = False
+        self.adapter_cache: dict[str, Any] = {}
+        """Per adapter: values derived from its tensors (e.g. DoRA's eval-mode norm). Dropped when the adapter is
+        deleted or the layer moves (`.to()`, `.double()`, ...), so nothing derived outlives what it came from."""
+        self.merge_state: dict[str, dict[str, Tensor]] = {}
+        """Per merged adapter: what `unmerge` needs to restore the base exactly; moves with the layer."""
         for p in base_layer.parameters():
             p.requires_grad_(False)
 
@@ -68,7 +74,16 @@ class AdapterLayer(nn.Module, metaclass=abc.ABCMeta):
             container = getattr(self, attr)
             if name in container:
                 del container[name]
+        self.adapter_cache.pop(name, None)
         self.active_adapters = [n for n in self.active_adapters if n != name]
+
+    def _apply(self, fn, *args, **kwargs):
+        # a move or cast invalidates derived values and carries the merge records along with the weights
+        self.adapter_cache.clear()
+        for state in self.merge_state.values():
+            for key, tensor in state.items():
+                state[key] = fn(tensor)
+        return super()._apply(fn, *args, **kwargs)
 
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
         return [p for attr in self.adapter_param_names if name in (c := getattr(self, attr)) for p in _params(c[name])]
@@ -107,33 +122,67 @@ class AdapterLayer(nn.Module, metaclass=abc.ABCMeta):
 
     @torch.no_grad()
     def merge(self, names: Iterable[str] | None = None, safe: bool = False) -> None:
-        """Fold adapters into the base weight (in float32, cast back once). `safe` checks finiteness first."""
+        """Fold adapters into the base weight (in float32, cast back once). `safe` checks finiteness first.
+
+        Each merge records what `unmerge` needs to give back the exact bits of the weight it started from: the
+        positions where rounding `decompose(compose(W))` to the base dtype misses W, and W's values there (a
+        sparse correction, typically well under 1% of the weight); a base stored in another form (4-bit) keeps
+        its previous stored tensors instead.
+        """
         names = [n for n in (self.active_adapters if names is None else names) if n not in self.merged_adapters]
         for name in names:
             if name not in self.adapter_names:
                 raise AdapterError(f"adapter {name!r} does not exist on this layer; it holds {self.adapter_names}.")
         for name in names:
-            new = self.compose(name, self.base_weight.detach().float())
+            before = self.base_weight.detach()
+            new = self.compose(name, before.float())
             if safe and not torch.isfinite(new).all():
                 raise MergeError(f"merging adapter {name!r} gives non-finite weights; the base was left unchanged.")
-            self._write_base_weight(new)
+            snapshot = getattr(self.base_layer, "weight_state", None)
+            if callable(snapshot):
+                self.merge_state.setdefault(name, {}).update(snapshot())
+                self.base_layer.set_weight(new)
+            else:
+                new = new.to(before.dtype)
+                record = exact_restore_record(before, self.decompose(name, new.float()))
+                self.merge_state.setdefault(name, {}).update(record)
+                self.base_layer.weight.data.copy_(new)
             self.merged_adapters.append(name)
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Undo every merge, newest first."""
+        """Undo every merge, newest first; the base weight comes back bit-identical."""
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            self._write_base_weight(self.decompose(name, self.base_weight.detach().float()))
+            record = self.merge_state[name]
+            if callable(getattr(self.base_layer, "weight_state", None)):
+                self.base_layer.load_weight_state(record)
+            else:
+                weight = self.base_layer.weight
+                restored = self.decompose(name, weight.detach().float()).to(weight.dtype)
+                restored.view(-1)[record["index"].long()] = record["value"]
+                weight.data.copy_(restored)
+            del self.merge_state[name]
 
-    def _write_base_weight(self, value: Tensor) -> None:
-        """Store a new base weight: in place in the base's dtype, or through the base's own `set_weight` when its
-        weight is a derived view (a quantized layer re-quantizes)."""
-        setter = getattr(self.base_layer, "set_weight", None)
-        if callable(setter):
-            setter(value)
-        else:
-            self.base_layer.weight.data.copy_(value.to(self.base_layer.weight.dtype))
+    @property
+    def merge_record_bytes(self) -> int:
+        """Memory held by the merge records (what exact unmerging costs)."""
+        return sum(t.numel() * t.element_size() for state in self.merge_state.values() for t in state.values())
+
+
+def _bits(t: Tensor) -> Tensor:
+    """The tensor's raw bits as integers (so -0.0 != 0.0 and NaN == NaN compare as stored)."""
+    return t.view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def exact_restore_record(original: Tensor, recovered: Tensor) -> dict[str, Tensor]:
+    """Where `recovered` (computed in float32) misses `original` once rounded to its dtype: flat positions and the
+    original values there. Scattering them into the rounded recovery gives `original` back bit for bit."""
+    rounded = recovered.to(original.dtype)
+    index = (_bits(rounded) != _bits(original)).view(-1).nonzero().squeeze(1)
+    if original.numel() < 2**31:
+        index = index.to(torch.int32)
+    return {"index": index, "value": original.reshape(-1)[index.long()].clone()}
 
 
 class TrainableCopy(nn.Module):

@@ -281,8 +281,10 @@ class PeftModel(nn.Module):
             for layer in layers:
                 for name in [n for n in names if n in layer.adapter_names and n not in layer.merged_adapters]:
                     with torch.no_grad():
-                        if not torch.isfinite(layer.compose(name, layer.base_weight.float())).all():
-                            raise MergeError(f"adapter {name!r} has non-finite weights; nothing was merged.")
+                        finite = torch.isfinite(layer.compose(name, layer.base_weight.float())).all()
+                    layer.merge_state.pop(name, None)  # what compose recorded for an unmerge that is not due
+                    if not finite:
+                        raise MergeError(f"adapter {name!r} has non-finite weights; nothing was merged.")
         for layer in layers:
             layer.merge([n for n in names if n in layer.adapter_names])
 

@@ -77,15 +77,22 @@ def test_4bit_layers_use_bitsandbytes_on_cuda_and_agree_with_the_torch_backend()
     linear = torch.nn.Linear(256, 128).cuda()
     auto = Linear4bit.from_linear(linear, dt.QuantConfig(compute_dtype="bf16"))
     plain = Linear4bit.from_linear(linear, dt.QuantConfig(compute_dtype="bf16", backend="torch"))
-    assert auto.backend == "bitsandbytes"
+    assert auto.kernel_for(torch.empty(1, device="cuda")) == "bitsandbytes"
     assert torch.equal(auto.dequantize(), plain.dequantize())  # same bytes, whichever code dequantizes
     x = torch.randn(4, 256, device="cuda", dtype=torch.bfloat16)
     torch.testing.assert_close(auto(x), plain(x), rtol=2e-2, atol=2e-2)
 
 
+def test_a_model_quantized_on_cpu_uses_bitsandbytes_once_on_cuda():
+    pytest.importorskip("bitsandbytes")
+    model = dt.quantize_model(tiny_llama(), dt.QuantConfig(compute_dtype="bf16")).cuda()
+    layer = next(m for m in model.modules() if isinstance(m, Linear4bit))
+    assert layer.kernel_for(torch.empty(1, device="cuda")) == "bitsandbytes"
+
+
 def test_qlora_with_adalora_trains_on_a_4bit_cuda_base():
     model = dt.quantize_model(tiny_llama().cuda(), dt.QuantConfig(compute_dtype="bf16"))
-    assert any(m.backend == "bitsandbytes" for m in model.modules() if isinstance(m, Linear4bit))
+    assert all(m.kernel_for(torch.empty(1, device="cuda")) == "bitsandbytes" for m in model.modules() if isinstance(m, Linear4bit))
     peft_model = dt.get_peft_model(model, METHOD_CASES["ADALORA"].make_config(TARGETS)).train()
     losses = _train_on_cuda(peft_model, 6, autocast=False)
     assert losses[-1] < losses[0]

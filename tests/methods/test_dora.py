@@ -77,7 +77,7 @@ def test_eval_norm_is_cached_until_the_adapter_changes():
     x = torch.randn(2, 6)
     with torch.no_grad():
         first = layer(x)
-        assert "default" in layer._dora_norm_cache
+        assert "default" in layer.adapter_cache
         layer.lora_B["default"].weight.add_(1.0)  # in-place update bumps the version: the cache must not be reused
         torch.testing.assert_close(layer(x), _reference(layer, x), rtol=1e-5, atol=1e-5)
         assert not torch.allclose(layer(x), first)
@@ -128,3 +128,50 @@ def test_llama_7b_counts_from_the_dora_paper():
         peft_model = dt.get_peft_model(model, dt.LoraConfig(r=32, target_modules=targets, use_dora=use_dora))
         counts[use_dora] = peft_model.get_nb_trainable_parameters()[0]
     assert counts == {False: 56_098_816, True: 56_975_360}
+
+
+def _dora_llama(seed: int):
+    from tests.conftest import tiny_llama
+
+    model = tiny_llama()
+    torch.manual_seed(seed)
+    cfg = dt.LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    return model, cfg
+
+
+def test_reloading_an_adapter_under_a_deleted_name_uses_its_own_norm(tmp_path):
+    """Regression: the eval-mode norm cache survived delete_adapter and served adapter "a"'s old norm to a new "a"
+    loaded the same way (same tensor version counters)."""
+    ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(0))
+    for seed in (1, 2):
+        model, cfg = _dora_llama(seed)
+        dt.get_peft_model(model, cfg).save_pretrained(tmp_path / f"adapter{seed}")
+    with torch.no_grad():
+        want = dt.PeftModel.from_pretrained(_dora_llama(0)[0], tmp_path / "adapter2")(input_ids=ids).logits
+    model, cfg = _dora_llama(3)
+    pm = dt.get_peft_model(model, cfg, adapter_name="keep")  # holds the wrappers while "a" comes and goes
+    pm.load_adapter(tmp_path / "adapter1", adapter_name="a")
+    pm.set_adapter("a")
+    pm.eval()
+    with torch.no_grad():
+        pm(input_ids=ids)  # fills the cache for "a"
+    pm.delete_adapter("a")
+    pm.load_adapter(tmp_path / "adapter2", adapter_name="a")
+    pm.set_adapter("a")
+    with torch.no_grad():
+        got = pm(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_moving_the_model_drops_the_cached_norm():
+    layer = _dora_layer(nn.Linear(6, 4)).eval()
+    x = torch.randn(2, 6)
+    with torch.no_grad():
+        layer(x)
+        assert layer.adapter_cache
+        layer.double()
+        assert not layer.adapter_cache
+        got = layer(x.double())
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, _reference(layer, x.double()), rtol=1e-6, atol=1e-6)
+    assert layer.adapter_cache["default"][1].dtype == torch.float32  # recomputed from the moved tensors

@@ -134,3 +134,35 @@ def test_dora_on_a_4bit_base_equals_dora_on_the_dequantized_weights():
                 module.weight.copy_(quantized[name].dequantize())
     dense.load_adapter_tensors("default", qdora.adapter_state_dict("default"))
     torch.testing.assert_close(model_output(qdora, IDS), model_output(dense, IDS), rtol=1e-5, atol=1e-5)
+
+
+def test_casting_the_model_keeps_the_quantization_constants():
+    """Regression: model.to(bfloat16) cast absmax / scale / offset too, shifting every dequantized weight."""
+    model = dt.quantize_model(tiny_llama(), dt.QuantConfig(compute_dtype="fp32"))
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    before = [m.dequantize() for m in layers]
+    dtypes = [{n: t.dtype for n, t in m.weight_state().items()} for m in layers]
+    model.to(torch.bfloat16)
+    assert [{n: t.dtype for n, t in m.weight_state().items()} for m in layers] == dtypes
+    for layer, want in zip(layers, before, strict=True):
+        assert torch.equal(layer.dequantize(), want)
+    model.half().float()
+    assert all(torch.equal(m.dequantize(), w) for m, w in zip(layers, before, strict=True))
+
+
+def test_auto_backend_is_chosen_per_call():
+    layer = Linear4bit.from_linear(torch.nn.Linear(64, 32), dt.QuantConfig(compute_dtype="fp32"))
+    assert layer.backend == "auto"
+    assert layer.kernel_for(torch.randn(2, 64)) == "torch"  # CPU input: pure PyTorch, whatever is installed
+
+
+def test_merge_unmerge_into_a_4bit_base_restores_its_stored_bytes():
+    model = dt.quantize_model(tiny_llama(), dt.QuantConfig(compute_dtype="fp32"))
+    stored = {n: t.clone() for n, t in model.state_dict().items()}
+    torch.manual_seed(1)
+    pm = dt.get_peft_model(model, dt.LoraConfig(**LORA))
+    for _ in range(3):
+        pm.merge_adapter()
+        pm.unmerge_adapter()
+    after = {k.replace(".base_layer", ""): v for k, v in pm.base_model.state_dict().items() if "lora_" not in k}
+    assert all(torch.equal(after[k], v) for k, v in stored.items())

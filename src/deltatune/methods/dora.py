@@ -60,11 +60,11 @@ class _Dora(abc.ABC):
         magnitude = layer.lora_magnitude_vector[name].float().reshape(-1)
         delta = self.oriented(layer, layer.delta_weight(name))
         merged, norm = dora_merge(self.oriented(layer, weight), delta, magnitude)
-        layer.__dict__.setdefault("_dora_merge_norm", {})[name] = norm
+        layer.merge_state.setdefault(name, {})["dora_norm"] = norm  # unmerge divides by the same norm
         return self.oriented(layer, merged)
 
     def decompose(self, layer: _LoraLayer, name: str, weight: Tensor) -> Tensor:
-        norm = layer.__dict__["_dora_merge_norm"].pop(name)
+        norm = layer.merge_state[name]["dora_norm"]
         magnitude = layer.lora_magnitude_vector[name].float().reshape(-1)
         delta = self.oriented(layer, layer.delta_weight(name))
         return self.oriented(layer, dora_unmerge(self.oriented(layer, weight), delta, magnitude, norm))
@@ -80,17 +80,21 @@ class DoraVariant(_Dora):
         return (layer.out_features,)
 
     def _norm(self, layer: LoraLinear, name: str) -> Tensor:
-        """‖W0 + s·B A‖_c without gradient; cached while nothing it depends on changes and no grad is needed."""
+        """‖W0 + s·B A‖_c without gradient; in no-grad forwards it is cached in the layer's `adapter_cache` (dropped
+        when the adapter is deleted or the layer moves) under the identity and in-place version of A, B and W, so
+        a replaced or updated tensor is never served a stale norm."""
         a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
         weight = getattr(layer.base_layer, "weight", None)
-        key = (a._version, b._version, weight._version) if isinstance(weight, nn.Parameter) else None
-        cache = layer.__dict__.setdefault("_dora_norm_cache", {})
-        if key is not None and not torch.is_grad_enabled() and cache.get(name, (None,))[0] == key:
-            return cache[name][1]
+        key = None
+        if isinstance(weight, nn.Parameter):
+            key = tuple((id(t), t._version, t.data_ptr()) for t in (a, b, weight))
+        cached = layer.adapter_cache.get(name)
+        if key is not None and not torch.is_grad_enabled() and cached is not None and cached[0] == key:
+            return cached[1]
         with torch.no_grad():
             norm = column_norm(self._combined(layer, name))
         if key is not None:
-            cache[name] = (key, norm)
+            layer.adapter_cache[name] = (key, norm)
         return norm
 
     def forward(self, layer: LoraLinear, name: str, x: Tensor, result: Tensor) -> Tensor:

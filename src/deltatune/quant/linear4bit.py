@@ -54,10 +54,36 @@ class Linear4bit(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, config: QuantConfig) -> Linear4bit:
         state = quantize_4bit(linear.weight, config.quant_type, config.blocksize, config.double_quant)
-        backend = config.backend
-        if backend == "auto":
-            backend = "bitsandbytes" if linear.weight.is_cuda and _has_bitsandbytes() else "torch"
-        return cls(linear.in_features, linear.out_features, state, linear.bias, config.compute_dtype, backend)
+        return cls(linear.in_features, linear.out_features, state, linear.bias, config.compute_dtype, config.backend)
+
+    def kernel_for(self, x: Tensor) -> str:
+        """The matmul code for this input: "auto" picks bitsandbytes' kernels for CUDA inputs when installed, so a
+        layer quantized on the CPU and moved to the GPU uses them too."""
+        if self.backend == "auto":
+            return "bitsandbytes" if x.is_cuda and _has_bitsandbytes() else "torch"
+        return self.backend
+
+    def _apply(self, fn, *args, **kwargs):
+        # `.to(dtype)` / `.half()` would cast the float quantization constants and shift every weight: the 4-bit
+        # state only follows the device (found by applying `fn` to an empty probe), never a dtype.
+        state = {name: self._buffers.pop(name) for name in _STATE_FIELDS if name in self._buffers}
+        try:
+            super()._apply(fn, *args, **kwargs)
+        finally:
+            for name, tensor in state.items():
+                if tensor is not None:
+                    device = fn(torch.empty(0, dtype=tensor.dtype, device=tensor.device)).device
+                    tensor = tensor.to(device)
+                self._buffers[name] = tensor
+        return self
+
+    def weight_state(self) -> dict[str, Tensor]:
+        """The stored 4-bit tensors, for `load_weight_state` to put back exactly (an unmerge)."""
+        return {name: t for name in _STATE_FIELDS if (t := getattr(self, name)) is not None}
+
+    def load_weight_state(self, state: dict[str, Tensor]) -> None:
+        for name in _STATE_FIELDS:
+            setattr(self, name, state.get(name))
 
     def state(self) -> QuantState:
         return QuantState(
@@ -89,7 +115,7 @@ class Linear4bit(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         dtype = DTYPES[self.compute_dtype]
-        if self.backend == "bitsandbytes":
+        if self.kernel_for(x) == "bitsandbytes":
             out = _bnb_matmul(x.to(dtype), self)
         else:
             out = _Matmul4bit.apply(x.to(dtype), self)
