@@ -65,10 +65,14 @@ def main() -> None:
     times = interleaved({k: step for k, (_, _, step) in variants.items()}, rounds=5)
     step_s = {k: median(v) for k, v in times.items()}
     base = step_s["LoRA (deltatune)"]
-    lines = ["# One training step per method: SmolLM2-135M shape, batch 4 x 128, q,k,v,o", "",
-             f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of 5 interleaved rounds.", "",
-             "| method (implementation) | step (s) | vs deltatune LoRA | vs peft, same method | saved act. (MiB) |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "# One training step per method: SmolLM2-135M shape, batch 4 x 128, q,k,v,o",
+        "",
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of 5 interleaved rounds.",
+        "",
+        "| method (implementation) | step (s) | vs deltatune LoRA | vs peft, same method | saved act. (MiB) |",
+        "|---|---|---|---|---|",
+    ]
     for key, value in step_s.items():
         method = key.split(" (")[0]
         theirs = step_s.get(f"{method} (peft)")
@@ -81,8 +85,10 @@ def main() -> None:
     if "AdaLoRA (peft)" in step_s:
         ours = step_s["AdaLoRA (deltatune)"] / step_s["LoRA (deltatune)"]
         theirs = step_s["AdaLoRA (peft)"] / step_s["LoRA (peft)"]
-        lines += ["", f"AdaLoRA overhead over LoRA (allocation + penalty included): deltatune {ours:.3f}x, "
-                  f"peft {theirs:.3f}x."]
+        lines += [
+            "",
+            f"AdaLoRA overhead over LoRA (allocation + penalty included): deltatune {ours:.3f}x, peft {theirs:.3f}x.",
+        ]
     lines.append("")
     out = Path(__file__).parent / "results" / "methods_step.md"
     out.write_text("\n".join(lines))

@@ -92,7 +92,8 @@ def test_a_model_quantized_on_cpu_uses_bitsandbytes_once_on_cuda():
 
 def test_qlora_with_adalora_trains_on_a_4bit_cuda_base():
     model = dt.quantize_model(tiny_llama().cuda(), dt.QuantConfig(compute_dtype="bf16"))
-    assert all(m.kernel_for(torch.empty(1, device="cuda")) == "bitsandbytes" for m in model.modules() if isinstance(m, Linear4bit))
+    cuda_input = torch.empty(1, device="cuda")
+    assert all(m.kernel_for(cuda_input) == "bitsandbytes" for m in model.modules() if isinstance(m, Linear4bit))
     peft_model = dt.get_peft_model(model, METHOD_CASES["ADALORA"].make_config(TARGETS)).train()
     losses = _train_on_cuda(peft_model, 6, autocast=False)
     assert losses[-1] < losses[0]
