@@ -24,6 +24,7 @@ $(STAMP): pyproject.toml
 
 test: setup
 	$(PY) -m ruff check src tests benchmarks scripts
+	$(PY) -m ruff format --check src tests benchmarks scripts
 	$(PY) -m pytest -q -n 2 tests
 
 test-slow: setup

@@ -62,8 +62,17 @@ def test_training_lowers_loss_writes_metrics_and_a_loadable_adapter(tiny_model_d
     assert loaded.peft_config["default"].r == 8
 
 
-def test_resume_after_interruption_reproduces_the_losses_exactly(tiny_model_dir, tmp_path, monkeypatch):
-    args = ("optim.steps=6", "save_every=3", "method.lora_dropout=0.1", "optim.grad_accum=2")
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw_offload"])
+def test_resume_after_interruption_reproduces_the_losses_exactly(tiny_model_dir, tmp_path, monkeypatch, optimizer):
+    """With adamw_offload this is a regression test: its fp32 masters were never refreshed on resume, so the first
+    step after it reverted the adapter to its pre-resume values."""
+    args = (
+        "optim.steps=6",
+        "save_every=3",
+        "method.lora_dropout=0.1",
+        "optim.grad_accum=2",
+        f"optim.optimizer={optimizer}",
+    )
     full = train(_cfg(tiny_model_dir, tmp_path / "full", *args)).losses
 
     resumed = _cut_and_resume(tiny_model_dir, tmp_path, monkeypatch, args, cut_at=4)
@@ -149,8 +158,12 @@ def test_method_hooks_see_gradients_and_add_their_loss(tiny_model_dir, tmp_path,
     assert all(p.mean() > 0 for p in b)  # the regulariser moved B away from its zero init, towards 1
 
 
-def test_adalora_allocates_during_training_and_resumes_exactly(tiny_model_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw_offload"])
+def test_adalora_allocates_during_training_and_resumes_exactly(tiny_model_dir, tmp_path, monkeypatch, optimizer):
+    """With adamw_offload this is also a regression test: its masters copied unmasked values back over pruned
+    triplets every step."""
     args = (
+        f"optim.optimizer={optimizer}",
         "optim.steps=6",
         "save_every=3",
         "method.peft_type=ADALORA",

@@ -88,7 +88,12 @@ def build_optimizer(
 
 class OffloadedAdamW(torch.optim.Optimizer):
     """AdamW whose state lives in CPU memory: each step copies gradients to fp32 CPU masters (pinned on CUDA), steps
-    torch's AdamW there, and copies the result back. Device memory holds only the parameters and their grads."""
+    torch's AdamW there, and copies the result back. Device memory holds only the parameters and their grads.
+
+    The parameters stay the truth: a parameter changed outside `step` since this optimizer last wrote it (a resumed
+    checkpoint loaded into the model, a method's hook masking values) is re-read into its master before the update,
+    detected by the tensor's in-place version counter.
+    """
 
     def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.0, **kwargs: Any) -> None:
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, **kwargs))
@@ -98,6 +103,7 @@ class OffloadedAdamW(torch.optim.Optimizer):
         ]
         if pin:
             self.masters = [[m.pin_memory() for m in group] for group in self.masters]
+        self._written = [[p._version for p in g["params"]] for g in self.param_groups]
         groups = [
             {**{k: v for k, v in g.items() if k != "params"}, "params": m}
             for g, m in zip(self.param_groups, self.masters, strict=True)
@@ -107,23 +113,38 @@ class OffloadedAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        pairs = list(zip(self.param_groups, self.masters, self.inner.param_groups, strict=True))
-        for group, masters, inner_group in pairs:
+        pairs = list(zip(self.param_groups, self.masters, self.inner.param_groups, self._written, strict=True))
+        for group, masters, inner_group, written in pairs:
             inner_group["lr"] = group["lr"]  # schedulers change the outer groups
-            for p, m in zip(group["params"], masters, strict=True):
+            for i, (p, m) in enumerate(zip(group["params"], masters, strict=True)):
+                if p._version != written[i]:  # changed outside this optimizer since its last write
+                    m.copy_(p.detach())
                 m.grad = None if p.grad is None else p.grad.detach().to("cpu", torch.float32)
         self.inner.step()
-        for group, masters, _ in pairs:
-            for p, m in zip(group["params"], masters, strict=True):
+        for group, masters, _, written in pairs:
+            for i, (p, m) in enumerate(zip(group["params"], masters, strict=True)):
                 if m.grad is not None:
                     p.copy_(m.to(p.device, p.dtype, non_blocking=True))
+                written[i] = p._version
 
     def state_dict(self) -> dict[str, Any]:
+        """The moments, with the outer groups' current hyperparameters (a scheduler changes those, not the inner's)."""
+        for group, inner_group in zip(self.param_groups, self.inner.param_groups, strict=True):
+            inner_group.update({k: v for k, v in group.items() if k != "params"})
         return self.inner.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load the moments and the groups' hyperparameters (the lr a scheduler had set); the masters are re-read from
+        the parameters (which a resume restores first)."""
         self.inner.load_state_dict(state_dict)
         self.state = self.inner.state
+        with torch.no_grad():
+            for group, inner_group, masters in zip(
+                self.param_groups, self.inner.param_groups, self.masters, strict=True
+            ):
+                group.update({k: v for k, v in inner_group.items() if k != "params"})
+                for p, m in zip(group["params"], masters, strict=True):
+                    m.copy_(p.detach())
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
