@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import deltatune as dt
-from deltatune.errors import AdapterError, MergeError, TargetNotFoundError
+from deltatune.errors import AdapterError, MergeError, TargetNotFoundError, UnsupportedArgumentError
 from deltatune.layers import AdapterLayer, TrainableCopy
 from tests.conftest import model_output, tiny_bert, tiny_gpt2, tiny_llama
 
@@ -130,11 +130,12 @@ def test_bias_modes_choose_trainable_biases():
 
 
 def test_disable_adapter_unmerges_and_reenables():
+    base_output = model_output(tiny_llama(), IDS)
     pm = dt.get_peft_model(tiny_llama(), _lora(init_lora_weights=False))
     with_adapter = model_output(pm, IDS)
     pm.merge_adapter()
     with pm.disable_adapter():
-        pass
+        torch.testing.assert_close(model_output(pm, IDS), base_output, rtol=0, atol=0)
     torch.testing.assert_close(model_output(pm, IDS), with_adapter, rtol=1e-5, atol=1e-5)
 
 
@@ -143,3 +144,70 @@ def test_attribute_passthrough_to_base_model():
     assert pm.config.model_type == "llama"
     out = pm.generate(**IDS, max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert out.shape == (2, 9)
+
+
+def _saved(tmp_path, **kw):
+    torch.manual_seed(1)
+    dt.get_peft_model(tiny_llama(), _lora(init_lora_weights=False, lora_dropout=0.3, **kw)).save_pretrained(tmp_path)
+    return tmp_path
+
+
+def test_from_pretrained_for_inference_is_in_eval_mode_with_nothing_trainable(tmp_path):
+    """Regression: a base left in training mode kept dropout on after loading an adapter for inference."""
+    base = tiny_llama().train()
+    pm = dt.PeftModel.from_pretrained(base, _saved(tmp_path))
+    assert not any(m.training for m in pm.modules())
+    assert not any(p.requires_grad for p in pm.parameters())
+    torch.testing.assert_close(model_output(pm, IDS), model_output(pm, IDS), rtol=0, atol=0)
+
+
+def test_from_pretrained_trainable_is_in_training_mode_with_the_adapter_trainable(tmp_path):
+    pm = dt.PeftModel.from_pretrained(tiny_llama().eval(), _saved(tmp_path), is_trainable=True)
+    assert all(m.training for m in pm.modules())
+    trainable = {n for n, p in pm.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+
+
+def test_adapter_names_argument_is_refused_not_ignored():
+    pm = dt.get_peft_model(tiny_llama(), _lora())
+    with pytest.raises(UnsupportedArgumentError, match="adapter_names"):
+        pm(**IDS, adapter_names=["default", "default"])
+    with pytest.raises(UnsupportedArgumentError, match="adapter_names"):
+        pm.generate(**IDS, max_new_tokens=2, adapter_names=["default", "default"])
+
+
+def test_subfolder_and_config_are_honoured(tmp_path):
+    _saved(tmp_path / "nested")
+    pm = dt.PeftModel.from_pretrained(tiny_llama(), tmp_path, subfolder="nested")
+    want = model_output(pm, IDS)
+    other = dt.PeftModel.from_pretrained(tiny_llama(), tmp_path / "nested", config=_lora(r=4, lora_alpha=2))
+    assert other.peft_config["default"].lora_alpha == 2  # the given config, not the saved one (alpha 8)
+    layer = next(m for m in other.modules() if isinstance(m, AdapterLayer))
+    assert layer.scaling["default"] == 2 / 4
+    assert not torch.allclose(model_output(other, IDS), want)
+    pm.load_adapter(tmp_path, adapter_name="again", subfolder="nested")
+    assert "again" in pm.peft_config
+
+
+def test_is_main_process_false_writes_nothing(tmp_path):
+    pm = dt.get_peft_model(tiny_llama(), _lora())
+    pm.save_pretrained(tmp_path / "out", is_main_process=False)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda pm, d: pm.save_pretrained(d, safe_serialization=False),
+        lambda pm, d: pm.save_pretrained(d, save_embedding_layers=True),
+        lambda pm, d: pm.save_pretrained(d, max_shard_size="1GB"),
+        lambda pm, d: dt.PeftModel.from_pretrained(tiny_llama(), _saved(d), torch_device="meta"),
+        lambda pm, d: pm.load_adapter(_saved(d), adapter_name="x", ephemeral_gpu_offload=True),
+    ],
+)
+def test_unsupported_keyword_arguments_are_refused_by_name(call, tmp_path):
+    pm = dt.get_peft_model(tiny_llama(), _lora())
+    with pytest.raises(
+        UnsupportedArgumentError, match=r"safe_serialization|save_embedding|max_shard|torch_device|ephem"
+    ):
+        call(pm, tmp_path)

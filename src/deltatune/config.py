@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
-from deltatune.errors import ConfigError, UnsupportedFieldError
+from deltatune.errors import ConfigError, UnknownFieldWarning, UnsupportedFieldError
 
 CONFIG_NAME = "adapter_config.json"
+METADATA_FIELDS = frozenset({"peft_version", "auto_mapping"})
+"""Provenance fields peft writes that say nothing about the adapter's weights."""
 
 
 def _is_unset(value: Any) -> bool:
@@ -29,6 +32,8 @@ class AdapterConfig:
 
     peft_type: ClassVar[str] = ""
     unsupported_fields: ClassVar[tuple[str, ...]] = ()
+    inert_fields: ClassVar[tuple[str, ...]] = ()
+    """peft fields that only qualify an unsupported option (e.g. its group size); read and dropped quietly."""
     accepts_auto_rank_pattern: ClassVar[bool] = False
     """True when `rank_pattern` maps modules to integer ranks, so the trainer's `rank_pattern: auto` can fill it."""
 
@@ -91,8 +96,15 @@ class AdapterConfig:
                     f"adapter config sets {name}={data[name]!r}, which deltatune's {cls.__name__} does not support; "
                     f"remove the field (or set it to its default) to load this adapter."
                 )
-        # Other unknown keys (peft_version, auto_mapping, newer peft options left at their defaults) carry no meaning
-        # for the weights and are dropped, as peft itself does for keys it does not know.
+        quiet = known | set(cls.unsupported_fields) | set(cls.inert_fields) | METADATA_FIELDS
+        unknown = sorted(k for k in data if k not in quiet)
+        if unknown:
+            warnings.warn(
+                f"adapter config fields {unknown} are unknown to deltatune's {cls.__name__} (a newer peft, or a typo) "
+                f"and were not applied; if they change the adapter's outputs, this adapter will not behave as saved.",
+                UnknownFieldWarning,
+                stacklevel=3,
+            )
         kwargs = {k: v for k, v in data.items() if k in known}
         try:
             return cls(**kwargs)

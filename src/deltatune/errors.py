@@ -15,6 +15,14 @@ class UnsupportedFieldError(ConfigError):
     """A config sets a field that this version of deltatune does not implement (e.g. a peft-only option)."""
 
 
+class UnsupportedArgumentError(ConfigError, TypeError):
+    """A keyword argument (usually one of peft's) that deltatune does not implement; refused, never ignored."""
+
+
+class UnknownFieldWarning(UserWarning):
+    """An adapter config holds a field deltatune does not know (e.g. from a newer peft); it was not applied."""
+
+
 class UnknownMethodError(ConfigError):
     """A `peft_type` that no registered method provides."""
 

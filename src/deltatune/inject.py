@@ -56,17 +56,20 @@ def find_targets(
     layers_pattern: Sequence[str] | str | None = None,
     output_head: str | None = None,
     strict: bool = True,
+    linear_types: tuple[type[nn.Module], ...] = (nn.Linear,),
 ) -> list[str]:
     """Names of the modules to adapt.
 
     Args:
         module_types: module name -> type (e.g. `{n: type(m) for n, m in model.named_modules()}`).
         target_modules: list of suffixes, a regex, or "all-linear".
-        supported: module types the method can wrap (isinstance check); for "all-linear", the linear types.
+        supported: module types the method can wrap (isinstance check).
         exclude_modules: names never adapted (suffix list or regex).
         layers_to_transform / layers_pattern: keep only these layer indices.
         output_head: the output layer's name, excluded by "all-linear".
         strict: every list entry must match a module (catches typos); loaders pass False.
+        linear_types: what "all-linear" means: modules of these types (that the method supports), as in peft;
+            never embeddings or convolutions, even where the method could wrap them.
 
     Raises:
         TargetNotFoundError: an entry (or the regex) matches no module; the message lists the closest names.
@@ -74,7 +77,11 @@ def find_targets(
     """
     names = [n for n in module_types if n]
     if target_modules == ALL_LINEAR:
-        found = [n for n in names if issubclass(module_types[n], supported) and n != output_head]
+        found = [
+            n
+            for n in names
+            if issubclass(module_types[n], linear_types) and issubclass(module_types[n], supported) and n != output_head
+        ]
         if not found:
             raise TargetNotFoundError('target_modules="all-linear" found no linear layer in this model.')
     else:

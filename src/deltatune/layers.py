@@ -253,17 +253,6 @@ def module_device(module: nn.Module) -> torch.device:
     return next(t for t in (*module.parameters(), *module.buffers())).device
 
 
-def linear_features(module: nn.Module) -> tuple[int, int, bool]:
-    """(d_in, d_out, fan_in_fan_out) of a linear-like module: GPT-2's Conv1D stores its weight as (d_in, d_out);
-    nn.Linear and quantized linears state `in_features` / `out_features`."""
-    from transformers.pytorch_utils import Conv1D
-
-    if isinstance(module, Conv1D):
-        d_in, d_out = module.weight.shape
-        return d_in, d_out, True
-    return module.in_features, module.out_features, False
-
-
 def bias_parameters(model: nn.Module, bias: str, layer_type: type[nn.Module]) -> list[str]:
     """Names of the base biases a method trains: none; "all" biases; or (any other mode, e.g. "lora_only") the
     biases of the layers wrapped by `layer_type`."""

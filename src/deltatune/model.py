@@ -16,10 +16,10 @@ from torch import Tensor, nn
 
 from deltatune import io
 from deltatune.config import AdapterConfig, read_config_dict
-from deltatune.errors import AdapterError, ConfigError, MergeError
+from deltatune.errors import AdapterError, ConfigError, MergeError, UnsupportedArgumentError
 from deltatune.inject import find_targets, replace_module, resolve_modules_to_save
 from deltatune.layers import AdapterLayer, TrainableCopy
-from deltatune.models import model_type_of, output_head_name
+from deltatune.models import linear_types, model_type_of, output_head_name
 from deltatune.registry import MethodHooks, MethodSpec, get_method, spec_for_config
 
 Wrapper = (AdapterLayer, TrainableCopy)
@@ -39,6 +39,7 @@ class PeftModel(nn.Module):
 
     # -- pass-through -------------------------------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        _refuse_adapter_names(kwargs)
         outputs = self.base_model(*args, **kwargs)
         hooks = self._hooks()
         loss = getattr(outputs, "loss", None)
@@ -48,6 +49,7 @@ class PeftModel(nn.Module):
         return outputs
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
+        _refuse_adapter_names(kwargs)
         return self.base_model.generate(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
@@ -176,6 +178,7 @@ class PeftModel(nn.Module):
             layers_pattern=config.layers_pattern,
             output_head=output_head_name(self.base_model),
             strict=strict,
+            linear_types=linear_types(),
         )
         try:
             extra: dict[str, nn.Module] = {}
@@ -332,18 +335,34 @@ class PeftModel(nn.Module):
     def save_pretrained(
         self,
         save_directory: str | Path,
+        safe_serialization: bool = True,
         selected_adapters: list[str] | None = None,
+        is_main_process: bool = True,
         state_dict: dict[str, Tensor] | None = None,
-        **_ignored: Any,
+        **kwargs: Any,
     ) -> None:
         """Write `adapter_config.json` + `adapter_model.safetensors` per adapter ("default" at the top, others in
         `save_directory/<name>/`), each file atomically. `state_dict` (peft keys) replaces the live tensors of a
-        single saved adapter, e.g. tensors gathered from shards."""
+        single saved adapter, e.g. tensors gathered from shards. `is_main_process=False` writes nothing (every
+        rank of a distributed run may call this; only the main one saves).
+
+        Raises:
+            UnsupportedArgumentError: `safe_serialization=False` (deltatune writes safetensors only) or a keyword
+                argument deltatune does not implement.
+        """
+        _refuse_unknown("save_pretrained", kwargs, {"save_embedding_layers": ("auto", False)})
+        if not safe_serialization:
+            raise UnsupportedArgumentError(
+                "safe_serialization=False asks for a pickled adapter_model.bin; deltatune writes safetensors only "
+                "(loadable by peft and every other tool): drop the argument."
+            )
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
         for name in names:
             self._check_name(name, exists=True)
         if state_dict is not None and len(names) != 1:
             raise AdapterError(f"state_dict given for {len(names)} adapters; pass selected_adapters=[one name].")
+        if not is_main_process:
+            return
         for name in names:
             target = Path(save_directory) if name == "default" else Path(save_directory) / name
             config = self.peft_config[name]
@@ -365,35 +384,58 @@ class PeftModel(nn.Module):
         model_id: str | Path,
         adapter_name: str = "default",
         is_trainable: bool = False,
-        **_ignored: Any,
+        config: AdapterConfig | None = None,
+        **kwargs: Any,
     ) -> PeftModel:
-        """Load a saved adapter (deltatune's or peft's) onto `model`. On any error the model is left unchanged."""
+        """Load a saved adapter (deltatune's or peft's) onto `model`. On any error the model is left unchanged.
+
+        For inference (`is_trainable=False`, the default) the model comes back in eval mode with nothing trainable;
+        with `is_trainable=True`, in training mode with the adapter trainable. `config` replaces the directory's
+        adapter_config.json; `subfolder` reads `model_id/subfolder`.
+        """
         peft_model = cls(model)
-        peft_model.load_adapter(model_id, adapter_name, is_trainable=is_trainable)
+        peft_model.load_adapter(model_id, adapter_name, is_trainable=is_trainable, config=config, **kwargs)
+        peft_model.train(is_trainable)
         return peft_model
 
-    def load_adapter(self, model_id: str | Path, adapter_name: str, is_trainable: bool = False) -> None:
-        """Add the adapter saved in `model_id` under `adapter_name`; validated fully before the model changes.
+    def load_adapter(
+        self,
+        model_id: str | Path,
+        adapter_name: str,
+        is_trainable: bool = False,
+        config: AdapterConfig | None = None,
+        subfolder: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Add the adapter saved in `model_id` (or `model_id/subfolder`) under `adapter_name`; validated fully before
+        the model changes. `config` replaces the saved adapter_config.json (it must be the same method).
 
         Raises:
             ConfigError / UnsupportedFieldError / UnknownMethodError: the config is malformed or asks for more than
                 deltatune implements.
             CheckpointError: the weights file is missing or corrupt, or its keys/shapes do not fit this model.
+            UnsupportedArgumentError: a keyword argument deltatune does not implement.
         """
+        _refuse_unknown("load_adapter", kwargs, {"revision": (None, "main"), "low_cpu_mem_usage": (False,)})
         self._check_name(adapter_name, exists=False)
-        data = read_config_dict(model_id)
-        spec = get_method(data["peft_type"])
-        config = spec.config_cls.from_dict(data).replace(inference_mode=not is_trainable)
+        directory = Path(model_id) / subfolder if subfolder else Path(model_id)
+        if config is None:
+            data = read_config_dict(directory)
+            spec = get_method(data["peft_type"])
+            config = spec.config_cls.from_dict(data)
+        else:
+            spec = spec_for_config(config)
+        config = config.replace(inference_mode=not is_trainable)
         config = self._with_default_targets(config, spec)
         self._check_same_method(spec)
-        found = io.from_peft_keys(io.read_tensors(model_id))
+        found = io.from_peft_keys(io.read_tensors(directory))
         requires_grad = {n: p.requires_grad for n, p in self.base_model.named_parameters()}
         self._inject(adapter_name, config, spec, strict=False)
         self.peft_config[adapter_name] = config
         try:
             expected = io.from_peft_keys(self.adapter_state_dict(adapter_name))
             expected.update(self._saved_base_weights(found))
-            io.check_state(expected, found, str(Path(model_id) / io.WEIGHTS_NAME))
+            io.check_state(expected, found, str(directory / io.WEIGHTS_NAME))
         except BaseException:
             del self.peft_config[adapter_name]
             self._remove_from_modules(adapter_name)
@@ -441,6 +483,24 @@ class PeftModel(nn.Module):
         print(
             f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
         )
+
+
+def _refuse_adapter_names(kwargs: dict[str, Any]) -> None:
+    if "adapter_names" in kwargs:
+        raise UnsupportedArgumentError(
+            "adapter_names= (a different adapter per row of the batch) is not supported yet; run one batch per "
+            "adapter with set_adapter(name), or merge them with add_weighted_adapter."
+        )
+
+
+def _refuse_unknown(where: str, kwargs: dict[str, Any], accepted: dict[str, tuple[Any, ...]]) -> None:
+    """Refuse keyword arguments a method does not implement, by name: peft's arguments are accepted only at the
+    values that mean what deltatune does anyway (`accepted`: name -> allowed values)."""
+    for name, value in kwargs.items():
+        if name in accepted and value in accepted[name]:
+            continue
+        allowed = f" (accepted only as {' or '.join(map(repr, accepted[name]))})" if name in accepted else ""
+        raise UnsupportedArgumentError(f"{where}() does not support {name}={value!r}{allowed}; remove it.")
 
 
 def get_peft_model(model: nn.Module, peft_config: AdapterConfig, adapter_name: str = "default") -> PeftModel:

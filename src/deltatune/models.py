@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 
 @dataclass(frozen=True)
@@ -137,3 +138,27 @@ def default_lora_targets(model_type: str | None) -> list[str] | str | None:
     """LoRA's default targets for a family; unknown families get "all-linear" (every linear but the output head)."""
     targets = arch_for(model_type).lora_targets
     return list(targets) if targets else "all-linear"
+
+
+_LINEAR_TYPES: list[type[nn.Module]] = [nn.Linear, Conv1D]
+"""Module types that are linear layers (what "all-linear" targets): torch's, GPT-2's Conv1D (a linear layer storing
+its weight transposed) and types registered by other modules (e.g. 4-bit linears)."""
+
+
+def register_linear_type(module_type: type[nn.Module]) -> None:
+    """Declare another module type a linear layer (it must state `in_features` / `out_features`)."""
+    if module_type not in _LINEAR_TYPES:
+        _LINEAR_TYPES.append(module_type)
+
+
+def linear_types() -> tuple[type[nn.Module], ...]:
+    return tuple(_LINEAR_TYPES)
+
+
+def linear_features(module: nn.Module) -> tuple[int, int, bool]:
+    """(d_in, d_out, fan_in_fan_out) of a linear-like module: GPT-2's Conv1D stores its weight as (d_in, d_out);
+    nn.Linear and quantized linears state `in_features` / `out_features`."""
+    if isinstance(module, Conv1D):
+        d_in, d_out = module.weight.shape
+        return d_in, d_out, True
+    return module.in_features, module.out_features, False

@@ -22,6 +22,9 @@ CASES = {
     "llama-embedding": dict(target_modules=["embed_tokens", "q_proj"]),
     "llama-dora": dict(target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True),
     "gpt2-dora": dict(target_modules=["c_attn", "c_fc"], use_dora=True, fan_in_fan_out=True),
+    # regression: "all-linear" wrapped embed_tokens too, so peft loaded a different set of modules
+    "llama-all-linear": dict(target_modules="all-linear"),
+    "gpt2-all-linear": dict(target_modules="all-linear", fan_in_fan_out=True),
     "mlp-dora": dict(target_modules=["emb", "conv", "conv1d", "lin0", "lin1"], use_dora=True),  # embedding + convs
 }
 
@@ -64,18 +67,39 @@ def test_deltatune_adapter_loads_into_peft(case, tmp_path):
     torch.testing.assert_close(model_output(theirs, inputs), want, rtol=1e-5, atol=1e-5)
 
 
-def test_keys_and_config_match_peft_exactly(tmp_path):
+def test_keys_shapes_and_config_fields_match_peft_exactly(tmp_path):
+    import json
+
     from safetensors.torch import load_file
 
     factory, targets, _ = TINY_MODELS["llama"]
-    cfg = dict(r=4, lora_alpha=8, target_modules=targets)
+    cfg = dict(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.1, rank_pattern={"q_proj": 2})
     peft.get_peft_model(factory(), peft.LoraConfig(**cfg)).save_pretrained(tmp_path / "peft")
     dt.get_peft_model(factory(), dt.LoraConfig(**cfg)).save_pretrained(tmp_path / "ours")
-    theirs, ours = (
-        load_file(tmp_path / "peft/adapter_model.safetensors"),
-        load_file(tmp_path / "ours/adapter_model.safetensors"),
-    )
+    theirs, ours = (load_file(tmp_path / f"{lib}/adapter_model.safetensors") for lib in ("peft", "ours"))
     assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
+    their_config, our_config = (
+        json.loads((tmp_path / lib / "adapter_config.json").read_text()) for lib in ("peft", "ours")
+    )
+    # every field we write, peft writes with the same value; what only peft writes is provenance or an option we
+    # refuse when it is set (so a file that sets it cannot load silently wrong)
+    their_config["target_modules"] = sorted(their_config["target_modules"])  # peft writes a set, in any order
+    assert our_config == {k: their_config[k] for k in our_config}
+    known = set(dt.LoraConfig.unsupported_fields) | set(dt.LoraConfig.inert_fields) | {"peft_version", "auto_mapping"}
+    assert set(their_config) - set(our_config) <= known
+
+
+def test_unknown_config_field_warns_by_name(tmp_path):
+    import json
+
+    from deltatune.errors import UnknownFieldWarning
+
+    factory, targets, _ = TINY_MODELS["llama"]
+    dt.get_peft_model(factory(), dt.LoraConfig(r=2, target_modules=targets)).save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "lora_future_option": 0.5}))
+    with pytest.warns(UnknownFieldWarning, match="lora_future_option"):
+        dt.PeftModel.from_pretrained(factory(), tmp_path)
 
 
 def test_named_adapters_saved_in_subfolders_load_into_peft(tmp_path):

@@ -35,8 +35,9 @@ from deltatune.functional.adalora import (
     update_importance,
 )
 from deltatune.functional.lora import lora_branch
-from deltatune.layers import AdapterLayer, bias_parameters, linear_features, module_device
-from deltatune.models import default_lora_targets
+from deltatune.layers import AdapterLayer, bias_parameters, module_device
+from deltatune.methods.lora import LoraConfig
+from deltatune.models import default_lora_targets, linear_features
 from deltatune.registry import MethodSpec, register_method
 
 _UNSET_R = 8  # peft's inherited LoraConfig.r, which AdaLoRA ignores
@@ -48,7 +49,9 @@ class AdaLoraConfig(AdapterConfig):
 
     peft_type = "ADALORA"
     # peft's AdaLoRA inherits these LoRA options; deltatune refuses them rather than silently ignoring them.
-    unsupported_fields = ("use_dora", "use_rslora", "alpha_pattern", "loftq_config", "layer_replication", "lora_bias")
+    # peft's AdaLoraConfig extends its LoraConfig, so its files carry every LoRA option too
+    unsupported_fields = (*LoraConfig.unsupported_fields, "use_dora", "use_rslora", "alpha_pattern")
+    inert_fields = LoraConfig.inert_fields
 
     init_r: int = 12
     """Rank every adapted matrix starts with."""

@@ -25,8 +25,8 @@ from transformers.pytorch_utils import Conv1D
 from deltatune.config import AdapterConfig
 from deltatune.errors import ConfigError, UnsupportedModuleError
 from deltatune.functional.gralora import gralora_delta, gralora_project
-from deltatune.layers import AdapterLayer, bias_parameters, linear_features, module_device
-from deltatune.models import default_lora_targets
+from deltatune.layers import AdapterLayer, bias_parameters, module_device
+from deltatune.models import default_lora_targets, linear_features
 from deltatune.registry import MethodSpec, register_method
 
 

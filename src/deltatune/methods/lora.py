@@ -25,8 +25,8 @@ from deltatune.config import AdapterConfig
 from deltatune.errors import ConfigError, UnsupportedFieldError, UnsupportedModuleError
 from deltatune.functional.init import gaussian_a_zero_b, kaiming_a_zero_b
 from deltatune.functional.lora import embedding_lora_delta, lora_branch, lora_delta, lora_scale
-from deltatune.layers import AdapterLayer, bias_parameters, linear_features, module_device
-from deltatune.models import default_lora_targets
+from deltatune.layers import AdapterLayer, bias_parameters, module_device
+from deltatune.models import default_lora_targets, linear_features
 from deltatune.registry import MethodSpec, register_method
 
 
@@ -54,7 +54,9 @@ class LoraConfig(AdapterConfig):
         "monteclora_config",
         "use_bdlora",
         "velora_config",
+        "ensure_weight_tying",
     )
+    inert_fields = ("megatron_core", "qalora_group_size")
 
     r: int = 8
     """Rank of the update B·A."""

@@ -23,8 +23,8 @@ from transformers.pytorch_utils import Conv1D
 from deltatune.config import AdapterConfig
 from deltatune.errors import ConfigError
 from deltatune.functional.vera import vera_delta, vera_projections
-from deltatune.layers import AdapterLayer, bias_parameters, linear_features, module_device
-from deltatune.models import default_lora_targets
+from deltatune.layers import AdapterLayer, bias_parameters, module_device
+from deltatune.models import default_lora_targets, linear_features
 from deltatune.registry import MethodSpec, register_method
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from deltatune.models import register_linear_type
 from deltatune.quant.state import DTYPES, QuantConfig, QuantState, dequantize_4bit, quantize_4bit
 
 _STATE_FIELDS = ("packed", "absmax", "absmax_codes", "absmax_scale", "absmax_offset")
@@ -170,3 +171,6 @@ def _bnb_matmul(x: Tensor, layer: Linear4bit) -> Tensor:
         dtype=x.dtype,
     )
     return bnb.matmul_4bit(x, layer.packed.view(-1, 1).t(), quant_state=state)
+
+
+register_linear_type(Linear4bit)
