@@ -83,7 +83,8 @@ def test_keys_shapes_and_config_fields_match_peft_exactly(tmp_path):
     )
     # every field we write, peft writes with the same value; what only peft writes is provenance or an option we
     # refuse when it is set (so a file that sets it cannot load silently wrong)
-    their_config["target_modules"] = sorted(their_config["target_modules"])  # peft writes a set, in any order
+    for config in (their_config, our_config):  # peft writes a set, in any order
+        config["target_modules"] = sorted(config["target_modules"])
     assert our_config == {k: their_config[k] for k in our_config}
     known = set(dt.LoraConfig.unsupported_fields) | set(dt.LoraConfig.inert_fields) | {"peft_version", "auto_mapping"}
     assert set(their_config) - set(our_config) <= known
