@@ -1,4 +1,4 @@
-"""The trainer's CPU allocator setting (`deltatune.train.host.keep_freed_memory`) on one LoRA training step.
+"""The trainer's CPU allocator setting (`deltatune.train.host.freed_memory_kept`, applied by the CLI) on one LoRA training step.
 
 The setting is process-wide and fixed at start, so it cannot be interleaved within one process: fresh processes
 alternate default / tuned (A B A B ...), each timing the median of 5 steps after a warm-up (SmolLM2-135M shape,
@@ -16,11 +16,11 @@ from pathlib import Path
 CHILD = """
 import sys, re, statistics, time
 sys.path.insert(0, 'benchmarks')
-from deltatune.train.host import keep_freed_memory
+from deltatune.train.host import freed_memory_kept
 import lora_step as b
 m, loss, opt = b.make_variant('deltatune', 0.05)
-if sys.argv[1] == 'tuned':  # as the trainer does: after the model is built, before the steps
-    assert keep_freed_memory()
+if sys.argv[1] == 'tuned':  # as the CLI does: after the model is built, around the steps
+    assert freed_memory_kept().__enter__()
 step = b._step_fn(loss, opt)
 step()
 times = []

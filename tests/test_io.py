@@ -158,3 +158,20 @@ def test_load_is_trainable_flag(saved):
 
 def test_load_config_validates_without_a_model(saved):
     assert dt.load_config(saved).r == 4
+
+
+def test_written_files_honour_the_umask(tmp_path):
+    """Regression: the atomic temp-file write kept mkstemp's 0600, so no other user could read an adapter."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        dt.get_peft_model(tiny_llama(), dt.LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path / "a")
+        with io.atomic_directory(tmp_path / "d") as folder:
+            (folder / "x").write_text("1")
+    finally:
+        os.umask(old)
+    for path in (tmp_path / "a" / io.WEIGHTS_NAME, tmp_path / "a" / "adapter_config.json"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+    assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o755

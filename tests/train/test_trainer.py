@@ -186,23 +186,56 @@ def test_adalora_allocates_during_training_and_resumes_exactly(tiny_model_dir, t
     assert set(other) == set(saved) and all(torch.equal(saved[k], other[k]) for k in saved)
 
 
-def test_cpu_allocator_setting_applies_on_glibc_and_only_when_asked(tiny_model_dir, tmp_path, monkeypatch):
-    import platform
-    import sys
+def test_library_train_never_touches_the_process_allocator(tiny_model_dir, tmp_path, monkeypatch):
+    """Regression: train() applied the process-wide glibc setting by default (and so inside the pytest worker)."""
+    from deltatune.train import host
 
-    from deltatune.train.host import keep_freed_memory
-
-    glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
-    assert keep_freed_memory() is glibc
     calls = []
-    monkeypatch.setattr(trainer_module, "keep_freed_memory", lambda: calls.append(1))
-    for setting, quantize, expected in [
-        ("auto", None, 1),
-        ("auto", "nf4", 0),
-        ("default", None, 0),
-        ("keep", "nf4", 1),
-    ]:
-        calls.clear()
-        extra = [f"cpu_allocator={setting}", "optim.steps=1"] + ([f"quantize={quantize}"] if quantize else [])
-        train(_cfg(tiny_model_dir, tmp_path / f"{setting}-{quantize}", *extra))
-        assert len(calls) == (expected if not torch.cuda.is_available() else 0), (setting, quantize)
+    monkeypatch.setattr(host, "_mallopt", lambda option, value: calls.append((option, value)) or True)
+    train(_cfg(tiny_model_dir, tmp_path, "cpu_allocator=keep", "optim.steps=1"))
+    assert calls == []
+
+
+def test_kept_memory_is_restored_after_the_loop_and_never_left_partial(monkeypatch):
+    from deltatune.train import host
+
+    calls = []
+    monkeypatch.setattr(host, "_mallopt", lambda option, value: calls.append((option, value)) or True)
+    with host.freed_memory_kept() as applied:
+        assert applied and calls == list(host.KEEP.items())
+    assert calls[3:] == list(host.glibc_defaults().items())  # all three put back
+
+    calls.clear()
+    refused = host._M_MMAP_THRESHOLD  # the third setting fails: the two made are undone at once
+    monkeypatch.setattr(host, "_mallopt", lambda option, value: calls.append((option, value)) or option != refused)
+    with host.freed_memory_kept() as applied:
+        assert not applied
+        assert calls[3:] == [(o, v) for o, v in host.glibc_defaults().items() if o != refused]
+    assert len(calls) == 5
+
+
+def test_cli_tunes_the_allocator_only_as_the_setting_says(tiny_model_dir, tmp_path, monkeypatch):
+    from deltatune.cli.app import host_tuning
+    from deltatune.train import host
+
+    for setting, quantize, expected in [("auto", None, True), ("auto", "nf4", False), ("default", None, False)]:
+        extra = [f"cpu_allocator={setting}"] + ([f"quantize={quantize}"] if quantize else [])
+        want = host.freed_memory_kept if expected and not torch.cuda.is_available() else None
+        assert host_tuning(_cfg(tiny_model_dir, tmp_path, *extra)) is want, (setting, quantize)
+    calls = []
+    monkeypatch.setattr(host, "_mallopt", lambda option, value: calls.append((option, value)) or True)
+    cfg = _cfg(tiny_model_dir, tmp_path, "cpu_allocator=keep", "optim.steps=1")
+    train(cfg, around_loop=host_tuning(cfg))
+    if not torch.cuda.is_available():
+        assert calls == list(host.KEEP.items()) + list(host.glibc_defaults().items())
+
+
+def test_a_corrupt_checkpoint_raises_checkpoint_error_naming_it(tiny_model_dir, tmp_path):
+    from deltatune.errors import CheckpointError
+    from deltatune.train import checkpoint as ckpt
+
+    train(_cfg(tiny_model_dir, tmp_path, "optim.steps=2", "save_every=2"))
+    path = ckpt.latest_checkpoint(tmp_path / "run")
+    (path / "optimizer.safetensors").write_bytes(b"\x07" * 64)
+    with pytest.raises(CheckpointError, match="optimizer.safetensors|step-2"):
+        train(_cfg(tiny_model_dir, tmp_path, "optim.steps=3", "save_every=2"), resume=True)

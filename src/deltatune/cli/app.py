@@ -33,6 +33,16 @@ def _friendly(fn):
     return wrapper
 
 
+def host_tuning(cfg):
+    """The CLI owns its process: it may tune the CPU allocator around the training steps (restored after)."""
+    import torch
+
+    from deltatune.train.host import freed_memory_kept, wants_kept_memory
+
+    on_cpu = not torch.cuda.is_available()
+    return freed_memory_kept if wants_kept_memory(cfg.cpu_allocator, bool(cfg.quantize), on_cpu) else None
+
+
 @app.command()
 @_friendly
 def quickstart(
@@ -55,7 +65,7 @@ def quickstart(
         ],
     )
     console.print(f"[bold]quickstart[/]: LoRA on SmolLM2-135M-Instruct, {steps} steps, run dir {out}")
-    print_train_report(train(cfg, console=console), console)
+    print_train_report(train(cfg, console=console, around_loop=host_tuning(cfg)), console)
 
 
 @app.command()
@@ -83,7 +93,8 @@ def train_cmd(
     from deltatune.train import load_train_config, train
 
     overrides = [*(set_ or []), *([f"quantize={quantize}"] if quantize else [])]
-    print_train_report(train(load_train_config(config, overrides), resume=resume, console=console), console)
+    cfg = load_train_config(config, overrides)
+    print_train_report(train(cfg, resume=resume, console=console, around_loop=host_tuning(cfg)), console)
 
 
 @app.command()

@@ -9,6 +9,9 @@ from deltatune.train import TrainResult
 
 
 def print_train_report(result: TrainResult, console: Console, samples: int = 5) -> None:
+    """The run summary and before/after samples; printed by rank 0 only (other ranks saved nothing to report)."""
+    if result.rank != 0:
+        return
     summary = Table(title="run summary", show_header=False)
     summary.add_row(
         "trainable params",

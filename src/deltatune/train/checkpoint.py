@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from deltatune import io
@@ -82,9 +83,9 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
         adapter = load_file(path / "adapter.safetensors")
         optimizer = _optimizer_from_files(load_file(path / "optimizer.safetensors"), meta.pop("optimizer"))
         rng = load_file(path / "rng.safetensors")
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, SafetensorError) as exc:
         raise CheckpointError(
-            f"checkpoint {path} is unreadable ({exc}); delete it to resume from an older one."
+            f"checkpoint {path} is unreadable ({type(exc).__name__}: {exc}); delete it to resume from an older one."
         ) from exc
     return adapter, optimizer, rng, meta
 

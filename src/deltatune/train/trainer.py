@@ -13,6 +13,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,6 @@ from deltatune.train import checkpoint as ckpt
 from deltatune.train.config import TrainConfig, adapter_config
 from deltatune.train.data import IGNORE, _render, build_examples, collate, read_records, step_indices, to_messages
 from deltatune.train.evaluate import eval_loss, exact_match, generate_answers
-from deltatune.train.host import keep_freed_memory
 from deltatune.train.optim import build_optimizer, build_scheduler
 from deltatune.train.progress import TrainProgress, plot_losses
 
@@ -50,6 +50,8 @@ class TrainResult:
     seconds: float = 0.0
     model: PeftModel | None = field(default=None, repr=False)
     """The trained model (adapter still separate, active)."""
+    rank: int = 0
+    """This process's rank under torchrun (only rank 0 saves and reports)."""
 
 
 @dataclass
@@ -346,8 +348,13 @@ def train(
     console: Console | None = None,
     model: nn.Module | None = None,
     tokenizer: Any = None,
+    around_loop: Callable[[], contextlib.AbstractContextManager] | None = None,
 ) -> TrainResult:
-    """Fine-tune `cfg.model` (or the given model/tokenizer) with the adapter `cfg.method`; see TrainConfig."""
+    """Fine-tune `cfg.model` (or the given model/tokenizer) with the adapter `cfg.method`; see TrainConfig.
+
+    `around_loop` (optional) makes a context entered around the training steps only, after the model is loaded:
+    the command line uses it for process-wide host tuning (`train.host.freed_memory_kept`), which a library call
+    never applies by itself."""
     console = console or Console()
     started = time.perf_counter()
     run = _setup(cfg, resume, model, tokenizer)
@@ -361,10 +368,8 @@ def train(
     if do_score:
         result.metric_before, before = _score(run)
     run.model.train()
-    keep = cfg.cpu_allocator == "keep" or (cfg.cpu_allocator == "auto" and not cfg.quantize)
-    if run.device.type == "cpu" and keep:  # after loading, whose freed memory must go back to the system
-        keep_freed_memory()
-    _loop(run, console)
+    with around_loop() if around_loop else contextlib.nullcontext():
+        _loop(run, console)
     if run.eval_set:
         result.eval_loss = _eval_loss(run)
         _log(run, {"step": cfg.optim.steps, "eval_loss": result.eval_loss})
@@ -379,5 +384,5 @@ def train(
     if run.world > 1:
         dist.barrier()  # every rank is done with collectives before any process group is torn down
     result.seconds = time.perf_counter() - started
-    result.model = run.model
+    result.model, result.rank = run.model, run.rank
     return result
