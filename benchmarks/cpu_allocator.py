@@ -1,4 +1,4 @@
-"""The trainer's CPU allocator setting (`deltatune.train.host.freed_memory_kept`, applied by the CLI) on one LoRA training step.
+"""The CPU allocator setting (`deltatune.train.host.freed_memory_kept`, applied by the CLI) on one LoRA step.
 
 The setting is process-wide and fixed at start, so it cannot be interleaved within one process: fresh processes
 alternate default / tuned (A B A B ...), each timing the median of 5 steps after a warm-up (SmolLM2-135M shape,
