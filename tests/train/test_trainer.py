@@ -239,3 +239,34 @@ def test_a_corrupt_checkpoint_raises_checkpoint_error_naming_it(tiny_model_dir, 
     (path / "optimizer.safetensors").write_bytes(b"\x07" * 64)
     with pytest.raises(CheckpointError, match="optimizer.safetensors|step-2"):
         train(_cfg(tiny_model_dir, tmp_path, "optim.steps=3", "save_every=2"), resume=True)
+
+
+@pytest.mark.parametrize(
+    "problem, content, message",
+    [
+        ("malformed jsonl", '{"prompt": "a", "response": "b"}\n{"prompt": "c", "response": \n', r"data\.jsonl, line 2"),
+        ("empty data", "\n\n", "holds no examples"),
+        ("missing fields", '{"question": "a", "answer": "b"}\n', r"example 0: .*prompt_field"),
+    ],
+)
+def test_bad_data_is_a_clear_error_before_the_model_loads(tmp_path, monkeypatch, problem, content, message):
+    """Regression: bare JSONDecodeError tracebacks, and empty data found only after the model had loaded."""
+    import deltatune.pretrained
+
+    monkeypatch.setattr(deltatune.pretrained, "load_causal_lm", lambda *a, **k: pytest.fail("model loaded first"))
+    data = tmp_path / "data.jsonl"
+    data.write_text(content)
+    cfg = load_train_config(None, [f"data.train={data}", f"data.eval={data}", f"output_dir={tmp_path / 'run'}"])
+    with pytest.raises(dt.ConfigError, match=message):
+        train(cfg)
+
+
+def test_unwritable_output_dir_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    import deltatune.pretrained
+
+    monkeypatch.setattr(deltatune.pretrained, "load_causal_lm", lambda *a, **k: pytest.fail("model loaded first"))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    cfg = load_train_config(None, [f"output_dir={blocker / 'run'}"])
+    with pytest.raises(dt.ConfigError, match="output_dir .* is not writable"):
+        train(cfg)

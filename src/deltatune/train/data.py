@@ -37,9 +37,14 @@ def read_records(source: str, split: str = "train") -> list[dict[str, Any]]:
         return list(datasets.load_from_disk(str(path)))
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = _read_jsonl(path)
     elif suffix == ".json":
-        rows = json.loads(path.read_text())
+        try:
+            rows = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}).") from None
+        if not isinstance(rows, list):
+            raise ConfigError(f"{path}: a .json data file must hold a list of examples, got {type(rows).__name__}.")
     elif suffix == ".csv":
         with open(path, newline="") as fh:
             rows = list(csv.DictReader(fh))
@@ -54,6 +59,38 @@ def read_records(source: str, split: str = "train") -> list[dict[str, Any]]:
     if not rows:
         raise ConfigError(f"{path} holds no examples.")
     return rows
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(
+                f"{path}, line {number}: not valid JSON ({exc.msg} at column {exc.colno}); each line must be one "
+                f"JSON object."
+            ) from None
+        if not isinstance(row, dict):
+            raise ConfigError(f"{path}, line {number}: expected a JSON object, got {type(row).__name__}.")
+        rows.append(row)
+    return rows
+
+
+def check_records(records: list[dict[str, Any]], cfg: DataConfig, source: str) -> None:
+    """Every record has the fields `to_messages` needs and at least one assistant turn (checked before any model
+    is loaded, so bad data fails in seconds)."""
+    if not records:
+        raise ConfigError(f"{source} holds no examples.")
+    for n, record in enumerate(records):
+        try:
+            messages = to_messages(record, cfg)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: example {n}: {exc}") from None
+        if not any(m.get("role") == "assistant" for m in messages):
+            raise ConfigError(f"{source}: example {n} has no assistant turn to learn from.")
 
 
 def _render(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> list[int]:

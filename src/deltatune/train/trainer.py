@@ -28,7 +28,16 @@ from deltatune.model import PeftModel, get_peft_model
 from deltatune.registry import get_method
 from deltatune.train import checkpoint as ckpt
 from deltatune.train.config import TrainConfig, adapter_config
-from deltatune.train.data import IGNORE, _render, build_examples, collate, read_records, step_indices, to_messages
+from deltatune.train.data import (
+    IGNORE,
+    _render,
+    build_examples,
+    check_records,
+    collate,
+    read_records,
+    step_indices,
+    to_messages,
+)
 from deltatune.train.evaluate import eval_loss, exact_match, generate_answers
 from deltatune.train.optim import build_optimizer, build_scheduler
 from deltatune.train.progress import TrainProgress, plot_losses
@@ -96,24 +105,42 @@ def _distributed() -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
+def _check_output_dir(path: Path) -> None:
+    """Fail before any model is loaded if the run directory cannot be written."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".deltatune-write-check"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"output_dir {path} is not writable ({exc.strerror}); choose another output_dir.") from None
+
+
 def _setup(cfg: TrainConfig, resume: bool, model: nn.Module | None, tokenizer: Any) -> _Run:
     rank, world, device = _distributed()
     torch.manual_seed(cfg.seed)
+    # everything about the inputs is checked before the (slow) model load
+    train_records = read_records(cfg.data.train, "train")
+    check_records(train_records, cfg.data, cfg.data.train)
+    eval_source = cfg.data.eval or (cfg.data.train if cfg.data.train.startswith("bundled:") else None)
+    eval_records = read_records(eval_source, "test") if eval_source else []
+    if eval_source:
+        check_records(eval_records, cfg.data, eval_source)
+    if rank == 0:
+        _check_output_dir(Path(cfg.output_dir))
     if model is None:
         from deltatune.pretrained import load_causal_lm
         from deltatune.quant import QuantConfig
 
         quant = QuantConfig(quant_type=cfg.quantize) if cfg.quantize else None
         model, tokenizer = load_causal_lm(cfg.model, quantize=quant)
-    train_set = build_examples(read_records(cfg.data.train, "train"), tokenizer, cfg.data, cfg.data.train)
+    train_set = build_examples(train_records, tokenizer, cfg.data, cfg.data.train)
     peft_model = get_peft_model(model.to(device), _method_config(cfg, model, train_set, tokenizer, device))
     if cfg.optim.gradient_checkpointing:  # non-reentrant: no need for input embeddings that require grad
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    eval_source = cfg.data.eval or (cfg.data.train if cfg.data.train.startswith("bundled:") else None)
-    eval_records = read_records(eval_source, "test") if eval_source else []
     eval_set = build_examples(eval_records, tokenizer, cfg.data, eval_source) if eval_records else []
     ddp = _wrap(peft_model, model, world, cfg.distributed, device)
     optimizer = build_optimizer(
