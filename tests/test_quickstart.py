@@ -48,3 +48,30 @@ def test_qlora_quickstart_learns_the_task(tmp_path):
     )
     result = train(cfg)
     assert result.metric_before <= 0.1 and result.metric_after >= 0.9
+
+
+def test_readme_merge_command_writes_a_model_that_answers_like_the_adapter(tmp_path):
+    """Regression: `deltatune merge --model smollm2 ...` (as the README shows it) failed, since the cached model's
+    config kept the GGUF quantization_config of its source."""
+    pytest.importorskip("gguf")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import deltatune as dt
+    from deltatune.pretrained import load_causal_lm
+
+    _quickstart(tmp_path, steps=2, examples=1)
+    adapter = tmp_path / "qs" / "adapter"
+    result = CliRunner().invoke(
+        app, ["merge", "--model", "smollm2", "--adapter", str(adapter), "--out", str(tmp_path / "merged")]
+    )
+    assert result.exit_code == 0, result.output
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert "quantization_config" not in merged.config.to_dict()
+    base, tokenizer = load_causal_lm("smollm2")
+    with_adapter = dt.PeftModel.from_pretrained(base, adapter)
+    ids = tokenizer("Rewrite as ISO date: the 3rd of March 1999", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, with_adapter(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+        want = with_adapter.generate(input_ids=ids, max_new_tokens=8, do_sample=False)
+        assert torch.equal(merged.generate(ids, max_new_tokens=8, do_sample=False), want)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -56,19 +57,45 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
         if getattr(model.config, "tie_word_embeddings", False):
             state.pop("lm_head.weight", None)  # tied to the input embedding; transformers re-ties it on load
         save_file({k: v.contiguous() for k, v in state.items()}, tmp / "model.safetensors", metadata={"format": "pt"})
-        model.config.to_json_file(tmp / "config.json")
+        config = model.config.to_dict()
+        config["architectures"] = [type(model).__name__]
+        (tmp / "config.json").write_text(json.dumps(clean_config(config), indent=2, sort_keys=True))
         model.generation_config.to_json_file(tmp / "generation_config.json")
         tokenizer.save_pretrained(tmp)
         (tmp / "deltatune_source.json").write_text(json.dumps({"converted_from": str(gguf)}))
     return out_dir
 
 
+def clean_config(config: dict) -> dict:
+    """A converted checkpoint's config as a plain transformers config: without the GGUF `quantization_config` of
+    its source (the weights are already dequantized; transformers would refuse to save or re-quantize them) and
+    with `architectures`, which transformers' auto classes and other tools read."""
+    out = {k: v for k, v in config.items() if k != "quantization_config"}
+    out.setdefault("architectures", [f"{config.get('model_type', '').capitalize()}ForCausalLM"])
+    return out
+
+
+def _migrate_converted(directory: Path) -> None:
+    """Caches written by earlier versions kept the GGUF quantization_config: rewrite their config.json in place."""
+    path = directory / "config.json"
+    config = json.loads(path.read_text())
+    if "quantization_config" in config or "architectures" not in config:
+        from deltatune.io import atomic_write_bytes
+
+        atomic_write_bytes(path, json.dumps(clean_config(config), indent=2, sort_keys=True).encode())
+
+
+def _converted_dir(out: Path, gguf: Callable[[], Path]) -> Path:
+    """`out`, converted from the GGUF file `gguf()` names on first use (earlier conversions are migrated)."""
+    if (out / "model.safetensors").is_file():
+        _migrate_converted(out)
+        return out
+    return convert_gguf(gguf(), out)
+
+
 def default_model_dir() -> Path:
     """The converted SmolLM2 directory, converting on first use."""
-    out = cache_dir() / "models" / CONVERTED_NAME
-    if not (out / "model.safetensors").is_file():
-        convert_gguf(bundled_gguf_path(), out)
-    return out
+    return _converted_dir(cache_dir() / "models" / CONVERTED_NAME, bundled_gguf_path)
 
 
 def resolve_model_path(model: str | Path | None) -> Path:
@@ -79,8 +106,7 @@ def resolve_model_path(model: str | Path | None) -> Path:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ConfigError(f"GGUF file {path} does not exist.")
-        out = cache_dir() / "models" / path.stem
-        return out if (out / "model.safetensors").is_file() else convert_gguf(path, out)
+        return _converted_dir(cache_dir() / "models" / path.stem, lambda: path)
     if not (path / "config.json").is_file():
         raise ConfigError(
             f"{path} is not a model directory (no config.json); pass a HF model dir, a .gguf or 'smollm2'."
