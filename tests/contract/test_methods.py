@@ -7,120 +7,243 @@ method cannot meet is opted out by name, with the reason, in `skip`.
 from __future__ import annotations
 
 import copy
-import os
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass
 
 import pytest
 import torch
+from safetensors.torch import load_file
+from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 import deltatune as dt
 from deltatune.layers import AdapterLayer
 from tests.conftest import TINY_MODELS, model_output
 
+# -- independent truth: shapes of the plain base modules, the papers' formulas, the papers' parameter counts --------
+# Everything below reads only the config values a case sets and fresh (never wrapped) base modules, so a bug in a
+# layer (a wrong scale, a transposed factor, a missing parameter) cannot hide in its own reference.
 
-def _lora_count(model: dt.PeftModel, adapter: str) -> int:
-    """Σ over adapted layers of r·(d_in + d_out) (embedding: r·(vocab + dim); conv: r·(c_in·k + c_out))."""
-    total = 0
-    for module in model.modules():
-        if isinstance(module, AdapterLayer) and adapter in module.adapter_names:
-            w = module.base_weight
-            r = module.r[adapter]
-            if w.dim() > 2:
-                total += r * (w[0].numel() + w.shape[0])
-            else:
-                total += r * (w.shape[0] + w.shape[1])
-    return total
+
+def _dims(module: nn.Module) -> tuple[str, int, int, tuple[int, ...]]:
+    """(kind, d_in, d_out, kernel) of a plain module: linear (nn.Linear / GPT-2 Conv1D), conv or embedding."""
+    if isinstance(module, nn.Embedding):
+        return "embedding", module.num_embeddings, module.embedding_dim, ()
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return "conv", module.in_channels, module.out_channels, tuple(module.kernel_size)
+    if isinstance(module, Conv1D):
+        return "linear", module.weight.shape[0], module.weight.shape[1], ()
+    return "linear", module.in_features, module.out_features, ()
+
+
+def _as_out_in(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """A stored weight as (d_out, d_in, ...); an embedding table stays (vocab, dim)."""
+    return weight.T if isinstance(module, Conv1D) else weight
+
+
+R, ALPHA = 4, 8  # LoRA / DoRA cases: s = alpha / r
+ADA_R, ADA_ALPHA = 4, 0.5  # AdaLoRA: s = alpha / (init_r + 1e-5) (peft's ranknum denominator)
+GRA_R, GRA_HYBRID, GRA_K, GRA_ALPHA = 4, 2, 2, 8  # GraLoRA: s = alpha / (r + hybrid_r)
+VERA_R = 8
+
+
+def _lora_delta(layer, name, module) -> torch.Tensor:
+    """s · B A (Hu et al. §4.1) as (d_out, d_in, ...); an embedding's ΔE = s · (B A)ᵀ, shape (vocab, dim)."""
+    s = ALPHA / R
+    if isinstance(module, nn.Embedding):
+        return s * (layer.lora_embedding_B[name] @ layer.lora_embedding_A[name]).T
+    a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+    delta = b.reshape(b.shape[0], -1) @ a.reshape(a.shape[0], -1)  # a conv's A carries the kernel, B is 1x1
+    return s * delta.reshape(b.shape[0], *a.shape[1:])
+
+
+def _lora_dense(layer, name, module, w):
+    return w + _lora_delta(layer, name, module)
+
+
+def _dora_dense(layer, name, module, w):
+    """W' = m · (W + ΔW) / ‖W + ΔW‖ per output feature (Liu et al. §4); an embedding's features are its dims."""
+    combined = w + _lora_delta(layer, name, module)
+    m = layer.lora_magnitude_vector[name].reshape(-1)
+    if isinstance(module, nn.Embedding):
+        return combined * (m / combined.norm(dim=0))[None, :]
+    norm = combined.reshape(combined.shape[0], -1).norm(dim=1)
+    return combined * (m / norm).reshape(-1, *([1] * (combined.dim() - 1)))
+
+
+def _adalora_dense(layer, name, module, w):
+    """W + P Λ Q · alpha / (init_r + 1e-5) (Zhang et al. §3.1; peft's scale)."""
+    delta = layer.lora_B[name] @ (layer.lora_E[name] * layer.lora_A[name])
+    return w + (ADA_ALPHA / (ADA_R + 1e-5)) * delta.reshape(w.shape)
+
+
+def _gralora_dense(layer, name, module, w):
+    """Block (j, n) of ΔW is B_j[n-th rank slice]ᵀ · A_n[:, j-th rank slice]ᵀ (Jung et al. §3), plus the hybrid
+    plain-LoRA part, times alpha / (r + hybrid_r)."""
+    a, b = layer.gralora_A[name], layer.gralora_B[name]  # (k, d_in/k, r), (k, r, d_out/k)
+    sub = GRA_R // GRA_K
+    delta = torch.zeros_like(w)
+    rows, cols = w.shape[0] // GRA_K, w.shape[1] // GRA_K
+    for j in range(GRA_K):
+        for n in range(GRA_K):
+            block = b[j, n * sub : (n + 1) * sub, :].T @ a[n, :, j * sub : (j + 1) * sub].T
+            delta[j * rows : (j + 1) * rows, n * cols : (n + 1) * cols] = block
+    delta = delta + layer.gralora_B_general[name].weight @ layer.gralora_A_general[name].weight
+    return w + GRA_ALPHA / (GRA_R + GRA_HYBRID) * delta
+
+
+def _vera_dense(layer, name, module, w):
+    """W + Λ_b B Λ_d A with A, B the shared frozen projections cut to the layer's size (Kopiczko et al. §3)."""
+    shared = layer.shared[name]
+    a, b = shared.vera_A[:, : w.shape[1]], shared.vera_B[: w.shape[0], :]
+    return w + torch.diag(layer.vera_lambda_b[name]) @ b @ torch.diag(layer.vera_lambda_d[name]) @ a
+
+
+def _lora_saved(module) -> dict[str, tuple[int, ...]]:
+    kind, d_in, d_out, kernel = _dims(module)
+    if kind == "embedding":
+        return {"lora_embedding_A": (R, d_in), "lora_embedding_B": (d_out, R)}
+    return {"lora_A.weight": (R, d_in, *kernel), "lora_B.weight": (d_out, R, *([1] * len(kernel)))}
+
+
+def _dora_saved(module) -> dict[str, tuple[int, ...]]:
+    kind, _, d_out, kernel = _dims(module)
+    magnitude = (1, d_out, *([1] * len(kernel))) if kind == "conv" else (d_out,)
+    return {**_lora_saved(module), "lora_magnitude_vector": magnitude}
+
+
+def _adalora_saved(module) -> dict[str, tuple[int, ...]]:
+    _, d_in, d_out, kernel = _dims(module)
+    return {"lora_A": (ADA_R, d_in * math.prod(kernel)), "lora_E": (ADA_R, 1), "lora_B": (d_out, ADA_R)}
+
+
+def _gralora_saved(module) -> dict[str, tuple[int, ...]]:
+    _, d_in, d_out, _ = _dims(module)
+    return {
+        "gralora_A": (GRA_K, d_in // GRA_K, GRA_R),
+        "gralora_B": (GRA_K, GRA_R, d_out // GRA_K),
+        "gralora_A_general.weight": (GRA_HYBRID, d_in),
+        "gralora_B_general.weight": (d_out, GRA_HYBRID),
+    }
+
+
+def _vera_saved(module) -> dict[str, tuple[int, ...]]:
+    return {"vera_lambda_b": (_dims(module)[2],), "vera_lambda_d": (VERA_R,)}
+
+
+def _vera_shared(modules) -> dict[str, tuple[int, ...]]:
+    """peft saves the projections once, sized for the largest adapted layer (save_projection=True)."""
+    return {
+        "base_model.vera_A": (VERA_R, max(_dims(m)[1] for m in modules)),
+        "base_model.vera_B": (max(_dims(m)[2] for m in modules), VERA_R),
+    }
+
+
+def _lora_count(module) -> int:
+    """r · (d_in·k + d_out) per adapted matrix (an embedding: r · (vocab + dim))."""
+    _, d_in, d_out, kernel = _dims(module)
+    return R * (d_in * math.prod(kernel) + d_out)
+
+
+def _dora_count(module) -> int:
+    """LoRA's count plus one magnitude per output feature."""
+    return _lora_count(module) + _dims(module)[2]
+
+
+def _adalora_count(module) -> int:
+    """init_r · (d_in + d_out + 1) per adapted matrix (P, Q and the singular values Λ)."""
+    _, d_in, d_out, kernel = _dims(module)
+    return ADA_R * (d_in * math.prod(kernel) + d_out + 1)
+
+
+def _gralora_count(module) -> int:
+    """(r + hybrid_r) · (d_in + d_out): LoRA's count at the same total rank."""
+    _, d_in, d_out, _ = _dims(module)
+    return (GRA_R + GRA_HYBRID) * (d_in + d_out)
+
+
+def _vera_count(module) -> int:
+    """r + d_out per adapted layer (the shared projections are frozen)."""
+    return VERA_R + _dims(module)[2]
 
 
 @dataclass
 class MethodCase:
     peft_type: str
     make_config: callable
-    trainable: callable
-    skip: dict[str, str] = field(default_factory=dict)
-    """tiny model name -> why this case does not run on it"""
+    dense: callable
+    """(layer, adapter, plain module, W as (d_out, d_in, ...)) -> the adapted weight, from the paper's formula"""
+    count: callable
+    """plain module -> trainable parameters the method adds for it (closed form)"""
+    saved: callable
+    """plain module -> {saved key suffix: shape}"""
+    shared_saved: callable = lambda modules: {}
+    mlp_targets: list[str] | None = None
+    """targets on the custom model for methods that wrap fewer layer types than LoRA"""
     not_additive: str | None = None
     """why several active adapters do not equal their composed merge (the check is skipped, with this reason)"""
-
-
-def _dora_count(model: dt.PeftModel, adapter: str) -> int:
-    """LoRA's count plus one magnitude per output feature of each adapted layer (an embedding's features are its
-    dims; a conv's its output channels)."""
-    from deltatune.methods.lora import LoraConv, LoraEmbedding
-
-    def features(m):
-        if isinstance(m, LoraEmbedding):
-            return m.base_weight.shape[1]
-        return m.base_weight.shape[0] if isinstance(m, LoraConv) else m.out_features
-
-    layers = [m for m in model.modules() if isinstance(m, AdapterLayer) and adapter in m.adapter_names]
-    return _lora_count(model, adapter) + sum(features(m) for m in layers)
-
-
-def _gralora_count(model: dt.PeftModel, adapter: str) -> int:
-    """(r + hybrid_r) · (d_in + d_out) per adapted layer: LoRA's count at the same total rank."""
-    return sum(
-        (m.r[adapter] + m.hybrid_r[adapter]) * (m.in_features + m.out_features)
-        for m in model.modules()
-        if isinstance(m, AdapterLayer) and adapter in m.adapter_names
-    )
-
-
-def _vera_count(model: dt.PeftModel, adapter: str) -> int:
-    """r + d_out per adapted layer (the shared projections are frozen buffers)."""
-    return sum(
-        m.vera_lambda_d[adapter].numel() + m.out_features
-        for m in model.modules()
-        if isinstance(m, AdapterLayer) and adapter in m.adapter_names
-    )
-
-
-def _adalora_count(model: dt.PeftModel, adapter: str) -> int:
-    """init_r · (d_in + d_out + 1) per adapted matrix (A, B and the singular values E)."""
-    return sum(
-        m.r[adapter] * (m.in_features + m.out_features + 1)
-        for m in model.modules()
-        if isinstance(m, AdapterLayer) and adapter in m.adapter_names
-    )
 
 
 METHOD_CASES: dict[str, MethodCase] = {
     "ADALORA": MethodCase(
         "ADALORA",
         make_config=lambda targets, **kw: dt.AdaLoraConfig(
-            init_r=4, target_r=2, lora_alpha=0.5, total_step=10, target_modules=targets, init_lora_weights=False, **kw
+            init_r=ADA_R,
+            target_r=2,
+            lora_alpha=ADA_ALPHA,
+            total_step=10,
+            target_modules=targets,
+            init_lora_weights=False,
+            **kw,
         ),
-        trainable=_adalora_count,
-        skip={"mlp": "AdaLoRA wraps Linear, Conv1D and Conv2d layers; the custom model also targets embedding/Conv1d"},
+        dense=_adalora_dense,
+        count=_adalora_count,
+        saved=_adalora_saved,
+        mlp_targets=["conv", "lin0", "lin1"],
     ),
     "LORA": MethodCase(
         "LORA",
         make_config=lambda targets, **kw: dt.LoraConfig(
-            r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False, **kw
+            r=R, lora_alpha=ALPHA, target_modules=targets, init_lora_weights=False, **kw
         ),
-        trainable=_lora_count,
+        dense=_lora_dense,
+        count=_lora_count,
+        saved=_lora_saved,
     ),
     "LORA+dora": MethodCase(
         "LORA",
         make_config=lambda targets, **kw: dt.LoraConfig(
-            r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False, use_dora=True, **kw
+            r=R, lora_alpha=ALPHA, target_modules=targets, init_lora_weights=False, use_dora=True, **kw
         ),
-        trainable=_dora_count,
+        dense=_dora_dense,
+        count=_dora_count,
+        saved=_dora_saved,
         not_additive="each active DoRA adapter renormalises the output of the ones before it (as in peft)",
     ),
     "GRALORA": MethodCase(
         "GRALORA",
         make_config=lambda targets, **kw: dt.GraloraConfig(
-            r=4, alpha=8, gralora_k=2, hybrid_r=2, target_modules=targets, init_weights=False, **kw
+            r=GRA_R,
+            alpha=GRA_ALPHA,
+            gralora_k=GRA_K,
+            hybrid_r=GRA_HYBRID,
+            target_modules=targets,
+            init_weights=False,
+            **kw,
         ),
-        trainable=_gralora_count,
-        skip={"mlp": "GraLoRA wraps Linear and Conv1D layers; the custom model targets conv and embedding layers"},
+        dense=_gralora_dense,
+        count=_gralora_count,
+        saved=_gralora_saved,
+        mlp_targets=["lin0", "lin1"],
     ),
     "VERA": MethodCase(
         "VERA",
-        make_config=lambda targets, **kw: dt.VeraConfig(r=8, target_modules=targets, init_weights=False, **kw),
-        trainable=_vera_count,
-        skip={"mlp": "VeRA wraps Linear and Conv1D layers; the custom model targets conv and embedding layers"},
+        make_config=lambda targets, **kw: dt.VeraConfig(r=VERA_R, target_modules=targets, init_weights=False, **kw),
+        dense=_vera_dense,
+        count=_vera_count,
+        saved=_vera_saved,
+        shared_saved=_vera_shared,
+        mlp_targets=["lin0", "lin1"],
     ),
 }
 
@@ -133,38 +256,52 @@ def test_every_registered_method_has_a_contract_case():
 
 
 @pytest.fixture(params=sorted(METHOD_CASES))
-def method(request, tiny):
-    case = METHOD_CASES[request.param]
-    if tiny[0] in case.skip:
-        pytest.skip(case.skip[tiny[0]])
-    return case
+def method(request):
+    return METHOD_CASES[request.param]
+
+
+@pytest.fixture
+def tiny_for(tiny, method):
+    """(model name, fresh model, targets this method supports there, inputs)."""
+    name, model, targets, inputs = tiny
+    if name == "mlp" and method.mlp_targets is not None:
+        targets = method.mlp_targets
+    return name, model, targets, inputs
 
 
 def _wrapped(model):
     return {n: m for n, m in model.base_model.named_modules() if isinstance(m, AdapterLayer)}
 
 
-def _reference(factory, peft_model, names):
-    """A fresh copy of the base whose target weights are set to the composed (dense) weights."""
+def _plain_targets(factory, targets) -> dict[str, nn.Module]:
+    """The modules of a fresh, never-wrapped model that `targets` (name suffixes) name."""
+    return {n: m for n, m in factory().named_modules() if any(n == t or n.endswith("." + t) for t in targets)}
+
+
+def _reference(factory, peft_model, method, names):
+    """A fresh base whose target weights are the paper's formula applied to the adapter tensors (independent of the
+    layers' own merge code)."""
     ref = factory()
     with torch.no_grad():
         for path, layer in _wrapped(peft_model).items():
-            w = layer.base_weight.detach().float()
+            module = ref.get_submodule(path)
+            w = _as_out_in(module, module.weight.detach().float())
             for name in names:
-                w = layer.compose(name, w)
-            ref.get_submodule(path).weight.copy_(w)
+                w = method.dense(layer, name, module, w)
+            module.weight.copy_(_as_out_in(module, w))
     return ref
 
 
-def test_forward_equals_dense_formula(tiny, method):
-    name, model, targets, inputs = tiny
+def test_forward_equals_dense_formula(tiny_for, method):
+    name, model, targets, inputs = tiny_for
     pm = dt.get_peft_model(model, method.make_config(targets))
-    ref = _reference(TINY_MODELS[name][0], pm, ["default"])
+    assert set(_wrapped(pm)) == set(_plain_targets(TINY_MODELS[name][0], targets))
+    ref = _reference(TINY_MODELS[name][0], pm, method, ["default"])
     torch.testing.assert_close(model_output(pm, inputs), model_output(ref, inputs), rtol=1e-5, atol=1e-5)
 
 
-def test_merge_unmerge_restores_base_and_merged_equals_unmerged(tiny, method):
-    _, model, targets, inputs = tiny
+def test_merge_unmerge_restores_base_and_merged_equals_unmerged(tiny_for, method):
+    _, model, targets, inputs = tiny_for
     before = copy.deepcopy(model.state_dict())
     pm = dt.get_peft_model(model, method.make_config(targets))
     unmerged = model_output(pm, inputs)
@@ -176,8 +313,8 @@ def test_merge_unmerge_restores_base_and_merged_equals_unmerged(tiny, method):
         assert (after[key] - value).abs().max() <= 1e-6, key
 
 
-def test_merge_and_unload_gives_plain_model_with_same_output(tiny, method):
-    _, model, targets, inputs = tiny
+def test_merge_and_unload_gives_plain_model_with_same_output(tiny_for, method):
+    _, model, targets, inputs = tiny_for
     plain_types = {n: type(m) for n, m in model.named_modules()}
     pm = dt.get_peft_model(model, method.make_config(targets))
     want = model_output(pm, inputs)
@@ -186,21 +323,25 @@ def test_merge_and_unload_gives_plain_model_with_same_output(tiny, method):
     torch.testing.assert_close(model_output(merged, inputs), want, rtol=1e-5, atol=1e-5)
 
 
-def test_save_load_round_trip_and_only_adapter_tensors_saved(tiny, method, tmp_path):
-    name, model, targets, inputs = tiny
+def test_save_load_round_trip_and_only_adapter_tensors_saved(tiny_for, method, tmp_path):
+    name, model, targets, inputs = tiny_for
     pm = dt.get_peft_model(model, method.make_config(targets))
     want = model_output(pm, inputs)
     pm.save_pretrained(tmp_path)
-    weights = tmp_path / "adapter_model.safetensors"
-    trainable, _ = pm.get_nb_trainable_parameters()
-    assert trainable * 4 <= os.path.getsize(weights) <= trainable * 4 + 64 * 1024
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    plain = _plain_targets(TINY_MODELS[name][0], targets)
+    expected = {
+        f"base_model.model.{path}.{k}": shape for path, m in plain.items() for k, shape in method.saved(m).items()
+    }
+    expected.update(method.shared_saved(list(plain.values())))
+    assert {k: tuple(t.shape) for k, t in saved.items()} == expected
     loaded = dt.PeftModel.from_pretrained(TINY_MODELS[name][0](), tmp_path)
     torch.testing.assert_close(model_output(loaded, inputs), want, rtol=0, atol=0)
     assert loaded.get_nb_trainable_parameters()[0] == 0  # inference mode unless is_trainable=True
 
 
-def test_disable_gives_base_output(tiny, method):
-    name, model, targets, inputs = tiny
+def test_disable_gives_base_output(tiny_for, method):
+    name, model, targets, inputs = tiny_for
     base_out = model_output(model, inputs)
     pm = dt.get_peft_model(model, method.make_config(targets))
     assert not torch.allclose(model_output(pm, inputs), base_out)
@@ -208,40 +349,43 @@ def test_disable_gives_base_output(tiny, method):
         torch.testing.assert_close(model_output(pm, inputs), base_out, rtol=0, atol=0)
 
 
-def test_two_adapters_coexist_switch_and_sum(tiny, method):
-    name, model, targets, inputs = tiny
+def test_two_adapters_coexist_switch_and_sum(tiny_for, method):
+    name, model, targets, inputs = tiny_for
     pm = dt.get_peft_model(model, method.make_config(targets))
     torch.manual_seed(5)
     pm.add_adapter("b", method.make_config(targets))
     out_a = model_output(pm, inputs)
     pm.set_adapter("b")
     out_b = model_output(pm, inputs)
+    factory = TINY_MODELS[name][0]
     torch.testing.assert_close(
-        out_b, model_output(_reference(TINY_MODELS[name][0], pm, ["b"]), inputs), rtol=1e-5, atol=1e-5
+        out_b, model_output(_reference(factory, pm, method, ["b"]), inputs), rtol=1e-5, atol=1e-5
     )
     assert not torch.allclose(out_a, out_b)
     if method.not_additive is None:
         pm.set_adapter(["default", "b"])
         both = model_output(pm, inputs)
         torch.testing.assert_close(
-            both, model_output(_reference(TINY_MODELS[name][0], pm, ["default", "b"]), inputs), rtol=1e-5, atol=1e-5
+            both, model_output(_reference(factory, pm, method, ["default", "b"]), inputs), rtol=1e-5, atol=1e-5
         )
     pm.delete_adapter("b")
     torch.testing.assert_close(model_output(pm, inputs), out_a, rtol=0, atol=0)
 
 
-def test_trainable_count_equals_closed_form(tiny, method):
-    _, model, targets, _ = tiny
+def test_trainable_count_equals_closed_form(tiny_for, method):
+    name, model, targets, _ = tiny_for
+    base_total = sum(p.numel() for p in model.parameters())
     pm = dt.get_peft_model(model, method.make_config(targets))
     trainable, total = pm.get_nb_trainable_parameters()
-    assert trainable == method.trainable(pm, "default") > 0
-    assert total == sum(p.numel() for p in model.parameters())
+    closed_form = sum(method.count(m) for m in _plain_targets(TINY_MODELS[name][0], targets).values())
+    assert trainable == closed_form > 0
+    assert total == base_total + trainable  # peft's "all params": the base plus what the adapter adds
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
     assert frozen and all(".base_layer." in n or "lora_" not in n for n in frozen)
 
 
-def test_training_step_moves_only_adapter(tiny, method):
-    _, model, targets, inputs = tiny
+def test_training_step_moves_only_adapter(tiny_for, method):
+    _, model, targets, inputs = tiny_for
     pm = dt.get_peft_model(model, method.make_config(targets))
     pm.train()
     before = {n: p.detach().clone() for n, p in pm.named_parameters()}
