@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar
@@ -34,8 +35,6 @@ class AdapterConfig:
     unsupported_fields: ClassVar[tuple[str, ...]] = ()
     inert_fields: ClassVar[tuple[str, ...]] = ()
     """peft fields that only qualify an unsupported option (e.g. its group size); read and dropped quietly."""
-    accepts_auto_rank_pattern: ClassVar[bool] = False
-    """True when `rank_pattern` maps modules to integer ranks, so the trainer's `rank_pattern: auto` can fill it."""
 
     target_modules: list[str] | str | None = None
     """Module names to adapt: a list of name suffixes, a regex matched against the full name, or "all-linear"."""
@@ -118,14 +117,28 @@ class AdapterConfig:
         payload = json.dumps(self.to_dict(), indent=2, sort_keys=True).encode()
         atomic_write_bytes(Path(directory) / CONFIG_NAME, payload)
 
-    def for_training(self, total_steps: int) -> AdapterConfig:
-        """This config for a run of `total_steps` optimizer steps; methods whose schedule depends on the run's
-        length (AdaLoRA's budget) fill it in here."""
+    def for_training(self, context: TrainingContext) -> AdapterConfig:
+        """This config for a training run: a method whose settings depend on the run (its length, or statistics
+        of the model on the run's data) fills them in here. The default needs nothing."""
         return self
 
     def replace(self, **changes: Any) -> AdapterConfig:
         """A validated copy with some fields changed."""
         return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class TrainingContext:
+    """What a trainer tells a config about the run it is about to start (see `AdapterConfig.for_training`)."""
+
+    total_steps: int
+    """Optimizer steps the run will take."""
+    model: Any = None
+    """The base model, before any adapter is added."""
+    calibration_batches: Callable[[], list[dict[str, Any]]] | None = None
+    """A few of the run's first batches, built on demand (on the model's device)."""
+    loss_fn: Callable[[Any, dict[str, Any]], Any] | None = None
+    """(model, batch) -> the run's mean loss on that batch."""
 
 
 def _jsonable(value: Any) -> Any:

@@ -32,6 +32,10 @@ class AdapterLayer(nn.Module, metaclass=abc.ABCMeta):
     """Attributes holding per-adapter tensors (ModuleDict or ParameterDict keyed by adapter name), in peft's names."""
     adapter_other_names: tuple[str, ...] = ()
     """Attributes holding per-adapter plain values (dicts keyed by adapter name), e.g. scaling."""
+    param_roles: dict[str, str] = {}
+    """Attribute -> role for optimizers that treat factors differently: "up" for the factor mapping the low-rank
+    space back to the output (B in B·A; LoRA+ gives it a higher learning rate), "embedding" for an embedding's
+    input-side factor."""
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()

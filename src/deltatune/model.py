@@ -106,6 +106,11 @@ class PeftModel(nn.Module):
     def active_adapter(self) -> str | None:
         return self._active[0] if self._active else None
 
+    @property
+    def active_peft_type(self) -> str | None:
+        """The method of this model's adapters (one method per model)."""
+        return self.peft_config[self._active[0]].peft_type if self._active else None
+
     def _wrappers(self) -> Iterator[tuple[str, AdapterLayer | TrainableCopy]]:
         for name, module in self.base_model.named_modules():
             if isinstance(module, Wrapper):

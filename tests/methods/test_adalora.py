@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import deltatune as dt
+from deltatune.config import TrainingContext
 from deltatune.errors import ConfigError, UnsupportedFieldError
 from deltatune.methods.adalora import SvdConv2d, SvdLinear
 from tests.conftest import tiny_llama
@@ -199,8 +200,8 @@ def test_config_errors_name_the_fix():
         dt.AdaLoraConfig.from_dict({"peft_type": "ADALORA", "total_step": 10, "use_rslora": True})
     with pytest.warns(UserWarning, match="init_r"):
         dt.AdaLoraConfig(total_step=10, r=16)
-    assert dt.AdaLoraConfig().for_training(60).total_step == 60
-    assert dt.AdaLoraConfig(total_step=40).for_training(60).total_step == 40
+    assert dt.AdaLoraConfig().for_training(TrainingContext(60)).total_step == 60
+    assert dt.AdaLoraConfig(total_step=40).for_training(TrainingContext(60)).total_step == 40
 
 
 def test_training_state_carries_importance_and_masks_to_a_resumed_run():

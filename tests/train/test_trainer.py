@@ -128,6 +128,30 @@ def test_loraplus_groups_and_schedules():
     assert lr_factor(6, 10, 2, "linear") == pytest.approx(0.5) and lr_factor(9, 10, 0, "constant") == 1.0
 
 
+def test_loraplus_gives_every_methods_up_factor_the_higher_rate():
+    """Regression: the groups matched LoRA's parameter names, so GraLoRA's B (and its hybrid B) got A's rate."""
+    from tests.conftest import tiny_llama
+
+    attrs = {"gralora_A", "gralora_B", "gralora_A_general", "gralora_B_general", "lora_A", "lora_B", "lora_E"}
+    attrs |= {"lora_embedding_A", "lora_embedding_B"}
+    cases = [
+        (dt.GraloraConfig(r=4, gralora_k=2, hybrid_r=2, target_modules=["q_proj"]), {"gralora_B", "gralora_B_general"}),
+        (dt.AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=["q_proj"]), {"lora_B"}),
+        (dt.LoraConfig(r=2, target_modules=["embed_tokens"]), {"lora_embedding_B"}),
+    ]
+    for config, fast in cases:
+        model = dt.get_peft_model(tiny_llama(), config)
+        groups = loraplus_param_groups(model, lr=1e-4, loraplus_lr_ratio=16, loraplus_lr_embedding=5e-5)
+        names = {id(p): n for n, p in model.named_parameters()}
+        attr = {
+            round(g["lr"], 9): {next(c for c in names[id(p)].split(".") if c in attrs) for p in g["params"]}
+            for g in groups
+        }
+        assert attr[1.6e-3] == fast, config.peft_type
+        if "lora_embedding_B" in fast:
+            assert attr[5e-5] == {"lora_embedding_A"}
+
+
 def test_method_hooks_see_gradients_and_add_their_loss(tiny_model_dir, tmp_path, monkeypatch):
     import dataclasses
 

@@ -10,16 +10,19 @@ from rich.table import Table
 
 from deltatune import io
 from deltatune.model import load_config
+from deltatune.registry import get_method
 
 
 def adapter_summary(directory: str | Path) -> tuple[dict, dict[str, int], int]:
     """(config dict, parameters per module path, weights file size in bytes)."""
     config = load_config(directory)
+    prefix = get_method(config.peft_type).param_prefix  # the method's tensors are attributes starting with it
     tensors = io.from_peft_keys(io.read_tensors(directory))
     per_module: dict[str, int] = defaultdict(int)
     for key, tensor in tensors.items():
-        module = key.split(".lora_")[0] if ".lora_" in key else key.rsplit(".", 1)[0]
-        per_module[module] += tensor.numel()
+        parts = key.split(".")
+        at = next((i for i, part in enumerate(parts) if part.startswith(prefix)), len(parts) - 1)
+        per_module[".".join(parts[:at]) or "(shared by all layers)"] += tensor.numel()
     return config.to_dict(), dict(per_module), (Path(directory) / io.WEIGHTS_NAME).stat().st_size
 
 

@@ -7,3 +7,12 @@ from deltatune.methods import (
     lora,  # noqa: F401
     vera,  # noqa: F401
 )
+
+DEFAULT_RUN_METHOD = {
+    "peft_type": "LORA",
+    "r": 8,
+    "lora_alpha": 16,
+    "lora_dropout": 0.05,
+    "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+}
+"""The method a training run uses when its config names none (the quickstart's)."""

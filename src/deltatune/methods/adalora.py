@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from deltatune.config import AdapterConfig
+from deltatune.config import AdapterConfig, TrainingContext
 from deltatune.errors import ConfigError, UnsupportedModuleError
 from deltatune.functional.adalora import (
     budget_schedule,
@@ -38,6 +38,7 @@ from deltatune.functional.lora import lora_branch
 from deltatune.layers import AdapterLayer, bias_parameters, module_device
 from deltatune.methods.lora import LoraConfig
 from deltatune.models import default_lora_targets, linear_features
+from deltatune.quant.linear4bit import Linear4bit
 from deltatune.registry import MethodSpec, register_method
 
 _UNSET_R = 8  # peft's inherited LoraConfig.r, which AdaLoRA ignores
@@ -117,9 +118,9 @@ class AdaLoraConfig(AdapterConfig):
                 f"steps (need 0 <= tinit < total_step - tfinal): lower tinit/tfinal or raise total_step."
             )
 
-    def for_training(self, total_steps: int) -> AdaLoraConfig:
-        """This config for a run of `total_steps` optimizer steps: total_step defaults to the run's length."""
-        return self if self.total_step is not None else self.replace(total_step=total_steps)
+    def for_training(self, context: TrainingContext) -> AdaLoraConfig:
+        """This config for a training run: total_step defaults to the run's length."""
+        return self if self.total_step is not None else self.replace(total_step=context.total_steps)
 
     def kept(self, module_path: str) -> list[bool] | None:
         """The rank_pattern entry of one module (peft writes `<path>.lora_E`; its in-memory form adds the adapter)."""
@@ -145,6 +146,7 @@ class _SvdLayer(AdapterLayer):
     """The triplets (A, E, B) of every adapter and their keep-masks; subclasses give the input shape and forward."""
 
     adapter_param_names = ("lora_A", "lora_B", "lora_E")
+    param_roles = {"lora_B": "up"}
     adapter_other_names = ("r", "scaling", "dropout_p", "rank_mask", "allocator")
 
     def __init__(self, base_layer: nn.Module) -> None:
@@ -467,7 +469,7 @@ register_method(
         peft_type="ADALORA",
         config_cls=AdaLoraConfig,
         kind="layer",
-        layers={nn.Linear: SvdLinear, Conv1D: SvdLinear, nn.Conv2d: SvdConv2d},
+        layers={Linear4bit: SvdLinear, nn.Linear: SvdLinear, Conv1D: SvdLinear, nn.Conv2d: SvdConv2d},
         layer_kwargs=adalora_layer_kwargs,
         param_prefix="lora_",
         extra_trainable=adalora_extra_trainable,

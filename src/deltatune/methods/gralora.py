@@ -84,6 +84,7 @@ class GraloraLinear(AdapterLayer):
     """GraLoRA around nn.Linear or GPT-2's Conv1D."""
 
     adapter_param_names = ("gralora_A", "gralora_B", "gralora_A_general", "gralora_B_general")
+    param_roles = {"gralora_B": "up", "gralora_B_general": "up"}
     adapter_other_names = ("r", "hybrid_r", "scaling", "gralora_k", "dropout_p")
 
     def __init__(self, base_layer: nn.Module) -> None:

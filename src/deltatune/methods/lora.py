@@ -21,12 +21,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from deltatune.config import AdapterConfig
+from deltatune.config import AdapterConfig, TrainingContext
 from deltatune.errors import ConfigError, UnsupportedFieldError, UnsupportedModuleError
 from deltatune.functional.init import gaussian_a_zero_b, kaiming_a_zero_b
 from deltatune.functional.lora import embedding_lora_delta, lora_branch, lora_delta, lora_scale
 from deltatune.layers import AdapterLayer, bias_parameters, module_device
 from deltatune.models import default_lora_targets, linear_features
+from deltatune.quant.linear4bit import Linear4bit
 from deltatune.registry import MethodSpec, register_method
 
 
@@ -35,7 +36,6 @@ class LoraConfig(AdapterConfig):
     """Configuration of a LoRA adapter (field names and defaults are peft's)."""
 
     peft_type = "LORA"
-    accepts_auto_rank_pattern = True
     # peft options deltatune does not implement (yet): loading an adapter that turns one on is an error, not a guess.
     unsupported_fields = (
         "lora_bias",
@@ -72,8 +72,9 @@ class LoraConfig(AdapterConfig):
     """Rank-stabilised scaling lora_alpha / sqrt(r)."""
     init_lora_weights: bool | str = True
     """True: kaiming-uniform A, zero B. "gaussian": A ~ N(0, 1/r), zero B. False: both random (for tests)."""
-    rank_pattern: dict[str, int] = field(default_factory=dict)
-    """Per-module ranks: regex (matched as a name suffix) -> r, e.g. {"down_proj": 16}."""
+    rank_pattern: dict[str, int] | Literal["auto"] = field(default_factory=dict)
+    """Per-module ranks: regex (matched as a name suffix) -> r, e.g. {"down_proj": 16}. "auto": allocated from
+    gradient sensitivity at the parameter count of uniform rank r when a training run starts (`for_training`)."""
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     """Per-module alphas, like rank_pattern."""
     use_dora: bool = False
@@ -93,11 +94,28 @@ class LoraConfig(AdapterConfig):
             raise UnsupportedFieldError(
                 f'init_lora_weights={self.init_lora_weights!r} is not supported; use True, False or "gaussian".'
             )
-        for name, pattern in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
+        patterns = [("alpha_pattern", self.alpha_pattern)]
+        if self.rank_pattern != "auto":
+            patterns.append(("rank_pattern", self.rank_pattern))
+        for name, pattern in patterns:
             if not isinstance(pattern, dict) or any(
                 not isinstance(v, (int, float)) or v <= 0 for v in pattern.values()
             ):
                 raise ConfigError(f"{name} must map module-name regexes to positive numbers, got {pattern!r}.")
+
+    def for_training(self, context: TrainingContext) -> LoraConfig:
+        """`rank_pattern="auto"` becomes a gradient-sensitivity allocation (deltatune.analysis.allocate_ranks) at the
+        parameter count of uniform rank r, scored on the run's first batches."""
+        if self.rank_pattern != "auto":
+            return self
+        from deltatune.analysis import allocate_ranks
+
+        if context.model is None or context.calibration_batches is None:
+            raise ConfigError('rank_pattern="auto" needs the model and a few batches: train with deltatune\'s trainer.')
+        pattern = allocate_ranks(
+            context.model, context.calibration_batches(), self.target_modules, r=self.r, loss_fn=context.loss_fn
+        )
+        return self.replace(rank_pattern=pattern)
 
 
 def _pattern_value(pattern: dict[str, Any], module_path: str, default: Any) -> Any:
@@ -110,6 +128,11 @@ def _pattern_value(pattern: dict[str, Any], module_path: str, default: Any) -> A
 
 def lora_layer_kwargs(config: LoraConfig, module_path: str) -> dict[str, Any]:
     """Flat arguments for one target's `add_adapter` (rank/alpha patterns resolved here, not in the layer)."""
+    if config.rank_pattern == "auto":
+        raise ConfigError(
+            'rank_pattern="auto" is resolved when a training run starts (config.for_training(...), which '
+            "deltatune's trainer calls); give explicit ranks to build a model outside it."
+        )
     return {
         "r": int(_pattern_value(config.rank_pattern, module_path, config.r)),
         "lora_alpha": float(_pattern_value(config.alpha_pattern, module_path, config.lora_alpha)),
@@ -151,6 +174,7 @@ class _LoraLayer(AdapterLayer):
     """Shared bookkeeping of the LoRA wrappers: per-adapter rank, scale, dropout and variant (e.g. DoRA)."""
 
     lora_param_names: tuple[str, ...] = ("lora_A", "lora_B")
+    param_roles = {"lora_B": "up"}
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -312,6 +336,7 @@ class LoraEmbedding(_LoraLayer):
     """LoRA around nn.Embedding: E' = E + s · (B A)^T, A (r, num_embeddings) zero-initialised, B (dim, r) normal."""
 
     lora_param_names = ("lora_embedding_A", "lora_embedding_B")
+    param_roles = {"lora_embedding_B": "up", "lora_embedding_A": "embedding"}
 
     def __init__(self, base_layer: nn.Embedding) -> None:
         super().__init__(base_layer)
@@ -364,6 +389,7 @@ def lora_extra_trainable(model: nn.Module, config: LoraConfig) -> list[str]:
 
 
 LORA_LAYERS: dict[type[nn.Module], type[AdapterLayer]] = {
+    Linear4bit: LoraLinear,  # quantized types first: the first isinstance match wins
     nn.Linear: LoraLinear,
     Conv1D: LoraLinear,
     nn.Conv1d: LoraConv,

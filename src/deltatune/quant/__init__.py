@@ -16,7 +16,6 @@ from torch import nn
 from deltatune.inject import replace_module
 from deltatune.quant.linear4bit import Linear4bit, linears_to_quantize
 from deltatune.quant.state import DTYPES, QuantConfig, QuantState, dequantize_4bit, quantize_4bit
-from deltatune.registry import register_layer
 
 __all__ = [
     "Linear4bit",
@@ -74,14 +73,3 @@ def merge_and_dequantize(peft_model, dtype: torch.dtype | None = None, safe_merg
     float32 for the most exact merge), then merge and unload. Returns a plain model with no 4-bit layers."""
     dequantize_model(peft_model.base_model, dtype or torch.float32)
     return peft_model.merge_and_unload(safe_merge=safe_merge)
-
-
-def _register() -> None:
-    from deltatune.methods.adalora import SvdLinear
-    from deltatune.methods.lora import LoraLinear
-
-    register_layer("LORA", Linear4bit, LoraLinear)
-    register_layer("ADALORA", Linear4bit, SvdLinear)
-
-
-_register()

@@ -14,7 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from deltatune.config import AdapterConfig
 from deltatune.errors import ConfigError
-from deltatune.registry import get_method
+from deltatune.methods import DEFAULT_RUN_METHOD
+from deltatune.registry import get_method, list_methods
 
 BUNDLED = "bundled:quickstart"
 
@@ -62,15 +63,7 @@ class OptimConfig(_Strict):
 class TrainConfig(_Strict):
     model: str = "smollm2"
     """A HF model directory, a .gguf file, or "smollm2" (the bundled SmolLM2-135M-Instruct)."""
-    method: dict[str, Any] = Field(
-        default_factory=lambda: {
-            "peft_type": "LORA",
-            "r": 8,
-            "lora_alpha": 16,
-            "lora_dropout": 0.05,
-            "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
-        }
-    )
+    method: dict[str, Any] = Field(default_factory=lambda: dict(DEFAULT_RUN_METHOD))
     """Adapter config: `peft_type` plus that method's fields (peft's names)."""
     data: DataConfig = Field(default_factory=DataConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
@@ -121,16 +114,10 @@ class TrainConfig(_Strict):
 def adapter_config(method: dict[str, Any]) -> AdapterConfig:
     """The method's AdapterConfig from a `{peft_type: ..., fields...}` mapping."""
     if "peft_type" not in method:
-        raise ConfigError("method needs a peft_type, e.g. {peft_type: LORA, r: 8, target_modules: [q_proj, v_proj]}.")
+        names = ", ".join(spec.peft_type for spec in list_methods())
+        raise ConfigError(f"method needs a peft_type (one of {names}) and that method's fields.")
     spec = get_method(str(method["peft_type"]).upper())
     data = {**method, "peft_type": spec.peft_type}
-    if data.get("rank_pattern") == "auto":  # resolved by the trainer from gradient sensitivity before training
-        if not spec.config_cls.accepts_auto_rank_pattern:
-            raise ConfigError(
-                f"rank_pattern: auto (one-shot gradient-sensitivity ranks, set before training) is for fixed-rank "
-                f"LoRA; {spec.peft_type} does not take it: remove it."
-            )
-        data["rank_pattern"] = {}
     known = set(spec.config_cls.__dataclass_fields__) | {"peft_type"}
     unknown = sorted(set(data) - known)
     if unknown:

@@ -10,7 +10,16 @@ from torch import nn
 
 from deltatune.errors import ConfigError
 
-B_NAMES = ("lora_B", "lora_embedding_B")
+
+def _param_roles(model: nn.Module) -> dict[int, str]:
+    """id(parameter) -> role, as adapter layers declare them (`AdapterLayer.param_roles`)."""
+    roles: dict[int, str] = {}
+    for module in model.modules():
+        for attr, role in getattr(module, "param_roles", {}).items():
+            container = getattr(module, attr, None)
+            if isinstance(container, nn.Module):
+                roles.update({id(p): role for p in container.parameters()})
+    return roles
 
 
 def loraplus_param_groups(
@@ -20,15 +29,18 @@ def loraplus_param_groups(
     weight_decay: float = 0.0,
     loraplus_lr_embedding: float | None = None,
 ) -> list[dict[str, Any]]:
-    """LoRA+ (Hayou et al. 2024, arXiv:2402.12354): B matrices (and 1-D trainables such as biases) learn at
-    lr * loraplus_lr_ratio, the rest at lr; an embedding's A at `loraplus_lr_embedding` when given."""
+    """LoRA+ (Hayou et al. 2024, arXiv:2402.12354): the "up" factors (B in B·A, whatever a method calls them)
+    and 1-D trainables such as biases or magnitudes learn at lr * loraplus_lr_ratio, the rest at lr; an embedding's
+    input-side factor at `loraplus_lr_embedding` when given."""
+    roles = _param_roles(model)
     groups: dict[str, list[nn.Parameter]] = {"a": [], "b": [], "embedding": []}
-    for name, param in model.named_parameters():
+    for param in model.parameters():
         if not param.requires_grad:
             continue
-        if any(f".{b}." in name or name.endswith(f".{b}") for b in B_NAMES) or param.dim() == 1:
+        role = roles.get(id(param))
+        if role == "up" or param.dim() == 1:
             groups["b"].append(param)
-        elif "lora_embedding_A" in name and loraplus_lr_embedding is not None:
+        elif role == "embedding" and loraplus_lr_embedding is not None:
             groups["embedding"].append(param)
         else:
             groups["a"].append(param)

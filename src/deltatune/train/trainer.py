@@ -23,6 +23,7 @@ import torch.distributed as dist
 from rich.console import Console
 from torch import nn
 
+from deltatune.config import TrainingContext
 from deltatune.errors import ConfigError, TrainingDiverged
 from deltatune.model import PeftModel, get_peft_model
 from deltatune.registry import get_method
@@ -168,28 +169,25 @@ def _setup(cfg: TrainConfig, resume: bool, model: nn.Module | None, tokenizer: A
 
 
 def _method_config(cfg: TrainConfig, model: nn.Module, train_set: list, tokenizer: Any, device: torch.device):
-    """The adapter config; `rank_pattern: auto` becomes a gradient-sensitivity allocation at the same parameter
-    count as uniform rank r, scored on the first 4 batches of the run's data order."""
-    config = adapter_config(cfg.method).for_training(cfg.optim.steps)
-    if cfg.method.get("rank_pattern") != "auto":
-        return config
-    from deltatune.analysis import allocate_ranks
-
+    """The adapter config, completed for this run by the method itself (`AdapterConfig.for_training`): it may use
+    the run's length and the first 4 batches of the run's data order (e.g. to allocate ranks)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     size = cfg.optim.batch_size
-    order = step_indices(len(train_set), 4 * size, 0, cfg.seed)
-    batches = [
-        {k: v.to(device) for k, v in collate([train_set[i] for i in order[s : s + size]], pad).items()}
-        for s in range(0, len(order), size)
-    ]
-    pattern = allocate_ranks(
-        model,
-        batches,
-        config.target_modules,
-        r=config.r,
+
+    def calibration_batches() -> list[dict[str, torch.Tensor]]:
+        order = step_indices(len(train_set), 4 * size, 0, cfg.seed)
+        return [
+            {k: v.to(device) for k, v in collate([train_set[i] for i in order[s : s + size]], pad).items()}
+            for s in range(0, len(order), size)
+        ]
+
+    context = TrainingContext(
+        total_steps=cfg.optim.steps,
+        model=model,
+        calibration_batches=calibration_batches,
         loss_fn=lambda m, b: _loss_sum(m, b, "fp32") / (b["labels"] != IGNORE).sum(),
     )
-    return config.replace(rank_pattern=pattern)
+    return adapter_config(cfg.method).for_training(context)
 
 
 def _wrap(peft_model: PeftModel, base: nn.Module, world: int, strategy: str, device: torch.device) -> nn.Module:
@@ -230,7 +228,7 @@ def _fsdp_no_sync(model: nn.Module):
 
 def _full_adapter_state(run: _Run) -> dict[str, torch.Tensor]:
     """The adapter's tensors, gathered from their shards under FSDP (a collective: every rank calls it)."""
-    state = run.model.adapter_state_dict("default")
+    state = run.model.adapter_state_dict(run.model.active_adapter)
     return {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in state.items()}
 
 
@@ -282,7 +280,7 @@ def _train_step(run: _Run, step: int) -> tuple[float, int]:
     by this rank)."""
     micro = _micro_batches(run, step)
     global_tokens = _all_sum(sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro), run)
-    hooks = get_method(run.model.peft_config["default"].peft_type).hooks
+    hooks = get_method(run.model.active_peft_type).hooks
     loss_total = 0.0
     for i, batch in enumerate(micro):
         sync = i == len(micro) - 1 or run.world == 1
