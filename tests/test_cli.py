@@ -95,3 +95,16 @@ def test_inspect_summarises_long_rank_masks():
     assert _brief(masks) == "8 modules; 16 of 24 triplets kept (full masks in the config file)"
     assert _brief({f"m{i}": 4 for i in range(8)}) == "8 entries (see the config file)"
     assert _brief({"q_proj": 4}) == "{'q_proj': 4}"
+
+
+def test_only_rank_0_prints_the_run_report(tmp_path):
+    """Regression: under torchrun every rank printed a report (one said "adapter size 0.00 MB")."""
+    from rich.console import Console
+
+    from deltatune.cli.report import print_train_report
+    from deltatune.train import TrainResult
+
+    for rank, printed in ((0, True), (1, False)):
+        console = Console(record=True, width=120)
+        print_train_report(TrainResult(tmp_path, tmp_path / "adapter", 1, [1.0], adapter_bytes=10, rank=rank), console)
+        assert ("run summary" in console.export_text()) is printed

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import deltatune as dt
+from deltatune.layers import AdapterLayer
 from deltatune.quant import Linear4bit, merge_and_dequantize
 from tests.conftest import model_output, tiny_llama
 
@@ -80,9 +81,25 @@ def test_merge_paths_requantize_or_dequantize():
     merged = merge_and_dequantize(_qlora())  # exact: dequantize to fp32, then merge
     assert not any(isinstance(m, Linear4bit) for m in merged.modules())
     torch.testing.assert_close(model_output(merged, IDS), want, rtol=1e-4, atol=1e-4)
-    qlora.merge_adapter()  # into the 4-bit weights: re-quantized, so only approximately equal (docs/qlora.md)
-    error = (model_output(qlora, IDS) - want).abs().max()
-    assert 0 < error < 0.5
+    # into the 4-bit weights: each merged weight is W + s·B·A re-quantized with the layer's own format (docs/qlora.md)
+    from deltatune.quant import dequantize_4bit, quantize_4bit
+
+    expected = {}
+    for name, module in qlora.base_model.named_modules():
+        if isinstance(module, AdapterLayer):
+            a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
+            exact = module.base_layer.dequantize() + (LORA["lora_alpha"] / LORA["r"]) * b @ a
+            expected[name] = dequantize_4bit(quantize_4bit(exact.detach(), "nf4", 64, True))
+    qlora.merge_adapter()
+    for name, module in qlora.base_model.named_modules():
+        if name in expected:
+            assert torch.equal(module.base_layer.dequantize(), expected[name]), name
+    twin = tiny_llama()  # a dense model holding exactly those weights (and the other 4-bit ones) gives the same outputs
+    with torch.no_grad():
+        for name, module in qlora.base_model.named_modules():
+            if isinstance(module, Linear4bit):
+                twin.get_submodule(name.removesuffix(".base_layer")).weight.copy_(module.dequantize())
+    torch.testing.assert_close(model_output(qlora, IDS), model_output(twin, IDS), rtol=1e-5, atol=1e-5)
 
 
 def test_linear_weights_take_at_most_4_2_bits_per_parameter():

@@ -103,6 +103,39 @@ def test_bf16_autocast_and_gradient_checkpointing_train(tiny_model_dir, tmp_path
     assert all(math.isfinite(v) for v in result.losses)
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir, dropout):
+    """Checkpointed layers recompute their forward in backward; with the RNG state preserved the dropout masks are
+    the same, so the adapter's gradients must equal a plain run's, not just be finite."""
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.randint(3, 90, (2, 12), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for checkpointing in (False, True):
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        torch.manual_seed(1)
+        pm = dt.get_peft_model(
+            base, dt.LoraConfig(r=4, lora_dropout=dropout, target_modules=["q_proj", "v_proj", "down_proj"])
+        )
+        with torch.no_grad():
+            for name, p in pm.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(std=0.1)
+        if checkpointing:
+            if hasattr(base, "activation_checkpointing_enable"):
+                base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        pm.train()
+        torch.manual_seed(2)
+        pm(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in pm.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name, grad in grads[0].items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-7)
+
+
 def test_packing_makes_fewer_longer_rows(tiny_model_dir, tmp_path):
     from deltatune.train.config import DataConfig
     from deltatune.train.data import build_examples, read_records
