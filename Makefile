@@ -43,6 +43,7 @@ bench: setup
 	$(PY) benchmarks/quant.py
 	$(PY) benchmarks/methods_step.py
 	$(PY) benchmarks/cpu_allocator.py
+	$(PY) benchmarks/merge_exact.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -5,6 +5,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -45,15 +46,17 @@ def step_allocator(model: nn.Module) -> Callable[[], None]:
 
 
 def interleaved(fns: dict[str, Callable[[], None]], rounds: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Run each fn once per round, in turn, so machine noise hits every variant alike; seconds per call."""
+    """Run each fn once per round, in turn, so machine noise hits every variant alike; the order rotates every
+    round (no variant always runs first, after the same neighbour); seconds per call."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
+    names = list(fns)
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             t = time.perf_counter()
-            fn()
+            fns[name]()
             times[name].append(time.perf_counter() - t)
     return times
 
@@ -78,3 +81,87 @@ def saved_activation_bytes(model: nn.Module, step: Callable[[], torch.Tensor]) -
         loss = step()
     loss.backward()
     return sum(seen.values())
+
+
+# -- provenance: every results file says what was measured, on what, how often, and how much it varied -----------
+
+
+def provenance(rounds: int, what: str) -> list[str]:
+    """Markdown lines: commit (with a mark when the tree had uncommitted changes), library versions, machine,
+    rounds and how they were ordered."""
+    import datetime
+    import importlib.metadata
+    import os
+    import platform
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return ""
+
+    commit = git("rev-parse", "--short=12", "HEAD") or "unknown"
+    dirty = " (uncommitted changes)" if git("status", "--porcelain", "--untracked-files=no") else ""
+    versions = []
+    for package in ("deltatune", "torch", "transformers", "peft", "bitsandbytes", "safetensors"):
+        try:
+            versions.append(f"{package} {importlib.metadata.version(package)}")
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return [
+        f"- commit {commit}{dirty}, {datetime.date.today().isoformat()}; regenerate with `make bench`",
+        f"- {', '.join(versions)}; Python {platform.python_version()}",
+        f"- machine: {cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}",
+        f"- {what}: {rounds} rounds, the variants' order rotated every round; spread = min-max over rounds",
+    ]
+
+
+def spread(xs: list[float], fmt: str = "{:.3f}") -> str:
+    """median (min-max)."""
+    return f"{fmt.format(statistics.median(xs))} ({fmt.format(min(xs))}-{fmt.format(max(xs))})"
+
+
+def distinct(a: list[float], b: list[float]) -> bool:
+    """True when the two samples' ranges do not overlap: only then is a difference reported as one."""
+    return max(a) < min(b) or max(b) < min(a)
+
+
+def verdict(met: bool) -> str:
+    return "met" if met else "**MISSED**"
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak RSS (Linux: `clear_refs` 5), so a peak read later excludes warm-up and loading."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory since start or the last `reset_peak_rss` (MiB)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def write_results(name: str, lines: list[str], data: dict) -> Path:
+    """results/<name>.md and results/<name>.json."""
+    import json
+
+    out = Path(__file__).parent / "results" / f"{name}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines).rstrip() + "\n")
+    out.with_suffix(".json").write_text(json.dumps(data, indent=2))
+    print(out.read_text())
+    return out

@@ -8,8 +8,6 @@ benchmarks/results/lora_step.md. Run: `make bench` (or `python benchmarks/lora_s
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +15,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import interleaved, median, saved_activation_bytes, smollm2_shaped  # noqa: E402
+from common import (  # noqa: E402
+    interleaved,
+    median,
+    provenance,
+    saved_activation_bytes,
+    smollm2_shaped,
+    spread,
+    verdict,
+    write_results,
+)
 
 import deltatune as dt  # noqa: E402
 
@@ -63,7 +70,7 @@ def _step_fn(loss_fn, opt):
     return step
 
 
-def inference_latency(rounds: int) -> dict[str, float]:
+def inference_latency(rounds: int) -> dict[str, list[float]]:
     """Forward latency (no grad) of the base vs the same model after LoRA merge_and_unload vs LoRA unmerged."""
     ids = torch.randint(0, 49152, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
     base = smollm2_shaped().eval()
@@ -77,8 +84,7 @@ def inference_latency(rounds: int) -> dict[str, float]:
 
         return run
 
-    times = interleaved({"base": fwd(base), "merged": fwd(merged), "unmerged": fwd(unmerged)}, rounds)
-    return {k: median(v) for k, v in times.items()}
+    return interleaved({"base": fwd(base), "merged": fwd(merged), "unmerged": fwd(unmerged)}, rounds)
 
 
 def peak_rss_mb(variant: str, dropout: float) -> float:
@@ -97,69 +103,60 @@ def peak_rss_mb(variant: str, dropout: float) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--dropout", type=float, default=0.05)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "lora_step.md")
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
 
     variants = {name: make_variant(name, args.dropout) for name in variant_names()}
     saved = {name: saved_activation_bytes(m, loss) for name, (m, loss, _) in variants.items()}
     for m, _, _ in variants.values():
         m.zero_grad(set_to_none=True)
     times = interleaved({n: _step_fn(loss, opt) for n, (_, loss, opt) in variants.items()}, args.rounds)
-    step = {k: median(v) for k, v in times.items()}
+    del variants
     latency = inference_latency(args.rounds)
-    rss = {name: peak_rss_mb(name, args.dropout) for name in variants}
-    results = dict(
-        step_s=step,
-        saved_bytes=saved,
-        latency_s=latency,
-        peak_rss_mb=rss,
-        rounds=args.rounds,
-        dropout=args.dropout,
-        torch=torch.__version__,
-        threads=torch.get_num_threads(),
-        machine=platform.processor() or platform.machine(),
-    )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(render(results))
-    args.out.with_suffix(".json").write_text(json.dumps(results, indent=2))
-    print(args.out.read_text())
+    rss = {name: peak_rss_mb(name, args.dropout) for name in variant_names()}
+    results = dict(step_s=times, saved_bytes=saved, latency_s=latency, peak_rss_mb=rss, rounds=args.rounds)
+    write_results("lora_step", render(results, args), results)
 
 
-def render(r: dict) -> str:
-    s, a, lat, rss = r["step_s"], r["saved_bytes"], r["latency_s"], r["peak_rss_mb"]
+def render(r: dict, args) -> list[str]:
+    times, a, lat, rss = r["step_s"], r["saved_bytes"], r["latency_s"], r["peak_rss_mb"]
+    s = {k: median(v) for k, v in times.items()}
+    ratio = {k: [t / f for t, f in zip(v, times["floor"], strict=True)] for k, v in times.items()}
     rows = [
         "# LoRA training step: SmolLM2-135M shape, batch 4 x 128, r=8 on q,k,v,o",
         "",
-        f"torch {r['torch']}, {r['threads']} threads, {r['machine']}; median of {r['rounds']} interleaved rounds; "
-        f"lora_dropout={r['dropout']}.",
+        *provenance(args.rounds, "one fwd+bwd+AdamW step per variant per round, interleaved in one process"),
+        f"- lora_dropout={args.dropout}; saved activations counted once per variant; peak RSS per variant in a fresh "
+        "process, reset after the model is built and one warm-up step ran",
         "",
-        "| variant | step time (s) | vs floor | vs peft | saved activations (MiB) | vs floor | peak RSS (MiB) |",
+        "| variant | step time (s), median (min-max) | vs floor, per-round ratio | vs peft | saved activations (MiB) "
+        "| vs floor | peak RSS (MiB) |",
         "|---|---|---|---|---|---|---|",
     ]
     for name in s:
         vs_peft = f"{s[name] / s['peft']:.3f}x" if "peft" in s else "n/a"
         rows.append(
-            f"| {name} | {s[name]:.3f} | {s[name] / s['floor']:.3f}x | {vs_peft} | {a[name] / 2**20:.1f} | "
+            f"| {name} | {spread(times[name])} | {spread(ratio[name])}x | {vs_peft} | {a[name] / 2**20:.1f} | "
             f"{a[name] / a['floor']:.3f}x | {rss[name]:.0f} |"
         )
-    rows += [
-        "",
-        "## Inference latency (forward, no grad)",
-        "",
-        "| model | latency (s) | vs base |",
-        "|---|---|---|",
+    lat_med = {k: median(v) for k, v in lat.items()}
+    rows += ["", "## Inference latency (forward, no grad)", "", "| model | latency (s), median (min-max) | vs base |"]
+    rows += ["|---|---|---|"]
+    rows += [f"| {k} | {spread(v, '{:.4f}')} | {lat_med[k] / lat_med['base']:.3f}x |" for k, v in lat.items()]
+    step_ratio = median(ratio["deltatune"])
+    targets = [
+        ("deltatune step <= 1.10x floor", step_ratio <= 1.10, f"{step_ratio:.3f}x"),
+        ("merged latency <= 1.02x base", lat_med["merged"] / lat_med["base"] <= 1.02, ""),
+        ("saved activations <= 1.10x floor", a["deltatune"] / a["floor"] <= 1.10, ""),
     ]
-    rows += [f"| {k} | {v:.4f} | {v / lat['base']:.3f}x |" for k, v in lat.items()]
-    rows += [
-        "",
-        "Targets: deltatune step <= 1.10x floor and <= 1.0x peft; merged latency <= 1.02x base; saved "
-        "activations <= 1.10x floor.",
-        "",
-    ]
-    return "\n".join(rows)
+    if "peft" in s:
+        targets.insert(
+            1, ("deltatune step <= 1.0x peft", s["deltatune"] <= s["peft"], f"{s['deltatune'] / s['peft']:.3f}x")
+        )
+    rows += ["", "## Targets", "", "| target | result |", "|---|---|"]
+    rows += [f"| {name} | {verdict(met)} {value} |" for name, met, value in targets]
+    return rows
 
 
 if __name__ == "__main__":

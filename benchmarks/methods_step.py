@@ -8,14 +8,25 @@ backward. Writes results/methods_step.md.
 
 from __future__ import annotations
 
-import json
+import argparse
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import interleaved, median, saved_activation_bytes, smollm2_shaped, step_allocator  # noqa: E402
+from common import (  # noqa: E402
+    distinct,
+    interleaved,
+    median,
+    provenance,
+    saved_activation_bytes,
+    smollm2_shaped,
+    spread,
+    step_allocator,
+    verdict,
+    write_results,
+)
 
 import deltatune as dt  # noqa: E402
 
@@ -51,6 +62,9 @@ def build(lib, method: str):
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=12)
+    args = parser.parse_args()
     libs = {"deltatune": dt}
     try:
         import peft
@@ -62,38 +76,37 @@ def main() -> None:
     saved = {k: saved_activation_bytes(m, loss) for k, (m, loss, _) in variants.items()}
     for m, _, _ in variants.values():
         m.zero_grad(set_to_none=True)
-    times = interleaved({k: step for k, (_, _, step) in variants.items()}, rounds=5)
+    times = interleaved({k: step for k, (_, _, step) in variants.items()}, rounds=args.rounds)
     step_s = {k: median(v) for k, v in times.items()}
     base = step_s["LoRA (deltatune)"]
     lines = [
         "# One training step per method: SmolLM2-135M shape, batch 4 x 128, q,k,v,o",
         "",
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of 5 interleaved rounds.",
+        *provenance(args.rounds, "one step per variant per round, all variants interleaved in one process"),
+        '- a difference to peft is called one only when the two ranges do not overlap; otherwise "same"',
         "",
-        "| method (implementation) | step (s) | vs deltatune LoRA | vs peft, same method | saved act. (MiB) |",
+        "| method (implementation) | step (s), median (min-max) | vs deltatune LoRA | vs peft, same method | "
+        "saved act. (MiB) |",
         "|---|---|---|---|---|",
     ]
     for key, value in step_s.items():
         method = key.split(" (")[0]
-        theirs = step_s.get(f"{method} (peft)")
-        vs_peft = f"{value / theirs:.3f}x" if theirs else "n/a"
-        lines.append(f"| {key} | {value:.3f} | {value / base:.3f}x | {vs_peft} | {saved[key] / 2**20:.1f} |")
-    if "DoRA (peft)" in step_s:
-        ours = step_s["DoRA (deltatune)"] / step_s["LoRA (deltatune)"]
-        theirs = step_s["DoRA (peft)"] / step_s["LoRA (peft)"]
-        lines += ["", f"DoRA overhead over LoRA: deltatune {ours:.3f}x, peft {theirs:.3f}x (target: ours <= peft's)."]
-    if "AdaLoRA (peft)" in step_s:
-        ours = step_s["AdaLoRA (deltatune)"] / step_s["LoRA (deltatune)"]
-        theirs = step_s["AdaLoRA (peft)"] / step_s["LoRA (peft)"]
-        lines += [
-            "",
-            f"AdaLoRA overhead over LoRA (allocation + penalty included): deltatune {ours:.3f}x, peft {theirs:.3f}x.",
-        ]
-    lines.append("")
-    out = Path(__file__).parent / "results" / "methods_step.md"
-    out.write_text("\n".join(lines))
-    out.with_suffix(".json").write_text(json.dumps({"step_s": step_s, "saved_bytes": saved}, indent=2))
-    print("\n".join(lines))
+        theirs_key = f"{method} (peft)"
+        vs_peft = "n/a"
+        if theirs_key in step_s and theirs_key != key:
+            same = "" if distinct(times[key], times[theirs_key]) else " (same: ranges overlap)"
+            vs_peft = f"{value / step_s[theirs_key]:.3f}x{same}"
+        lines.append(f"| {key} | {spread(times[key])} | {value / base:.3f}x | {vs_peft} | {saved[key] / 2**20:.1f} |")
+    for method in ("DoRA", "AdaLoRA"):
+        if f"{method} (peft)" in step_s:
+            ours = step_s[f"{method} (deltatune)"] / step_s["LoRA (deltatune)"]
+            theirs = step_s[f"{method} (peft)"] / step_s["LoRA (peft)"]
+            lines += [
+                "",
+                f"{method} overhead over LoRA: deltatune {ours:.3f}x, peft {theirs:.3f}x "
+                f"(target: ours <= peft's): {verdict(ours <= theirs)}.",
+            ]
+    write_results("methods_step", lines, {"step_s": times, "saved_bytes": saved, "rounds": args.rounds})
 
 
 if __name__ == "__main__":

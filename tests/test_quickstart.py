@@ -19,7 +19,8 @@ def _quickstart(tmp_path, steps: int, examples: int):
 
 def test_quickstart_smoke(tmp_path):
     out = _quickstart(tmp_path, steps=2, examples=2)
-    assert "held-out exact match" in out and "before vs after" in out
+    assert "scored by generation" in out and "held-out: before vs after" in out
+    assert "unseen phrasings" in out and "general questions" in out
     assert (tmp_path / "qs" / "adapter" / "adapter_model.safetensors").exists()
 
 

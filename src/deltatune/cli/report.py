@@ -23,18 +23,24 @@ def print_train_report(result: TrainResult, console: Console, samples: int = 5) 
         summary.add_row("train loss", f"{result.losses[0]:.4f} -> {result.losses[-1]:.4f}")
     if result.eval_loss is not None:
         summary.add_row("held-out loss", f"{result.eval_loss:.4f}")
-    if result.metric_before is not None:
-        summary.add_row(
-            "held-out exact match",
-            f"{100 * result.metric_before:.1f}% before -> [bold]{100 * result.metric_after:.1f}%[/] after",
-        )
     summary.add_row("adapter", str(result.adapter_dir))
     summary.add_row("metrics / loss curve", f"{result.run_dir / 'metrics.jsonl'}, {result.run_dir / 'loss.png'}")
     console.print(summary)
-    if result.samples:
-        table = Table(title="held-out examples: before vs after")
+    if result.scores:
+        scores = Table(title="scored by generation (greedy), before -> after training")
+        for col in ("set", "examples", "before", "after"):
+            scores.add_column(col, justify="left" if col == "set" else "right")
+        for name, (before, after) in result.scores.items():
+            count = len(result.set_samples.get(name, []))
+            scores.add_row(name, str(count), f"{100 * before:.1f}%", f"[bold]{100 * after:.1f}%[/]")
+        console.print(scores)
+    for name, rows in result.set_samples.items():
+        shown = rows if name == "general questions" else rows[:samples]
+        if not shown:
+            continue
+        table = Table(title=f"{name}: before vs after")
         for col in ("input", "expected", "before", "after"):
             table.add_column(col)
-        for s in result.samples[:samples]:
+        for s in shown:
             table.add_row(s["prompt"].split("\n")[-1], s["reference"], s["before"], s["after"])
         console.print(table)

@@ -38,6 +38,13 @@ class DataConfig(_Strict):
     """Examples longer than this (in tokens) are an error, not silently cut."""
     packing: bool = False
     """Concatenate examples into max_length rows (attention stays per row)."""
+    extra_eval: dict[str, str] | None = None
+    """More held-out sets scored by generation before/after (name -> source, same forms as `eval`). Unset with the
+    bundled data: its "unseen phrasings" set (phrasings and instructions that never occur in training)."""
+    general_eval: str | None = "bundled:general"
+    """Questions outside the task, scored before/after by generation (a record may say `"match": "contains"`:
+    right when the answer contains one of the response's "|"-separated words), to show what the adapter costs
+    elsewhere; null to skip. Only with generate_eval > 0."""
 
 
 class OptimConfig(_Strict):

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from deltatune.train.data import IGNORE, Example, collate
+from deltatune.train.config import DataConfig
+from deltatune.train.data import IGNORE, Example, _render, collate, to_messages
 
 
 def normalized(text: str) -> Any:
@@ -22,6 +24,48 @@ def normalized(text: str) -> Any:
 
 def exact_match(prediction: str, reference: str) -> bool:
     return normalized(prediction) == normalized(reference)
+
+
+def answer_is_right(prediction: str, reference: str, match: str = "exact") -> bool:
+    """ "exact" (the default): the answer is the reference; "contains": it contains one of the reference's
+    "|"-separated words, case-insensitively (for open questions: "Paris" in "The capital is Paris.")."""
+    if match == "contains":
+        return any(word.lower() in prediction.lower() for word in reference.split("|"))
+    return exact_match(prediction, reference)
+
+
+@dataclass
+class GenerationSet:
+    """Held-out records scored by greedy generation before and after training."""
+
+    name: str
+    records: list[dict[str, Any]]
+    before: list[str] = field(default_factory=list)
+    after: list[str] = field(default_factory=list)
+
+    def score(self, answers: list[str], cfg: DataConfig) -> float:
+        hits = [
+            answer_is_right(a, to_messages(r, cfg)[-1]["content"], r.get("match", "exact"))
+            for a, r in zip(answers, self.records, strict=True)
+        ]
+        return sum(hits) / max(1, len(hits))
+
+    def samples(self, cfg: DataConfig) -> list[dict[str, str]]:
+        out = []
+        for record, b, a in zip(self.records, self.before, self.after, strict=False):
+            messages = to_messages(record, cfg)
+            out.append(
+                {"prompt": messages[-2]["content"], "reference": messages[-1]["content"], "before": b, "after": a}
+            )
+        return out
+
+
+def generate_for(
+    model: nn.Module, tokenizer, records: list[dict[str, Any]], cfg: DataConfig, max_new_tokens: int, device
+) -> list[str]:
+    """Greedy answers to the records' prompts (their last assistant turn left out)."""
+    prompts = [_render(tokenizer, to_messages(r, cfg)[:-1], add_generation_prompt=True) for r in records]
+    return generate_answers(model, tokenizer, prompts, max_new_tokens, device)
 
 
 @torch.no_grad()

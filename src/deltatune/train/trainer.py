@@ -28,18 +28,16 @@ from deltatune.errors import ConfigError, TrainingDiverged
 from deltatune.model import PeftModel, get_peft_model
 from deltatune.registry import get_method
 from deltatune.train import checkpoint as ckpt
-from deltatune.train.config import TrainConfig, adapter_config
+from deltatune.train.config import BUNDLED, TrainConfig, adapter_config
 from deltatune.train.data import (
     IGNORE,
-    _render,
     build_examples,
     check_records,
     collate,
     read_records,
     step_indices,
-    to_messages,
 )
-from deltatune.train.evaluate import eval_loss, exact_match, generate_answers
+from deltatune.train.evaluate import GenerationSet, eval_loss, generate_for
 from deltatune.train.optim import build_optimizer, build_scheduler
 from deltatune.train.progress import TrainProgress, plot_losses
 
@@ -52,8 +50,13 @@ class TrainResult:
     losses: list[float]
     eval_loss: float | None = None
     metric_before: float | None = None
+    """Score of the main held-out set (`data.eval`) before training (exact match), when generate_eval > 0."""
     metric_after: float | None = None
     samples: list[dict[str, str]] = field(default_factory=list)
+    """The main held-out set's prompts, references and answers before/after."""
+    scores: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """Every generation set (held-out, extra_eval sets, general prompts): name -> (before, after)."""
+    set_samples: dict[str, list[dict[str, str]]] = field(default_factory=dict)
     trainable: int = 0
     total: int = 0
     adapter_bytes: int = 0
@@ -73,6 +76,7 @@ class _Run:
     train_set: list
     eval_set: list
     eval_records: list
+    generation_sets: list
     optimizer: torch.optim.Optimizer
     scheduler: Any
     device: torch.device
@@ -127,6 +131,7 @@ def _setup(cfg: TrainConfig, resume: bool, model: nn.Module | None, tokenizer: A
     eval_records = read_records(eval_source, "test") if eval_source else []
     if eval_source:
         check_records(eval_records, cfg.data, eval_source)
+    generation_sets = _generation_sets(cfg, eval_records) if rank == 0 else []
     if rank == 0:
         _check_output_dir(Path(cfg.output_dir))
     if model is None:
@@ -156,6 +161,7 @@ def _setup(cfg: TrainConfig, resume: bool, model: nn.Module | None, tokenizer: A
         train_set,
         eval_set,
         eval_records,
+        generation_sets,
         optimizer,
         scheduler,
         device,
@@ -348,23 +354,43 @@ def _eval_loss(run: _Run) -> float:
     return value
 
 
-def _score(run: _Run) -> tuple[float, list[str]]:
-    """Exact match of greedy answers on the first `generate_eval` held-out examples."""
-    records = run.eval_records[: run.cfg.generate_eval]
-    messages = [to_messages(r, run.cfg.data) for r in records]
-    prompts = [_render(run.tokenizer, m[:-1], add_generation_prompt=True) for m in messages]
-    answers = generate_answers(run.model, run.tokenizer, prompts, run.cfg.max_new_tokens, run.device)
-    hits = [exact_match(a, m[-1]["content"]) for a, m in zip(answers, messages, strict=True)]
+def _generation_sets(cfg: TrainConfig, eval_records: list) -> list[GenerationSet]:
+    """The sets scored by generation (read and checked before the model loads): the held-out set, the extra ones
+    (for the bundled data: its unseen phrasings) and the general questions; the first `generate_eval` of each."""
+    if cfg.generate_eval <= 0:
+        return []
+    n = cfg.generate_eval
+    sets = [GenerationSet("held-out", eval_records[:n])] if eval_records else []
+    extra = cfg.data.extra_eval
+    if extra is None:
+        extra = {"unseen phrasings": f"{BUNDLED}_unseen"} if cfg.data.train == BUNDLED else {}
+    named = [*extra.items(), *([("general questions", cfg.data.general_eval)] if cfg.data.general_eval else [])]
+    for name, source in named:
+        records = read_records(source, "test")
+        check_records(records, cfg.data, source)
+        sets.append(GenerationSet(name, records[:n]))
+    return sets
+
+
+def _score_all(run: _Run, when: str) -> None:
+    """Generate answers for every generation set, stored as its `before` or `after`."""
+    for gen_set in run.generation_sets:
+        answers = generate_for(
+            run.model, run.tokenizer, gen_set.records, run.cfg.data, run.cfg.max_new_tokens, run.device
+        )
+        setattr(gen_set, when, answers)
     run.model.train()
-    return sum(hits) / max(1, len(hits)), answers
 
 
-def _samples(run: _Run, before: list[str], after: list[str]) -> list[dict[str, str]]:
-    out = []
-    for record, b, a in zip(run.eval_records, before, after, strict=False):
-        messages = to_messages(record, run.cfg.data)
-        out.append({"prompt": messages[-2]["content"], "reference": messages[-1]["content"], "before": b, "after": a})
-    return out
+def _report_scores(run: _Run, result: TrainResult) -> None:
+    data = run.cfg.data
+    for gen_set in run.generation_sets:
+        result.scores[gen_set.name] = (gen_set.score(gen_set.before, data), gen_set.score(gen_set.after, data))
+        result.set_samples[gen_set.name] = gen_set.samples(data)
+    if run.eval_records and run.generation_sets:
+        main = run.generation_sets[0]
+        result.metric_before, result.metric_after = result.scores[main.name]
+        result.samples = result.set_samples[main.name]
 
 
 def train(
@@ -389,18 +415,14 @@ def train(
         (run.run_dir / "train_config.json").write_text(cfg.model_dump_json(indent=2))
     result = TrainResult(run.run_dir, run.run_dir / "adapter", cfg.optim.steps, run.losses)
     result.trainable, result.total = run.model.get_nb_trainable_parameters()
-    do_score = cfg.generate_eval > 0 and run.is_main and run.eval_records
-    if do_score:
-        result.metric_before, before = _score(run)
-    run.model.train()
+    _score_all(run, "before")
     with around_loop() if around_loop else contextlib.nullcontext():
         _loop(run, console)
     if run.eval_set:
         result.eval_loss = _eval_loss(run)
         _log(run, {"step": cfg.optim.steps, "eval_loss": result.eval_loss})
-    if do_score:
-        result.metric_after, after = _score(run)
-        result.samples = _samples(run, before, after)
+    _score_all(run, "after")
+    _report_scores(run, result)
     state = _full_adapter_state(run)
     if run.is_main:
         run.model.save_pretrained(result.adapter_dir, state_dict=state)
