@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import interleaved, median, smollm2_shaped, step_allocator  # noqa: E402
+from common import distinct, interleaved, median, provenance, smollm2_shaped, spread, step_allocator  # noqa: E402
 from methods_step import METHODS, TARGETS  # noqa: E402  (the same methods and settings as on CPU)
 
 import deltatune as dt  # noqa: E402
@@ -103,21 +103,26 @@ def main() -> None:
         f"# One training step per method on {torch.cuda.get_device_name()}: SmolLM2-135M shape, bf16 autocast, "
         f"batch {BATCH} x {SEQ}, q,k,v,o",
         "",
-        f"torch {torch.__version__}; median of 20 interleaved rounds after 3 warm-ups; peak = max allocated during "
-        "one step above the memory resident before it.",
+        *provenance(20, "one step per variant per round after 3 warm-ups, all variants interleaved"),
+        "- peak = max allocated during one step above the memory resident before it (after warm-up)",
         "",
-        "| method (implementation) | step (ms) | vs deltatune LoRA | vs peft, same method | step peak (MiB) |",
+        "| method (implementation) | step (ms), median (min-max) | vs deltatune LoRA | vs peft, same method "
+        "| step peak (MiB) |",
         "|---|---|---|---|---|",
     ]
     for key, value in step_s.items():
-        theirs = step_s.get(f"{key.split(' (')[0]} (peft)")
-        vs_peft = f"{value / theirs:.3f}x" if theirs else "n/a"
-        lines.append(f"| {key} | {value * 1e3:.1f} | {value / base:.3f}x | {vs_peft} | {peak[key] / 2**20:.0f} |")
+        theirs_key = f"{key.split(' (')[0]} (peft)"
+        vs_peft = "n/a"
+        if theirs_key in step_s and theirs_key != key:
+            same = "" if distinct(times[key], times[theirs_key]) else " (same: ranges overlap)"
+            vs_peft = f"{value / step_s[theirs_key]:.3f}x{same}"
+        ms = spread([t * 1e3 for t in times[key]], "{:.1f}")
+        lines.append(f"| {key} | {ms} | {value / base:.3f}x | {vs_peft} | {peak[key] / 2**20:.0f} |")
     lines.append("")
     suffix = "" if (BATCH, SEQ) == (8, 512) else f"_b{BATCH}x{SEQ}"
     out = Path(os.environ.get("OUT", Path(__file__).parent / "results")) / f"gpu_step{suffix}.md"
     out.write_text("\n".join(lines))
-    out.with_suffix(".json").write_text(json.dumps({"step_s": step_s, "peak_bytes": peak}, indent=2))
+    out.with_suffix(".json").write_text(json.dumps({"step_s": times, "peak_bytes": peak}, indent=2))
     print("\n".join(lines))
 
 

@@ -47,7 +47,7 @@ def host_tuning(cfg):
 @_friendly
 def quickstart(
     out: Annotated[Path, typer.Option(help="run directory")] = Path("runs/quickstart"),
-    steps: Annotated[int, typer.Option(help="training steps")] = 60,
+    steps: Annotated[int, typer.Option(help="training steps")] = 80,
     eval_examples: Annotated[int, typer.Option(help="held-out examples scored before/after")] = 64,
 ) -> None:
     """Fine-tune the bundled SmolLM2-135M-Instruct with LoRA on the bundled date task; report before/after."""
@@ -61,7 +61,6 @@ def quickstart(
             f"optim.steps={steps}",
             f"generate_eval={eval_examples}",
             "max_new_tokens=12",
-            "eval_every=20",
         ],
     )
     console.print(f"[bold]quickstart[/]: LoRA on SmolLM2-135M-Instruct, {steps} steps, run dir {out}")

@@ -48,11 +48,11 @@ class DataConfig(_Strict):
 
 
 class OptimConfig(_Strict):
-    steps: int = Field(60, gt=0)
+    steps: int = Field(80, gt=0)
     batch_size: int = Field(8, gt=0)
     """Examples per optimizer step per process (before gradient accumulation)."""
     grad_accum: int = Field(1, gt=0)
-    lr: float = Field(2e-3, gt=0)
+    lr: float = Field(3e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     loraplus_lr_ratio: float | None = Field(None, gt=0)
     """LoRA+: the B matrices learn this many times faster (the paper suggests 16)."""
