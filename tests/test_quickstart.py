@@ -19,7 +19,7 @@ def _quickstart(tmp_path, steps: int, examples: int):
 
 def test_quickstart_smoke(tmp_path):
     out = _quickstart(tmp_path, steps=2, examples=2)
-    assert "scored by generation" in out and "held-out: before vs after" in out
+    assert "scored by generation" in out and "held-out: before vs after (misses first)" in out
     assert "unseen phrasings" in out and "general questions" in out
     assert (tmp_path / "qs" / "adapter" / "adapter_model.safetensors").exists()
 

@@ -35,10 +35,11 @@ def print_train_report(result: TrainResult, console: Console, samples: int = 5) 
             scores.add_row(name, str(count), f"{100 * before:.1f}%", f"[bold]{100 * after:.1f}%[/]")
         console.print(scores)
     for name, rows in result.set_samples.items():
-        shown = rows if name == "general questions" else rows[:samples]
+        # the misses after training first: what a user would run into
+        shown = rows if name == "general questions" else sorted(rows, key=lambda r: r.get("right", True))[:samples]
         if not shown:
             continue
-        table = Table(title=f"{name}: before vs after")
+        table = Table(title=f"{name}: before vs after" + ("" if name == "general questions" else " (misses first)"))
         for col in ("input", "expected", "before", "after"):
             table.add_column(col)
         for s in shown:

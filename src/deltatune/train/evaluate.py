@@ -50,12 +50,15 @@ class GenerationSet:
         ]
         return sum(hits) / max(1, len(hits))
 
-    def samples(self, cfg: DataConfig) -> list[dict[str, str]]:
+    def samples(self, cfg: DataConfig) -> list[dict[str, Any]]:
+        """Prompt, reference, both answers and whether the answer after training is right, per record."""
         out = []
         for record, b, a in zip(self.records, self.before, self.after, strict=False):
             messages = to_messages(record, cfg)
+            reference = messages[-1]["content"]
+            right = answer_is_right(a, reference, record.get("match", "exact"))
             out.append(
-                {"prompt": messages[-2]["content"], "reference": messages[-1]["content"], "before": b, "after": a}
+                {"prompt": messages[-2]["content"], "reference": reference, "before": b, "after": a, "right": right}
             )
         return out
 
