@@ -19,8 +19,18 @@ from deltatune.methods.gralora import GraloraConfig
 from deltatune.methods.lora import LoraConfig
 from deltatune.methods.vera import VeraConfig
 from deltatune.model import PeftModel, get_peft_model, load_config
+from deltatune.peft_types import PeftType, TaskType
 from deltatune.quant import QuantConfig, dequantize_model, quantize_model
 from deltatune.registry import MethodSpec, get_method, list_methods, register_method
+from deltatune.state_dict import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
+from deltatune.tasks import (
+    PeftModelForCausalLM,
+    PeftModelForFeatureExtraction,
+    PeftModelForQuestionAnswering,
+    PeftModelForSeq2SeqLM,
+    PeftModelForSequenceClassification,
+    PeftModelForTokenClassification,
+)
 
 __version__ = "0.1.0"
 
@@ -37,6 +47,17 @@ __all__ = [
     "MergeError",
     "MethodSpec",
     "PeftModel",
+    "PeftModelForCausalLM",
+    "PeftModelForFeatureExtraction",
+    "PeftModelForQuestionAnswering",
+    "PeftModelForSeq2SeqLM",
+    "PeftModelForSequenceClassification",
+    "PeftModelForTokenClassification",
+    "PeftType",
+    "TaskType",
+    "get_peft_model_state_dict",
+    "load_peft_weights",
+    "set_peft_model_state_dict",
     "TargetNotFoundError",
     "UnknownFieldWarning",
     "UnknownMethodError",

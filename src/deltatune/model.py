@@ -398,6 +398,8 @@ class PeftModel(nn.Module):
         with `is_trainable=True`, in training mode with the adapter trainable. `config` replaces the directory's
         adapter_config.json; `subfolder` reads `model_id/subfolder`.
         """
+        if cls is PeftModel:  # peft returns the class of the adapter's task_type
+            cls = _task_class(config.task_type if config is not None else _saved_task_type(model_id, kwargs))
         peft_model = cls(model)
         peft_model.load_adapter(model_id, adapter_name, is_trainable=is_trainable, config=config, **kwargs)
         peft_model.train(is_trainable)
@@ -509,8 +511,25 @@ def _refuse_unknown(where: str, kwargs: dict[str, Any], accepted: dict[str, tupl
 
 
 def get_peft_model(model: nn.Module, peft_config: AdapterConfig, adapter_name: str = "default") -> PeftModel:
-    """Wrap `model` with a new adapter described by `peft_config` (its base weights are frozen)."""
-    return PeftModel(model, peft_config, adapter_name)
+    """Wrap `model` with a new adapter described by `peft_config` (its base weights are frozen). With a
+    `task_type`, the result is that task's class (e.g. `PeftModelForCausalLM`), as in peft."""
+    return _task_class(peft_config.task_type)(model, peft_config, adapter_name)
+
+
+def _task_class(task_type: str | None) -> type[PeftModel]:
+    from deltatune.tasks import task_class
+
+    return task_class(task_type)
+
+
+def _saved_task_type(model_id: str | Path, kwargs: dict[str, Any]) -> str | None:
+    """The task_type in a saved adapter_config.json, or None (also when it cannot be read: load_adapter then
+    raises the precise error)."""
+    subfolder = kwargs.get("subfolder")
+    try:
+        return read_config_dict(Path(model_id) / subfolder if subfolder else model_id).get("task_type")
+    except ConfigError:
+        return None
 
 
 def load_config(model_id: str | Path) -> AdapterConfig:

@@ -1,0 +1,66 @@
+"""peft's state-dict helpers: the adapter's tensors under peft's saved keys, in and out of a model.
+
+state = get_peft_model_state_dict(model)            # {"base_model.model.<path>.lora_A.weight": ..., ...}
+set_peft_model_state_dict(model, state)              # checked first: keys and shapes must fit exactly
+state = load_peft_weights("out/")                   # read adapter_model.safetensors (never a pickle)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from deltatune import io
+from deltatune.model import PeftModel
+
+
+class LoadResult(NamedTuple):
+    """What `set_peft_model_state_dict` returns (peft returns torch's `_IncompatibleKeys`); both lists are always
+    empty, since a state that does not fit is refused with a `CheckpointError` before anything changes."""
+
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
+
+def get_peft_model_state_dict(
+    model: PeftModel, state_dict: dict[str, Tensor] | None = None, adapter_name: str = "default"
+) -> dict[str, Tensor]:
+    """Adapter `adapter_name`'s tensors under peft's saved keys (adapter name left out). With `state_dict` (the
+    model's own `state_dict()`, e.g. gathered from shards), its tensors are used instead of the live ones."""
+    saved = model.adapter_state_dict(adapter_name)
+    if state_dict is None:
+        return saved
+
+    def where(t: Tensor) -> tuple:
+        return t.data_ptr(), tuple(t.shape)  # saved tensors are detached views of the live ones
+
+    names = {where(t): n for n, t in (*model.named_parameters(), *model.named_buffers())}
+    out = {}
+    for key, tensor in saved.items():
+        name = names.get(where(tensor))
+        if name is None or name not in state_dict:
+            raise KeyError(f"state_dict has no entry for {key} (looked for {name!r}); pass model.state_dict().")
+        out[key] = state_dict[name]
+    return out
+
+
+def set_peft_model_state_dict(
+    model: PeftModel, peft_model_state_dict: dict[str, Tensor], adapter_name: str = "default", **kwargs: Any
+) -> LoadResult:
+    """Load peft-keyed tensors into the existing adapter `adapter_name` (keys and shapes checked first)."""
+    from deltatune.model import _refuse_unknown
+
+    _refuse_unknown(
+        "set_peft_model_state_dict", kwargs, {"ignore_mismatched_sizes": (False,), "low_cpu_mem_usage": (False,)}
+    )
+    model.load_adapter_tensors(adapter_name, peft_model_state_dict)
+    return LoadResult([], [])
+
+
+def load_peft_weights(model_id: str | Path, device: str | torch.device | None = None) -> dict[str, Tensor]:
+    """The tensors of `model_id/adapter_model.safetensors` (on `device` when given)."""
+    tensors = io.read_tensors(model_id)
+    return {k: v.to(device) for k, v in tensors.items()} if device is not None else tensors

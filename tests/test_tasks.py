@@ -1,0 +1,127 @@
+"""Task classes, peft's names and state-dict helpers, and transformers.Trainer with its default arguments."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+import deltatune as dt
+from tests.conftest import model_output, tiny_bert, tiny_causal_lm, tiny_llama, tiny_tokenizer
+
+IDS = {"input_ids": torch.randint(0, 97, (2, 6), generator=torch.Generator().manual_seed(0))}
+
+
+def test_task_type_selects_the_task_class_on_create_and_load(tmp_path):
+    config = dt.LoraConfig(r=2, target_modules=["q_proj"], task_type=dt.TaskType.CAUSAL_LM)
+    model = dt.get_peft_model(tiny_llama(), config)
+    assert type(model) is dt.PeftModelForCausalLM
+    model.save_pretrained(tmp_path)
+    assert type(dt.PeftModel.from_pretrained(tiny_llama(), tmp_path)) is dt.PeftModelForCausalLM
+    plain = dt.get_peft_model(tiny_llama(), dt.LoraConfig(r=2, target_modules=["q_proj"]))
+    assert type(plain) is dt.PeftModel
+    with pytest.raises(dt.ConfigError, match="task_type"):
+        dt.get_peft_model(tiny_llama(), dt.LoraConfig(r=2, target_modules=["q_proj"], task_type="TRANSLATION"))
+
+
+def test_task_forward_names_its_inputs_and_passes_them_on():
+    from transformers.utils.generic import find_labels
+
+    assert find_labels(dt.PeftModelForCausalLM) == ["labels"]
+    assert find_labels(dt.PeftModelForQuestionAnswering) == ["start_positions", "end_positions"]
+    assert "decoder_input_ids" in inspect.signature(dt.PeftModelForSeq2SeqLM.forward).parameters
+    model = dt.get_peft_model(tiny_llama(), dt.LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    torch.testing.assert_close(model(IDS["input_ids"]).logits, model_output(model, IDS))  # positional input_ids
+    assert model(**IDS, labels=IDS["input_ids"]).loss > 0
+    with pytest.raises(dt.UnsupportedArgumentError, match="task_ids"):
+        model(**IDS, task_ids=torch.zeros(2, dtype=torch.long))
+    classifier = dt.get_peft_model(tiny_bert(), dt.LoraConfig(r=2, target_modules=["query"], task_type="SEQ_CLS"))
+    assert classifier(**IDS, labels=torch.tensor([0, 2])).loss > 0
+
+
+def _rows(tokenizer, n):
+    texts = [f"the {i}th of May" for i in range(n)]
+    rows = []
+    for text in texts:
+        ids = tokenizer(text)["input_ids"]
+        rows.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": ids, "text": text})
+    return rows
+
+
+def test_transformers_trainer_with_default_arguments_trains_and_evaluates(tmp_path):
+    """Regression: with remove_unused_columns=True (the default) Trainer dropped every column, and evaluate()
+    returned no eval_loss, since PeftModel.forward(*args, **kwargs) named nothing."""
+    from transformers import Trainer, TrainingArguments
+
+    tokenizer = tiny_tokenizer()
+    config = dt.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    model = dt.get_peft_model(tiny_causal_lm(len(tokenizer)), config)
+    seen_keys = set()
+
+    def collate(features):
+        seen_keys.update(k for f in features for k in f)
+        width = max(len(f["input_ids"]) for f in features)
+        pad = lambda key, value: torch.tensor([f[key] + [value] * (width - len(f[key])) for f in features])  # noqa: E731
+        return {
+            "input_ids": pad("input_ids", 0),
+            "attention_mask": pad("attention_mask", 0),
+            "labels": pad("labels", -100),
+        }
+
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "hf"),
+        per_device_train_batch_size=4,
+        max_steps=6,
+        learning_rate=1e-2,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=_rows(tokenizer, 16),
+        eval_dataset=_rows(tokenizer, 8),
+        data_collator=collate,
+    )
+    assert trainer.label_names == ["labels"]
+    trainer.train()
+    assert seen_keys == {"input_ids", "attention_mask", "labels"}  # the unused "text" column was removed, no more
+    metrics = trainer.evaluate()
+    assert metrics["eval_loss"] > 0
+    prediction = trainer.predict(_rows(tokenizer, 4))
+    assert prediction.label_ids is not None and prediction.label_ids.shape[0] == 4
+
+
+def test_state_dict_helpers_match_peft_and_round_trip(tmp_path):
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(1)
+    ours = dt.get_peft_model(
+        tiny_llama(), dt.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
+    ours.save_pretrained(tmp_path)
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    want = peft.get_peft_model_state_dict(theirs)
+    got = dt.get_peft_model_state_dict(ours)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    from_full = dt.get_peft_model_state_dict(ours, state_dict=ours.state_dict())
+    assert all(torch.equal(from_full[k], want[k]) for k in want)
+    loaded = dt.load_peft_weights(tmp_path)
+    assert all(torch.equal(loaded[k], want[k]) for k in want)
+
+    other = dt.get_peft_model(tiny_llama(), dt.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    result = dt.set_peft_model_state_dict(other, loaded)
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    torch.testing.assert_close(model_output(other, IDS), model_output(ours, IDS), rtol=0, atol=0)
+    with pytest.raises(dt.CheckpointError):
+        dt.set_peft_model_state_dict(other, {k: v[:1] for k, v in loaded.items()})
+
+
+def test_loraplus_optimizer_at_peft_import_path():
+    from deltatune.optimizers import create_loraplus_optimizer
+
+    model = dt.get_peft_model(tiny_llama(), dt.LoraConfig(r=2, target_modules=["q_proj"]))
+    optimizer = create_loraplus_optimizer(model, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=4)
+    assert sorted(g["lr"] for g in optimizer.param_groups) == [1e-3, 4e-3]
