@@ -125,3 +125,17 @@ def test_loraplus_optimizer_at_peft_import_path():
     model = dt.get_peft_model(tiny_llama(), dt.LoraConfig(r=2, target_modules=["q_proj"]))
     optimizer = create_loraplus_optimizer(model, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=4)
     assert sorted(g["lr"] for g in optimizer.param_groups) == [1e-3, 4e-3]
+
+
+def test_peft_config_from_pretrained_picks_the_method_and_layer_switches(tmp_path):
+    model = dt.get_peft_model(tiny_llama(), dt.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    model.save_pretrained(tmp_path)
+    config = dt.PeftConfig.from_pretrained(tmp_path)
+    assert type(config) is dt.LoraConfig and config.r == 2 and model.active_peft_config.r == 2
+    with pytest.raises(dt.ConfigError, match="peft_type"):
+        dt.VeraConfig.from_pretrained(tmp_path)
+    base_output = model_output(tiny_llama(), IDS)
+    model.disable_adapter_layers()
+    torch.testing.assert_close(model_output(model, IDS), base_output, rtol=0, atol=0)
+    model.enable_adapter_layers()
+    assert not torch.allclose(model_output(model, IDS), base_output)

@@ -1,6 +1,7 @@
 """deltatune: parameter-efficient fine-tuning for PyTorch models, with adapters in peft's checkpoint format."""
 
 from deltatune.config import AdapterConfig
+from deltatune.config import AdapterConfig as PeftConfig  # peft's name for the base config class
 from deltatune.errors import (
     AdapterError,
     CheckpointError,
@@ -46,6 +47,7 @@ __all__ = [
     "VeraConfig",
     "MergeError",
     "MethodSpec",
+    "PeftConfig",
     "PeftModel",
     "PeftModelForCausalLM",
     "PeftModelForFeatureExtraction",

@@ -110,6 +110,17 @@ class AdapterConfig:
         except TypeError as exc:  # a wrong type deep in a field
             raise ConfigError(f"invalid {cls.__name__}: {exc}") from exc
 
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, subfolder: str | None = None) -> AdapterConfig:
+        """Read `adapter_config.json` from `directory` (or `directory/subfolder`). On the base class the saved
+        `peft_type` picks the method's config class (peft's `PeftConfig.from_pretrained`); on a method's class the
+        file must be of that method."""
+        from deltatune.registry import get_method
+
+        data = read_config_dict(Path(directory) / subfolder if subfolder else directory)
+        target = get_method(data["peft_type"]).config_cls if cls is AdapterConfig else cls
+        return target.from_dict(data)
+
     def save(self, directory: str | Path) -> None:
         """Write `adapter_config.json` atomically."""
         from deltatune.io import atomic_write_bytes

@@ -261,19 +261,33 @@ class PeftModel(nn.Module):
         self._active = [n for n in self._active if n != adapter_name] or list(self.peft_config)[:1]
         self._apply_active()
 
+    @property
+    def active_peft_config(self) -> AdapterConfig:
+        """The config of the (first) active adapter."""
+        if not self._active:
+            raise AdapterError("this model has no active adapter.")
+        return self.peft_config[self._active[0]]
+
+    def disable_adapter_layers(self) -> None:
+        """Turn every adapter off until `enable_adapter_layers()` (merged adapters are unmerged first); the context
+        manager `disable_adapter()` does the same for one block."""
+        if any(layer.merged for layer in self._layers()):
+            self.unmerge_adapter()
+        for _, wrapper in self._wrappers():
+            wrapper.disabled = True
+
+    def enable_adapter_layers(self) -> None:
+        for _, wrapper in self._wrappers():
+            wrapper.disabled = False
+
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Run the plain base model inside the block (merged adapters are unmerged first)."""
-        if any(layer.merged for layer in self._layers()):
-            self.unmerge_adapter()
-        wrappers = [w for _, w in self._wrappers()]
-        for wrapper in wrappers:
-            wrapper.disabled = True
+        self.disable_adapter_layers()
         try:
             yield
         finally:
-            for wrapper in wrappers:
-                wrapper.disabled = False
+            self.enable_adapter_layers()
 
     # -- merging ------------------------------------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
