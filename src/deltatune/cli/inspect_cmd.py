@@ -20,9 +20,12 @@ def adapter_summary(directory: str | Path) -> tuple[dict, dict[str, int], int]:
     tensors = io.from_peft_keys(io.read_tensors(directory))
     per_module: dict[str, int] = defaultdict(int)
     for key, tensor in tensors.items():
+        if key.startswith(io.SHARED_MARK):
+            per_module["(shared by all layers)"] += tensor.numel()
+            continue
         parts = key.split(".")
         at = next((i for i, part in enumerate(parts) if part.startswith(prefix)), len(parts) - 1)
-        per_module[".".join(parts[:at]) or "(shared by all layers)"] += tensor.numel()
+        per_module[".".join(parts[:at])] += tensor.numel()
     return config.to_dict(), dict(per_module), (Path(directory) / io.WEIGHTS_NAME).stat().st_size
 
 
