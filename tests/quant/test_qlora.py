@@ -183,3 +183,25 @@ def test_merge_unmerge_into_a_4bit_base_restores_its_stored_bytes():
         pm.unmerge_adapter()
     after = {k.replace(".base_layer", ""): v for k, v in pm.base_model.state_dict().items() if "lora_" not in k}
     assert all(torch.equal(after[k], v) for k, v in stored.items())
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_prepare_model_for_kbit_training_then_lora_trains(reentrant):
+    """peft's recipe with our 4-bit layers: frozen, 16-bit leftovers in float32, checkpointing on, and a LoRA on top
+    trains (its gradients equal a plain run's: checkpointing only recomputes)."""
+    grads = []
+    for prepare in (False, True):
+        model = dt.quantize_model(tiny_llama(), dt.QuantConfig(compute_dtype="fp32")).to(torch.bfloat16)
+        if prepare:
+            dt.prepare_model_for_kbit_training(model, gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+            assert all(p.dtype == torch.float32 and not p.requires_grad for p in model.parameters())
+            assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+        else:
+            model.float()
+        torch.manual_seed(1)
+        pm = dt.get_peft_model(model, dt.LoraConfig(**LORA)).train()
+        pm(**IDS, labels=IDS["input_ids"]).loss.backward()
+        grads.append({n: p.grad for n, p in pm.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-6)
