@@ -62,3 +62,41 @@ def test_merge_record_is_small_and_moves_with_the_model():
     assert 0 < sum(m.merge_record_bytes for m in layers) < weight_bytes / 4  # far below a second copy
     pm.to(torch.float32)
     assert all(t.dtype in (torch.float32, torch.int32) for m in layers for t in m.merge_state["default"].values())
+
+
+def test_peft_layer_api():
+    """What peft-style loops touch on a layer: base layer, weight proxy, switches, delta, merge(safe_merge=...)."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    pm = dt.get_peft_model(
+        tiny_llama(), dt.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], init_lora_weights=False)
+    )
+    layer = next(m for m in pm.modules() if isinstance(m, AdapterLayer))
+    base = layer.get_base_layer()
+    assert isinstance(base, nn.Linear) and layer.weight is base.weight and layer.bias is None
+    assert layer.active_adapter == "default" and layer.disable_adapters is False
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    torch.testing.assert_close(layer.get_delta_weight("default"), 2.0 * b @ a)  # alpha / r = 2
+    x = torch.randn(3, base.in_features)
+    layer.enable_adapters(False)
+    torch.testing.assert_close(layer(x), base(x))
+    layer.enable_adapters(True)
+    want = layer(x)
+    layer.merge(safe_merge=True, adapter_names=["default"])
+    assert layer.merged and layer.merged_adapters == ["default"]
+    torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
+    layer.unmerge()
+
+
+def test_a_delta_or_a_check_leaves_no_merge_record():
+    cfg = dt.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True, init_lora_weights=False)
+    pm = dt.get_peft_model(tiny_llama(), cfg)
+    layer = next(m for m in pm.modules() if isinstance(m, AdapterLayer))
+    layer.get_delta_weight("default")
+    pm.merge_adapter(safe_merge=True)
+    record = {k: v.clone() for k, v in layer.merge_state["default"].items()}
+    layer.get_delta_weight("default")  # on a merged adapter: must not replace the record unmerge needs
+    assert all(torch.equal(layer.merge_state["default"][k], v) for k, v in record.items())
+    pm.unmerge_adapter()
+    assert not layer.merge_state

@@ -92,6 +92,55 @@ class AdapterLayer(nn.Module, metaclass=abc.ABCMeta):
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
         return [p for attr in self.adapter_param_names if name in (c := getattr(self, attr)) for p in _params(c[name])]
 
+    # -- peft's layer API (what quantization code, other libraries and user loops touch) ------------------------------
+    def get_base_layer(self) -> nn.Module:
+        """The original module this wrapper (and any wrapper inside it) adapts."""
+        base = self.base_layer
+        while isinstance(base, AdapterLayer):
+            base = base.base_layer
+        return base
+
+    @property
+    def weight(self) -> Tensor:
+        """The base layer's weight (read-only proxy, as in peft)."""
+        return self.get_base_layer().weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return getattr(self.get_base_layer(), "bias", None)
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        """peft's form: the active adapter's name, or the list when several are active."""
+        return self.active_adapters[0] if len(self.active_adapters) == 1 else list(self.active_adapters)
+
+    @property
+    def disable_adapters(self) -> bool:
+        """True while the adapters are off (peft's flag)."""
+        return self.disabled
+
+    def enable_adapters(self, enabled: bool) -> None:
+        """Turn this layer's adapters on or off (peft's switch)."""
+        self.disabled = not enabled
+
+    @torch.no_grad()
+    def get_delta_weight(self, adapter: str) -> Tensor:
+        """What merging `adapter` adds to the base weight, in the base weight's layout, float32."""
+        weight = self.base_weight.detach().float()
+        return self.compose_unrecorded(adapter, weight) - weight
+
+    def compose_unrecorded(self, name: str, weight: Tensor) -> Tensor:
+        """`compose` for a look only (a check, a delta): whatever it records for an unmerge is put back as it was."""
+        before = self.merge_state.get(name)
+        kept = dict(before) if before is not None else None
+        try:
+            return self.compose(name, weight)
+        finally:
+            if kept is None:
+                self.merge_state.pop(name, None)
+            else:
+                self.merge_state[name] = kept
+
     # -- state for checkpoints (structural: no string surgery on adapter names) --------------------------------------
     def adapter_state(self, name: str) -> dict[str, Tensor]:
         """Tensors of adapter `name`, keyed relative to this layer without the adapter name (peft's saved keys)."""
@@ -125,22 +174,24 @@ class AdapterLayer(nn.Module, metaclass=abc.ABCMeta):
         """The inverse of `compose`."""
 
     @torch.no_grad()
-    def merge(self, names: Iterable[str] | None = None, safe: bool = False) -> None:
-        """Fold adapters into the base weight (in float32, cast back once). `safe` checks finiteness first.
+    def merge(self, safe_merge: bool = False, adapter_names: Iterable[str] | None = None) -> None:
+        """Fold adapters (default: the active ones) into the base weight (in float32, cast back once); peft's
+        signature. `safe_merge` checks finiteness before writing.
 
         Each merge records what `unmerge` needs to give back the exact bits of the weight it started from: the
         positions where rounding `decompose(compose(W))` to the base dtype misses W, and W's values there (a
         sparse correction, typically well under 1% of the weight); a base stored in another form (4-bit) keeps
         its previous stored tensors instead.
         """
-        names = [n for n in (self.active_adapters if names is None else names) if n not in self.merged_adapters]
+        names = [n for n in (self.active_adapters if adapter_names is None else adapter_names)]
+        names = [n for n in names if n not in self.merged_adapters]
         for name in names:
             if name not in self.adapter_names:
                 raise AdapterError(f"adapter {name!r} does not exist on this layer; it holds {self.adapter_names}.")
         for name in names:
             before = self.base_weight.detach()
             new = self.compose(name, before.float())
-            if safe and not torch.isfinite(new).all():
+            if safe_merge and not torch.isfinite(new).all():
                 raise MergeError(f"merging adapter {name!r} gives non-finite weights; the base was left unchanged.")
             snapshot = getattr(self.base_layer, "weight_state", None)
             if callable(snapshot):

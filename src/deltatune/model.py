@@ -303,12 +303,11 @@ class PeftModel(nn.Module):
             for layer in layers:
                 for name in [n for n in names if n in layer.adapter_names and n not in layer.merged_adapters]:
                     with torch.no_grad():
-                        finite = torch.isfinite(layer.compose(name, layer.base_weight.float())).all()
-                    layer.merge_state.pop(name, None)  # what compose recorded for an unmerge that is not due
+                        finite = torch.isfinite(layer.compose_unrecorded(name, layer.base_weight.float())).all()
                     if not finite:
                         raise MergeError(f"adapter {name!r} has non-finite weights; nothing was merged.")
         for layer in layers:
-            layer.merge([n for n in names if n in layer.adapter_names])
+            layer.merge(adapter_names=[n for n in names if n in layer.adapter_names])
 
     def unmerge_adapter(self) -> None:
         for layer in self._layers():
