@@ -139,3 +139,31 @@ def test_peft_config_from_pretrained_picks_the_method_and_layer_switches(tmp_pat
     torch.testing.assert_close(model_output(model, IDS), base_output, rtol=0, atol=0)
     model.enable_adapter_layers()
     assert not torch.allclose(model_output(model, IDS), base_output)
+
+
+def test_peft_model_api_additions(capsys):
+    model = dt.get_peft_model(tiny_llama(), dt.LoraConfig(r=2, target_modules=["q_proj"]))
+    model.add_adapter("b", dt.LoraConfig(r=2, target_modules=["q_proj"]))
+    lora = {n for n, p in model.named_parameters() if "lora_" in n}
+    model.set_requires_grad("b", True)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == lora  # both adapters now
+    model.set_adapter("b", inference_mode=True)
+    assert not any(p.requires_grad for p in model.parameters()) and model.active_peft_config.inference_mode
+    assert model.base_model_torch_dtype == torch.float32
+    with pytest.raises(dt.UnsupportedArgumentError, match="low_cpu_mem_usage"):
+        model.add_adapter("c", dt.LoraConfig(r=2, target_modules=["q_proj"]), low_cpu_mem_usage=True)
+    model.add_adapter("c", dt.LoraConfig(r=2, target_modules=["q_proj"]), autocast_adapter_dtype=True)
+    want = model_output(model, IDS)
+    merged = model.merge_and_unload(progressbar=True)
+    torch.testing.assert_close(model_output(merged, IDS), want, rtol=1e-5, atol=1e-5)
+
+
+def test_inject_adapter_in_model_wraps_in_place():
+    from deltatune.layers import AdapterLayer
+
+    base = tiny_llama()
+    out = dt.inject_adapter_in_model(dt.LoraConfig(r=2, target_modules=["q_proj"]), base)
+    assert out is base and sum(isinstance(m, AdapterLayer) for m in base.modules()) == 2
+    assert {n for n, p in base.named_parameters() if p.requires_grad} == {
+        n for n in dict(base.named_parameters()) if "lora_" in n
+    }

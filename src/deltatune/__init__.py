@@ -19,7 +19,7 @@ from deltatune.methods.adalora import AdaLoraConfig
 from deltatune.methods.gralora import GraloraConfig
 from deltatune.methods.lora import LoraConfig
 from deltatune.methods.vera import VeraConfig
-from deltatune.model import PeftModel, get_peft_model, load_config
+from deltatune.model import PeftModel, get_peft_model, inject_adapter_in_model, load_config
 from deltatune.peft_types import PeftType, TaskType
 from deltatune.quant import QuantConfig, dequantize_model, prepare_model_for_kbit_training, quantize_model
 from deltatune.registry import MethodSpec, get_method, list_methods, register_method
@@ -68,6 +68,7 @@ __all__ = [
     "UnsupportedModuleError",
     "get_method",
     "get_peft_model",
+    "inject_adapter_in_model",
     "list_methods",
     "load_config",
     "register_method",

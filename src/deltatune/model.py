@@ -128,8 +128,10 @@ class PeftModel(nn.Module):
             if adapter_name in self.peft_config:
                 raise AdapterError(f"adapter {adapter_name!r} already exists; delete it first or pick another name.")
 
-    def add_adapter(self, adapter_name: str, peft_config: AdapterConfig) -> None:
-        """Add a new (trainable) adapter; the first one added becomes active."""
+    def add_adapter(self, adapter_name: str, peft_config: AdapterConfig, **kwargs: Any) -> None:
+        """Add a new (trainable) adapter; the first one added becomes active. peft's `autocast_adapter_dtype=True` and
+        `low_cpu_mem_usage=False` are what deltatune does (float32 adapters, created with their values)."""
+        _refuse_unknown("add_adapter", kwargs, {"autocast_adapter_dtype": (True,), "low_cpu_mem_usage": (False,)})
         self._check_name(adapter_name, exists=False)
         spec = spec_for_config(peft_config)
         peft_config = self._with_default_targets(peft_config, spec)
@@ -217,8 +219,9 @@ class PeftModel(nn.Module):
                 original = wrapper.base_layer if isinstance(wrapper, AdapterLayer) else wrapper.original_module
                 replace_module(self.base_model, name, original)
 
-    def set_adapter(self, adapter_name: str | list[str]) -> None:
-        """Make one adapter, or several (their terms add up), active and trainable; merged weights are unmerged."""
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool | None = None) -> None:
+        """Make one adapter, or several (their terms add up), active; merged weights are unmerged. They train unless
+        loaded for inference; `inference_mode=True` freezes them, `False` makes them trainable."""
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         if not names:
             raise AdapterError("set_adapter needs at least one adapter name.")
@@ -226,8 +229,24 @@ class PeftModel(nn.Module):
             self._check_name(name, exists=True)
         if any(layer.merged for layer in self._layers()):
             self.unmerge_adapter()
+        if inference_mode is not None:
+            for name in names:
+                self.peft_config[name] = self.peft_config[name].replace(inference_mode=inference_mode)
         self._active = names
         self._apply_active()
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        """Make the given adapters' tensors trainable or frozen, whether active or not."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for name in names:
+            self._check_name(name, exists=True)
+            for _, wrapper in self._wrappers():
+                for p in wrapper.adapter_parameters(name):
+                    p.requires_grad_(requires_grad)
+
+    @property
+    def base_model_torch_dtype(self) -> torch.dtype | None:
+        return getattr(self.base_model, "dtype", None)
 
     def _apply_active(self) -> None:
         for _, wrapper in self._wrappers():
@@ -290,7 +309,9 @@ class PeftModel(nn.Module):
             self.enable_adapter_layers()
 
     # -- merging ------------------------------------------------------------------------------------------------------
-    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+    def merge_adapter(
+        self, adapter_names: list[str] | None = None, safe_merge: bool = False, progressbar: bool = False
+    ) -> None:
         """Fold adapters (default: the active ones) into the base weights; `unmerge_adapter` undoes it exactly.
 
         With `safe_merge`, every layer's merged weight is computed and checked for NaN/inf before any is written.
@@ -306,6 +327,10 @@ class PeftModel(nn.Module):
                         finite = torch.isfinite(layer.compose_unrecorded(name, layer.base_weight.float())).all()
                     if not finite:
                         raise MergeError(f"adapter {name!r} has non-finite weights; nothing was merged.")
+        if progressbar:
+            from tqdm.auto import tqdm
+
+            layers = tqdm(layers, desc="merging")
         for layer in layers:
             layer.merge(adapter_names=[n for n in names if n in layer.adapter_names])
 
@@ -313,9 +338,12 @@ class PeftModel(nn.Module):
         for layer in self._layers():
             layer.unmerge()
 
-    def merge_and_unload(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
-        """Merge, then return the plain base model with every wrapper removed (no added inference latency)."""
-        self.merge_adapter(adapter_names, safe_merge=safe_merge)
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
+    ) -> nn.Module:
+        """Merge, then return the plain base model with every wrapper removed (no added inference latency);
+        `progressbar` shows the layers as they merge."""
+        self.merge_adapter(adapter_names, safe_merge=safe_merge, progressbar=progressbar)
         return self._unwrap(keep_copies=True)
 
     def unload(self) -> nn.Module:
@@ -503,6 +531,12 @@ class PeftModel(nn.Module):
         print(
             f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
         )
+
+
+def inject_adapter_in_model(peft_config: AdapterConfig, model: nn.Module, adapter_name: str = "default") -> nn.Module:
+    """Add an adapter's layers to `model` in place, without the PeftModel wrapper (peft's function); the model is
+    returned, its base weights frozen and the adapter active."""
+    return PeftModel(model, peft_config, adapter_name).base_model
 
 
 def _refuse_adapter_names(kwargs: dict[str, Any]) -> None:
