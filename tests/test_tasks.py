@@ -167,3 +167,33 @@ def test_inject_adapter_in_model_wraps_in_place():
     assert {n for n, p in base.named_parameters() if p.requires_grad} == {
         n for n in dict(base.named_parameters()) if "lora_" in n
     }
+
+
+@pytest.mark.parametrize("task_type", ["CAUSAL_LM", None])
+def test_auto_classes_open_adapters_both_ways(tiny_model_dir, tmp_path, task_type):
+    """A deltatune adapter opens with deltatune's and peft's auto classes (task_type, or peft's auto_mapping)."""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(1)
+    config = dt.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False, task_type=task_type)
+    ours = dt.get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), config).eval()
+    ours.save_pretrained(tmp_path)
+    ids = torch.randint(3, 90, (1, 9), generator=torch.Generator().manual_seed(0))
+    want = ours(input_ids=ids).logits
+    auto, peft_auto = (
+        (dt.AutoPeftModelForCausalLM, peft.AutoPeftModelForCausalLM)
+        if task_type
+        else (dt.AutoPeftModel, peft.AutoPeftModel)
+    )
+    for loaded in (auto.from_pretrained(tmp_path), peft_auto.from_pretrained(tmp_path)):
+        torch.testing.assert_close(loaded(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
+    if task_type is None:
+        with pytest.raises(dt.ConfigError, match="only transformers classes"):
+            import json
+
+            path = tmp_path / "adapter_config.json"
+            data = json.loads(path.read_text())
+            data["auto_mapping"]["parent_library"] = "os"
+            path.write_text(json.dumps(data))
+            dt.AutoPeftModel.from_pretrained(tmp_path)

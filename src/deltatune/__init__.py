@@ -1,5 +1,14 @@
 """deltatune: parameter-efficient fine-tuning for PyTorch models, with adapters in peft's checkpoint format."""
 
+from deltatune.auto import (
+    AutoPeftModel,
+    AutoPeftModelForCausalLM,
+    AutoPeftModelForFeatureExtraction,
+    AutoPeftModelForQuestionAnswering,
+    AutoPeftModelForSeq2SeqLM,
+    AutoPeftModelForSequenceClassification,
+    AutoPeftModelForTokenClassification,
+)
 from deltatune.config import AdapterConfig
 from deltatune.config import AdapterConfig as PeftConfig  # peft's name for the base config class
 from deltatune.errors import (
@@ -36,6 +45,13 @@ from deltatune.tasks import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AutoPeftModel",
+    "AutoPeftModelForCausalLM",
+    "AutoPeftModelForFeatureExtraction",
+    "AutoPeftModelForQuestionAnswering",
+    "AutoPeftModelForSeq2SeqLM",
+    "AutoPeftModelForSequenceClassification",
+    "AutoPeftModelForTokenClassification",
     "AdaLoraConfig",
     "AdapterConfig",
     "AdapterError",

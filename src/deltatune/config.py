@@ -121,11 +121,12 @@ class AdapterConfig:
         target = get_method(data["peft_type"]).config_cls if cls is AdapterConfig else cls
         return target.from_dict(data)
 
-    def save(self, directory: str | Path) -> None:
-        """Write `adapter_config.json` atomically."""
+    def save(self, directory: str | Path, metadata: dict[str, Any] | None = None) -> None:
+        """Write `adapter_config.json` atomically; `metadata` adds fields peft writes beside the config's own
+        (e.g. `auto_mapping`)."""
         from deltatune.io import atomic_write_bytes
 
-        payload = json.dumps(self.to_dict(), indent=2, sort_keys=True).encode()
+        payload = json.dumps({**self.to_dict(), **(metadata or {})}, indent=2, sort_keys=True).encode()
         atomic_write_bytes(Path(directory) / CONFIG_NAME, payload)
 
     def for_training(self, context: TrainingContext) -> AdapterConfig:

@@ -421,7 +421,8 @@ class PeftModel(nn.Module):
             # weights first, then the config: a crash between the two leaves the old config beside new weights of
             # the same shapes at worst, never a half-written file.
             io.atomic_write_bytes(target / io.WEIGHTS_NAME, weights)
-            config.replace(base_model_name_or_path=base_path, inference_mode=True).save(target)
+            metadata = {} if config.task_type else {"auto_mapping": _auto_mapping(self.base_model)}
+            config.replace(base_model_name_or_path=base_path, inference_mode=True).save(target, metadata)
 
     @classmethod
     def from_pretrained(
@@ -561,6 +562,12 @@ def get_peft_model(model: nn.Module, peft_config: AdapterConfig, adapter_name: s
     """Wrap `model` with a new adapter described by `peft_config` (its base weights are frozen). With a
     `task_type`, the result is that task's class (e.g. `PeftModelForCausalLM`), as in peft."""
     return _task_class(peft_config.task_type)(model, peft_config, adapter_name)
+
+
+def _auto_mapping(model: nn.Module) -> dict[str, str]:
+    from deltatune.auto import auto_mapping
+
+    return auto_mapping(model)
 
 
 def _task_class(task_type: str | None) -> type[PeftModel]:
