@@ -197,3 +197,29 @@ def test_auto_classes_open_adapters_both_ways(tiny_model_dir, tmp_path, task_typ
             data["auto_mapping"]["parent_library"] = "os"
             path.write_text(json.dumps(data))
             dt.AutoPeftModel.from_pretrained(tmp_path)
+
+
+def test_layer_and_model_status_match_peft_on_the_same_adapters(tmp_path):
+    peft = pytest.importorskip("peft")
+    ours = dt.get_peft_model(tiny_llama(), dt.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    ours.add_adapter("b", dt.LoraConfig(r=2, target_modules=["q_proj"]))
+    ours.save_pretrained(tmp_path)
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path, is_trainable=True)
+    theirs.load_adapter(tmp_path / "b", adapter_name="b", is_trainable=True)
+    for model in (ours, theirs):
+        model.set_adapter("b")
+        model.merge_adapter()
+    status_fields = ("enabled", "merged_adapters", "available_adapters", "devices")
+    our_layers = {s.name: s for s in dt.get_layer_status(ours)}
+    their_layers = {s.name.removeprefix("model."): s for s in peft.get_layer_status(theirs)}
+    assert our_layers.keys() == their_layers.keys()
+    for name, status in our_layers.items():
+        assert {f: getattr(status, f) for f in status_fields} == {
+            f: getattr(their_layers[name], f) for f in status_fields
+        }
+    mine, peft_status = dt.get_model_status(ours), peft.get_model_status(theirs)
+    fields = ("trainable_params", "total_params", "num_adapter_layers", "peft_types", "merged_adapters", "enabled")
+    fields += ("active_adapters",)
+    fields += ("available_adapters", "base_model_type", "quantization_backend")
+    assert {f: getattr(mine, f) for f in fields} == {f: getattr(peft_status, f) for f in fields}
+    assert our_layers["model.layers.0.self_attn.v_proj"].active_adapters == []  # "b" is not there: ours says so

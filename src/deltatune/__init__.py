@@ -33,6 +33,7 @@ from deltatune.peft_types import PeftType, TaskType
 from deltatune.quant import QuantConfig, dequantize_model, prepare_model_for_kbit_training, quantize_model
 from deltatune.registry import MethodSpec, get_method, list_methods, register_method
 from deltatune.state_dict import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
+from deltatune.status import get_layer_status, get_model_status
 from deltatune.tasks import (
     PeftModelForCausalLM,
     PeftModelForFeatureExtraction,
@@ -83,6 +84,8 @@ __all__ = [
     "UnsupportedFieldError",
     "UnsupportedModuleError",
     "get_method",
+    "get_layer_status",
+    "get_model_status",
     "get_peft_model",
     "inject_adapter_in_model",
     "list_methods",

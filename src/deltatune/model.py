@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from deltatune import io
+from deltatune.arguments import refuse_adapter_names, refuse_unknown
 from deltatune.config import AdapterConfig, read_config_dict
 from deltatune.errors import AdapterError, ConfigError, MergeError, UnsupportedArgumentError
 from deltatune.inject import find_targets, replace_module, resolve_modules_to_save
@@ -39,7 +40,7 @@ class PeftModel(nn.Module):
 
     # -- pass-through -------------------------------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        _refuse_adapter_names(kwargs)
+        refuse_adapter_names(kwargs)
         outputs = self.base_model(*args, **kwargs)
         hooks = self._hooks()
         loss = getattr(outputs, "loss", None)
@@ -49,7 +50,7 @@ class PeftModel(nn.Module):
         return outputs
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        _refuse_adapter_names(kwargs)
+        refuse_adapter_names(kwargs)
         return self.base_model.generate(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
@@ -131,7 +132,7 @@ class PeftModel(nn.Module):
     def add_adapter(self, adapter_name: str, peft_config: AdapterConfig, **kwargs: Any) -> None:
         """Add a new (trainable) adapter; the first one added becomes active. peft's `autocast_adapter_dtype=True` and
         `low_cpu_mem_usage=False` are what deltatune does (float32 adapters, created with their values)."""
-        _refuse_unknown("add_adapter", kwargs, {"autocast_adapter_dtype": (True,), "low_cpu_mem_usage": (False,)})
+        refuse_unknown("add_adapter", kwargs, {"autocast_adapter_dtype": (True,), "low_cpu_mem_usage": (False,)})
         self._check_name(adapter_name, exists=False)
         spec = spec_for_config(peft_config)
         peft_config = self._with_default_targets(peft_config, spec)
@@ -396,7 +397,7 @@ class PeftModel(nn.Module):
             UnsupportedArgumentError: `safe_serialization=False` (deltatune writes safetensors only) or a keyword
                 argument deltatune does not implement.
         """
-        _refuse_unknown("save_pretrained", kwargs, {"save_embedding_layers": ("auto", False)})
+        refuse_unknown("save_pretrained", kwargs, {"save_embedding_layers": ("auto", False)})
         if not safe_serialization:
             raise UnsupportedArgumentError(
                 "safe_serialization=False asks for a pickled adapter_model.bin; deltatune writes safetensors only "
@@ -465,7 +466,7 @@ class PeftModel(nn.Module):
             CheckpointError: the weights file is missing or corrupt, or its keys/shapes do not fit this model.
             UnsupportedArgumentError: a keyword argument deltatune does not implement.
         """
-        _refuse_unknown("load_adapter", kwargs, {"revision": (None, "main"), "low_cpu_mem_usage": (False,)})
+        refuse_unknown("load_adapter", kwargs, {"revision": (None, "main"), "low_cpu_mem_usage": (False,)})
         self._check_name(adapter_name, exists=False)
         directory = Path(model_id) / subfolder if subfolder else Path(model_id)
         if config is None:
@@ -538,24 +539,6 @@ def inject_adapter_in_model(peft_config: AdapterConfig, model: nn.Module, adapte
     """Add an adapter's layers to `model` in place, without the PeftModel wrapper (peft's function); the model is
     returned, its base weights frozen and the adapter active."""
     return PeftModel(model, peft_config, adapter_name).base_model
-
-
-def _refuse_adapter_names(kwargs: dict[str, Any]) -> None:
-    if "adapter_names" in kwargs:
-        raise UnsupportedArgumentError(
-            "adapter_names= (a different adapter per row of the batch) is not supported yet; run one batch per "
-            "adapter with set_adapter(name), or merge them with add_weighted_adapter."
-        )
-
-
-def _refuse_unknown(where: str, kwargs: dict[str, Any], accepted: dict[str, tuple[Any, ...]]) -> None:
-    """Refuse keyword arguments a method does not implement, by name: peft's arguments are accepted only at the
-    values that mean what deltatune does anyway (`accepted`: name -> allowed values)."""
-    for name, value in kwargs.items():
-        if name in accepted and value in accepted[name]:
-            continue
-        allowed = f" (accepted only as {' or '.join(map(repr, accepted[name]))})" if name in accepted else ""
-        raise UnsupportedArgumentError(f"{where}() does not support {name}={value!r}{allowed}; remove it.")
 
 
 def get_peft_model(model: nn.Module, peft_config: AdapterConfig, adapter_name: str = "default") -> PeftModel:

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from deltatune import io
+from deltatune.arguments import refuse_unknown
 from deltatune.model import PeftModel
 
 
@@ -51,9 +52,7 @@ def set_peft_model_state_dict(
     model: PeftModel, peft_model_state_dict: dict[str, Tensor], adapter_name: str = "default", **kwargs: Any
 ) -> LoadResult:
     """Load peft-keyed tensors into the existing adapter `adapter_name` (keys and shapes checked first)."""
-    from deltatune.model import _refuse_unknown
-
-    _refuse_unknown(
+    refuse_unknown(
         "set_peft_model_state_dict", kwargs, {"ignore_mismatched_sizes": (False,), "low_cpu_mem_usage": (False,)}
     )
     model.load_adapter_tensors(adapter_name, peft_model_state_dict)
