@@ -223,3 +223,11 @@ def test_layer_and_model_status_match_peft_on_the_same_adapters(tmp_path):
     fields += ("available_adapters", "base_model_type", "quantization_backend")
     assert {f: getattr(mine, f) for f in fields} == {f: getattr(peft_status, f) for f in fields}
     assert our_layers["model.layers.0.self_attn.v_proj"].active_adapters == []  # "b" is not there: ours says so
+
+
+def test_cast_mixed_precision_params_keeps_the_adapter_in_float32():
+    model = dt.get_peft_model(tiny_llama(), dt.LoraConfig(r=2, target_modules=["q_proj"]))
+    dt.cast_mixed_precision_params(model, torch.bfloat16)
+    for name, param in model.named_parameters():
+        assert param.dtype == (torch.float32 if param.requires_grad else torch.bfloat16), name
+    assert any(p.requires_grad for p in model.parameters())

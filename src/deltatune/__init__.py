@@ -30,7 +30,13 @@ from deltatune.methods.lora import LoraConfig
 from deltatune.methods.vera import VeraConfig
 from deltatune.model import PeftModel, get_peft_model, inject_adapter_in_model, load_config
 from deltatune.peft_types import PeftType, TaskType
-from deltatune.quant import QuantConfig, dequantize_model, prepare_model_for_kbit_training, quantize_model
+from deltatune.quant import (
+    QuantConfig,
+    cast_mixed_precision_params,
+    dequantize_model,
+    prepare_model_for_kbit_training,
+    quantize_model,
+)
 from deltatune.registry import MethodSpec, get_method, list_methods, register_method
 from deltatune.state_dict import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
 from deltatune.status import get_layer_status, get_model_status
@@ -94,5 +100,6 @@ __all__ = [
     "QuantConfig",
     "quantize_model",
     "prepare_model_for_kbit_training",
+    "cast_mixed_precision_params",
     "dequantize_model",
 ]

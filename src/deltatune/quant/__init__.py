@@ -15,7 +15,7 @@ from torch import nn
 
 from deltatune.inject import replace_module
 from deltatune.quant.linear4bit import Linear4bit, linears_to_quantize
-from deltatune.quant.prepare import prepare_model_for_kbit_training
+from deltatune.quant.prepare import cast_mixed_precision_params, prepare_model_for_kbit_training
 from deltatune.quant.state import DTYPES, QuantConfig, QuantState, dequantize_4bit, quantize_4bit
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "dequantize_model",
     "merge_and_dequantize",
     "prepare_model_for_kbit_training",
+    "cast_mixed_precision_params",
     "quantize_4bit",
     "quantize_model",
 ]

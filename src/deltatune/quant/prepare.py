@@ -40,3 +40,11 @@ def prepare_model_for_kbit_training(
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     return model
+
+
+def cast_mixed_precision_params(model: nn.Module, dtype: torch.dtype) -> None:
+    """peft's helper for training in 16 bits without autocast: frozen parameters go to `dtype`, trainable ones
+    (the adapter) to float32, in place."""
+    for param in model.parameters():
+        if param.is_floating_point():
+            param.data = param.data.to(torch.float32 if param.requires_grad else dtype)
