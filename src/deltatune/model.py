@@ -17,7 +17,8 @@ from torch import Tensor, nn
 from deltatune import io
 from deltatune.arguments import refuse_adapter_names, refuse_unknown
 from deltatune.config import AdapterConfig, read_config_dict
-from deltatune.errors import AdapterError, ConfigError, MergeError, UnsupportedArgumentError
+from deltatune.errors import AdapterError, CheckpointError, ConfigError, MergeError, UnsupportedArgumentError
+from deltatune.hub import adapter_dir, push_adapter
 from deltatune.inject import find_targets, replace_module, resolve_modules_to_save
 from deltatune.layers import AdapterLayer, TrainableCopy
 from deltatune.models import linear_types, model_type_of, output_head_name
@@ -425,6 +426,13 @@ class PeftModel(nn.Module):
             metadata = {} if config.task_type else {"auto_mapping": _auto_mapping(self.base_model)}
             config.replace(base_model_name_or_path=base_path, inference_mode=True).save(target, metadata)
 
+    def push_to_hub(self, repo_id: str, selected_adapters: list[str] | None = None, **kwargs: Any) -> object:
+        """Upload the adapters' files (as `save_pretrained` writes them; never the base model) to the Hub repo
+        `repo_id`. Keywords: private, token, revision, commit_message, create_pr."""
+        return push_adapter(
+            lambda folder: self.save_pretrained(folder, selected_adapters=selected_adapters), repo_id, **kwargs
+        )
+
     @classmethod
     def from_pretrained(
         cls,
@@ -458,7 +466,8 @@ class PeftModel(nn.Module):
         **kwargs: Any,
     ) -> None:
         """Add the adapter saved in `model_id` (or `model_id/subfolder`) under `adapter_name`; validated fully before
-        the model changes. `config` replaces the saved adapter_config.json (it must be the same method).
+        the model changes. `model_id` is a local folder or a Hub repo id (`revision=` picks its version; read
+        through huggingface_hub's cache). `config` replaces the saved adapter_config.json (same method).
 
         Raises:
             ConfigError / UnsupportedFieldError / UnknownMethodError: the config is malformed or asks for more than
@@ -466,9 +475,10 @@ class PeftModel(nn.Module):
             CheckpointError: the weights file is missing or corrupt, or its keys/shapes do not fit this model.
             UnsupportedArgumentError: a keyword argument deltatune does not implement.
         """
-        refuse_unknown("load_adapter", kwargs, {"revision": (None, "main"), "low_cpu_mem_usage": (False,)})
+        revision = kwargs.pop("revision", None)
+        refuse_unknown("load_adapter", kwargs, {"low_cpu_mem_usage": (False,)})
         self._check_name(adapter_name, exists=False)
-        directory = Path(model_id) / subfolder if subfolder else Path(model_id)
+        directory = adapter_dir(model_id, subfolder, revision)
         if config is None:
             data = read_config_dict(directory)
             spec = get_method(data["peft_type"])
@@ -562,10 +572,9 @@ def _task_class(task_type: str | None) -> type[PeftModel]:
 def _saved_task_type(model_id: str | Path, kwargs: dict[str, Any]) -> str | None:
     """The task_type in a saved adapter_config.json, or None (also when it cannot be read: load_adapter then
     raises the precise error)."""
-    subfolder = kwargs.get("subfolder")
     try:
-        return read_config_dict(Path(model_id) / subfolder if subfolder else model_id).get("task_type")
-    except ConfigError:
+        return read_config_dict(adapter_dir(model_id, kwargs.get("subfolder"), kwargs.get("revision"))).get("task_type")
+    except (ConfigError, CheckpointError):
         return None
 
 
