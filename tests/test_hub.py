@@ -64,4 +64,17 @@ def test_push_to_hub_uploads_only_the_adapter_files(tmp_path, monkeypatch):
     monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
     model = dt.get_peft_model(tiny_llama(), dt.LoraConfig(r=2, target_modules=["q_proj"]))
     assert model.push_to_hub("user/adapter", commit_message="first") == "commit"
-    assert uploaded["user/adapter"] == ["adapter_config.json", "adapter_model.safetensors"]
+    assert uploaded["user/adapter"] == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_model_card_is_written_and_updated_keeping_the_body(tmp_path):
+    import yaml
+
+    model = dt.get_peft_model(tiny_llama(), dt.LoraConfig(r=2, target_modules=["q_proj"]))
+    model.save_pretrained(tmp_path)
+    text = (tmp_path / "README.md").read_text()
+    header = yaml.safe_load(text.split("---\n")[1])
+    assert header["library_name"] == "peft" and "lora" in header["tags"]
+    (tmp_path / "README.md").write_text(text + "\nMy notes.\n")
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "README.md").read_text().endswith("My notes.\n")

@@ -66,3 +66,27 @@ def push_adapter(
         return api.upload_folder(
             repo_id=repo_id, folder_path=folder, commit_message=commit_message, revision=revision, create_pr=create_pr
         )
+
+
+def write_model_card(directory: Path, base_model: str | None, peft_type: str) -> None:
+    """Create or update `README.md` in an adapter folder: the YAML header the Hub reads (`library_name: peft`, since
+    the files are peft's format; `base_model`; tags) with the body left as it was."""
+    import yaml
+
+    from deltatune.io import atomic_write_bytes
+
+    path = directory / "README.md"
+    header: dict = {}
+    body = f"\n# {directory.name}\n\nA {peft_type} adapter in peft's format, saved with deltatune.\n"
+    if path.is_file():
+        text = path.read_text()
+        if text.startswith("---\n") and "\n---\n" in text[4:]:
+            raw, body = text[4:].split("\n---\n", 1)
+            header = yaml.safe_load(raw) or {}
+        else:
+            body = "\n" + text
+    header["library_name"] = "peft"
+    if base_model:
+        header["base_model"] = base_model
+    header["tags"] = sorted({*header.get("tags", []), "deltatune", peft_type.lower()})
+    atomic_write_bytes(path, f"---\n{yaml.safe_dump(header, sort_keys=True)}---\n{body}".encode())

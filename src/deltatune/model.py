@@ -18,7 +18,7 @@ from deltatune import io
 from deltatune.arguments import refuse_adapter_names, refuse_unknown
 from deltatune.config import AdapterConfig, read_config_dict
 from deltatune.errors import AdapterError, CheckpointError, ConfigError, MergeError, UnsupportedArgumentError
-from deltatune.hub import adapter_dir, push_adapter
+from deltatune.hub import adapter_dir, push_adapter, write_model_card
 from deltatune.inject import find_targets, replace_module, resolve_modules_to_save
 from deltatune.layers import AdapterLayer, TrainableCopy
 from deltatune.models import linear_types, model_type_of, output_head_name
@@ -425,6 +425,15 @@ class PeftModel(nn.Module):
             io.atomic_write_bytes(target / io.WEIGHTS_NAME, weights)
             metadata = {} if config.task_type else {"auto_mapping": _auto_mapping(self.base_model)}
             config.replace(base_model_name_or_path=base_path, inference_mode=True).save(target, metadata)
+            self.create_or_update_model_card(target, name)
+
+    def create_or_update_model_card(self, output_dir: str | Path, adapter_name: str | None = None) -> None:
+        """Write or update `output_dir/README.md` (the Hub's model card header: library, base model, tags)."""
+        config = self.peft_config[adapter_name or self.active_adapter]
+        base = config.base_model_name_or_path or getattr(
+            getattr(self.base_model, "config", None), "_name_or_path", None
+        )
+        write_model_card(Path(output_dir), base or None, config.peft_type)
 
     def push_to_hub(self, repo_id: str, selected_adapters: list[str] | None = None, **kwargs: Any) -> object:
         """Upload the adapters' files (as `save_pretrained` writes them; never the base model) to the Hub repo
