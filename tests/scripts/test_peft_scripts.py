@@ -1,0 +1,123 @@
+"""peft-style user scripts, written here as a peft user would write them: each runs against peft (which proves the
+script) and against deltatune with only the import changed. The scripts check themselves with asserts."""
+
+from __future__ import annotations
+
+import re
+import textwrap
+
+import pytest
+
+SCRIPTS = {
+    "quicktour": """
+        import torch
+        from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+        config = LoraConfig(task_type=TaskType.CAUSAL_LM, r=4, lora_alpha=16, lora_dropout=0.1,
+                            target_modules=["q_proj", "v_proj"])
+        model = get_peft_model(make_base(), config)
+        model.print_trainable_parameters()
+        trainable, total = model.get_nb_trainable_parameters()
+        assert trainable == 2 * 4 * ((32 + 32) + (32 + 16))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(std=0.1)
+        model.eval()
+        want = model(input_ids=ids).logits
+        model.save_pretrained(out / "adapter")
+        loaded = PeftModel.from_pretrained(make_base(), out / "adapter")
+        assert not any(p.requires_grad for p in loaded.parameters())
+        torch.testing.assert_close(loaded(input_ids=ids).logits, want)
+        merged = loaded.merge_and_unload()
+        torch.testing.assert_close(merged(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
+    """,
+    "several_adapters": """
+        import torch
+        from peft import LoraConfig, PeftModel, get_peft_model
+        model = get_peft_model(make_base(), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+        model.add_adapter("other", LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+        first = model(input_ids=ids).logits
+        model.set_adapter("other")
+        assert model.active_adapter == "other"
+        second = model(input_ids=ids).logits
+        assert not torch.allclose(first, second)
+        with model.disable_adapter():
+            torch.testing.assert_close(model(input_ids=ids).logits, make_base()(input_ids=ids).logits)
+        model.set_adapter("default")
+        model.delete_adapter("other")
+        assert list(model.peft_config) == ["default"]
+        torch.testing.assert_close(model(input_ids=ids).logits, first)
+    """,
+    "state_dict_helpers": """
+        import torch
+        from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+        from peft import load_peft_weights
+        source = get_peft_model(make_base(), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+        state = get_peft_model_state_dict(source)
+        assert all(k.startswith("base_model.model.") and ".default." not in k for k in state)
+        target = get_peft_model(make_base(), LoraConfig(r=2, target_modules=["q_proj"]))
+        set_peft_model_state_dict(target, state)
+        torch.testing.assert_close(target(input_ids=ids).logits, source(input_ids=ids).logits)
+        source.save_pretrained(out / "a")
+        assert set(load_peft_weights(str(out / "a"))) == set(state)
+    """,
+    "loraplus": """
+        import torch
+        from peft import LoraConfig, get_peft_model
+        from peft.optimizers import create_loraplus_optimizer
+        model = get_peft_model(make_base(), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+        optimizer = create_loraplus_optimizer(model=model, optimizer_cls=torch.optim.AdamW, lr=1e-3,
+                                              loraplus_lr_ratio=8)
+        assert max(g["lr"] for g in optimizer.param_groups) == pytest_approx(8e-3)
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+    """,
+    "kbit_preparation": """
+        import torch
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+        base = prepare_model_for_kbit_training(make_base(), use_gradient_checkpointing=True,
+                                               gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    """,
+    "auto_class": """
+        import torch
+        from peft import AutoPeftModelForCausalLM, LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+        base = AutoModelForCausalLM.from_pretrained(base_dir)
+        model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM",
+                                                init_lora_weights=False))
+        model.save_pretrained(out / "auto")
+        loaded = AutoPeftModelForCausalLM.from_pretrained(out / "auto")
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
+    """,
+}
+
+
+def _as(library: str, script: str) -> str:
+    """The script with its imports pointed at `library` (the only change a user makes)."""
+    return re.sub(r"^(\s*)(from|import) peft\b", rf"\1\2 {library}", textwrap.dedent(script), flags=re.M)
+
+
+@pytest.mark.parametrize("library", ["peft", "deltatune"])
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_peft_user_script_runs_with_only_the_import_changed(name, library, tmp_path, tiny_model_dir):
+    if library == "peft":
+        pytest.importorskip("peft")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    def make_base():
+        return AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+
+    namespace = {
+        "make_base": make_base,
+        "ids": torch.randint(3, 90, (2, 9), generator=torch.Generator().manual_seed(0)),
+        "out": tmp_path,
+        "base_dir": str(tiny_model_dir),
+        "pytest_approx": pytest.approx,
+    }
+    torch.manual_seed(0)
+    exec(compile(_as(library, SCRIPTS[name]), f"<{name} with {library}>", "exec"), namespace)
