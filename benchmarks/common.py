@@ -104,7 +104,9 @@ def provenance(rounds: int, what: str) -> list[str]:
             return ""
 
     commit = git("rev-parse", "--short=12", "HEAD") or "unknown"
-    dirty = " (uncommitted changes)" if git("status", "--porcelain", "--untracked-files=no") else ""
+    # results files being rewritten by this very run do not count as a change to what is measured
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results")
+    dirty = " (uncommitted changes)" if changed else ""
     versions = []
     for package in ("deltatune", "torch", "transformers", "peft", "bitsandbytes", "safetensors"):
         try:
