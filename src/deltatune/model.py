@@ -485,7 +485,8 @@ class PeftModel(nn.Module):
             UnsupportedArgumentError: a keyword argument deltatune does not implement.
         """
         revision = kwargs.pop("revision", None)
-        refuse_unknown("load_adapter", kwargs, {"low_cpu_mem_usage": (False,)})
+        accepted = {"low_cpu_mem_usage": (False,), "autocast_adapter_dtype": (True,), "torch_device": (None,)}
+        refuse_unknown("load_adapter", kwargs, accepted)
         self._check_name(adapter_name, exists=False)
         directory = adapter_dir(model_id, subfolder, revision)
         if config is None:
