@@ -78,7 +78,7 @@ def main(pairs: int = 3) -> None:
             finding = "no difference beyond the spread (ranges overlap)"
         else:
             finding = "faster" if statistics.median(tuned) < statistics.median(default) else "**slower**"
-        lines.append(f"- {shape} shapes: the tuned setting is {finding}.")
+        lines.append(f"- {shape} shapes, tuned against default: {finding}.")
     write_results("cpu_allocator", lines, runs)
 
 

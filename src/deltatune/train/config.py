@@ -86,7 +86,7 @@ class TrainConfig(_Strict):
     quantization, bf16 compute on CUDA, fp32 on CPU)."""
     cpu_allocator: Literal["auto", "keep", "default"] = "auto"
     """On CPU (Linux/glibc), for runs started from the command line: "keep" holds freed blocks up to 1 GiB in the
-    heap during the steps (about +10% peak RSS; the quickstart's steps ran at ~255 instead of ~200 tokens/s),
+    heap during the steps (+10-14% peak RSS; the quickstart's steps ran at ~255 instead of ~200 tokens/s),
     restored when they end; "default" leaves the allocator alone; "auto" (the default) keeps, except for 4-bit runs,
     which are about memory. The library's train() never changes the process's allocator."""
     distributed: Literal["ddp", "fsdp"] = "ddp"
