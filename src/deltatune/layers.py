@@ -183,7 +183,7 @@ class AdapterLayer(nn.Module, metaclass=abc.ABCMeta):
         sparse correction, typically well under 1% of the weight); a base stored in another form (4-bit) keeps
         its previous stored tensors instead.
         """
-        names = [n for n in (self.active_adapters if adapter_names is None else adapter_names)]
+        names = self.active_adapters if adapter_names is None else adapter_names
         names = [n for n in names if n not in self.merged_adapters]
         for name in names:
             if name not in self.adapter_names:
@@ -193,9 +193,8 @@ class AdapterLayer(nn.Module, metaclass=abc.ABCMeta):
             new = self.compose(name, before.float())
             if safe_merge and not torch.isfinite(new).all():
                 raise MergeError(f"merging adapter {name!r} gives non-finite weights; the base was left unchanged.")
-            snapshot = getattr(self.base_layer, "weight_state", None)
-            if callable(snapshot):
-                self.merge_state.setdefault(name, {}).update(snapshot())
+            if self._base_stored_otherwise:
+                self.merge_state.setdefault(name, {}).update(self.base_layer.weight_state())
                 self.base_layer.set_weight(new)
             else:
                 new = new.to(before.dtype)
@@ -210,7 +209,7 @@ class AdapterLayer(nn.Module, metaclass=abc.ABCMeta):
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             record = self.merge_state[name]
-            if callable(getattr(self.base_layer, "weight_state", None)):
+            if self._base_stored_otherwise:
                 self.base_layer.load_weight_state(record)
             else:
                 weight = self.base_layer.weight
@@ -218,6 +217,12 @@ class AdapterLayer(nn.Module, metaclass=abc.ABCMeta):
                 restored.view(-1)[record["index"].long()] = record["value"]
                 weight.data.copy_(restored)
             del self.merge_state[name]
+
+    @property
+    def _base_stored_otherwise(self) -> bool:
+        """True when the base keeps its weight in another form (4-bit): merging writes through its `set_weight`
+        and unmerging puts its stored tensors back (`weight_state` / `load_weight_state`)."""
+        return callable(getattr(self.base_layer, "weight_state", None))
 
     @property
     def merge_record_bytes(self) -> int:

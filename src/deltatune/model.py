@@ -16,8 +16,8 @@ from torch import Tensor, nn
 
 from deltatune import io
 from deltatune.arguments import refuse_adapter_names, refuse_unknown
-from deltatune.config import AdapterConfig, read_config_dict
-from deltatune.errors import AdapterError, CheckpointError, ConfigError, MergeError, UnsupportedArgumentError
+from deltatune.config import AdapterConfig
+from deltatune.errors import AdapterError, ConfigError, MergeError, UnsupportedArgumentError
 from deltatune.hub import adapter_dir, push_adapter, write_model_card
 from deltatune.inject import find_targets, replace_module, resolve_modules_to_save
 from deltatune.layers import AdapterLayer, TrainableCopy
@@ -414,26 +414,26 @@ class PeftModel(nn.Module):
         for name in names:
             target = Path(save_directory) if name == "default" else Path(save_directory) / name
             config = self.peft_config[name]
-            base_path = (
-                config.base_model_name_or_path
-                or getattr(getattr(self.base_model, "config", None), "_name_or_path", None)
-                or None
-            )
             weights = io.dump_tensors(state_dict if state_dict is not None else self.adapter_state_dict(name))
             # weights first, then the config: a crash between the two leaves the old config beside new weights of
             # the same shapes at worst, never a half-written file.
             io.atomic_write_bytes(target / io.WEIGHTS_NAME, weights)
             metadata = {} if config.task_type else {"auto_mapping": _auto_mapping(self.base_model)}
-            config.replace(base_model_name_or_path=base_path, inference_mode=True).save(target, metadata)
+            config.replace(base_model_name_or_path=self._base_path(config), inference_mode=True).save(target, metadata)
             self.create_or_update_model_card(target, name)
 
     def create_or_update_model_card(self, output_dir: str | Path, adapter_name: str | None = None) -> None:
         """Write or update `output_dir/README.md` (the Hub's model card header: library, base model, tags)."""
         config = self.peft_config[adapter_name or self.active_adapter]
-        base = config.base_model_name_or_path or getattr(
-            getattr(self.base_model, "config", None), "_name_or_path", None
+        write_model_card(Path(output_dir), self._base_path(config), config.peft_type)
+
+    def _base_path(self, config: AdapterConfig) -> str | None:
+        """Where the base model lives: the config's `base_model_name_or_path`, else the model config's name."""
+        return (
+            config.base_model_name_or_path
+            or getattr(getattr(self.base_model, "config", None), "_name_or_path", None)
+            or None
         )
-        write_model_card(Path(output_dir), base or None, config.peft_type)
 
     def push_to_hub(self, repo_id: str, selected_adapters: list[str] | None = None, **kwargs: Any) -> object:
         """Upload the adapters' files (as `save_pretrained` writes them; never the base model) to the Hub repo
@@ -458,8 +458,12 @@ class PeftModel(nn.Module):
         with `is_trainable=True`, in training mode with the adapter trainable. `config` replaces the directory's
         adapter_config.json; `subfolder` reads `model_id/subfolder`.
         """
+        if config is None:  # read once here: its task_type picks the class, and load_adapter takes it as given
+            config = AdapterConfig.from_pretrained(
+                adapter_dir(model_id, kwargs.get("subfolder"), kwargs.get("revision"))
+            )
         if cls is PeftModel:  # peft returns the class of the adapter's task_type
-            cls = _task_class(config.task_type if config is not None else _saved_task_type(model_id, kwargs))
+            cls = _task_class(config.task_type)
         peft_model = cls(model)
         peft_model.load_adapter(model_id, adapter_name, is_trainable=is_trainable, config=config, **kwargs)
         peft_model.train(is_trainable)
@@ -489,12 +493,8 @@ class PeftModel(nn.Module):
         refuse_unknown("load_adapter", kwargs, accepted)
         self._check_name(adapter_name, exists=False)
         directory = adapter_dir(model_id, subfolder, revision)
-        if config is None:
-            data = read_config_dict(directory)
-            spec = get_method(data["peft_type"])
-            config = spec.config_cls.from_dict(data)
-        else:
-            spec = spec_for_config(config)
+        config = config or AdapterConfig.from_pretrained(directory)
+        spec = spec_for_config(config)
         config = config.replace(inference_mode=not is_trainable)
         config = self._with_default_targets(config, spec)
         self._check_same_method(spec)
@@ -579,16 +579,6 @@ def _task_class(task_type: str | None) -> type[PeftModel]:
     return task_class(task_type)
 
 
-def _saved_task_type(model_id: str | Path, kwargs: dict[str, Any]) -> str | None:
-    """The task_type in a saved adapter_config.json, or None (also when it cannot be read: load_adapter then
-    raises the precise error)."""
-    try:
-        return read_config_dict(adapter_dir(model_id, kwargs.get("subfolder"), kwargs.get("revision"))).get("task_type")
-    except (ConfigError, CheckpointError):
-        return None
-
-
 def load_config(model_id: str | Path) -> AdapterConfig:
     """Read and validate a saved adapter's config without touching any model."""
-    data = read_config_dict(model_id)
-    return get_method(data["peft_type"]).config_cls.from_dict(data)
+    return AdapterConfig.from_pretrained(model_id)

@@ -34,6 +34,11 @@ def answer_is_right(prediction: str, reference: str, match: str = "exact") -> bo
     return exact_match(prediction, reference)
 
 
+def _is_right(record: dict[str, Any], answer: str, cfg: DataConfig) -> bool:
+    """Whether `answer` is right for `record`, by the record's own rule (`"match"`, default exact)."""
+    return answer_is_right(answer, to_messages(record, cfg)[-1]["content"], record.get("match", "exact"))
+
+
 @dataclass
 class GenerationSet:
     """Held-out records scored by greedy generation before and after training."""
@@ -44,10 +49,7 @@ class GenerationSet:
     after: list[str] = field(default_factory=list)
 
     def score(self, answers: list[str], cfg: DataConfig) -> float:
-        hits = [
-            answer_is_right(a, to_messages(r, cfg)[-1]["content"], r.get("match", "exact"))
-            for a, r in zip(answers, self.records, strict=True)
-        ]
+        hits = [_is_right(r, a, cfg) for a, r in zip(answers, self.records, strict=True)]
         return sum(hits) / max(1, len(hits))
 
     def samples(self, cfg: DataConfig) -> list[dict[str, Any]]:
@@ -55,10 +57,9 @@ class GenerationSet:
         out = []
         for record, b, a in zip(self.records, self.before, self.after, strict=False):
             messages = to_messages(record, cfg)
-            reference = messages[-1]["content"]
-            right = answer_is_right(a, reference, record.get("match", "exact"))
+            prompt, reference = messages[-2]["content"], messages[-1]["content"]
             out.append(
-                {"prompt": messages[-2]["content"], "reference": reference, "before": b, "after": a, "right": right}
+                {"prompt": prompt, "reference": reference, "before": b, "after": a, "right": _is_right(record, a, cfg)}
             )
         return out
 
