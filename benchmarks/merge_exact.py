@@ -54,7 +54,7 @@ def ours(adapter: Path, dtype: torch.dtype) -> dict:
     for _ in range(CYCLES - 1):
         model.merge_adapter()
         model.unmerge_adapter()
-    after = _weights(model.base_model)
+    after = _weights(model.get_base_model())
     exact = all(torch.equal(after[k].view(torch.uint8), v.view(torch.uint8)) for k, v in before.items())
     return dict(
         record_bytes=record,
@@ -78,7 +78,7 @@ def peft_drift(adapter: Path, dtype: torch.dtype) -> float | None:
     for _ in range(CYCLES):
         model.merge_adapter()
         model.unmerge_adapter()
-    after = _weights(model.base_model.model)
+    after = _weights(model.get_base_model())
     return max((after[k].float() - v.float()).abs().max().item() for k, v in before.items())
 
 

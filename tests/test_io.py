@@ -114,11 +114,11 @@ def test_malformed_adapter_gives_typed_error_and_changes_nothing(case, saved):
 def test_failed_load_into_existing_peft_model_keeps_its_adapters(saved, tmp_path):
     pm = dt.get_peft_model(tiny_llama(), dt.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
     want = model_output(pm, IDS)
-    snap = _snapshot(pm.base_model)
+    snap = _snapshot(pm.get_base_model())
     _edit_config(saved, r=8)
     with pytest.raises(CheckpointError, match="shape"):
         pm.load_adapter(saved, "other")
-    _assert_same(pm.base_model, snap)
+    _assert_same(pm.get_base_model(), snap)
     assert list(pm.peft_config) == ["default"]
     torch.testing.assert_close(model_output(pm, IDS), want, rtol=0, atol=0)
 

@@ -42,7 +42,7 @@ def test_merge_unmerge_cycles_leave_the_base_bit_identical(dtype, use_dora):
     pm.merge_adapter()
     with pm.disable_adapter():  # unmerges too
         pass
-    after = {k.replace(".base_layer", ""): v for k, v in pm.base_model.state_dict().items() if "lora_" not in k}
+    after = {k.replace(".base_layer", ""): v for k, v in pm.get_base_model().state_dict().items() if "lora_" not in k}
     for key, value in before.items():
         assert torch.equal(after[key].view(torch.uint8), value.view(torch.uint8)), key
     assert all(not layer.merge_state for layer in pm.modules() if isinstance(layer, AdapterLayer))

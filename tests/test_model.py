@@ -146,6 +146,26 @@ def test_attribute_passthrough_to_base_model():
     assert out.shape == (2, 9)
 
 
+def test_paths_and_state_dict_keys_are_peft_s_and_the_wrapper_reads_as_a_pretrained_model():
+    peft = pytest.importorskip("peft")
+    from transformers import PreTrainedModel
+
+    ours = dt.get_peft_model(tiny_llama(), _lora())
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    assert list(ours.state_dict()) == list(theirs.state_dict())  # base_model.model.model.layers.0...default...
+    assert ours.base_model.model is ours.get_base_model()  # peft's tuner level, then the transformers model
+    assert ours.base_model.model.model.layers[0].self_attn.q_proj.get_base_layer().weight.shape == (32, 32)
+    assert ours.model is ours.get_base_model() and ours.lm_head is ours.get_base_model().lm_head  # as peft reads
+    # by type a transformers model; by attribute the wrapped one's (config, embeddings), itself for moving/modes
+    assert isinstance(ours, PreTrainedModel) and not isinstance(ours.get_base_model(), dt.PeftModel)
+    assert ours.get_input_embeddings() is ours.get_base_model().model.embed_tokens
+    assert ours.main_input_name == "input_ids" and ours.config is ours.get_base_model().config
+    assert ours.eval() is ours and not ours.training and ours.to(torch.float64) is ours
+    # calling `base_model` runs the backbone (transformers' meaning of `PreTrainedModel.base_model`)
+    hidden = ours.base_model(**IDS).last_hidden_state
+    torch.testing.assert_close(hidden, ours.get_base_model().model(**IDS).last_hidden_state)
+
+
 def _saved(tmp_path, **kw):
     torch.manual_seed(1)
     dt.get_peft_model(tiny_llama(), _lora(init_lora_weights=False, lora_dropout=0.3, **kw)).save_pretrained(tmp_path)

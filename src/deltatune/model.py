@@ -14,10 +14,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from deltatune import io
+from deltatune import io, saving
 from deltatune.arguments import refuse_adapter_names, refuse_unknown
 from deltatune.config import AdapterConfig
 from deltatune.errors import AdapterError, ConfigError, MergeError, UnsupportedArgumentError
+from deltatune.facade import PretrainedFacade, Tuner
 from deltatune.hub import adapter_dir, push_adapter, write_model_card
 from deltatune.inject import find_targets, replace_module, resolve_modules_to_save
 from deltatune.layers import AdapterLayer, TrainableCopy
@@ -27,12 +28,16 @@ from deltatune.registry import MethodHooks, MethodSpec, get_method, spec_for_con
 Wrapper = (AdapterLayer, TrainableCopy)
 
 
-class PeftModel(nn.Module):
-    """A base model plus named adapters. `forward` and `generate` pass through to the (modified) base model."""
+class PeftModel(PretrainedFacade):
+    """A base model plus named adapters. `forward` and `generate` pass through to the (modified) base model.
+
+    `model.base_model` is peft's tuner level (`model.base_model.model` is the transformers model); for transformers'
+    and other libraries' code the wrapper reads as the wrapped `PreTrainedModel` (`deltatune.facade`).
+    """
 
     def __init__(self, model: nn.Module, peft_config: AdapterConfig | None = None, adapter_name: str = "default"):
-        super().__init__()
-        self.base_model = model
+        nn.Module.__init__(self)  # not PreTrainedModel's: the wrapped model keeps the one config
+        self._modules["base_model"] = Tuner(model)  # under the `base_model` property (PreTrainedModel has one)
         self.peft_config: dict[str, AdapterConfig] = {}
         self.shared = nn.ModuleDict()  # per adapter: tensors all its layers share (only for methods that have some)
         self._active: list[str] = []
@@ -42,7 +47,7 @@ class PeftModel(nn.Module):
     # -- pass-through -------------------------------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         refuse_adapter_names(kwargs)
-        outputs = self.base_model(*args, **kwargs)
+        outputs = self._base(*args, **kwargs)
         hooks = self._hooks()
         loss = getattr(outputs, "loss", None)
         if hooks is not None and self.training and isinstance(loss, Tensor):
@@ -52,7 +57,7 @@ class PeftModel(nn.Module):
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         refuse_adapter_names(kwargs)
-        return self.base_model.generate(*args, **kwargs)
+        return self._base.generate(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -60,10 +65,20 @@ class PeftModel(nn.Module):
         except AttributeError:
             if name.startswith("_") or name == "base_model" or "_modules" not in self.__dict__:
                 raise
-            return getattr(self._modules["base_model"], name)  # config, device, generation_config, ...
+            return getattr(self._modules["base_model"], name)  # the tuner, then the model: lm_head, model, ...
+
+    @property
+    def base_model(self) -> Tuner:
+        """peft's tuner level: `.model` is the transformers model (see `deltatune.facade.Tuner`)."""
+        return self._modules["base_model"]
+
+    @property
+    def _base(self) -> nn.Module:
+        return self._modules["base_model"]._modules["model"]
 
     def get_base_model(self) -> nn.Module:
-        return self.base_model
+        """The transformers model itself, adapters inside."""
+        return self._base
 
     # -- training hooks -----------------------------------------------------------------------------------------------
     def _hooks(self) -> MethodHooks | None:
@@ -81,7 +96,7 @@ class PeftModel(nn.Module):
     def training_state_dict(self) -> dict[str, Tensor]:
         """What a resumed run needs besides the optimizer: every trainable tensor at full size, under its module
         path (`param.<name>`), and the method hooks' accumulated state (`method.<key>`)."""
-        out = {f"param.{n}": p for n, p in self.base_model.named_parameters() if p.requires_grad}
+        out = {f"param.{n}": p for n, p in self._base.named_parameters() if p.requires_grad}
         hooks = self._hooks()
         if hooks is not None:
             out.update({f"method.{k}": v for k, v in hooks.state_dict(self).items()})
@@ -90,7 +105,7 @@ class PeftModel(nn.Module):
     @torch.no_grad()
     def load_training_state_dict(self, tensors: dict[str, Tensor]) -> None:
         """Restore `training_state_dict()` output; parameter names and shapes are checked before anything changes."""
-        params = {n: p for n, p in self.base_model.named_parameters() if p.requires_grad}
+        params = {n: p for n, p in self._base.named_parameters() if p.requires_grad}
         found = {k[len("param.") :]: v for k, v in tensors.items() if k.startswith("param.")}
         io.check_state(params, found, "training checkpoint")
         for name, value in found.items():
@@ -114,7 +129,7 @@ class PeftModel(nn.Module):
         return self.peft_config[self._active[0]].peft_type if self._active else None
 
     def _wrappers(self) -> Iterator[tuple[str, AdapterLayer | TrainableCopy]]:
-        for name, module in self.base_model.named_modules():
+        for name, module in self._base.named_modules():
             if isinstance(module, Wrapper):
                 yield name, module
 
@@ -147,7 +162,7 @@ class PeftModel(nn.Module):
     def _with_default_targets(self, config: AdapterConfig, spec: MethodSpec) -> AdapterConfig:
         if config.target_modules is not None:
             return config
-        targets = spec.default_targets(model_type_of(self.base_model))
+        targets = spec.default_targets(model_type_of(self._base))
         if targets is None:
             raise ConfigError(f"target_modules is not set and {spec.peft_type} has no default for this model; set it.")
         return config.replace(target_modules=targets)
@@ -164,7 +179,7 @@ class PeftModel(nn.Module):
         """Module name -> type as the user sees it: wrappers show their base layer's type, their insides are hidden."""
         out: dict[str, type[nn.Module]] = {}
         hidden: list[str] = []
-        for name, module in self.base_model.named_modules():
+        for name, module in self._base.named_modules():
             if any(name.startswith(h + ".") for h in hidden):
                 continue
             if isinstance(module, AdapterLayer):
@@ -185,27 +200,27 @@ class PeftModel(nn.Module):
             exclude_modules=config.exclude_modules,
             layers_to_transform=config.layers_to_transform,
             layers_pattern=config.layers_pattern,
-            output_head=output_head_name(self.base_model),
+            output_head=output_head_name(self._base),
             strict=strict,
             linear_types=linear_types(),
         )
         try:
             extra: dict[str, nn.Module] = {}
             if spec.make_shared is not None:
-                bases = [self.base_model.get_submodule(t) for t in targets]
+                bases = [self._base.get_submodule(t) for t in targets]
                 bases = [m.base_layer if isinstance(m, AdapterLayer) else m for m in bases]
                 self.shared[adapter_name] = extra["shared"] = spec.make_shared(config, bases)
             for target in targets:
-                module = self.base_model.get_submodule(target)
+                module = self._base.get_submodule(target)
                 if not isinstance(module, AdapterLayer):
                     module = spec.layer_for(module)(module)
-                    replace_module(self.base_model, target, module)
+                    replace_module(self._base, target, module)
                 module.add_adapter(adapter_name, **spec.layer_kwargs(config, target), **extra)
-            for target in resolve_modules_to_save(self.base_model, config.modules_to_save or []):
-                module = self.base_model.get_submodule(target)
+            for target in resolve_modules_to_save(self._base, config.modules_to_save or []):
+                module = self._base.get_submodule(target)
                 if not isinstance(module, TrainableCopy):
                     module = TrainableCopy(module)
-                    replace_module(self.base_model, target, module)
+                    replace_module(self._base, target, module)
                 module.add_adapter(adapter_name)
         except BaseException:
             self._remove_from_modules(adapter_name)
@@ -219,7 +234,7 @@ class PeftModel(nn.Module):
             wrapper.delete_adapter(adapter_name)
             if not wrapper.adapter_names:
                 original = wrapper.base_layer if isinstance(wrapper, AdapterLayer) else wrapper.original_module
-                replace_module(self.base_model, name, original)
+                replace_module(self._base, name, original)
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool | None = None) -> None:
         """Make one adapter, or several (their terms add up), active; merged weights are unmerged. They train unless
@@ -248,7 +263,7 @@ class PeftModel(nn.Module):
 
     @property
     def base_model_torch_dtype(self) -> torch.dtype | None:
-        return getattr(self.base_model, "dtype", None)
+        return getattr(self._base, "dtype", None)
 
     def _apply_active(self) -> None:
         for _, wrapper in self._wrappers():
@@ -257,10 +272,10 @@ class PeftModel(nn.Module):
 
     def _update_trainable(self) -> None:
         """Only the active adapters' tensors (and what their method adds, e.g. biases) train; the base is frozen."""
-        for p in self.base_model.parameters():
+        for p in self._base.parameters():
             p.requires_grad_(False)
         wrappers = [w for _, w in self._wrappers()]
-        params = dict(self.base_model.named_parameters())
+        params = dict(self._base.named_parameters())
         for name in self._active:
             config = self.peft_config[name]
             if config.inference_mode:
@@ -269,7 +284,7 @@ class PeftModel(nn.Module):
                 for p in wrapper.adapter_parameters(name):
                     p.requires_grad_(True)
             extra = get_method(config.peft_type).extra_trainable
-            for pname in extra(self.base_model, config) if extra else []:
+            for pname in extra(self._base, config) if extra else []:
                 params[pname].requires_grad_(True)
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -356,14 +371,14 @@ class PeftModel(nn.Module):
     def _unwrap(self, keep_copies: bool) -> nn.Module:
         for name, wrapper in list(self._wrappers()):
             if isinstance(wrapper, AdapterLayer):
-                replace_module(self.base_model, name, wrapper.base_layer)
+                replace_module(self._base, name, wrapper.base_layer)
             else:
-                replace_module(self.base_model, name, wrapper.selected() if keep_copies else wrapper.original_module)
+                replace_module(self._base, name, wrapper.selected() if keep_copies else wrapper.original_module)
         for name in list(self.shared):
             del self.shared[name]
         self.peft_config.clear()
         self._active = []
-        return self.base_model
+        return self._base
 
     # -- checkpoints --------------------------------------------------------------------------------------------------
     def adapter_state_dict(self, adapter_name: str) -> dict[str, Tensor]:
@@ -374,8 +389,8 @@ class PeftModel(nn.Module):
         config = self.peft_config[adapter_name]
         extra = get_method(config.peft_type).extra_trainable
         if extra:
-            params = dict(self.base_model.named_parameters())
-            relative.update({n: params[n] for n in extra(self.base_model, config)})
+            params = dict(self._base.named_parameters())
+            relative.update({n: params[n] for n in extra(self._base, config)})
         if adapter_name in self.shared:
             relative.update({io.SHARED_MARK + k: t for k, t in self.shared[adapter_name].state_dict().items()})
         return io.to_peft_keys(relative)
@@ -390,9 +405,11 @@ class PeftModel(nn.Module):
         **kwargs: Any,
     ) -> None:
         """Write `adapter_config.json` + `adapter_model.safetensors` per adapter ("default" at the top, others in
-        `save_directory/<name>/`), each file atomically. `state_dict` (peft keys) replaces the live tensors of a
-        single saved adapter, e.g. tensors gathered from shards. `is_main_process=False` writes nothing (every
-        rank of a distributed run may call this; only the main one saves).
+        `save_directory/<name>/`), each file atomically. `state_dict` supplies the tensors instead of the live ones
+        (e.g. gathered from shards): the model's own `state_dict()` (peft's meaning; what transformers' Trainer
+        passes) or one adapter's tensors under peft's keys. `is_main_process=False` writes nothing (every rank of a
+        distributed run may call this; only the main one saves). In a Trainer checkpoint folder (`checkpoint-N`)
+        the adapters are also written as `model.safetensors`, what Trainer resumes from (`deltatune.saving`).
 
         Raises:
             UnsupportedArgumentError: `safe_serialization=False` (deltatune writes safetensors only) or a keyword
@@ -407,20 +424,13 @@ class PeftModel(nn.Module):
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
         for name in names:
             self._check_name(name, exists=True)
-        if state_dict is not None and len(names) != 1:
-            raise AdapterError(f"state_dict given for {len(names)} adapters; pass selected_adapters=[one name].")
-        if not is_main_process:
-            return
-        for name in names:
-            target = Path(save_directory) if name == "default" else Path(save_directory) / name
-            config = self.peft_config[name]
-            weights = io.dump_tensors(state_dict if state_dict is not None else self.adapter_state_dict(name))
-            # weights first, then the config: a crash between the two leaves the old config beside new weights of
-            # the same shapes at worst, never a half-written file.
-            io.atomic_write_bytes(target / io.WEIGHTS_NAME, weights)
-            metadata = {} if config.task_type else {"auto_mapping": _auto_mapping(self.base_model)}
-            config.replace(base_model_name_or_path=self._base_path(config), inference_mode=True).save(target, metadata)
-            self.create_or_update_model_card(target, name)
+        if is_main_process:
+            saving.save_adapters(self, Path(save_directory), names, state_dict, _auto_mapping(self._base))
+
+    @property
+    def _keys_to_ignore_on_save(self) -> list[str]:
+        """What `save_pretrained` never writes: every state-dict key but the adapters' (transformers reads this)."""
+        return saving.frozen_keys(self)
 
     def create_or_update_model_card(self, output_dir: str | Path, adapter_name: str | None = None) -> None:
         """Write or update `output_dir/README.md` (the Hub's model card header: library, base model, tags)."""
@@ -431,7 +441,7 @@ class PeftModel(nn.Module):
         """Where the base model lives: the config's `base_model_name_or_path`, else the model config's name."""
         return (
             config.base_model_name_or_path
-            or getattr(getattr(self.base_model, "config", None), "_name_or_path", None)
+            or getattr(getattr(self._base, "config", None), "_name_or_path", None)
             or None
         )
 
@@ -499,7 +509,7 @@ class PeftModel(nn.Module):
         config = self._with_default_targets(config, spec)
         self._check_same_method(spec)
         found = io.from_peft_keys(io.read_tensors(directory))
-        requires_grad = {n: p.requires_grad for n, p in self.base_model.named_parameters()}
+        requires_grad = {n: p.requires_grad for n, p in self._base.named_parameters()}
         self._inject(adapter_name, config, spec, strict=False)
         self.peft_config[adapter_name] = config
         try:
@@ -509,7 +519,7 @@ class PeftModel(nn.Module):
         except BaseException:
             del self.peft_config[adapter_name]
             self._remove_from_modules(adapter_name)
-            for n, p in self.base_model.named_parameters():
+            for n, p in self._base.named_parameters():
                 p.requires_grad_(requires_grad[n])
             raise
         self._copy_state(adapter_name, found)
@@ -558,7 +568,7 @@ class PeftModel(nn.Module):
 def inject_adapter_in_model(peft_config: AdapterConfig, model: nn.Module, adapter_name: str = "default") -> nn.Module:
     """Add an adapter's layers to `model` in place, without the PeftModel wrapper (peft's function); the model is
     returned, its base weights frozen and the adapter active."""
-    return PeftModel(model, peft_config, adapter_name).base_model
+    return PeftModel(model, peft_config, adapter_name).get_base_model()
 
 
 def get_peft_model(model: nn.Module, peft_config: AdapterConfig, adapter_name: str = "default") -> PeftModel:

@@ -8,14 +8,16 @@ state = load_peft_weights("out/")                   # read adapter_model.safeten
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from deltatune import io
 from deltatune.arguments import refuse_unknown
-from deltatune.model import PeftModel
+
+if TYPE_CHECKING:  # model.py uses `module_keys` below
+    from deltatune.model import PeftModel
 
 
 class LoadResult(NamedTuple):
@@ -34,18 +36,23 @@ def get_peft_model_state_dict(
     saved = model.adapter_state_dict(adapter_name)
     if state_dict is None:
         return saved
-
-    def where(t: Tensor) -> tuple:
-        return t.data_ptr(), tuple(t.shape)  # saved tensors are detached views of the live ones
-
-    names = {where(t): n for n, t in (*model.named_parameters(), *model.named_buffers())}
     out = {}
-    for key, tensor in saved.items():
-        name = names.get(where(tensor))
-        if name is None or name not in state_dict:
+    for key, name in module_keys(model, saved).items():
+        if name not in state_dict:
             raise KeyError(f"state_dict has no entry for {key} (looked for {name!r}); pass model.state_dict().")
         out[key] = state_dict[name]
     return out
+
+
+def module_keys(model: PeftModel, saved: dict[str, Tensor]) -> dict[str, str]:
+    """peft saved key -> the same tensor's key in `model.state_dict()`, for `saved` as `adapter_state_dict` gives it
+    (detached views of the live tensors: matched by storage and shape)."""
+
+    def where(t: Tensor) -> tuple:
+        return t.data_ptr(), tuple(t.shape)
+
+    names = {where(t): n for n, t in (*model.named_parameters(), *model.named_buffers())}
+    return {key: names.get(where(tensor), key) for key, tensor in saved.items()}
 
 
 def set_peft_model_state_dict(

@@ -80,7 +80,7 @@ def _layer_status(name: str, layer: AdapterLayer) -> TunerLayerStatus:
 
 def get_layer_status(model: PeftModel) -> list[TunerLayerStatus]:
     """The status of every adapter layer of `model`."""
-    return [_layer_status(n, m) for n, m in model.base_model.named_modules() if isinstance(m, AdapterLayer)]
+    return [_layer_status(n, m) for n, m in model.get_base_model().named_modules() if isinstance(m, AdapterLayer)]
 
 
 def get_model_status(model: PeftModel) -> TunerModelStatus:

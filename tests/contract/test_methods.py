@@ -270,7 +270,7 @@ def tiny_for(tiny, method):
 
 
 def _wrapped(model):
-    return {n: m for n, m in model.base_model.named_modules() if isinstance(m, AdapterLayer)}
+    return {n: m for n, m in model.get_base_model().named_modules() if isinstance(m, AdapterLayer)}
 
 
 def _plain_targets(factory, targets) -> dict[str, nn.Module]:
@@ -308,7 +308,7 @@ def test_merge_unmerge_restores_base_and_merged_equals_unmerged(tiny_for, method
     pm.merge_adapter()
     torch.testing.assert_close(model_output(pm, inputs), unmerged, rtol=1e-5, atol=1e-5)
     pm.unmerge_adapter()
-    after = {k.replace(".base_layer", ""): v for k, v in pm.base_model.state_dict().items()}
+    after = {k.replace(".base_layer", ""): v for k, v in pm.get_base_model().state_dict().items()}
     for key, value in before.items():
         assert (after[key] - value).abs().max() <= 1e-6, key
 

@@ -50,7 +50,7 @@ def _train(model, allocate, steps, start=0, optimizer=None):
 
 
 def _layers(model):
-    return {n: m for n, m in model.base_model.named_modules() if isinstance(m, SvdLinear)}
+    return {n: m for n, m in model.get_base_model().named_modules() if isinstance(m, SvdLinear)}
 
 
 def _pair(**extra):
@@ -147,7 +147,7 @@ def test_conv2d_update_equals_the_dense_convolution():
             init_r=3, target_r=2, total_step=5, lora_alpha=2, target_modules=["0"], init_lora_weights=False
         ),
     )
-    layer = model.base_model[0]
+    layer = model.get_base_model()[0]
     assert isinstance(layer, SvdConv2d) and layer.lora_A["default"].shape == (3, 3 * 9)
     a, e, b = layer.lora_A["default"], layer.lora_E["default"], layer.lora_B["default"]
     weight = layer.base_layer.weight + (2 / (3 + 1e-5)) * (b @ (a * e)).reshape(5, 3, 3, 3)

@@ -90,11 +90,11 @@ def test_conv_and_embedding_magnitudes_have_peft_shapes_and_start_at_the_weight_
     pm = dt.get_peft_model(model, dt.LoraConfig(r=2, target_modules=["emb", "conv", "conv1d"], use_dora=True))
     magnitude = {
         n: m.lora_magnitude_vector["default"]
-        for n, m in pm.base_model.named_children()
+        for n, m in pm.get_base_model().named_children()
         if hasattr(m, "lora_magnitude_vector")
     }
     assert magnitude["conv"].shape == (1, 4, 1, 1) and magnitude["conv1d"].shape == (1, 16, 1)
-    emb = pm.base_model.emb.base_layer.weight
+    emb = pm.get_base_model().emb.base_layer.weight
     torch.testing.assert_close(magnitude["emb"], emb.norm(dim=0))  # per embedding dim, over the vocabulary
     torch.testing.assert_close(pm(inputs), want, rtol=1e-5, atol=1e-5)  # B = 0 (A = 0 for embeddings): unchanged
 

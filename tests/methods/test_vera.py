@@ -28,7 +28,7 @@ def test_forward_equals_formula():
     model = dt.get_peft_model(
         torch.nn.Sequential(torch.nn.Linear(10, 6)), dt.VeraConfig(r=4, target_modules=["0"], init_weights=False)
     )
-    layer = model.base_model[0]
+    layer = model.get_base_model()[0]
     a, b = layer.shared["default"].vera_A, layer.shared["default"].vera_B
     lb, ld = layer.vera_lambda_b["default"], layer.vera_lambda_d["default"]
     x = torch.randn(3, 10)

@@ -28,7 +28,7 @@ def _dense_twin(qlora: dt.PeftModel) -> dt.PeftModel:
     torch.manual_seed(1)
     twin = dt.get_peft_model(dense, dt.LoraConfig(**LORA))
     with torch.no_grad():
-        quantized = dict(qlora.base_model.named_modules())
+        quantized = dict(qlora.get_base_model().named_modules())
         for name, module in dense.named_modules():
             if isinstance(quantized.get(name), Linear4bit):
                 module.weight.copy_(quantized[name].dequantize())
@@ -85,18 +85,18 @@ def test_merge_paths_requantize_or_dequantize():
     from deltatune.quant import dequantize_4bit, quantize_4bit
 
     expected = {}
-    for name, module in qlora.base_model.named_modules():
+    for name, module in qlora.get_base_model().named_modules():
         if isinstance(module, AdapterLayer):
             a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
             exact = module.base_layer.dequantize() + (LORA["lora_alpha"] / LORA["r"]) * b @ a
             expected[name] = dequantize_4bit(quantize_4bit(exact.detach(), "nf4", 64, True))
     qlora.merge_adapter()
-    for name, module in qlora.base_model.named_modules():
+    for name, module in qlora.get_base_model().named_modules():
         if name in expected:
             assert torch.equal(module.base_layer.dequantize(), expected[name]), name
     twin = tiny_llama()  # a dense model holding exactly those weights (and the other 4-bit ones) gives the same outputs
     with torch.no_grad():
-        for name, module in qlora.base_model.named_modules():
+        for name, module in qlora.get_base_model().named_modules():
             if isinstance(module, Linear4bit):
                 twin.get_submodule(name.removesuffix(".base_layer")).weight.copy_(module.dequantize())
     torch.testing.assert_close(model_output(qlora, IDS), model_output(twin, IDS), rtol=1e-5, atol=1e-5)
@@ -145,8 +145,8 @@ def test_dora_on_a_4bit_base_equals_dora_on_the_dequantized_weights():
 
     qdora, dense = build(True), build(False)
     with torch.no_grad():
-        quantized = dict(qdora.base_model.named_modules())
-        for name, module in dense.base_model.named_modules():
+        quantized = dict(qdora.get_base_model().named_modules())
+        for name, module in dense.get_base_model().named_modules():
             if isinstance(quantized.get(name), Linear4bit):
                 module.weight.copy_(quantized[name].dequantize())
     dense.load_adapter_tensors("default", qdora.adapter_state_dict("default"))
@@ -181,7 +181,7 @@ def test_merge_unmerge_into_a_4bit_base_restores_its_stored_bytes():
     for _ in range(3):
         pm.merge_adapter()
         pm.unmerge_adapter()
-    after = {k.replace(".base_layer", ""): v for k, v in pm.base_model.state_dict().items() if "lora_" not in k}
+    after = {k.replace(".base_layer", ""): v for k, v in pm.get_base_model().state_dict().items() if "lora_" not in k}
     assert all(torch.equal(after[k], v) for k, v in stored.items())
 
 

@@ -314,7 +314,7 @@ class RankAllocator(nn.Module):
     def layers(self, model: nn.Module, name: str) -> dict[str, _SvdLayer]:
         """The adapter's layers by module path; searched once, since they change only with the adapter itself."""
         if self._layers is None:
-            modules = model.base_model.named_modules()
+            modules = model.get_base_model().named_modules()
             self._layers = {path: m for path, m in modules if isinstance(m, _SvdLayer) and name in m.r}
         return self._layers
 

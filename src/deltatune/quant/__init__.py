@@ -74,5 +74,5 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
 def merge_and_dequantize(peft_model, dtype: torch.dtype | None = None, safe_merge: bool = True) -> nn.Module:
     """Merge adapters into a 4-bit base without re-quantizing: dequantize every 4-bit layer (to `dtype`, default
     float32 for the most exact merge), then merge and unload. Returns a plain model with no 4-bit layers."""
-    dequantize_model(peft_model.base_model, dtype or torch.float32)
+    dequantize_model(peft_model.get_base_model(), dtype or torch.float32)
     return peft_model.merge_and_unload(safe_merge=safe_merge)

@@ -1,0 +1,83 @@
+"""How a `PeftModel` presents itself to transformers and the libraries built on it (Trainer, TRL).
+
+Two pieces, both generic (no method is named here):
+
+- `Tuner` is peft's `model.base_model` level: it holds the adapted transformers model as `.model`, so user code's
+  paths (`model.base_model.model.model.layers[0]`) and `model.state_dict()` keys (`base_model.model.<path>`) are
+  peft's. Attribute reads fall through to the model, as peft's tuner does. Calling it runs the model's backbone
+  (transformers' `PreTrainedModel.base_model`, e.g. `LlamaModel` under `LlamaForCausalLM`; the model itself when it
+  has no head), which is what code that takes our wrapper for a transformers model expects of `model.base_model`:
+  TRL's fused LM head calls it for hidden states.
+- `PretrainedFacade` makes `isinstance(model, transformers.PreTrainedModel)` true without being one: every attribute
+  `PreTrainedModel` defines is read from (and written to) the wrapped model, except what `nn.Module` defines (moving,
+  train/eval act on the wrapper with its adapters) and what `PeftModel` defines itself. transformers' `Trainer` saves a
+  `PreTrainedModel` through its own `save_pretrained` (`Trainer._save`): that is how checkpoints hold the adapter.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from torch import nn
+from transformers import PreTrainedModel
+
+
+class Tuner(nn.Module):
+    """peft's `base_model` level: `.model` is the transformers model with the adapters in it."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        backbone = getattr(self.model, "base_model", None)
+        return (backbone if isinstance(backbone, nn.Module) else self.model)(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("__") or "_modules" not in self.__dict__ or "model" not in self._modules:
+                raise
+            return getattr(self._modules["model"], name)
+
+
+def _forwarded(name: str) -> property:
+    def get(self: nn.Module) -> Any:
+        return getattr(self.get_base_model(), name)
+
+    def set_(self: nn.Module, value: Any) -> None:
+        setattr(self.get_base_model(), name, value)
+
+    def delete(self: nn.Module) -> None:
+        delattr(self.get_base_model(), name)
+
+    return property(get, set_, delete, doc=f"The wrapped model's `{name}`.")
+
+
+def _pretrained_names() -> set[str]:
+    names: set[str] = set()
+    for klass in PreTrainedModel.__mro__:
+        if klass not in (nn.Module, object):
+            names |= set(vars(klass))
+    return {n for n in names if not (n.startswith("__") and n.endswith("__"))}
+
+
+class PretrainedFacade(PreTrainedModel):
+    """Base class of `PeftModel`: a `PreTrainedModel` by type, the wrapped model's by attribute (see module doc).
+
+    Subclasses call `nn.Module.__init__` (never `PreTrainedModel.__init__`, which would build a second config) and
+    define `get_base_model()`.
+    """
+
+
+for _name in _pretrained_names():
+    if _name in vars(nn.Module):  # to/cuda/half/float/train/eval: nn.Module's, applied to the wrapper and adapters
+        setattr(PretrainedFacade, _name, vars(nn.Module)[_name])
+    else:
+        setattr(PretrainedFacade, _name, _forwarded(_name))
+del _name
+
+# The folders transformers' Trainer resumes from (`trainer_utils.get_last_checkpoint` matches the same pattern).
+TRAINER_CHECKPOINT = re.compile(r"^checkpoint-\d+$")

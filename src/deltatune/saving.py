@@ -1,0 +1,74 @@
+"""Writing adapters to disk: `PeftModel.save_pretrained`'s files, and what a transformers Trainer checkpoint needs.
+
+transformers' `Trainer` saves every checkpoint (and `save_model`) through the model's `save_pretrained` (the model is
+a `PreTrainedModel` by type, `deltatune.facade`), so each holds the adapter files. To resume one (or load the best one
+at the end), Trainer reads `model.safetensors` with `model.load_state_dict(..., strict=False)`, a path it takes for
+any non-peft model: in folders Trainer resumes from (`checkpoint-<step>`) that file is written too, holding the
+adapters' tensors only, under the model's own state-dict keys (adapter-sized, like the rest).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from torch import Tensor
+
+from deltatune import io
+from deltatune.errors import AdapterError
+from deltatune.facade import TRAINER_CHECKPOINT
+from deltatune.state_dict import get_peft_model_state_dict, module_keys
+
+if TYPE_CHECKING:
+    from deltatune.model import PeftModel
+
+TRAINER_WEIGHTS_NAME = "model.safetensors"  # transformers' SAFE_WEIGHTS_NAME, the file Trainer resumes from
+
+
+def adapter_tensors(model: PeftModel, name: str, state_dict: dict[str, Tensor] | None) -> dict[str, Tensor]:
+    """Adapter `name`'s tensors under peft's saved keys: live, or taken from `state_dict`, which is either the
+    model's own `state_dict()` (what Trainer passes, peft's meaning) or already the adapter's peft-keyed tensors."""
+    own = model.adapter_state_dict(name)
+    if state_dict is None:
+        return own
+    if set(state_dict) == set(own):
+        return state_dict
+    return get_peft_model_state_dict(model, state_dict, name)
+
+
+def save_adapters(
+    model: PeftModel, directory: Path, names: list[str], state_dict: dict[str, Tensor] | None, auto_mapping: dict
+) -> None:
+    """Write each adapter's two files ("default" in `directory`, others in `directory/<name>`), atomically."""
+    if state_dict is not None and len(names) != 1 and set(state_dict) == set(model.adapter_state_dict(names[0])):
+        raise AdapterError(f"peft-keyed state_dict given for {len(names)} adapters; pass selected_adapters=[one].")
+    for name in names:
+        target = directory if name == "default" else directory / name
+        config = model.peft_config[name]
+        # weights first, then the config: a crash between the two leaves the old config beside new weights of
+        # the same shapes at worst, never a half-written file.
+        io.atomic_write_bytes(target / io.WEIGHTS_NAME, io.dump_tensors(adapter_tensors(model, name, state_dict)))
+        metadata = {} if config.task_type else {"auto_mapping": auto_mapping}
+        config.replace(base_model_name_or_path=model._base_path(config), inference_mode=True).save(target, metadata)
+        model.create_or_update_model_card(target, name)
+    if TRAINER_CHECKPOINT.match(directory.name):
+        write_trainer_weights(model, directory, names, state_dict)
+
+
+def write_trainer_weights(
+    model: PeftModel, directory: Path, names: list[str], state_dict: dict[str, Tensor] | None
+) -> None:
+    """`directory/model.safetensors`: the adapters' tensors under `model.state_dict()` keys (see module doc)."""
+    tensors: dict[str, Tensor] = {}
+    for name in names:
+        keys = module_keys(model, model.adapter_state_dict(name))
+        tensors.update({keys[k]: t for k, t in adapter_tensors(model, name, state_dict).items()})
+    io.atomic_write_bytes(directory / TRAINER_WEIGHTS_NAME, io.dump_tensors(tensors))
+
+
+def frozen_keys(model: PeftModel) -> list[str]:
+    """The model's state-dict keys that `save_pretrained` never writes (everything but the adapters' tensors)."""
+    adapter = set()
+    for name in model.peft_config:
+        adapter |= set(module_keys(model, model.adapter_state_dict(name)).values())
+    return [k for k in model.state_dict() if k not in adapter]
