@@ -165,6 +165,19 @@ class AdapterLayer(nn.Module, metaclass=abc.ABCMeta):
     def add_adapter(self, name: str, **kwargs) -> None:
         """Create adapter `name`'s parameters from flat keyword arguments."""
 
+    def initialize_from_base(self, name: str) -> None:
+        """Run adapter `name`'s initialisation that reads, and may rewrite, the base weight (e.g. from its singular
+        vectors). `PeftModel` calls it once the adapter is in place and any checkpoint for it has been validated,
+        so a refused load never touches the base; most methods have no such init."""
+
+    @torch.no_grad()
+    def write_base_weight(self, weight: Tensor) -> None:
+        """Replace the base weight with `weight` (float32, the base's layout), stored in the base's own form."""
+        if self._base_stored_otherwise:
+            self.base_layer.set_weight(weight)
+        else:
+            self.base_layer.weight.data.copy_(weight.to(self.base_layer.weight.dtype))
+
     @abc.abstractmethod
     def compose(self, name: str, weight: Tensor) -> Tensor:
         """The base weight with adapter `name` folded in (float32)."""

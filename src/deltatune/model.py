@@ -94,25 +94,12 @@ class PeftModel(PretrainedFacade):
             hooks.on_step(self, global_step)
 
     def training_state_dict(self) -> dict[str, Tensor]:
-        """What a resumed run needs besides the optimizer: every trainable tensor at full size, under its module
-        path (`param.<name>`), and the method hooks' accumulated state (`method.<key>`)."""
-        out = {f"param.{n}": p for n, p in self._base.named_parameters() if p.requires_grad}
-        hooks = self._hooks()
-        if hooks is not None:
-            out.update({f"method.{k}": v for k, v in hooks.state_dict(self).items()})
-        return out
+        """What a resumed run needs besides the optimizer (`saving.training_state`)."""
+        return saving.training_state(self, self._hooks())
 
-    @torch.no_grad()
     def load_training_state_dict(self, tensors: dict[str, Tensor]) -> None:
         """Restore `training_state_dict()` output; parameter names and shapes are checked before anything changes."""
-        params = {n: p for n, p in self._base.named_parameters() if p.requires_grad}
-        found = {k[len("param.") :]: v for k, v in tensors.items() if k.startswith("param.")}
-        io.check_state(params, found, "training checkpoint")
-        for name, value in found.items():
-            params[name].copy_(value.to(params[name].dtype))
-        hooks = self._hooks()
-        if hooks is not None:
-            hooks.load_state_dict(self, {k[len("method.") :]: v for k, v in tensors.items() if k.startswith("method.")})
+        saving.load_training_state(self, self._hooks(), tensors)
 
     # -- adapter bookkeeping ------------------------------------------------------------------------------------------
     @property
@@ -154,6 +141,7 @@ class PeftModel(PretrainedFacade):
         peft_config = self._with_default_targets(peft_config, spec)
         self._check_same_method(spec)
         self._inject(adapter_name, peft_config, spec, strict=True)
+        self._initialize_from_base(adapter_name)
         self.peft_config[adapter_name] = peft_config
         if not self._active:
             self._active = [adapter_name]
@@ -402,14 +390,14 @@ class PeftModel(PretrainedFacade):
         selected_adapters: list[str] | None = None,
         is_main_process: bool = True,
         state_dict: dict[str, Tensor] | None = None,
+        path_initial_model_for_weight_conversion: str | Path | None = None,
         **kwargs: Any,
     ) -> None:
         """Write `adapter_config.json` + `adapter_model.safetensors` per adapter ("default" at the top, others in
-        `save_directory/<name>/`), each file atomically. `state_dict` supplies the tensors instead of the live ones
-        (e.g. gathered from shards): the model's own `state_dict()` (peft's meaning; what transformers' Trainer
-        passes) or one adapter's tensors under peft's keys. `is_main_process=False` writes nothing (every rank of a
-        distributed run may call this; only the main one saves). In a Trainer checkpoint folder (`checkpoint-N`)
-        the adapters are also written as `model.safetensors`, what Trainer resumes from (`deltatune.saving`).
+        `save_directory/<name>/`), atomically; see `deltatune.saving`. `state_dict`: tensors instead of the live
+        ones, as the model's `state_dict()` (peft's meaning; Trainer passes it) or one adapter's peft-keyed tensors.
+        `is_main_process=False` writes nothing. `path_initial_model_for_weight_conversion`: where the adapter was
+        saved right after an init that rewrote the base; it is then saved relative to the original base.
 
         Raises:
             UnsupportedArgumentError: `safe_serialization=False` (deltatune writes safetensors only) or a keyword
@@ -425,7 +413,8 @@ class PeftModel(PretrainedFacade):
         for name in names:
             self._check_name(name, exists=True)
         if is_main_process:
-            saving.save_adapters(self, Path(save_directory), names, state_dict, _auto_mapping(self._base))
+            initial = path_initial_model_for_weight_conversion
+            saving.save_adapters(self, Path(save_directory), names, state_dict, _auto_mapping(self._base), initial)
 
     @property
     def _keys_to_ignore_on_save(self) -> list[str]:
@@ -522,10 +511,15 @@ class PeftModel(PretrainedFacade):
             for n, p in self._base.named_parameters():
                 p.requires_grad_(requires_grad[n])
             raise
+        self._initialize_from_base(adapter_name)  # as at creation (peft does the same), then the saved tensors
         self._copy_state(adapter_name, found)
         if not self._active:
             self._active = [adapter_name]
         self._apply_active()
+
+    def _initialize_from_base(self, adapter_name: str) -> None:
+        for layer in self._layers():
+            layer.initialize_from_base(adapter_name)
 
     def _saved_base_weights(self, found: dict[str, Tensor]) -> dict[str, Tensor]:
         """Base weights of adapted layers that peft stores beside the adapter (an adapted embedding's full table,

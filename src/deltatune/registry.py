@@ -70,6 +70,12 @@ class MethodSpec:
     """Optional: builds the tensors all of an adapter's layers share (from the config and the target modules); the
     module is handed to each layer's `add_adapter(shared=...)`, and its persistent buffers are saved as
     `base_model.<name>` (peft's key for e.g. VeRA's projections)."""
+    relative_to_initial: (
+        Callable[[AdapterConfig, dict[str, Tensor], dict[str, Tensor]], tuple[AdapterConfig, dict[str, Tensor]]] | None
+    ) = None
+    """Optional: (config, trained tensors, tensors saved right after init) -> an adapter of this method that adds
+    the same change to the *original* base, for inits that rewrite the base (`save_pretrained`'s
+    `path_initial_model_for_weight_conversion`, peft's name)."""
 
     def layer_for(self, module: nn.Module) -> type[AdapterLayer] | None:
         """The wrapper class for `module`, or None if this method cannot adapt its type."""

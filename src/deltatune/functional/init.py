@@ -7,6 +7,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from deltatune.errors import ConfigError
+
 
 @torch.no_grad()
 def kaiming_a_zero_b(lora_a: Tensor, lora_b: Tensor) -> None:
@@ -20,3 +22,39 @@ def gaussian_a_zero_b(lora_a: Tensor, lora_b: Tensor, r: int) -> None:
     """peft's "gaussian" init: A ~ N(0, 1/r), B = 0."""
     nn.init.normal_(lora_a, std=1.0 / r)
     nn.init.zeros_(lora_b)
+
+
+@torch.no_grad()
+def pissa_factors(weight: Tensor, r: int, scale: float, niter: int | None = None) -> tuple[Tensor, Tensor]:
+    """PiSSA (Meng et al. 2024, arXiv:2404.02948, §3): with W = U S Vᵀ (weight (d_out, d_in), float32), the adapter
+    takes W's r principal components: A = sqrt(S_r / s) V_rᵀ (r, d_in), B = U_r sqrt(S_r / s) (d_out, r), so that
+    s·B A is W's best rank-r approximation and the base keeps the residual W - s·B A. `niter`: a randomized SVD
+    (`torch.svd_lowrank`, that many subspace iterations) instead of the full one (peft's "pissa_niter_N")."""
+    if niter is None:
+        u, s_values, vh = torch.linalg.svd(weight, full_matrices=False)
+        u, s_values, vh = u[:, :r], s_values[:r], vh[:r]
+    else:
+        u, s_values, v = torch.svd_lowrank(weight, q=r, niter=niter)
+        vh = v.T
+    root = (s_values / scale).sqrt()
+    return root[:, None] * vh, u * root[None, :]
+
+
+@torch.no_grad()
+def olora_factors(weight: Tensor, r: int) -> tuple[Tensor, Tensor]:
+    """OLoRA (Büyükakyüz 2024, arXiv:2406.01775): W = Q R (weight (d_out, d_in), float32); A = R[:r] (r, d_in),
+    B = Q[:, :r] (d_out, r): orthonormal columns in B; the base keeps W - s·B A."""
+    q, upper = torch.linalg.qr(weight)
+    return upper[:r].contiguous(), q[:, :r].contiguous()
+
+
+@torch.no_grad()
+def orthogonal_factors(d_in: int, d_out: int, r: int) -> tuple[Tensor, Tensor]:
+    """peft's "orthogonal" init (even r): Q from the QR of an (r, r) Gaussian; A uses Q's even-indexed rows, B its
+    odd ones, each against a Gaussian, /10. Rows of Q are orthonormal, so B A = 0 while neither factor is zero."""
+    if r % 2:
+        raise ConfigError(f'init_lora_weights="orthogonal" needs an even rank, got r={r}; use an even r.')
+    q, _ = torch.linalg.qr(torch.randn(r, r))
+    lora_a = (torch.randn(d_in, r // 2) @ q[0::2]).T / 10.0
+    lora_b = (torch.randn(r // 2, d_out).T @ q[1::2]) / 10.0
+    return lora_a.contiguous(), lora_b.contiguous()

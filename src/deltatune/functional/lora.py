@@ -119,3 +119,10 @@ def lora_branch(x: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float, dropout
         return (x @ lora_a.T @ lora_b.T) * scale
     seed = int(torch.randint(0, 2**31, (1,)).item()) if dropout > 0 else 0  # from the global RNG: reproducible
     return _LoraBranch.apply(x, lora_a, lora_b, scale, dropout, seed)
+
+
+def relative_to_initial(lora_a: Tensor, lora_b: Tensor, initial_a: Tensor, initial_b: Tensor) -> tuple[Tensor, Tensor]:
+    """A plain LoRA pair of twice the rank for B A - B0 A0 = [B | -B0] [A; A0]: what an adapter trained from a
+    base-rewriting init (PiSSA, OLoRA: base W - s·B0 A0) adds to the original W. Works for every factor shape whose
+    rank axis is A's first and B's second."""
+    return torch.cat([lora_a, initial_a], dim=0), torch.cat([lora_b, -initial_b], dim=1)

@@ -23,8 +23,20 @@ from transformers.pytorch_utils import Conv1D
 
 from deltatune.config import AdapterConfig, TrainingContext
 from deltatune.errors import ConfigError, UnsupportedFieldError, UnsupportedModuleError
-from deltatune.functional.init import gaussian_a_zero_b, kaiming_a_zero_b
-from deltatune.functional.lora import embedding_lora_delta, lora_branch, lora_delta, lora_scale
+from deltatune.functional.init import (
+    gaussian_a_zero_b,
+    kaiming_a_zero_b,
+    olora_factors,
+    orthogonal_factors,
+    pissa_factors,
+)
+from deltatune.functional.lora import (
+    embedding_lora_delta,
+    lora_branch,
+    lora_delta,
+    lora_scale,
+    relative_to_initial,
+)
 from deltatune.layers import AdapterLayer, bias_parameters, module_device
 from deltatune.models import default_lora_targets, linear_features
 from deltatune.quant.linear4bit import Linear4bit
@@ -71,7 +83,10 @@ class LoraConfig(AdapterConfig):
     use_rslora: bool = False
     """Rank-stabilised scaling lora_alpha / sqrt(r)."""
     init_lora_weights: bool | str = True
-    """True: kaiming-uniform A, zero B. "gaussian": A ~ N(0, 1/r), zero B. False: both random (for tests)."""
+    """True: kaiming-uniform A, zero B. "gaussian": A ~ N(0, 1/r), zero B. "orthogonal" (even r): both non-zero,
+    B A = 0. "pissa" / "pissa_niter_N" / "olora": the adapter takes W's principal (SVD) / QR components and the base
+    keeps the residual (Linear layers; the base weights change: save with `path_initial_model_for_weight_conversion`
+    for a plain LoRA on the original base). False: both random (for tests)."""
     rank_pattern: dict[str, int] | Literal["auto"] = field(default_factory=dict)
     """Per-module ranks: regex (matched as a name suffix) -> r, e.g. {"down_proj": 16}. "auto": allocated from
     gradient sensitivity at the parameter count of uniform rank r when a training run starts (`for_training`)."""
@@ -90,10 +105,20 @@ class LoraConfig(AdapterConfig):
             raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
         if self.bias not in ("none", "all", "lora_only"):
             raise ConfigError(f'bias must be "none", "all" or "lora_only", got {self.bias!r}.')
-        if self.init_lora_weights not in (True, False, "gaussian"):
+        if self.init_lora_weights not in (True, False, *INIT_STARTS) and base_rewriting_init(self) is None:
             raise UnsupportedFieldError(
-                f'init_lora_weights={self.init_lora_weights!r} is not supported; use True, False or "gaussian".'
+                f"init_lora_weights={self.init_lora_weights!r} is not supported; use True, False, "
+                '"gaussian", "orthogonal", "pissa", "pissa_niter_<N>" or "olora" (the data-driven eva, corda and '
+                "loftq inits are on the roadmap in docs/methods.md)."
             )
+        if base_rewriting_init(self) and self.use_dora:
+            raise UnsupportedFieldError(
+                f"init_lora_weights={self.init_lora_weights!r} with use_dora=True is not supported (DoRA's magnitude "
+                "would be taken from the weight before the init rewrites it); use one of the two."
+            )
+        ranks = [self.r, *(self.rank_pattern.values() if isinstance(self.rank_pattern, dict) else [])]
+        if self.init_lora_weights == "orthogonal" and any(int(r) % 2 for r in ranks):
+            raise ConfigError(f'init_lora_weights="orthogonal" needs even ranks, got {ranks}; use even values.')
         patterns = [("alpha_pattern", self.alpha_pattern)]
         if self.rank_pattern != "auto":
             patterns.append(("rank_pattern", self.rank_pattern))
@@ -124,6 +149,18 @@ def _pattern_value(pattern: dict[str, Any], module_path: str, default: Any) -> A
         if re.match(rf"(.*\.)?({key})$", module_path):
             return value
     return default
+
+
+INIT_STARTS = ("gaussian", "orthogonal")
+"""Initialisations of the adapter alone (besides True/False); base-rewriting ones are `base_rewriting_init`'s."""
+
+
+def base_rewriting_init(config: LoraConfig) -> str | None:
+    """ "pissa", "pissa_niter_<N>" or "olora" when the config asks for an init that rewrites the base weight."""
+    init = config.init_lora_weights
+    if isinstance(init, str) and (init in ("pissa", "olora") or re.fullmatch(r"pissa_niter_\d+", init)):
+        return init
+    return None
 
 
 def lora_layer_kwargs(config: LoraConfig, module_path: str) -> dict[str, Any]:
@@ -183,6 +220,7 @@ class _LoraLayer(AdapterLayer):
         self.scaling: dict[str, float] = {}
         self.dropout_p: dict[str, float] = {}
         self.variant: dict[str, str] = {}  # adapter name -> variant flag, for adapters that use one
+        self.init_from_base: dict[str, str] = {}  # adapter name -> pending base-rewriting init (PiSSA, OLoRA)
         for param_name in _variant_param_names():
             setattr(self, param_name, nn.ParameterDict())
 
@@ -196,7 +234,7 @@ class _LoraLayer(AdapterLayer):
 
     @property
     def adapter_other_names(self) -> tuple[str, ...]:
-        return ("r", "lora_alpha", "scaling", "dropout_p", "variant")
+        return ("r", "lora_alpha", "scaling", "dropout_p", "variant", "init_from_base")
 
     def _init_variant(self, name: str, flag: str | None) -> None:
         if flag is None:
@@ -237,7 +275,19 @@ class _LoraLayer(AdapterLayer):
     ) -> None:
         self.r[name], self.lora_alpha[name], self.dropout_p[name] = r, lora_alpha, lora_dropout
         self.scaling[name] = lora_scale(lora_alpha, r, use_rslora)
-        self._create_weights(name, r, init_lora_weights)
+        rewriting = (
+            init_lora_weights
+            if isinstance(init_lora_weights, str) and init_lora_weights[:5] in ("pissa", "olora")
+            else None
+        )
+        if rewriting is not None and not isinstance(self, LoraLinear):
+            raise UnsupportedModuleError(
+                f"init_lora_weights={rewriting!r} is for linear layers, not {type(self.base_layer).__name__}; "
+                "exclude those modules (exclude_modules) or use another init."
+            )
+        self._create_weights(name, r, True if rewriting else init_lora_weights)
+        if rewriting:
+            self.init_from_base[name] = rewriting
         self._init_variant(name, variant)
 
     @abc.abstractmethod
@@ -260,12 +310,35 @@ class LoraLinear(_LoraLayer):
     def _create_weights(self, name: str, r: int, init_lora_weights: bool | str) -> None:
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=self._device())
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=self._device())
+        if init_lora_weights == "orthogonal":
+            lora_a, lora_b = orthogonal_factors(self.in_features, self.out_features, r)
+            with torch.no_grad():
+                self.lora_A[name].weight.copy_(lora_a)
+                self.lora_B[name].weight.copy_(lora_b)
+            return
         _init_pair(self.lora_A[name].weight, self.lora_B[name].weight, init_lora_weights, r)
 
     def weight_out_in(self) -> Tensor:
         """The base weight as (d_out, d_in), float32 (dequantized if the base stores it otherwise)."""
         weight = self.base_weight.float()
         return weight.T if self.fan_in_fan_out else weight
+
+    @torch.no_grad()
+    def initialize_from_base(self, name: str) -> None:
+        """PiSSA / OLoRA: A and B from the base weight's SVD / QR; the base keeps W - s·B A (same output)."""
+        init = self.init_from_base.pop(name, None)
+        if init is None:
+            return
+        weight, scale, r = self.weight_out_in(), self.scaling[name], self.r[name]
+        if init == "olora":
+            lora_a, lora_b = olora_factors(weight, r)
+        else:
+            niter = int(init.rsplit("_", 1)[1]) if init.startswith("pissa_niter_") else None
+            lora_a, lora_b = pissa_factors(weight, r, scale, niter)
+        self.lora_A[name].weight.copy_(lora_a)
+        self.lora_B[name].weight.copy_(lora_b)
+        residual = weight - scale * (lora_b @ lora_a)
+        self.write_base_weight(residual.T if self.fan_in_fan_out else residual)
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         result = self.base_layer(x, *args, **kwargs)
@@ -376,11 +449,45 @@ class LoraEmbedding(_LoraLayer):
 
 
 def _init_pair(lora_a: Tensor, lora_b: Tensor, init: bool | str, r: int) -> None:
+    if init == "orthogonal":
+        raise UnsupportedModuleError(
+            'init_lora_weights="orthogonal" is for linear layers; exclude the others (exclude_modules).'
+        )
     if init == "gaussian":
         gaussian_a_zero_b(lora_a, lora_b, r)
     elif init:
         kaiming_a_zero_b(lora_a, lora_b)
     # False: keep the random init of both (nn.Linear/Conv defaults), a non-identity start used in tests
+
+
+def lora_relative_to_initial(
+    config: LoraConfig, tensors: dict[str, Tensor], initial: dict[str, Tensor]
+) -> tuple[LoraConfig, dict[str, Tensor]]:
+    """A plain LoRA on the original base for an adapter trained from a base-rewriting init (PiSSA, OLoRA): each
+    pair becomes [B | -B0] [A; A0] (rank 2r, `relative_to_initial`); alpha doubles (x sqrt(2) with rsLoRA) so the
+    scale stays the same. peft's conversion, keys and config."""
+    if config.use_dora:
+        raise ConfigError(
+            "a DoRA adapter cannot be converted relative to its initial weights (its magnitude is not low-rank)."
+        )
+    if config.use_rslora and (config.rank_pattern or config.alpha_pattern):
+        raise ConfigError(
+            "the conversion with use_rslora and rank_pattern/alpha_pattern is not supported (as in peft)."
+        )
+    out = dict(tensors)
+    for key in tensors:
+        for a_name, b_name in (("lora_A.weight", "lora_B.weight"), ("lora_embedding_A", "lora_embedding_B")):
+            if key.endswith(a_name):
+                b_key = key[: -len(a_name)] + b_name
+                out[key], out[b_key] = relative_to_initial(tensors[key], tensors[b_key], initial[key], initial[b_key])
+    factor = 2**0.5 if config.use_rslora else 2
+    return config.replace(
+        init_lora_weights=True,
+        r=config.r * 2,
+        lora_alpha=config.lora_alpha * factor,
+        rank_pattern={k: v * 2 for k, v in config.rank_pattern.items()},
+        alpha_pattern={k: v * 2 for k, v in config.alpha_pattern.items()},
+    ), out
 
 
 def lora_extra_trainable(model: nn.Module, config: LoraConfig) -> list[str]:
@@ -408,5 +515,6 @@ register_method(
         param_prefix="lora_",
         extra_trainable=lora_extra_trainable,
         default_targets=default_lora_targets,
+        relative_to_initial=lora_relative_to_initial,
     )
 )

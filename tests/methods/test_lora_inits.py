@@ -1,0 +1,155 @@
+"""LoRA initialisations beyond the default: orthogonal, PiSSA (full and randomized SVD), OLoRA; saving a
+base-rewriting adapter relative to the original base; peft as the oracle for the same inits and files."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import deltatune as dt
+from deltatune.functional.init import olora_factors, orthogonal_factors, pissa_factors
+from deltatune.functional.lora import relative_to_initial
+from tests.conftest import model_output, tiny_bert, tiny_llama
+
+IDS = {"input_ids": torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(0))}
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+def _weight(d_out=12, d_in=9, seed=0):
+    return torch.randn(d_out, d_in, generator=torch.Generator().manual_seed(seed))
+
+
+def test_pissa_factors_hold_the_best_rank_r_part_scaled():
+    weight, r, scale = _weight(), 3, 0.5
+    lora_a, lora_b = pissa_factors(weight, r, scale)
+    singular = torch.linalg.svdvals(weight)
+    # Eckart-Young: the residual of the best rank-r approximation has the tail singular values' energy
+    residual = weight - scale * lora_b @ lora_a
+    torch.testing.assert_close(residual.square().sum(), singular[r:].square().sum(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(lora_a @ lora_a.T, torch.diag(singular[:r] / scale), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(lora_b.T @ lora_b, torch.diag(singular[:r] / scale), rtol=1e-4, atol=1e-5)
+    # randomized SVD (peft's pissa_niter_N) finds the same part where the spectrum has a clear gap after r
+    u, _ = torch.linalg.qr(_weight(12, 12, seed=1))
+    v, _ = torch.linalg.qr(_weight(9, 9, seed=2))
+    spectrum = torch.tensor([10.0, 8.0, 6.0, 0.1, 0.05, 0.02, 0.01, 0.005, 0.001])
+    gapped = u[:, :9] @ torch.diag(spectrum) @ v.T
+    fast_a, fast_b = pissa_factors(gapped, r, scale, niter=4)
+    exact_a, exact_b = pissa_factors(gapped, r, scale)
+    torch.testing.assert_close(fast_b @ fast_a, exact_b @ exact_a, rtol=1e-3, atol=1e-3)
+
+
+def test_olora_factors_are_orthonormal_b_and_triangular_a():
+    weight, r = _weight(), 4
+    lora_a, lora_b = olora_factors(weight, r)
+    torch.testing.assert_close(lora_b.T @ lora_b, torch.eye(r), rtol=1e-5, atol=1e-5)
+    assert torch.all(torch.tril(lora_a[:, :r], diagonal=-1) == 0)
+    torch.testing.assert_close((lora_b @ lora_a)[:, :r], weight[:, :r], rtol=1e-5, atol=1e-5)  # W = QR
+
+
+def test_orthogonal_factors_multiply_to_zero_and_relative_pair_subtracts():
+    torch.manual_seed(0)
+    lora_a, lora_b = orthogonal_factors(9, 12, 4)
+    assert lora_a.shape == (4, 9) and lora_b.shape == (12, 4) and lora_a.abs().sum() > 0 and lora_b.abs().sum() > 0
+    torch.testing.assert_close(lora_b @ lora_a, torch.zeros(12, 9), rtol=0, atol=1e-6)
+    a, b, a0, b0 = (torch.randn(*s) for s in [(3, 9), (12, 3), (3, 9), (12, 3)])
+    new_a, new_b = relative_to_initial(a, b, a0, b0)
+    torch.testing.assert_close(new_b @ new_a, b @ a - b0 @ a0, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora", "orthogonal"])
+def test_inits_keep_the_output_and_match_peft(init):
+    peft = pytest.importorskip("peft")
+    base_output = model_output(tiny_llama(), IDS)
+    ours = dt.get_peft_model(
+        tiny_llama(), dt.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=init)
+    )
+    torch.testing.assert_close(model_output(ours, IDS), base_output, rtol=1e-4, atol=1e-5)
+    if init in ("orthogonal", "pissa_niter_4"):  # random factors: the output check above and non-zero factors
+        layer = ours.get_base_model().model.layers[0].self_attn.q_proj
+        assert layer.lora_A["default"].weight.abs().sum() > 0 and layer.lora_B["default"].weight.abs().sum() > 0
+        return
+    theirs = peft.get_peft_model(
+        tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=init)
+    )
+    mine, their_state = ours.state_dict(), theirs.state_dict()
+    assert mine.keys() == their_state.keys()
+    for key, value in mine.items():  # factors and the rewritten (residual) base weights alike
+        torch.testing.assert_close(value, their_state[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def _trained_pissa(init="pissa"):
+    model = dt.get_peft_model(
+        tiny_llama(), dt.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=init)
+    )
+    return model
+
+
+def _perturb(model):
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.add_(0.05 * torch.randn_like(param))
+
+
+def test_pissa_adapter_moves_both_ways_and_converts_to_plain_lora_on_the_original_base(tmp_path):
+    peft = pytest.importorskip("peft")
+    original_output = model_output(tiny_llama(), IDS)
+    model = _trained_pissa()
+    # peft's documented flow: save the initial adapter as a plain init, train, save relative to it
+    model.peft_config["default"].init_lora_weights = True
+    model.save_pretrained(tmp_path / "init")
+    model.peft_config["default"].init_lora_weights = "pissa"
+    _perturb(model)
+    trained_output = model_output(model, IDS)
+    assert not torch.allclose(trained_output, original_output, atol=1e-3)
+
+    model.save_pretrained(tmp_path / "pissa")  # needs the init replayed on load (as peft does)
+    reloaded = dt.PeftModel.from_pretrained(tiny_llama(), tmp_path / "pissa")
+    torch.testing.assert_close(model_output(reloaded, IDS), trained_output, rtol=1e-4, atol=1e-5)
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "pissa"))
+    torch.testing.assert_close(model_output(theirs, IDS), trained_output, rtol=1e-4, atol=1e-5)
+
+    model.save_pretrained(tmp_path / "lora", path_initial_model_for_weight_conversion=tmp_path / "init")
+    config = dt.LoraConfig.from_pretrained(tmp_path / "lora")
+    assert (config.init_lora_weights, config.r, config.lora_alpha) == (True, 8, 16)
+    plain = dt.PeftModel.from_pretrained(tiny_llama(), tmp_path / "lora")  # the original base, untouched
+    torch.testing.assert_close(model_output(plain, IDS), trained_output, rtol=1e-4, atol=1e-5)
+    theirs_plain = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "lora"))
+    torch.testing.assert_close(model_output(theirs_plain, IDS), trained_output, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        plain.merge_adapter()
+    torch.testing.assert_close(model_output(plain, IDS), trained_output, rtol=1e-4, atol=1e-5)
+
+
+def test_peft_saved_olora_adapter_loads_here(tmp_path):
+    peft = pytest.importorskip("peft")
+    theirs = peft.get_peft_model(
+        tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights="olora")
+    )
+    _perturb(theirs)
+    theirs.save_pretrained(tmp_path)
+    ours = dt.PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    torch.testing.assert_close(model_output(ours, IDS), model_output(theirs, IDS), rtol=1e-4, atol=1e-5)
+
+
+def test_refused_inits_and_a_refused_load_leaves_the_base_unchanged(tmp_path):
+    with pytest.raises(dt.UnsupportedFieldError, match="eva"):
+        dt.LoraConfig(init_lora_weights="eva")
+    with pytest.raises(dt.UnsupportedFieldError, match="use_dora"):
+        dt.LoraConfig(init_lora_weights="pissa", use_dora=True)
+    with pytest.raises(dt.ConfigError, match="even"):
+        dt.LoraConfig(r=3, init_lora_weights="orthogonal")
+    with pytest.raises(dt.UnsupportedModuleError, match="linear"):
+        dt.get_peft_model(tiny_bert(), dt.LoraConfig(target_modules=["word_embeddings"], init_lora_weights="pissa"))
+    # a PiSSA adapter saved for rank 4, loaded under a rank-2 config: refused before the init touches the base
+    _trained_pissa().save_pretrained(tmp_path)
+    base = tiny_llama()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    wrong = dt.LoraConfig(r=2, lora_alpha=8, target_modules=TARGETS, init_lora_weights="pissa")
+    with pytest.raises(dt.CheckpointError):
+        dt.PeftModel.from_pretrained(base, tmp_path, config=wrong)
+    assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
+    with pytest.raises(dt.UnsupportedArgumentError, match="VERA"):
+        vera = dt.get_peft_model(tiny_llama(), dt.VeraConfig(r=4, target_modules=["q_proj"]))
+        vera.save_pretrained(tmp_path / "v", path_initial_model_for_weight_conversion=tmp_path)
