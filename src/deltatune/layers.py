@@ -206,6 +206,7 @@ class AdapterLayer(nn.Module, metaclass=abc.ABCMeta):
             new = self.compose(name, before.float())
             if safe_merge and not torch.isfinite(new).all():
                 raise MergeError(f"merging adapter {name!r} gives non-finite weights; the base was left unchanged.")
+            new_bias = self._merged_bias(name, safe_merge)
             if self._base_stored_otherwise:
                 self.merge_state.setdefault(name, {}).update(self.base_layer.weight_state())
                 self.base_layer.set_weight(new)
@@ -214,7 +215,32 @@ class AdapterLayer(nn.Module, metaclass=abc.ABCMeta):
                 record = exact_restore_record(before, self.decompose(name, new.float()))
                 self.merge_state.setdefault(name, {}).update(record)
                 self.base_layer.weight.data.copy_(new)
+            if new_bias is not None:
+                bias = self.base_layer.bias
+                recovered = (new_bias.float() - self.bias_delta(name)).to(bias.dtype)
+                record = exact_restore_record(bias.detach(), recovered)
+                self.merge_state[name].update({f"bias.{k}": v for k, v in record.items()})
+                bias.data.copy_(new_bias)
             self.merged_adapters.append(name)
+
+    def bias_delta(self, name: str) -> Tensor | None:
+        """What adapter `name` adds to the base layer's bias (float32), for methods that train one; else None."""
+        return None
+
+    def _merged_bias(self, name: str, safe_merge: bool) -> Tensor | None:
+        delta = self.bias_delta(name)
+        if delta is None:
+            return None
+        bias = getattr(self.base_layer, "bias", None)
+        if bias is None:
+            raise MergeError(
+                f"adapter {name!r} trains a bias but {type(self.base_layer).__name__} has none to merge it into; "
+                "keep the adapter unmerged."
+            )
+        new_bias = bias.detach().float() + delta
+        if safe_merge and not torch.isfinite(new_bias).all():
+            raise MergeError(f"merging adapter {name!r} gives a non-finite bias; the base was left unchanged.")
+        return new_bias.to(bias.dtype)
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -229,6 +255,11 @@ class AdapterLayer(nn.Module, metaclass=abc.ABCMeta):
                 restored = self.decompose(name, weight.detach().float()).to(weight.dtype)
                 restored.view(-1)[record["index"].long()] = record["value"]
                 weight.data.copy_(restored)
+            if "bias.index" in record:
+                bias = self.base_layer.bias
+                restored = (bias.detach().float() - self.bias_delta(name)).to(bias.dtype)
+                restored.view(-1)[record["bias.index"].long()] = record["bias.value"]
+                bias.data.copy_(restored)
             del self.merge_state[name]
 
     @property

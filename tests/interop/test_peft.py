@@ -26,6 +26,8 @@ CASES = {
     "llama-all-linear": dict(target_modules="all-linear"),
     "gpt2-all-linear": dict(target_modules="all-linear", fan_in_fan_out=True),
     "mlp-dora": dict(target_modules=["emb", "conv", "conv1d", "lin0", "lin1"], use_dora=True),  # embedding + convs
+    "gpt2-lora-bias": dict(target_modules=["c_attn", "c_proj"], fan_in_fan_out=True, lora_bias=True),
+    "bert-lora-bias": dict(target_modules=["query", "value"], lora_bias=True),
 }
 
 

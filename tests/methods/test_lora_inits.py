@@ -1,5 +1,5 @@
-"""LoRA initialisations beyond the default: orthogonal, PiSSA (full and randomized SVD), OLoRA; saving a
-base-rewriting adapter relative to the original base; peft as the oracle for the same inits and files."""
+"""LoRA options beyond the default: the orthogonal, PiSSA (full and randomized SVD) and OLoRA inits, saving a
+base-rewriting adapter relative to the original base, and lora_bias; peft as the oracle for the same options."""
 
 from __future__ import annotations
 
@@ -153,3 +153,28 @@ def test_refused_inits_and_a_refused_load_leaves_the_base_unchanged(tmp_path):
     with pytest.raises(dt.UnsupportedArgumentError, match="VERA"):
         vera = dt.get_peft_model(tiny_llama(), dt.VeraConfig(r=4, target_modules=["q_proj"]))
         vera.save_pretrained(tmp_path / "v", path_initial_model_for_weight_conversion=tmp_path)
+
+
+def test_lora_bias_adds_scaled_bias_merges_into_the_base_bias_and_unmerges_exactly():
+    from tests.conftest import tiny_gpt2
+
+    model = dt.get_peft_model(tiny_gpt2(), dt.LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"], lora_bias=True))
+    layer = model.get_base_model().transformer.h[0].attn.c_attn
+    assert layer.lora_B["default"].bias.requires_grad and not layer.lora_B["default"].bias.any()  # zero at start
+    _perturb(model)
+    x = torch.randn(3, 32)
+    a, b, bias = layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.lora_B["default"].bias
+    expected = layer.base_layer(x) + 2.0 * (x @ a.T @ b.T + bias)  # s = alpha / r = 2
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    original_bias = layer.base_layer.bias.detach().clone()
+    unmerged = model_output(model, IDS)
+    model.merge_adapter()
+    torch.testing.assert_close(layer.base_layer.bias, original_bias + 2.0 * bias.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(model_output(model, IDS), unmerged, rtol=1e-4, atol=1e-5)
+    model.unmerge_adapter()
+    assert torch.equal(layer.base_layer.bias, original_bias)
+    with pytest.raises(dt.UnsupportedModuleError, match="lora_bias"):
+        dt.get_peft_model(tiny_bert(), dt.LoraConfig(target_modules=["word_embeddings"], lora_bias=True))
+    no_bias = dt.get_peft_model(tiny_llama(), dt.LoraConfig(r=2, target_modules=["q_proj"], lora_bias=True))
+    with pytest.raises(dt.MergeError, match="bias"):
+        no_bias.merge_adapter()

@@ -50,7 +50,6 @@ class LoraConfig(AdapterConfig):
     peft_type = "LORA"
     # peft options deltatune does not implement (yet): loading an adapter that turns one on is an error, not a guess.
     unsupported_fields = (
-        "lora_bias",
         "layer_replication",
         "loftq_config",
         "use_qalora",
@@ -94,6 +93,9 @@ class LoraConfig(AdapterConfig):
     """Per-module alphas, like rank_pattern."""
     use_dora: bool = False
     """DoRA: decompose the update into magnitude and direction (deltatune.methods.dora)."""
+    lora_bias: bool = False
+    """B gets a trainable bias (zero at start; saved as `lora_B.bias`): the update becomes s·(B A x + b). Linear
+    layers; merging adds s·b to the base bias, so the base layer needs one."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -111,6 +113,8 @@ class LoraConfig(AdapterConfig):
                 '"gaussian", "orthogonal", "pissa", "pissa_niter_<N>" or "olora" (the data-driven eva, corda and '
                 "loftq inits are on the roadmap in docs/methods.md)."
             )
+        if self.lora_bias and self.use_dora:
+            raise UnsupportedFieldError("lora_bias=True with use_dora=True is not supported; use one of the two.")
         if base_rewriting_init(self) and self.use_dora:
             raise UnsupportedFieldError(
                 f"init_lora_weights={self.init_lora_weights!r} with use_dora=True is not supported (DoRA's magnitude "
@@ -176,6 +180,7 @@ def lora_layer_kwargs(config: LoraConfig, module_path: str) -> dict[str, Any]:
         "lora_dropout": float(config.lora_dropout),
         "use_rslora": bool(config.use_rslora),
         "init_lora_weights": config.init_lora_weights,
+        "lora_bias": bool(config.lora_bias),
         "variant": next((flag for flag in LORA_VARIANTS if getattr(config, flag, False)), None),
     }
 
@@ -272,6 +277,7 @@ class _LoraLayer(AdapterLayer):
         use_rslora: bool = False,
         init_lora_weights: bool | str = True,
         variant: str | None = None,
+        lora_bias: bool = False,
     ) -> None:
         self.r[name], self.lora_alpha[name], self.dropout_p[name] = r, lora_alpha, lora_dropout
         self.scaling[name] = lora_scale(lora_alpha, r, use_rslora)
@@ -285,7 +291,13 @@ class _LoraLayer(AdapterLayer):
                 f"init_lora_weights={rewriting!r} is for linear layers, not {type(self.base_layer).__name__}; "
                 "exclude those modules (exclude_modules) or use another init."
             )
+        if lora_bias and not isinstance(self, LoraLinear):
+            raise UnsupportedModuleError(
+                f"lora_bias=True is for linear layers, not {type(self.base_layer).__name__}; exclude those modules."
+            )
         self._create_weights(name, r, True if rewriting else init_lora_weights)
+        if lora_bias:
+            self.lora_B[name].bias = nn.Parameter(torch.zeros(self.out_features, device=self._device()))
         if rewriting:
             self.init_from_base[name] = rewriting
         self._init_variant(name, variant)
@@ -350,8 +362,14 @@ class LoraLinear(_LoraLayer):
             if a.dtype != x.dtype:  # cast the small adapter, never the activation
                 a, b = a.to(x.dtype), b.to(x.dtype)
             branch = lora_branch(x, a, b, self.scaling[name], self.dropout_p[name], self.training)
+            if self.lora_B[name].bias is not None:  # lora_bias
+                branch = branch + self.scaling[name] * self.lora_B[name].bias.to(branch.dtype)
             result = result + (branch if branch.dtype == result.dtype else branch.to(result.dtype))
         return result
+
+    def bias_delta(self, name: str) -> Tensor | None:
+        bias = self.lora_B[name].bias
+        return None if bias is None else self.scaling[name] * bias.detach().float()
 
     def delta_weight(self, name: str) -> Tensor:
         """s · B A in the base weight's layout, float32."""
