@@ -169,6 +169,8 @@ def test_config_dict_round_trip_uses_peft_names():
 
 def test_unsupported_peft_field_is_refused_but_defaults_are_fine():
     d = dt.LoraConfig(target_modules=["q"]).to_dict()
-    dt.LoraConfig.from_dict({**d, "layer_replication": None, "peft_version": "0.21.2", "megatron_core": "megatron.core"})
+    dt.LoraConfig.from_dict(
+        {**d, "layer_replication": None, "peft_version": "0.21.2", "megatron_core": "megatron.core"}
+    )
     with pytest.raises(UnsupportedFieldError, match="layer_replication"):
         dt.LoraConfig.from_dict({**d, "layer_replication": [[0, 1]]})
