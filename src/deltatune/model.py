@@ -210,6 +210,8 @@ class PeftModel(PretrainedFacade):
                     module = TrainableCopy(module)
                     replace_module(self._base, target, module)
                 module.add_adapter(adapter_name)
+            if spec.adapt_extra_modules is not None:
+                spec.adapt_extra_modules(self._base, adapter_name, config)
         except BaseException:
             self._remove_from_modules(adapter_name)
             raise

@@ -70,6 +70,10 @@ class MethodSpec:
     """Optional: builds the tensors all of an adapter's layers share (from the config and the target modules); the
     module is handed to each layer's `add_adapter(shared=...)`, and its persistent buffers are saved as
     `base_model.<name>` (peft's key for e.g. VeRA's projections)."""
+    adapt_extra_modules: Callable[[nn.Module, str, AdapterConfig], None] | None = None
+    """Optional: (model, adapter name, config) wraps modules the method adapts besides `target_modules` (e.g. some
+    rows of an embedding), with `AdapterLayer`s so the core manages them like the rest; called after the targets,
+    inside the same undo-on-failure."""
     relative_to_initial: (
         Callable[[AdapterConfig, dict[str, Tensor], dict[str, Tensor]], tuple[AdapterConfig, dict[str, Tensor]]] | None
     ) = None

@@ -51,7 +51,15 @@ class AdaLoraConfig(AdapterConfig):
     peft_type = "ADALORA"
     # peft's AdaLoRA inherits these LoRA options; deltatune refuses them rather than silently ignoring them.
     # peft's AdaLoraConfig extends its LoraConfig, so its files carry every LoRA option too
-    unsupported_fields = (*LoraConfig.unsupported_fields, "lora_bias", "use_dora", "use_rslora", "alpha_pattern")
+    unsupported_fields = (
+        *LoraConfig.unsupported_fields,
+        "lora_bias",
+        "trainable_token_indices",
+        "ensure_weight_tying",
+        "use_dora",
+        "use_rslora",
+        "alpha_pattern",
+    )
     inert_fields = LoraConfig.inert_fields
 
     init_r: int = 12

@@ -38,6 +38,7 @@ from deltatune.functional.lora import (
     relative_to_initial,
 )
 from deltatune.layers import AdapterLayer, bias_parameters, module_device
+from deltatune.methods.trainable_tokens import add_trainable_tokens
 from deltatune.models import default_lora_targets, linear_features
 from deltatune.quant.linear4bit import Linear4bit
 from deltatune.registry import MethodSpec, register_method
@@ -56,7 +57,6 @@ class LoraConfig(AdapterConfig):
         "megatron_config",
         "eva_config",
         "corda_config",
-        "trainable_token_indices",
         "alora_invocation_tokens",
         "arrow_config",
         "target_parameters",
@@ -65,7 +65,6 @@ class LoraConfig(AdapterConfig):
         "monteclora_config",
         "use_bdlora",
         "velora_config",
-        "ensure_weight_tying",
     )
     inert_fields = ("megatron_core", "qalora_group_size")
 
@@ -93,6 +92,12 @@ class LoraConfig(AdapterConfig):
     """Per-module alphas, like rank_pattern."""
     use_dora: bool = False
     """DoRA: decompose the update into magnitude and direction (deltatune.methods.dora)."""
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
+    """Train only these rows of the input embedding (a list), or of named embedding modules (a dict, name ->
+    token ids), e.g. new special tokens (deltatune.methods.trainable_tokens); a tied output head follows."""
+    ensure_weight_tying: bool = False
+    """With tied embeddings: refuse trainable_token_indices that would untie the embedding and the head (peft's
+    option; the head follows the embedding whenever the indices agree)."""
     lora_bias: bool = False
     """B gets a trainable bias (zero at start; saved as `lora_B.bias`): the update becomes s·(B A x + b). Linear
     layers; merging adds s·b to the base bias, so the base layer needs one."""
@@ -113,6 +118,17 @@ class LoraConfig(AdapterConfig):
                 '"gaussian", "orthogonal", "pissa", "pissa_niter_<N>" or "olora" (the data-driven eva, corda and '
                 "loftq inits are on the roadmap in docs/methods.md)."
             )
+        tokens = self.trainable_token_indices
+        if tokens is not None:
+            id_lists = list(tokens.values()) if isinstance(tokens, dict) else [tokens]
+            if not isinstance(tokens, (list, dict)) or not all(
+                isinstance(ids, list) and ids and all(isinstance(i, int) and not isinstance(i, bool) for i in ids)
+                for ids in id_lists
+            ):
+                raise ConfigError(
+                    "trainable_token_indices must be a list of token ids or a dict {module name: [token ids]}, got "
+                    f"{tokens!r}."
+                )
         if self.lora_bias and self.use_dora:
             raise UnsupportedFieldError("lora_bias=True with use_dora=True is not supported; use one of the two.")
         if base_rewriting_init(self) and self.use_dora:
@@ -508,6 +524,16 @@ def lora_relative_to_initial(
     ), out
 
 
+def lora_extra_modules(model: nn.Module, adapter_name: str, config: LoraConfig) -> None:
+    """Trainable token rows (`trainable_token_indices`); `ensure_weight_tying` for whole copies is refused."""
+    if config.ensure_weight_tying and config.modules_to_save:
+        raise UnsupportedFieldError(
+            "ensure_weight_tying=True with modules_to_save is not supported (tied copies of whole layers); train "
+            "the embedding's rows with trainable_token_indices instead, or drop ensure_weight_tying."
+        )
+    add_trainable_tokens(model, adapter_name, config)
+
+
 def lora_extra_trainable(model: nn.Module, config: LoraConfig) -> list[str]:
     """Base biases trained with the adapter when `bias` is "all" or "lora_only"."""
     return bias_parameters(model, config.bias, _LoraLayer)
@@ -534,5 +560,6 @@ register_method(
         extra_trainable=lora_extra_trainable,
         default_targets=default_lora_targets,
         relative_to_initial=lora_relative_to_initial,
+        adapt_extra_modules=lora_extra_modules,
     )
 )

@@ -1,0 +1,143 @@
+"""trainable_token_indices: only the chosen embedding rows train (and a tied output head follows them); saved and
+loaded as peft does, outputs equal peft's both ways; merge writes the rows and unmerge restores them exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import deltatune as dt
+from tests.conftest import model_output, tiny_llama
+
+IDS = {"input_ids": torch.tensor([[1, 3, 5, 7, 9, 11], [7, 2, 3, 40, 5, 6]])}
+TOKENS = [3, 5, 7]
+
+
+def _llama(tied: bool):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=tied,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def _set_rows(model, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn(param.shape, generator=g) * 0.1)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_only_the_chosen_rows_train_and_a_tied_head_follows(tied):
+    base_embedding = _llama(tied).model.embed_tokens.weight.detach().clone()
+    model = dt.get_peft_model(
+        _llama(tied), dt.LoraConfig(r=2, target_modules=["q_proj"], trainable_token_indices=TOKENS)
+    )
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n}
+    assert trainable == {"base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta.default"}
+    _set_rows(model)
+    delta = model.get_base_model().model.embed_tokens.trainable_tokens_delta["default"].detach()
+    embedded = model.get_base_model().model.embed_tokens(torch.arange(97))
+    expected = base_embedding.clone()
+    expected[TOKENS] = delta  # E' = E with the chosen rows replaced
+    torch.testing.assert_close(embedded, expected)
+    head = model.get_base_model().lm_head
+    hidden = torch.randn(2, 32)
+    head_weight = expected if tied else _llama(tied).lm_head.weight.detach()
+    torch.testing.assert_close(head(hidden), hidden @ head_weight.T, rtol=1e-5, atol=1e-5)
+    # one gradient step touches the chosen rows' vectors only
+    loss = model(**IDS, labels=IDS["input_ids"]).loss
+    loss.backward()
+    assert model.get_base_model().model.embed_tokens.trainable_tokens_delta["default"].grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_peft_interop_both_ways_and_the_same_saved_keys(tied, tmp_path):
+    peft = pytest.importorskip("peft")
+    config = dict(r=2, target_modules=["q_proj"], trainable_token_indices=TOKENS)
+    theirs = peft.get_peft_model(_llama(tied), peft.LoraConfig(**config))
+    _set_rows(theirs)
+    theirs.eval()
+    theirs.save_pretrained(tmp_path / "theirs")
+    ours = dt.PeftModel.from_pretrained(_llama(tied), tmp_path / "theirs")
+    torch.testing.assert_close(model_output(ours, IDS), model_output(theirs, IDS), rtol=1e-5, atol=1e-5)
+
+    mine = dt.get_peft_model(_llama(tied), dt.LoraConfig(**config))
+    _set_rows(mine, seed=5)
+    mine.save_pretrained(tmp_path / "ours")
+    assert (
+        load_file(tmp_path / "ours" / "adapter_model.safetensors").keys()
+        == load_file(tmp_path / "theirs" / "adapter_model.safetensors").keys()
+    )
+    loaded = peft.PeftModel.from_pretrained(_llama(tied), str(tmp_path / "ours")).eval()
+    torch.testing.assert_close(model_output(loaded, IDS), model_output(mine.eval(), IDS), rtol=1e-5, atol=1e-5)
+
+
+def test_merge_writes_the_rows_unmerge_restores_them_and_unload_keeps_the_tie():
+    base = _llama(True)
+    original = base.model.embed_tokens.weight.detach().clone()
+    model = dt.get_peft_model(base, dt.LoraConfig(r=2, target_modules=["q_proj"], trainable_token_indices=TOKENS))
+    _set_rows(model)
+    want = model_output(model, IDS)
+    model.merge_adapter()
+    torch.testing.assert_close(model_output(model, IDS), want, rtol=1e-5, atol=1e-5)
+    model.unmerge_adapter()
+    assert torch.equal(model.get_base_model().model.embed_tokens.get_base_layer().weight, original)
+    merged = model.merge_and_unload()
+    assert merged.lm_head.weight is merged.model.embed_tokens.weight
+    torch.testing.assert_close(model_output(merged, IDS), want, rtol=1e-5, atol=1e-5)
+
+
+def test_dict_form_and_refusals():
+    model = dt.get_peft_model(
+        tiny_llama(), dt.LoraConfig(r=2, target_modules=["q_proj"], trainable_token_indices={"embed_tokens": [4]})
+    )
+    assert model.get_base_model().model.embed_tokens.token_indices == {"default": [4]}
+    with pytest.raises(dt.ConfigError, match="must lie in"):
+        dt.get_peft_model(tiny_llama(), dt.LoraConfig(target_modules=["q_proj"], trainable_token_indices=[500]))
+    with pytest.raises(dt.ConfigError, match="modules_to_save"):
+        dt.get_peft_model(
+            tiny_llama(),
+            dt.LoraConfig(target_modules=["q_proj"], trainable_token_indices=[4], modules_to_save=["embed_tokens"]),
+        )
+    with pytest.raises(dt.ConfigError, match="adapted already"):
+        dt.get_peft_model(tiny_llama(), dt.LoraConfig(target_modules=["embed_tokens"], trainable_token_indices=[4]))
+    with pytest.raises(dt.ConfigError, match="token ids"):
+        dt.LoraConfig(trainable_token_indices=["a"])
+    with pytest.raises(dt.ConfigError, match="different token"):
+        dt.get_peft_model(
+            _llama(True),
+            dt.LoraConfig(
+                target_modules=["q_proj"],
+                trainable_token_indices={"embed_tokens": [4], "lm_head": [5]},
+                ensure_weight_tying=True,
+            ),
+        )
+    with pytest.raises(dt.UnsupportedFieldError, match="ensure_weight_tying"):
+        dt.get_peft_model(
+            _llama(True),
+            dt.LoraConfig(target_modules=["q_proj"], modules_to_save=["lm_head"], ensure_weight_tying=True),
+        )
+    base = tiny_llama()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    with pytest.raises(dt.ConfigError):  # a failed injection leaves the model as it was
+        dt.get_peft_model(base, dt.LoraConfig(target_modules=["q_proj"], trainable_token_indices=[3, 3]))
+    from deltatune.layers import AdapterLayer
+
+    assert not any(isinstance(m, AdapterLayer) for m in base.modules())
+    assert (
+        all(torch.equal(v, before[k]) for k, v in base.state_dict().items())
+        and base.state_dict().keys() == before.keys()
+    )
