@@ -74,7 +74,10 @@ MALFORMED = {
     "negative dropout": (lambda p: _edit_config(p, lora_dropout=-0.5), ConfigError),
     "empty target list": (lambda p: _edit_config(p, target_modules=[]), ConfigError),
     "target matching nothing": (lambda p: _edit_config(p, target_modules=["nope"]), ConfigError),
-    "unsupported field": (lambda p: _edit_config(p, layer_replication=[[0, 1]]), UnsupportedFieldError),
+    "unsupported field": (
+        lambda p: _edit_config(p, megatron_config={"tensor_model_parallel_size": 2}),
+        UnsupportedFieldError,
+    ),
     "wrong rank in config": (lambda p: _edit_config(p, r=8), CheckpointError),
     "wrong shape": (lambda p: _edit_weights(p, lambda t: {**t, _first_key(t): torch.zeros(3, 3)}), CheckpointError),
     "missing key": (

@@ -188,12 +188,60 @@ def test_from_pretrained_trainable_is_in_training_mode_with_the_adapter_trainabl
     assert trainable and all("lora_" in n for n in trainable)
 
 
-def test_adapter_names_argument_is_refused_not_ignored():
-    pm = dt.get_peft_model(tiny_llama(), _lora())
-    with pytest.raises(UnsupportedArgumentError, match="adapter_names"):
-        pm(**IDS, adapter_names=["default", "default"])
-    with pytest.raises(UnsupportedArgumentError, match="adapter_names"):
-        pm.generate(**IDS, max_new_tokens=2, adapter_names=["default", "default"])
+def _two_adapters(factory, **kw):
+    torch.manual_seed(1)
+    pm = dt.get_peft_model(factory(), dt.LoraConfig(r=2, init_lora_weights=False, **kw))
+    pm.add_adapter("b", dt.LoraConfig(r=4, init_lora_weights=False, **kw))
+    return pm
+
+
+def test_adapter_names_mix_adapters_row_by_row_like_separate_batches():
+    pm = _two_adapters(tiny_llama, target_modules=["q_proj", "v_proj", "embed_tokens"]).eval()
+    rows = ["b", "__base__", "default"]
+    ids = {"input_ids": torch.randint(0, 97, (3, 5), generator=torch.Generator().manual_seed(2))}
+    mixed = pm(**ids, adapter_names=rows).logits
+    for i, name in enumerate(rows):
+        one = {"input_ids": ids["input_ids"][i : i + 1]}
+        if name == "__base__":
+            with pm.disable_adapter():
+                want = pm(**one).logits
+        else:
+            pm.set_adapter(name)
+            want = pm(**one).logits
+        torch.testing.assert_close(mixed[i : i + 1], want, rtol=1e-5, atol=1e-5)
+    pm.set_adapter("default")
+    generated = pm.generate(**ids, max_new_tokens=3, do_sample=False, pad_token_id=0, adapter_names=rows)
+    pm.set_adapter("b")
+    alone = pm.generate(**{"input_ids": ids["input_ids"][:1]}, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert torch.equal(generated[0, : alone.shape[1]], alone[0])  # row 0 may stop early (eos), then pads
+    assert pm.active_adapters == ["b"]  # the call leaves the active adapters as they were
+    with pytest.raises(dt.AdapterError, match="rows"):
+        pm(**ids, adapter_names=["b", "default"])
+    with pytest.raises(dt.AdapterError, match="nope"):
+        pm(**ids, adapter_names=["b", "nope", "default"])
+    pm.merge_adapter()
+    with pytest.raises(dt.AdapterError, match="unmerge"):
+        pm(**ids, adapter_names=rows)
+
+
+def test_adapter_names_match_peft_with_modules_to_save():
+    peft = pytest.importorskip("peft")
+    kw = dict(target_modules=["query", "value"], modules_to_save=["classifier"])
+    ours = _two_adapters(tiny_bert, **kw).eval()
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        with torch.no_grad():
+            for p in ours.get_base_model().classifier.modules_to_save.parameters():
+                p.add_(0.5)
+        ours.save_pretrained(folder)
+        theirs = peft.PeftModel.from_pretrained(tiny_bert(), folder)
+        theirs.load_adapter(f"{folder}/b", "b")
+        theirs.eval()
+        rows = ["b", "default", "__base__", "b"]
+        ids = {"input_ids": torch.randint(0, 97, (4, 6), generator=torch.Generator().manual_seed(4))}
+        want = theirs(**ids, adapter_names=rows).logits
+        torch.testing.assert_close(ours(**ids, adapter_names=rows).logits, want, rtol=1e-5, atol=1e-5)
 
 
 def test_subfolder_and_config_are_honoured(tmp_path):

@@ -7,14 +7,6 @@ from typing import Any
 from deltatune.errors import UnsupportedArgumentError
 
 
-def refuse_adapter_names(kwargs: dict[str, Any]) -> None:
-    if "adapter_names" in kwargs:
-        raise UnsupportedArgumentError(
-            "adapter_names= (a different adapter per row of the batch) is not supported yet; run one batch per "
-            "adapter after set_adapter(name)."
-        )
-
-
 def refuse_unknown(where: str, kwargs: dict[str, Any], accepted: dict[str, tuple[Any, ...]]) -> None:
     """Refuse keyword arguments a method does not implement, by name: peft's arguments are accepted only at the
     values that mean what deltatune does anyway (`accepted`: name -> allowed values)."""

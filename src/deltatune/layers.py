@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from deltatune.errors import AdapterError, MergeError
+from deltatune.mixed_batch import split_rows
 
 
 class AdapterLayer(nn.Module, metaclass=abc.ABCMeta):
@@ -37,9 +38,15 @@ class AdapterLayer(nn.Module, metaclass=abc.ABCMeta):
     space back to the output (B in B·A; LoRA+ gives it a higher learning rate), "embedding" for an embedding's
     input-side factor."""
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "forward" in cls.__dict__:  # every method's forward honours per-row adapters (deltatune.mixed_batch)
+            cls.forward = split_rows(cls.__dict__["forward"])
+
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         self.base_layer = base_layer
+        self.row_adapters: list[str] | None = None
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled = False
@@ -302,6 +309,7 @@ class TrainableCopy(nn.Module):
         self.modules_to_save = nn.ModuleDict()
         self.active_adapters: list[str] = []
         self.disabled = False
+        self.row_adapters: list[str] | None = None
         for p in module.parameters():
             p.requires_grad_(False)
 
@@ -332,6 +340,7 @@ class TrainableCopy(nn.Module):
             return self.original_module
         return self.modules_to_save[self.active_adapters[0]]
 
+    @split_rows
     def forward(self, *args, **kwargs):
         return self.selected()(*args, **kwargs)
 

@@ -15,13 +15,14 @@ import torch
 from torch import Tensor, nn
 
 from deltatune import io, saving
-from deltatune.arguments import refuse_adapter_names, refuse_unknown
+from deltatune.arguments import refuse_unknown
 from deltatune.config import AdapterConfig
 from deltatune.errors import AdapterError, ConfigError, MergeError, UnsupportedArgumentError
 from deltatune.facade import PretrainedFacade, Tuner
 from deltatune.hub import adapter_dir, push_adapter, write_model_card
 from deltatune.inject import find_targets, replace_module, resolve_modules_to_save
 from deltatune.layers import AdapterLayer, TrainableCopy
+from deltatune.mixed_batch import adapters_per_row
 from deltatune.models import linear_types, model_type_of, output_head_name
 from deltatune.registry import MethodHooks, MethodSpec, get_method, spec_for_config
 
@@ -45,9 +46,10 @@ class PeftModel(PretrainedFacade):
             self.add_adapter(adapter_name, peft_config)
 
     # -- pass-through -------------------------------------------------------------------------------------------------
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        refuse_adapter_names(kwargs)
-        outputs = self._base(*args, **kwargs)
+    def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        """The base model's forward; `adapter_names` (one per row, "__base__" for none) mixes adapters in a batch."""
+        with adapters_per_row(self, adapter_names):
+            outputs = self._base(*args, **kwargs)
         hooks = self._hooks()
         loss = getattr(outputs, "loss", None)
         if hooks is not None and self.training and isinstance(loss, Tensor):
@@ -56,8 +58,8 @@ class PeftModel(PretrainedFacade):
         return outputs
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        refuse_adapter_names(kwargs)
-        return self._base.generate(*args, **kwargs)
+        with adapters_per_row(self, kwargs.pop("adapter_names", None)):
+            return self._base.generate(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -181,18 +183,19 @@ class PeftModel(PretrainedFacade):
 
     def _inject(self, adapter_name: str, config: AdapterConfig, spec: MethodSpec, strict: bool) -> None:
         """Wrap every target and add the adapter to it; on any failure, undo everything this call did."""
-        targets = find_targets(
-            self._module_types(),
-            target_modules=config.target_modules,
-            supported=tuple(spec.layers),
-            exclude_modules=config.exclude_modules,
-            layers_to_transform=config.layers_to_transform,
-            layers_pattern=config.layers_pattern,
-            output_head=output_head_name(self._base),
-            strict=strict,
-            linear_types=linear_types(),
-        )
+        undo = spec.prepare_model(self._base, config) if spec.prepare_model is not None else None
         try:
+            targets = find_targets(
+                self._module_types(),
+                target_modules=config.target_modules,
+                supported=tuple(spec.layers),
+                exclude_modules=config.exclude_modules,
+                layers_to_transform=config.layers_to_transform,
+                layers_pattern=config.layers_pattern,
+                output_head=output_head_name(self._base),
+                strict=strict,
+                linear_types=linear_types(),
+            )
             extra: dict[str, nn.Module] = {}
             if spec.make_shared is not None:
                 bases = [self._base.get_submodule(t) for t in targets]
@@ -214,6 +217,8 @@ class PeftModel(PretrainedFacade):
                 spec.adapt_extra_modules(self._base, adapter_name, config)
         except BaseException:
             self._remove_from_modules(adapter_name)
+            if undo is not None:
+                undo()
             raise
 
     def _remove_from_modules(self, adapter_name: str) -> None:

@@ -70,6 +70,9 @@ class MethodSpec:
     """Optional: builds the tensors all of an adapter's layers share (from the config and the target modules); the
     module is handed to each layer's `add_adapter(shared=...)`, and its persistent buffers are saved as
     `base_model.<name>` (peft's key for e.g. VeRA's projections)."""
+    prepare_model: Callable[[nn.Module, AdapterConfig], Callable[[], None]] | None = None
+    """Optional: (model, config) changes the model's structure before the targets are looked up (e.g. replicates
+    layers) and returns a function that undoes it, which the core calls if adding the adapter fails."""
     adapt_extra_modules: Callable[[nn.Module, str, AdapterConfig], None] | None = None
     """Optional: (model, adapter name, config) wraps modules the method adapts besides `target_modules` (e.g. some
     rows of an embedding), with `AdapterLayer`s so the core manages them like the rest; called after the targets,

@@ -169,8 +169,6 @@ def test_config_dict_round_trip_uses_peft_names():
 
 def test_unsupported_peft_field_is_refused_but_defaults_are_fine():
     d = dt.LoraConfig(target_modules=["q"]).to_dict()
-    dt.LoraConfig.from_dict(
-        {**d, "layer_replication": None, "peft_version": "0.21.2", "megatron_core": "megatron.core"}
-    )
-    with pytest.raises(UnsupportedFieldError, match="layer_replication"):
-        dt.LoraConfig.from_dict({**d, "layer_replication": [[0, 1]]})
+    dt.LoraConfig.from_dict({**d, "megatron_config": None, "peft_version": "0.21.2", "megatron_core": "megatron.core"})
+    with pytest.raises(UnsupportedFieldError, match="megatron_config"):
+        dt.LoraConfig.from_dict({**d, "megatron_config": {"tensor_model_parallel_size": 2}})

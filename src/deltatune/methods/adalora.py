@@ -56,6 +56,7 @@ class AdaLoraConfig(AdapterConfig):
         "lora_bias",
         "trainable_token_indices",
         "ensure_weight_tying",
+        "layer_replication",
         "use_dora",
         "use_rslora",
         "alpha_pattern",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import abc
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -38,6 +39,7 @@ from deltatune.functional.lora import (
     relative_to_initial,
 )
 from deltatune.layers import AdapterLayer, bias_parameters, module_device
+from deltatune.methods.layer_replication import replicate_layers
 from deltatune.methods.trainable_tokens import add_trainable_tokens
 from deltatune.models import default_lora_targets, linear_features
 from deltatune.quant.linear4bit import Linear4bit
@@ -51,7 +53,6 @@ class LoraConfig(AdapterConfig):
     peft_type = "LORA"
     # peft options deltatune does not implement (yet): loading an adapter that turns one on is an error, not a guess.
     unsupported_fields = (
-        "layer_replication",
         "loftq_config",
         "use_qalora",
         "megatron_config",
@@ -98,6 +99,9 @@ class LoraConfig(AdapterConfig):
     ensure_weight_tying: bool = False
     """With tied embeddings: refuse trainable_token_indices that would untie the embedding and the head (peft's
     option; the head follows the embedding whenever the indices agree)."""
+    layer_replication: list[list[int]] | None = None
+    """Build a new layer stack from [start, end) ranges of the model's layers (copies share the base weights; each
+    position gets its own adapter), e.g. [[0, 4], [2, 5]] (deltatune.methods.layer_replication)."""
     lora_bias: bool = False
     """B gets a trainable bias (zero at start; saved as `lora_B.bias`): the update becomes s·(B A x + b). Linear
     layers; merging adds s·b to the base bias, so the base layer needs one."""
@@ -524,6 +528,11 @@ def lora_relative_to_initial(
     ), out
 
 
+def lora_prepare_model(model: nn.Module, config: LoraConfig) -> Callable[[], None]:
+    """`layer_replication`: the replicated stack the adapter's targets are then found in."""
+    return replicate_layers(model, config.layer_replication) if config.layer_replication else (lambda: None)
+
+
 def lora_extra_modules(model: nn.Module, adapter_name: str, config: LoraConfig) -> None:
     """Trainable token rows (`trainable_token_indices`); `ensure_weight_tying` for whole copies is refused."""
     if config.ensure_weight_tying and config.modules_to_save:
@@ -561,5 +570,6 @@ register_method(
         default_targets=default_lora_targets,
         relative_to_initial=lora_relative_to_initial,
         adapt_extra_modules=lora_extra_modules,
+        prepare_model=lora_prepare_model,
     )
 )

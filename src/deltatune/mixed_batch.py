@@ -1,0 +1,73 @@
+"""A different adapter per row of one batch (peft's `adapter_names=` on forward / generate).
+
+`model(**batch, adapter_names=["a", "b", "__base__", "a"])`: every adapter wrapper (any method, and `modules_to_save`
+copies) splits the rows by adapter name, runs each group with only that adapter active ("__base__": none) and puts
+the rows back in order. Rows never mix inside a wrapper (linear, convolution and embedding layers treat rows
+independently), so each row's output is what a batch of that row alone under `set_adapter(name)` gives.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from deltatune.errors import AdapterError
+
+BASE = "__base__"  # peft's name for "no adapter" in adapter_names
+
+
+def split_rows(forward: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """Wrap a wrapper's `forward(x, ...)`: with `self.row_adapters` set, run it per group of rows (see module doc)."""
+
+    @functools.wraps(forward)
+    def per_row(self: nn.Module, *args: Any, **kwargs: Any) -> Tensor:
+        names = getattr(self, "row_adapters", None)
+        if names is None:
+            return forward(self, *args, **kwargs)
+        x, args = args[0], args[1:]
+        if len(names) != x.shape[0]:
+            raise AdapterError(
+                f"adapter_names has {len(names)} entries but the batch has {x.shape[0]} rows (beam search and "
+                "num_return_sequences multiply the rows: give one name per row of the expanded batch)."
+            )
+        saved, out = self.active_adapters, None
+        try:
+            for name in dict.fromkeys(names):
+                rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
+                self.active_adapters = [name] if name != BASE and name in self.adapter_names else []
+                part = forward(self, x.index_select(0, rows), *args, **kwargs)
+                if out is None:
+                    out = part.new_empty((x.shape[0], *part.shape[1:]))
+                out.index_copy_(0, rows, part)
+        finally:
+            self.active_adapters = saved
+        return out
+
+    return per_row
+
+
+@contextlib.contextmanager
+def adapters_per_row(model: Any, adapter_names: Sequence[str] | None) -> Iterator[None]:
+    """Within the block every wrapper of `model` (a PeftModel) splits its rows by `adapter_names`."""
+    if adapter_names is None:
+        yield
+        return
+    names = list(adapter_names)
+    unknown = sorted({n for n in names if n != BASE and n not in model.peft_config})
+    if unknown:
+        raise AdapterError(f"adapter_names has {unknown}, not adapters of this model {sorted(model.peft_config)}.")
+    wrappers = [w for _, w in model._wrappers()]
+    if any(getattr(w, "merged", False) for w in wrappers):
+        raise AdapterError("adapter_names= needs unmerged adapters; call unmerge_adapter() first.")
+    for wrapper in wrappers:
+        wrapper.row_adapters = names
+    try:
+        yield
+    finally:
+        for wrapper in wrappers:
+            wrapper.row_adapters = None
