@@ -178,3 +178,55 @@ def test_lora_bias_adds_scaled_bias_merges_into_the_base_bias_and_unmerges_exact
     no_bias = dt.get_peft_model(tiny_llama(), dt.LoraConfig(r=2, target_modules=["q_proj"], lora_bias=True))
     with pytest.raises(dt.MergeError, match="bias"):
         no_bias.merge_adapter()
+
+
+def _nf4(weight):
+    from deltatune.functional.nf4 import dequantize_blockwise_4bit, quantize_blockwise_4bit
+
+    return dequantize_blockwise_4bit(*quantize_blockwise_4bit(weight, "nf4", 64), weight.shape, "nf4", 64)
+
+
+def test_loftq_factors_fit_what_quantization_lost():
+    from deltatune.functional.init import loftq_factors
+
+    weight, r = _weight(32, 64), 4
+    quantized, lora_a, lora_b = loftq_factors(weight, r, 1, _nf4)
+    torch.testing.assert_close(quantized, _nf4(weight))  # one iteration: Q = quantize(W)
+    lost = weight - quantized
+    singular = torch.linalg.svdvals(lost)  # Eckart-Young on what the quantization lost
+    remaining = (lost - lora_b @ lora_a).square().sum()
+    torch.testing.assert_close(remaining, singular[r:].square().sum(), rtol=1e-4, atol=1e-6)
+    quantized2, a2, b2 = loftq_factors(weight, r, 2, _nf4)
+    torch.testing.assert_close(quantized2, _nf4(weight - lora_b @ lora_a))  # Q_2 = quantize(W - B_1 A_1)
+
+
+def test_loftq_model_starts_closer_to_the_base_than_plain_nf4_and_the_base_requantizes_exactly():
+    original = tiny_llama()
+    config = dt.LoraConfig(
+        r=4,
+        lora_alpha=4,
+        target_modules=TARGETS,
+        init_lora_weights="loftq",
+        loftq_config={"loftq_bits": 4, "loftq_iter": 2},
+    )
+    model = dt.get_peft_model(tiny_llama(), config)
+    layer = model.get_base_model().model.layers[0].self_attn.q_proj
+    base = layer.get_base_layer().weight.detach()
+    torch.testing.assert_close(_nf4(base), base)  # NF4 values already: quantize_model stores exactly this
+    plain = original.model.layers[0].self_attn.q_proj.weight.detach()
+    adapted = base + layer.get_delta_weight("default")
+    assert (adapted - plain).norm() < (_nf4(plain) - plain).norm()
+    # then store the base in 4 bits: the LoftQ values come back exactly, and the adapter stays full precision
+    # (regression: quantize_model used to turn the adapters' own lora_A / lora_B linears into 4-bit layers too)
+    from deltatune.quant import QuantConfig
+
+    dt.quantize_model(model.get_base_model(), QuantConfig(double_quant=False))
+    assert torch.equal(layer.base_weight.float(), base) and type(layer.lora_A["default"]) is torch.nn.Linear
+    assert layer.lora_A["default"].weight.requires_grad
+    with pytest.raises(dt.UnsupportedFieldError, match="8-bit"):
+        dt.LoraConfig(init_lora_weights="loftq", loftq_config={"loftq_bits": 8})
+    with pytest.raises(dt.ConfigError, match="loftq_config"):
+        dt.LoraConfig(loftq_config={"loftq_bits": 4})
+    quantized = dt.quantize_model(tiny_llama())
+    with pytest.raises(dt.UnsupportedModuleError, match="full-precision"):
+        dt.get_peft_model(quantized, dt.LoraConfig(target_modules=["q_proj"], init_lora_weights="loftq"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -58,3 +59,22 @@ def orthogonal_factors(d_in: int, d_out: int, r: int) -> tuple[Tensor, Tensor]:
     lora_a = (torch.randn(d_in, r // 2) @ q[0::2]).T / 10.0
     lora_b = (torch.randn(r // 2, d_out).T @ q[1::2]) / 10.0
     return lora_a.contiguous(), lora_b.contiguous()
+
+
+@torch.no_grad()
+def loftq_factors(
+    weight: Tensor, r: int, num_iter: int, quantize: Callable[[Tensor], Tensor]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """LoftQ (Li et al. 2023, arXiv:2310.08659, Alg. 1): alternately quantize what the adapter does not hold,
+    Q_t = quantize(W - B_{t-1} A_{t-1}) (B_0 A_0 = 0), and fit the adapter to what the quantization lost,
+    (B_t, A_t) = SVD_r(W - Q_t) with A = sqrt(S_r) V_rᵀ, B = U_r sqrt(S_r). Returns (Q_T, A_T, B_T): the base takes Q_T
+    (dequantized), so Q_T + B A approximates W better than Q alone. `quantize` maps a weight to its dequantized
+    4-bit value. Unscaled, as peft: with lora_alpha = r (s = 1) the model starts at Q_T + B A."""
+    target = weight
+    for _ in range(num_iter):
+        quantized = quantize(target)
+        u, s_values, vh = torch.linalg.svd(weight - quantized, full_matrices=False)
+        root = s_values[:r].sqrt()
+        lora_a, lora_b = root[:, None] * vh[:r], u[:, :r] * root[None, :]
+        target = weight - lora_b @ lora_a
+    return quantized, lora_a, lora_b

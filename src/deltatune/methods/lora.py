@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import abc
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -25,8 +24,7 @@ from transformers.pytorch_utils import Conv1D
 from deltatune.config import AdapterConfig, TrainingContext
 from deltatune.errors import ConfigError, UnsupportedFieldError, UnsupportedModuleError
 from deltatune.functional.init import (
-    gaussian_a_zero_b,
-    kaiming_a_zero_b,
+    loftq_factors,
     olora_factors,
     orthogonal_factors,
     pissa_factors,
@@ -36,11 +34,15 @@ from deltatune.functional.lora import (
     lora_branch,
     lora_delta,
     lora_scale,
-    relative_to_initial,
 )
 from deltatune.layers import AdapterLayer, bias_parameters, module_device
-from deltatune.methods.layer_replication import replicate_layers
-from deltatune.methods.trainable_tokens import add_trainable_tokens
+from deltatune.methods.lora_options import (
+    init_pair,
+    lora_extra_modules,
+    lora_prepare_model,
+    lora_relative_to_initial,
+    nf4_round_trip,
+)
 from deltatune.models import default_lora_targets, linear_features
 from deltatune.quant.linear4bit import Linear4bit
 from deltatune.registry import MethodSpec, register_method
@@ -53,7 +55,6 @@ class LoraConfig(AdapterConfig):
     peft_type = "LORA"
     # peft options deltatune does not implement (yet): loading an adapter that turns one on is an error, not a guess.
     unsupported_fields = (
-        "loftq_config",
         "use_qalora",
         "megatron_config",
         "eva_config",
@@ -102,6 +103,8 @@ class LoraConfig(AdapterConfig):
     layer_replication: list[list[int]] | None = None
     """Build a new layer stack from [start, end) ranges of the model's layers (copies share the base weights; each
     position gets its own adapter), e.g. [[0, 4], [2, 5]] (deltatune.methods.layer_replication)."""
+    loftq_config: dict[str, int] = field(default_factory=dict)
+    """With init_lora_weights="loftq": {"loftq_bits": 4, "loftq_iter": N} (peft's LoftQConfig fields)."""
     lora_bias: bool = False
     """B gets a trainable bias (zero at start; saved as `lora_B.bias`): the update becomes s·(B A x + b). Linear
     layers; merging adds s·b to the base bias, so the base layer needs one."""
@@ -119,9 +122,10 @@ class LoraConfig(AdapterConfig):
         if self.init_lora_weights not in (True, False, *INIT_STARTS) and base_rewriting_init(self) is None:
             raise UnsupportedFieldError(
                 f"init_lora_weights={self.init_lora_weights!r} is not supported; use True, False, "
-                '"gaussian", "orthogonal", "pissa", "pissa_niter_<N>" or "olora" (the data-driven eva, corda and '
-                "loftq inits are on the roadmap in docs/methods.md)."
+                '"gaussian", "orthogonal", "pissa", "pissa_niter_<N>", "olora" or "loftq" (the data-driven eva and '
+                "corda inits are on the roadmap in docs/methods.md)."
             )
+        self._check_loftq()
         tokens = self.trainable_token_indices
         if tokens is not None:
             id_lists = list(tokens.values()) if isinstance(tokens, dict) else [tokens]
@@ -152,6 +156,19 @@ class LoraConfig(AdapterConfig):
             ):
                 raise ConfigError(f"{name} must map module-name regexes to positive numbers, got {pattern!r}.")
 
+    def _check_loftq(self) -> None:
+        if self.init_lora_weights != "loftq":
+            if self.loftq_config:
+                raise ConfigError('loftq_config is only read with init_lora_weights="loftq"; set both or neither.')
+            return
+        unknown = set(self.loftq_config) - {"loftq_bits", "loftq_iter"}
+        bits, iters = self.loftq_config.get("loftq_bits", 4), self.loftq_config.get("loftq_iter", 1)
+        if unknown or bits != 4 or not isinstance(iters, int) or iters < 1:
+            raise UnsupportedFieldError(
+                f"loftq_config={self.loftq_config!r}: deltatune's LoftQ quantizes to 4-bit NF4 "
+                '({"loftq_bits": 4, "loftq_iter": N >= 1}); 8-bit LoftQ is not implemented.'
+            )
+
     def for_training(self, context: TrainingContext) -> LoraConfig:
         """`rank_pattern="auto"` becomes a gradient-sensitivity allocation (deltatune.analysis.allocate_ranks) at the
         parameter count of uniform rank r, scored on the run's first batches."""
@@ -180,9 +197,9 @@ INIT_STARTS = ("gaussian", "orthogonal")
 
 
 def base_rewriting_init(config: LoraConfig) -> str | None:
-    """ "pissa", "pissa_niter_<N>" or "olora" when the config asks for an init that rewrites the base weight."""
+    """ "pissa", "pissa_niter_<N>", "olora" or "loftq" when the config asks for an init that rewrites the base."""
     init = config.init_lora_weights
-    if isinstance(init, str) and (init in ("pissa", "olora") or re.fullmatch(r"pissa_niter_\d+", init)):
+    if isinstance(init, str) and (init in ("pissa", "olora", "loftq") or re.fullmatch(r"pissa_niter_\d+", init)):
         return init
     return None
 
@@ -199,7 +216,11 @@ def lora_layer_kwargs(config: LoraConfig, module_path: str) -> dict[str, Any]:
         "lora_alpha": float(_pattern_value(config.alpha_pattern, module_path, config.lora_alpha)),
         "lora_dropout": float(config.lora_dropout),
         "use_rslora": bool(config.use_rslora),
-        "init_lora_weights": config.init_lora_weights,
+        "init_lora_weights": (
+            f"loftq_iter_{config.loftq_config.get('loftq_iter', 1)}"  # the layer's form: iterations included
+            if config.init_lora_weights == "loftq"
+            else config.init_lora_weights
+        ),
         "lora_bias": bool(config.lora_bias),
         "variant": next((flag for flag in LORA_VARIANTS if getattr(config, flag, False)), None),
     }
@@ -303,7 +324,7 @@ class _LoraLayer(AdapterLayer):
         self.scaling[name] = lora_scale(lora_alpha, r, use_rslora)
         rewriting = (
             init_lora_weights
-            if isinstance(init_lora_weights, str) and init_lora_weights[:5] in ("pissa", "olora")
+            if isinstance(init_lora_weights, str) and init_lora_weights[:5] in ("pissa", "olora", "loftq")
             else None
         )
         if rewriting is not None and not isinstance(self, LoraLinear):
@@ -348,7 +369,7 @@ class LoraLinear(_LoraLayer):
                 self.lora_A[name].weight.copy_(lora_a)
                 self.lora_B[name].weight.copy_(lora_b)
             return
-        _init_pair(self.lora_A[name].weight, self.lora_B[name].weight, init_lora_weights, r)
+        init_pair(self.lora_A[name].weight, self.lora_B[name].weight, init_lora_weights, r)
 
     def weight_out_in(self) -> Tensor:
         """The base weight as (d_out, d_in), float32 (dequantized if the base stores it otherwise)."""
@@ -357,11 +378,23 @@ class LoraLinear(_LoraLayer):
 
     @torch.no_grad()
     def initialize_from_base(self, name: str) -> None:
-        """PiSSA / OLoRA: A and B from the base weight's SVD / QR; the base keeps W - s·B A (same output)."""
+        """PiSSA / OLoRA: A and B from the base weight's SVD / QR; the base keeps W - s·B A (same output).
+        LoftQ: the base takes W's NF4 value Q (dequantized; `quantize_model` later stores exactly Q) and B A fits
+        W - Q."""
         init = self.init_from_base.pop(name, None)
         if init is None:
             return
         weight, scale, r = self.weight_out_in(), self.scaling[name], self.r[name]
+        if init.startswith("loftq"):
+            if self._base_stored_otherwise:
+                raise UnsupportedModuleError(
+                    "LoftQ needs the full-precision weights: add the adapter before quantize_model, then quantize."
+                )
+            quantized, lora_a, lora_b = loftq_factors(weight, r, int(init.rsplit("_", 1)[1]), nf4_round_trip)
+            self.lora_A[name].weight.copy_(lora_a)
+            self.lora_B[name].weight.copy_(lora_b)
+            self.write_base_weight(quantized.T if self.fan_in_fan_out else quantized)
+            return
         if init == "olora":
             lora_a, lora_b = olora_factors(weight, r)
         else:
@@ -424,7 +457,7 @@ class LoraConv(_LoraLayer):
             device=self._device(),
         )
         self.lora_B[name] = conv_cls(r, base.out_channels, ones, ones, bias=False, device=self._device())
-        _init_pair(self.lora_A[name].weight, self.lora_B[name].weight, init_lora_weights, r)
+        init_pair(self.lora_A[name].weight, self.lora_B[name].weight, init_lora_weights, r)
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         result = self.base_layer(x, *args, **kwargs)
@@ -484,63 +517,6 @@ class LoraEmbedding(_LoraLayer):
     def delta_weight(self, name: str) -> Tensor:
         a, b = self.lora_embedding_A[name].float(), self.lora_embedding_B[name].float()
         return embedding_lora_delta(a, b, self.scaling[name])
-
-
-def _init_pair(lora_a: Tensor, lora_b: Tensor, init: bool | str, r: int) -> None:
-    if init == "orthogonal":
-        raise UnsupportedModuleError(
-            'init_lora_weights="orthogonal" is for linear layers; exclude the others (exclude_modules).'
-        )
-    if init == "gaussian":
-        gaussian_a_zero_b(lora_a, lora_b, r)
-    elif init:
-        kaiming_a_zero_b(lora_a, lora_b)
-    # False: keep the random init of both (nn.Linear/Conv defaults), a non-identity start used in tests
-
-
-def lora_relative_to_initial(
-    config: LoraConfig, tensors: dict[str, Tensor], initial: dict[str, Tensor]
-) -> tuple[LoraConfig, dict[str, Tensor]]:
-    """A plain LoRA on the original base for an adapter trained from a base-rewriting init (PiSSA, OLoRA): each
-    pair becomes [B | -B0] [A; A0] (rank 2r, `relative_to_initial`); alpha doubles (x sqrt(2) with rsLoRA) so the
-    scale stays the same. peft's conversion, keys and config."""
-    if config.use_dora:
-        raise ConfigError(
-            "a DoRA adapter cannot be converted relative to its initial weights (its magnitude is not low-rank)."
-        )
-    if config.use_rslora and (config.rank_pattern or config.alpha_pattern):
-        raise ConfigError(
-            "the conversion with use_rslora and rank_pattern/alpha_pattern is not supported (as in peft)."
-        )
-    out = dict(tensors)
-    for key in tensors:
-        for a_name, b_name in (("lora_A.weight", "lora_B.weight"), ("lora_embedding_A", "lora_embedding_B")):
-            if key.endswith(a_name):
-                b_key = key[: -len(a_name)] + b_name
-                out[key], out[b_key] = relative_to_initial(tensors[key], tensors[b_key], initial[key], initial[b_key])
-    factor = 2**0.5 if config.use_rslora else 2
-    return config.replace(
-        init_lora_weights=True,
-        r=config.r * 2,
-        lora_alpha=config.lora_alpha * factor,
-        rank_pattern={k: v * 2 for k, v in config.rank_pattern.items()},
-        alpha_pattern={k: v * 2 for k, v in config.alpha_pattern.items()},
-    ), out
-
-
-def lora_prepare_model(model: nn.Module, config: LoraConfig) -> Callable[[], None]:
-    """`layer_replication`: the replicated stack the adapter's targets are then found in."""
-    return replicate_layers(model, config.layer_replication) if config.layer_replication else (lambda: None)
-
-
-def lora_extra_modules(model: nn.Module, adapter_name: str, config: LoraConfig) -> None:
-    """Trainable token rows (`trainable_token_indices`); `ensure_weight_tying` for whole copies is refused."""
-    if config.ensure_weight_tying and config.modules_to_save:
-        raise UnsupportedFieldError(
-            "ensure_weight_tying=True with modules_to_save is not supported (tied copies of whole layers); train "
-            "the embedding's rows with trainable_token_indices instead, or drop ensure_weight_tying."
-        )
-    add_trainable_tokens(model, adapter_name, config)
 
 
 def lora_extra_trainable(model: nn.Module, config: LoraConfig) -> list[str]:

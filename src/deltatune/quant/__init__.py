@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from deltatune.inject import replace_module
-from deltatune.quant.linear4bit import Linear4bit, linears_to_quantize
+from deltatune.quant.linear4bit import Linear4bit, adapter_prefixes, in_adapter, linears_to_quantize
 from deltatune.quant.prepare import cast_mixed_precision_params, prepare_model_for_kbit_training
 from deltatune.quant.state import DTYPES, QuantConfig, QuantState, dequantize_4bit, quantize_4bit
 
@@ -36,7 +36,8 @@ __all__ = [
 def quantize_model(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
     """Replace every nn.Linear (except `config.skip_modules` and the output head) by a Linear4bit, one layer at a time:
     each full-precision weight is released as soon as its 4-bit copy exists, so memory shrinks as it goes.
-    Embeddings and norms stay in their precision. Returns the same model object."""
+    Embeddings and norms stay in their precision; adapters already in the model stay as they are (full precision,
+    trainable). Returns the same model object."""
     config = config or QuantConfig()
     names = linears_to_quantize(model, config)
     for name in names:
@@ -45,7 +46,10 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None) -> nn.Mo
         linear.weight = None  # drop the only other reference to the full-precision weight now
         del linear
     gc.collect()
-    model.requires_grad_(False)
+    adapters = adapter_prefixes(model)
+    for name, param in model.named_parameters():  # the base is frozen; adapters already in the model keep training
+        if not in_adapter(name, adapters):
+            param.requires_grad_(False)
     return model
 
 

@@ -133,17 +133,38 @@ class Linear4bit(nn.Module):
 
 
 def linears_to_quantize(model: nn.Module, config: QuantConfig) -> list[str]:
-    """Names of the nn.Linear modules a QuantConfig stores in 4 bits: all but `skip_modules` and the output head."""
+    """Names of the nn.Linear modules a QuantConfig stores in 4 bits: all but `skip_modules`, the output head and the
+    adapters' own layers."""
     from deltatune.models import output_head_name
 
     head = output_head_name(model)
+    parts = adapter_prefixes(model)
     return [
         n
         for n, m in model.named_modules()
         if isinstance(m, nn.Linear)
         and n != head
         and not any(n == s or n.endswith("." + s) for s in config.skip_modules)
+        and not in_adapter(n, parts)
     ]
+
+
+def adapter_prefixes(model: nn.Module) -> list[str]:
+    """Name prefixes of what adapter wrappers add (their tensors, `modules_to_save` copies): inside a wrapper only its
+    base layer holds base weights. Those stay trainable in full precision."""
+    from deltatune.layers import AdapterLayer, TrainableCopy
+
+    out = []
+    for name, module in model.named_modules():
+        if isinstance(module, AdapterLayer):
+            out.append(name + ".")
+        elif isinstance(module, TrainableCopy):
+            out.append(name + ".modules_to_save.")
+    return out
+
+
+def in_adapter(name: str, prefixes: list[str]) -> bool:
+    return any(name.startswith(p) and not name.startswith(p + "base_layer") for p in prefixes)
 
 
 def _has_bitsandbytes() -> bool:
