@@ -100,3 +100,35 @@ def test_a_delta_or_a_check_leaves_no_merge_record():
     assert all(torch.equal(layer.merge_state["default"][k], v) for k, v in record.items())
     pm.unmerge_adapter()
     assert not layer.merge_state
+
+
+def test_scale_api_matches_peft_layer_for_layer(tmp_path):
+    """set_scale / scale_layer / unscale_layer, use_dora, lora_dropout: compared with peft's layers on one adapter."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    ours = dt.get_peft_model(
+        tiny_llama(),
+        dt.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], lora_dropout=0.1, init_lora_weights=False),
+    )
+    ours.save_pretrained(tmp_path)
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path))
+    mine = ours.get_base_model().model.layers[0].self_attn.q_proj
+    their = theirs.base_model.model.model.layers[0].self_attn.q_proj
+    assert mine.use_dora == their.use_dora == {"default": False}
+    assert mine.lora_dropout["default"].p == their.lora_dropout["default"].p == 0.1
+    x = torch.randn(3, 32)
+    mine.eval(), their.eval()
+    for call in [
+        lambda layer: layer.set_scale("default", 0.5),
+        lambda layer: layer.scale_layer(3.0),
+        lambda layer: layer.unscale_layer(2.0),
+        lambda layer: layer.unscale_layer(),
+        lambda layer: layer.set_scale("absent", 9.0),
+    ]:
+        call(mine), call(their)
+        assert mine.scaling["default"] == pytest.approx(their.scaling["default"])
+        torch.testing.assert_close(mine(x), their(x), rtol=1e-5, atol=1e-5)
+    mine.scale_layer(2.0)
+    mine.merge()
+    with pytest.raises(dt.MergeError, match="unmerge"):
+        mine.scale_layer(2.0)

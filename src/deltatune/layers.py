@@ -86,6 +86,7 @@ class AdapterLayer(nn.Module, metaclass=abc.ABCMeta):
             if name in container:
                 del container[name]
         self.adapter_cache.pop(name, None)
+        self.__dict__.get("configured_scaling", {}).pop(name, None)
         self.active_adapters = [n for n in self.active_adapters if n != name]
 
     def _apply(self, fn, *args, **kwargs):
@@ -129,6 +130,37 @@ class AdapterLayer(nn.Module, metaclass=abc.ABCMeta):
     def enable_adapters(self, enabled: bool) -> None:
         """Turn this layer's adapters on or off (peft's switch)."""
         self.disabled = not enabled
+
+    # -- scale (peft's LoRA-family API; for methods whose layers keep a per-adapter `scaling`) ---------------------
+    def _scaling(self, adapter: str | None = None) -> dict[str, float]:
+        scaling = getattr(self, "scaling", None)
+        if not isinstance(scaling, dict):
+            raise AdapterError(f"{type(self).__name__} has no adapter scale to change.")
+        if self.merged:
+            raise MergeError("the adapter is merged into the base weight; unmerge it before changing its scale.")
+        configured = self.__dict__.setdefault("configured_scaling", {})
+        for name in [adapter] if adapter is not None else self.active_adapters:
+            configured.setdefault(name, scaling[name])  # first change: remember what the config gave
+        return scaling
+
+    def set_scale(self, adapter: str, scale: float) -> None:
+        """The adapter's scale becomes `scale` times the one its config gives (alpha / r for LoRA)."""
+        if adapter not in self.adapter_names:
+            return  # as in peft: a layer without this adapter is left alone
+        scaling = self._scaling(adapter)
+        scaling[adapter] = scale * self.configured_scaling[adapter]
+
+    def scale_layer(self, scale: float) -> None:
+        """Multiply the active adapters' scales by `scale`."""
+        scaling = self._scaling()
+        for name in self.active_adapters:
+            scaling[name] *= scale
+
+    def unscale_layer(self, scale: float | None = None) -> None:
+        """Divide the active adapters' scales by `scale`; with None, give them back their configured scale."""
+        scaling = self._scaling()
+        for name in self.active_adapters:
+            scaling[name] = self.configured_scaling[name] if scale is None else scaling[name] / scale
 
     @torch.no_grad()
     def get_delta_weight(self, adapter: str) -> Tensor:

@@ -150,7 +150,7 @@ def test_dropout_only_in_training_and_grads_flow():
         (dict(bias="some"), ConfigError),
         (dict(target_modules=[]), ConfigError),
         (dict(target_modules=["q_proj", ""]), ConfigError),
-        (dict(init_lora_weights="loftq"), UnsupportedFieldError),
+        (dict(init_lora_weights="eva"), UnsupportedFieldError),
         (dict(rank_pattern={"q": 0}), ConfigError),
         (dict(layers_pattern="layers"), ConfigError),
     ],

@@ -93,6 +93,46 @@ SCRIPTS = {
         loaded = AutoPeftModelForCausalLM.from_pretrained(out / "auto")
         torch.testing.assert_close(loaded(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
     """,
+    "trainer": """
+        import os
+        import torch
+        from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+        from transformers import Trainer, TrainingArguments
+        model = get_peft_model(make_base(), LoraConfig(task_type=TaskType.CAUSAL_LM, r=4, target_modules=["q_proj"]))
+        rows = [{"input_ids": row, "attention_mask": [1] * len(row), "labels": row, "text": "x"}
+                for row in ids.repeat(4, 1).tolist()]
+        args = TrainingArguments(output_dir=str(out / "run"), max_steps=4, save_steps=2, per_device_train_batch_size=4,
+                                 learning_rate=1e-2, report_to=[], use_cpu=True, disable_tqdm=True)
+        trainer = Trainer(model=model, args=args, train_dataset=rows, eval_dataset=rows[:4])
+        trainer.train()
+        assert trainer.evaluate()["eval_loss"] > 0
+        trainer.save_model(str(out / "final"))
+        assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(out / "final"))
+        assert os.path.exists(out / "run" / "checkpoint-2" / "adapter_model.safetensors")
+        model.eval()
+        loaded = PeftModel.from_pretrained(make_base(), str(out / "final"))
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+        again = get_peft_model(make_base(), LoraConfig(task_type=TaskType.CAUSAL_LM, r=4, target_modules=["q_proj"]))
+        resumed = Trainer(model=again, args=args, train_dataset=rows)
+        resumed.train(resume_from_checkpoint=str(out / "run" / "checkpoint-2"))
+        torch.testing.assert_close(again.eval()(input_ids=ids).logits, model(input_ids=ids).logits)
+    """,
+    "inference_loading": """
+        import torch
+        from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
+        trained = get_peft_model(make_base(), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+        trained.save_pretrained(out / "adapter")
+        config = PeftConfig.from_pretrained(out / "adapter")
+        assert config.peft_type == "LORA" and config.r == 2
+        model = PeftModel.from_pretrained(make_base(), out / "adapter")
+        assert not model.training and not any(p.requires_grad for p in model.parameters())
+        model.load_adapter(out / "adapter", adapter_name="second")
+        model.set_adapter("second")
+        with torch.no_grad():
+            torch.testing.assert_close(model(input_ids=ids).logits, trained.eval()(input_ids=ids).logits)
+            tokens = model.generate(input_ids=ids[:1], max_new_tokens=3, do_sample=False)
+        assert tokens.shape == (1, ids.shape[1] + 3)
+    """,
 }
 
 

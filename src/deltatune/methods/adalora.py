@@ -57,6 +57,7 @@ class AdaLoraConfig(AdapterConfig):
         "trainable_token_indices",
         "ensure_weight_tying",
         "layer_replication",
+        "loftq_config",
         "use_dora",
         "use_rslora",
         "alpha_pattern",

@@ -279,6 +279,16 @@ class _LoraLayer(AdapterLayer):
         return list(getattr(self, self.lora_param_names[0]).keys())
 
     @property
+    def use_dora(self) -> dict[str, bool]:
+        """peft's per-adapter flag: does the adapter use DoRA."""
+        return {name: self.variant.get(name) == "use_dora" for name in self.adapter_names}
+
+    @property
+    def lora_dropout(self) -> nn.ModuleDict:
+        """peft's per-adapter dropout modules (a view: the rate lives in `dropout_p`)."""
+        return nn.ModuleDict({n: nn.Dropout(p) if p > 0 else nn.Identity() for n, p in self.dropout_p.items()})
+
+    @property
     def adapter_other_names(self) -> tuple[str, ...]:
         return ("r", "lora_alpha", "scaling", "dropout_p", "variant", "init_from_base")
 
