@@ -60,7 +60,7 @@ class AdapterConfig:
         if isinstance(self.modules_to_save, (set, tuple)):
             self.modules_to_save = list(self.modules_to_save)
         if isinstance(self.target_modules, list):
-            if not self.target_modules:
+            if not self.target_modules and self.needs_target_modules():
                 raise ConfigError(
                     'target_modules is an empty list: name at least one module, e.g. ["q_proj", "v_proj"].'
                 )
@@ -73,6 +73,11 @@ class AdapterConfig:
             raise ConfigError(f"layers_to_transform holds a negative index: {self.layers_to_transform}.")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ConfigError("layers_pattern is only used with layers_to_transform: set both, or neither.")
+
+    def needs_target_modules(self) -> bool:
+        """False when the config adapts something besides modules, so an empty `target_modules` list is meaningful
+        (a method's config decides)."""
+        return True
 
     # -- JSON ---------------------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

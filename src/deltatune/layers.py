@@ -215,7 +215,7 @@ class AdapterLayer(nn.Module, metaclass=abc.ABCMeta):
         if self._base_stored_otherwise:
             self.base_layer.set_weight(weight)
         else:
-            self.base_layer.weight.data.copy_(weight.to(self.base_layer.weight.dtype))
+            self.base_weight.data.copy_(weight.to(self.base_weight.dtype))
 
     @abc.abstractmethod
     def compose(self, name: str, weight: Tensor) -> Tensor:
@@ -253,7 +253,7 @@ class AdapterLayer(nn.Module, metaclass=abc.ABCMeta):
                 new = new.to(before.dtype)
                 record = exact_restore_record(before, self.decompose(name, new.float()))
                 self.merge_state.setdefault(name, {}).update(record)
-                self.base_layer.weight.data.copy_(new)
+                self.base_weight.data.copy_(new)
             if new_bias is not None:
                 bias = self.base_layer.bias
                 recovered = (new_bias.float() - self.bias_delta(name)).to(bias.dtype)
@@ -290,7 +290,7 @@ class AdapterLayer(nn.Module, metaclass=abc.ABCMeta):
             if self._base_stored_otherwise:
                 self.base_layer.load_weight_state(record)
             else:
-                weight = self.base_layer.weight
+                weight = self.base_weight
                 restored = self.decompose(name, weight.detach().float()).to(weight.dtype)
                 restored.view(-1)[record["index"].long()] = record["value"]
                 weight.data.copy_(restored)

@@ -29,6 +29,8 @@ def split_rows(forward: Callable[..., Tensor]) -> Callable[..., Tensor]:
         names = getattr(self, "row_adapters", None)
         if names is None:
             return forward(self, *args, **kwargs)
+        if not getattr(self, "rows_independent", True):
+            raise AdapterError(f"adapter_names= cannot split the rows of a batch inside {type(self).__name__}.")
         x, args = args[0], args[1:]
         if len(names) != x.shape[0]:
             raise AdapterError(

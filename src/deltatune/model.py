@@ -185,16 +185,20 @@ class PeftModel(PretrainedFacade):
         """Wrap every target and add the adapter to it; on any failure, undo everything this call did."""
         undo = spec.prepare_model(self._base, config) if spec.prepare_model is not None else None
         try:
-            targets = find_targets(
-                self._module_types(),
-                target_modules=config.target_modules,
-                supported=tuple(spec.layers),
-                exclude_modules=config.exclude_modules,
-                layers_to_transform=config.layers_to_transform,
-                layers_pattern=config.layers_pattern,
-                output_head=output_head_name(self._base),
-                strict=strict,
-                linear_types=linear_types(),
+            targets = (
+                []
+                if config.target_modules == []
+                else find_targets(
+                    self._module_types(),
+                    target_modules=config.target_modules,
+                    supported=tuple(spec.layers),
+                    exclude_modules=config.exclude_modules,
+                    layers_to_transform=config.layers_to_transform,
+                    layers_pattern=config.layers_pattern,
+                    output_head=output_head_name(self._base),
+                    strict=strict,
+                    linear_types=linear_types(),
+                )
             )
             extra: dict[str, nn.Module] = {}
             if spec.make_shared is not None:
@@ -225,7 +229,7 @@ class PeftModel(PretrainedFacade):
         """Drop the adapter from every wrapper; wrappers left empty give their module back."""
         if adapter_name in self.shared:
             del self.shared[adapter_name]
-        for name, wrapper in list(self._wrappers()):
+        for name, wrapper in reversed(list(self._wrappers())):  # inner wrappers (nested) first
             wrapper.delete_adapter(adapter_name)
             if not wrapper.adapter_names:
                 original = wrapper.base_layer if isinstance(wrapper, AdapterLayer) else wrapper.original_module
@@ -364,7 +368,7 @@ class PeftModel(PretrainedFacade):
         return self._unwrap(keep_copies=False)
 
     def _unwrap(self, keep_copies: bool) -> nn.Module:
-        for name, wrapper in list(self._wrappers()):
+        for name, wrapper in reversed(list(self._wrappers())):  # inner wrappers (nested) first
             if isinstance(wrapper, AdapterLayer):
                 replace_module(self._base, name, wrapper.base_layer)
             else:

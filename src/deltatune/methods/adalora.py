@@ -58,6 +58,7 @@ class AdaLoraConfig(AdapterConfig):
         "ensure_weight_tying",
         "layer_replication",
         "loftq_config",
+        "target_parameters",
         "use_dora",
         "use_rslora",
         "alpha_pattern",

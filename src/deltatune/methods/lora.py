@@ -61,7 +61,6 @@ class LoraConfig(AdapterConfig):
         "corda_config",
         "alora_invocation_tokens",
         "arrow_config",
-        "target_parameters",
         "kasa_config",
         "lora_ga_config",
         "monteclora_config",
@@ -94,6 +93,9 @@ class LoraConfig(AdapterConfig):
     """Per-module alphas, like rank_pattern."""
     use_dora: bool = False
     """DoRA: decompose the update into magnitude and direction (deltatune.methods.dora)."""
+    target_parameters: list[str] | None = None
+    """LoRA on parameters instead of modules, by name or dotted suffix (e.g. "mlp.experts.gate_up_proj" for a
+    mixture-of-experts stack; deltatune.methods.lora_parameter). With only these, set target_modules=[]."""
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
     """Train only these rows of the input embedding (a list), or of named embedding modules (a dict, name ->
     token ids), e.g. new special tokens (deltatune.methods.trainable_tokens); a tied output head follows."""
@@ -155,6 +157,9 @@ class LoraConfig(AdapterConfig):
                 not isinstance(v, (int, float)) or v <= 0 for v in pattern.values()
             ):
                 raise ConfigError(f"{name} must map module-name regexes to positive numbers, got {pattern!r}.")
+
+    def needs_target_modules(self) -> bool:
+        return not self.target_parameters
 
     def _check_loftq(self) -> None:
         if self.init_lora_weights != "loftq":

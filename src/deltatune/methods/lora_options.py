@@ -1,6 +1,6 @@
 """LoRA's options beyond the plain update (peft's `LoraConfig` fields): the adapter-only inits, the conversion of a
-base-rewriting init (PiSSA, OLoRA, LoftQ) into a plain LoRA on the original base, layer replication and trainable
-token rows. The layers call these; `deltatune.methods.lora` registers them with the method."""
+base-rewriting init (PiSSA, OLoRA, LoftQ) into a plain LoRA on the original base, layer replication, parameter
+targets and trainable token rows. The layers call these; `deltatune.methods.lora` registers them with the method."""
 
 from __future__ import annotations
 
@@ -80,4 +80,7 @@ def lora_extra_modules(model: nn.Module, adapter_name: str, config: LoraConfig) 
             "ensure_weight_tying=True with modules_to_save is not supported (tied copies of whole layers); train "
             "the embedding's rows with trainable_token_indices instead, or drop ensure_weight_tying."
         )
+    from deltatune.methods.lora_parameter import add_parameter_targets  # it builds on the LoRA layer classes
+
+    add_parameter_targets(model, adapter_name, config)
     add_trainable_tokens(model, adapter_name, config)
