@@ -68,7 +68,12 @@ def _umask() -> int:
 
 def dump_tensors(tensors: dict[str, Tensor]) -> bytes:
     """Serialize to safetensors bytes (contiguous CPU copies; peft's `format: pt` metadata)."""
-    plain = {k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}
+    plain, storages = {}, set()
+    for key, tensor in tensors.items():
+        tensor = tensor.detach().to("cpu").contiguous()
+        storage = tensor.untyped_storage().data_ptr()
+        plain[key] = tensor.clone() if storage in storages else tensor  # safetensors refuses shared memory (tied)
+        storages.add(storage)
     return safetensors_dumps(plain, metadata={"format": "pt"})
 
 

@@ -125,11 +125,6 @@ def test_dict_form_and_refusals():
                 ensure_weight_tying=True,
             ),
         )
-    with pytest.raises(dt.UnsupportedFieldError, match="ensure_weight_tying"):
-        dt.get_peft_model(
-            _llama(True),
-            dt.LoraConfig(target_modules=["q_proj"], modules_to_save=["lm_head"], ensure_weight_tying=True),
-        )
     base = tiny_llama()
     before = {k: v.clone() for k, v in base.state_dict().items()}
     with pytest.raises(dt.ConfigError):  # a failed injection leaves the model as it was
@@ -141,3 +136,22 @@ def test_dict_form_and_refusals():
         all(torch.equal(v, before[k]) for k, v in base.state_dict().items())
         and base.state_dict().keys() == before.keys()
     )
+
+
+@pytest.mark.parametrize("saved", [["embed_tokens"], ["lm_head"]])
+def test_ensure_weight_tying_keeps_whole_copies_tied_like_peft(saved, tmp_path):
+    peft = pytest.importorskip("peft")
+    config = dict(r=2, target_modules=["q_proj"], modules_to_save=list(saved), ensure_weight_tying=True)
+    ours = dt.get_peft_model(_llama(True), dt.LoraConfig(**config))
+    inner = ours.get_base_model()
+    head, embedding = inner.lm_head.modules_to_save["default"], inner.model.embed_tokens.modules_to_save["default"]
+    assert head.weight is embedding.weight and head.weight.requires_grad  # one trainable table
+    _set_rows(ours)
+    ours.eval()
+    ours.save_pretrained(tmp_path)
+    theirs = peft.PeftModel.from_pretrained(_llama(True), str(tmp_path)).eval()
+    torch.testing.assert_close(model_output(theirs, IDS), model_output(ours, IDS), rtol=1e-5, atol=1e-5)
+    back = dt.PeftModel.from_pretrained(_llama(True), tmp_path)
+    torch.testing.assert_close(model_output(back, IDS), model_output(ours, IDS), rtol=1e-5, atol=1e-5)
+    merged = ours.merge_and_unload()
+    assert merged.lm_head.weight is merged.model.embed_tokens.weight

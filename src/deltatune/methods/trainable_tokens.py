@@ -181,3 +181,38 @@ def _wrapped(model: nn.Module, path: str) -> TrainableTokensLayer:
     layer = TrainableTokensLayer(module)
     replace_module(model, path, layer)
     return layer
+
+
+def tie_saved_copies(model: nn.Module, adapter_name: str, config: Any) -> None:
+    """`ensure_weight_tying` with `modules_to_save`: when the output head shares the input embedding's weight and
+    either is saved whole, both get a trainable copy and the two copies share one weight (peft's behaviour; without
+    it the head keeps the frozen table while the embedding's copy trains). Both are saved, as peft saves them."""
+    from deltatune.layers import TrainableCopy
+
+    saved = set(resolve_modules_to_save(model, config.modules_to_save or []))
+    embeddings = getattr(model, "get_input_embeddings", lambda: None)()
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    if embeddings is None or head is None:
+        return
+    paths = {_path_of(model, embeddings), _path_of(model, head)}
+    if not paths & saved:
+        return
+
+    def original(module: nn.Module) -> nn.Module:
+        return module.original_module if isinstance(module, TrainableCopy) else module
+
+    if original(embeddings).weight is not original(head).weight:
+        warnings.warn(
+            "ensure_weight_tying=True but the model's output head is not tied to the embedding.", stacklevel=3
+        )
+        return
+    copies = []
+    for path in sorted(paths):  # the embedding and the head, each wrapped once
+        module = model.get_submodule(path)
+        if not isinstance(module, TrainableCopy):
+            module = TrainableCopy(module)
+            replace_module(model, path, module)
+        if adapter_name not in module.modules_to_save:
+            module.add_adapter(adapter_name)
+        copies.append(module.modules_to_save[adapter_name])
+    copies[1].weight = copies[0].weight  # one trainable table for both
