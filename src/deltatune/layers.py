@@ -256,19 +256,26 @@ class AdapterLayer(nn.Module, metaclass=abc.ABCMeta):
                 self.base_weight.data.copy_(new)
             if new_bias is not None:
                 bias = self.base_layer.bias
-                recovered = (new_bias.float() - self.bias_delta(name)).to(bias.dtype)
+                recovered = self.decompose_bias(name, new_bias.float()).to(bias.dtype)
                 record = exact_restore_record(bias.detach(), recovered)
                 self.merge_state[name].update({f"bias.{k}": v for k, v in record.items()})
                 bias.data.copy_(new_bias)
             self.merged_adapters.append(name)
 
-    def bias_delta(self, name: str) -> Tensor | None:
-        """What adapter `name` adds to the base layer's bias (float32), for methods that train one; else None."""
-        return None
+    def changes_bias(self, name: str) -> bool:
+        """Whether merging adapter `name` also changes the base layer's bias (`compose_bias` / `decompose_bias`)."""
+        return False
+
+    def compose_bias(self, name: str, bias: Tensor) -> Tensor:
+        """The base bias with adapter `name` folded in (float32); only called when `changes_bias(name)`."""
+        raise NotImplementedError
+
+    def decompose_bias(self, name: str, bias: Tensor) -> Tensor:
+        """The inverse of `compose_bias`."""
+        raise NotImplementedError
 
     def _merged_bias(self, name: str, safe_merge: bool) -> Tensor | None:
-        delta = self.bias_delta(name)
-        if delta is None:
+        if not self.changes_bias(name):
             return None
         bias = getattr(self.base_layer, "bias", None)
         if bias is None:
@@ -276,7 +283,7 @@ class AdapterLayer(nn.Module, metaclass=abc.ABCMeta):
                 f"adapter {name!r} trains a bias but {type(self.base_layer).__name__} has none to merge it into; "
                 "keep the adapter unmerged."
             )
-        new_bias = bias.detach().float() + delta
+        new_bias = self.compose_bias(name, bias.detach().float())
         if safe_merge and not torch.isfinite(new_bias).all():
             raise MergeError(f"merging adapter {name!r} gives a non-finite bias; the base was left unchanged.")
         return new_bias.to(bias.dtype)
@@ -296,7 +303,7 @@ class AdapterLayer(nn.Module, metaclass=abc.ABCMeta):
                 weight.data.copy_(restored)
             if "bias.index" in record:
                 bias = self.base_layer.bias
-                restored = (bias.detach().float() - self.bias_delta(name)).to(bias.dtype)
+                restored = self.decompose_bias(name, bias.detach().float()).to(bias.dtype)
                 restored.view(-1)[record["bias.index"].long()] = record["bias.value"]
                 bias.data.copy_(restored)
             del self.merge_state[name]

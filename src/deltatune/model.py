@@ -150,12 +150,7 @@ class PeftModel(PretrainedFacade):
         self._apply_active()
 
     def _with_default_targets(self, config: AdapterConfig, spec: MethodSpec) -> AdapterConfig:
-        if config.target_modules is not None:
-            return config
-        targets = spec.default_targets(model_type_of(self._base))
-        if targets is None:
-            raise ConfigError(f"target_modules is not set and {spec.peft_type} has no default for this model; set it.")
-        return config.replace(target_modules=targets)
+        return spec.complete(config, model_type_of(self._base))
 
     def _check_same_method(self, spec: MethodSpec) -> None:
         types = {c.peft_type for c in self.peft_config.values()}

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from torch import Tensor, nn
 
-from deltatune.errors import UnknownMethodError
+from deltatune.errors import ConfigError, UnknownMethodError
 
 if TYPE_CHECKING:
     from deltatune.config import AdapterConfig
@@ -70,6 +70,9 @@ class MethodSpec:
     """Optional: builds the tensors all of an adapter's layers share (from the config and the target modules); the
     module is handed to each layer's `add_adapter(shared=...)`, and its persistent buffers are saved as
     `base_model.<name>` (peft's key for e.g. VeRA's projections)."""
+    with_defaults: Callable[[AdapterConfig, str | None], AdapterConfig] | None = None
+    """Optional: (config, model_type) -> the config with its model-family defaults filled in, where more than
+    `target_modules` depends on the family (e.g. which targets are feed-forward); replaces `default_targets`."""
     prepare_model: Callable[[nn.Module, AdapterConfig], Callable[[], None]] | None = None
     """Optional: (model, config) changes the model's structure before the targets are looked up (e.g. replicates
     layers) and returns a function that undoes it, which the core calls if adding the adapter fails."""
@@ -83,6 +86,17 @@ class MethodSpec:
     """Optional: (config, trained tensors, tensors saved right after init) -> an adapter of this method that adds
     the same change to the *original* base, for inits that rewrite the base (`save_pretrained`'s
     `path_initial_model_for_weight_conversion`, peft's name)."""
+
+    def complete(self, config: AdapterConfig, model_type: str | None) -> AdapterConfig:
+        """`config` with the model family's defaults filled in (`with_defaults`, else `default_targets`)."""
+        if self.with_defaults is not None:
+            return self.with_defaults(config, model_type)
+        if config.target_modules is not None:
+            return config
+        targets = self.default_targets(model_type)
+        if targets is None:
+            raise ConfigError(f"target_modules is not set and {self.peft_type} has no default for this model; set it.")
+        return config.replace(target_modules=targets)
 
     def layer_for(self, module: nn.Module) -> type[AdapterLayer] | None:
         """The wrapper class for `module`, or None if this method cannot adapt its type."""

@@ -99,6 +99,16 @@ def _vera_dense(layer, name, module, w):
     return w + torch.diag(layer.vera_lambda_b[name]) @ b @ torch.diag(layer.vera_lambda_d[name]) @ a
 
 
+def _ia3_dense(layer, name, module, w):
+    """diag(l) W: each output row scaled (Liu et al. 2022 §3.3; the contract's targets are all non-feed-forward)."""
+    return layer.ia3_l[name].reshape(-1, 1) * w
+
+
+def _ia3_dense_bias(layer, name, module, b):
+    """l ⊙ b: an output scale multiplies the layer's whole output, bias included."""
+    return layer.ia3_l[name].flatten() * b
+
+
 def _lora_saved(module) -> dict[str, tuple[int, ...]]:
     kind, d_in, d_out, kernel = _dims(module)
     if kind == "embedding":
@@ -182,6 +192,8 @@ class MethodCase:
     """targets on the custom model for methods that wrap fewer layer types than LoRA"""
     not_additive: str | None = None
     """why several active adapters do not equal their composed merge (the check is skipped, with this reason)"""
+    dense_bias: callable = None
+    """(layer, adapter, plain module, bias) -> the adapted bias, for methods that change it"""
 
 
 METHOD_CASES: dict[str, MethodCase] = {
@@ -236,6 +248,17 @@ METHOD_CASES: dict[str, MethodCase] = {
         saved=_gralora_saved,
         mlp_targets=["lin0", "lin1"],
     ),
+    "IA3": MethodCase(
+        "IA3",
+        make_config=lambda targets, **kw: dt.IA3Config(
+            target_modules=targets, feedforward_modules=[], init_ia3_weights=False, **kw
+        ),
+        dense=_ia3_dense,
+        dense_bias=_ia3_dense_bias,
+        count=lambda module: _dims(module)[2],  # one scale per output
+        saved=lambda module: {"ia3_l": (_dims(module)[2], 1)},
+        mlp_targets=["lin0", "lin1"],
+    ),
     "VERA": MethodCase(
         "VERA",
         make_config=lambda targets, **kw: dt.VeraConfig(r=VERA_R, target_modules=targets, init_weights=False, **kw),
@@ -288,6 +311,8 @@ def _reference(factory, peft_model, method, names):
             w = _as_out_in(module, module.weight.detach().float())
             for name in names:
                 w = method.dense(layer, name, module, w)
+                if method.dense_bias is not None and getattr(module, "bias", None) is not None:
+                    module.bias.copy_(method.dense_bias(layer, name, module, module.bias.detach().float()))
             module.weight.copy_(_as_out_in(module, w))
     return ref
 

@@ -4,6 +4,7 @@ from deltatune.methods import (
     adalora,  # noqa: F401
     dora,  # noqa: F401
     gralora,  # noqa: F401
+    ia3,  # noqa: F401
     lora,  # noqa: F401
     vera,  # noqa: F401
 )

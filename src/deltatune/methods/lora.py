@@ -435,9 +435,14 @@ class LoraLinear(_LoraLayer):
             result = result + (branch if branch.dtype == result.dtype else branch.to(result.dtype))
         return result
 
-    def bias_delta(self, name: str) -> Tensor | None:
-        bias = self.lora_B[name].bias
-        return None if bias is None else self.scaling[name] * bias.detach().float()
+    def changes_bias(self, name: str) -> bool:
+        return self.lora_B[name].bias is not None  # lora_bias
+
+    def compose_bias(self, name: str, bias: Tensor) -> Tensor:
+        return bias + self.scaling[name] * self.lora_B[name].bias.detach().float()
+
+    def decompose_bias(self, name: str, bias: Tensor) -> Tensor:
+        return bias - self.scaling[name] * self.lora_B[name].bias.detach().float()
 
     def delta_weight(self, name: str) -> Tensor:
         """s · B A in the base weight's layout, float32."""
