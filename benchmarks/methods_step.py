@@ -38,12 +38,15 @@ METHODS = {
     "VeRA": ("VeraConfig", dict(r=256)),
     # budget phase throughout (total_step far away): importance update + masking + orthogonal penalty every step
     "AdaLoRA": ("AdaLoraConfig", dict(init_r=12, target_r=8, lora_alpha=16, total_step=1000, task_type="CAUSAL_LM")),
+    # its own default targets (keys, values, the FFN's second linear scaled at its input)
+    "IA3": ("IA3Config", dict(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])),
 }
 
 
 def build(lib, method: str):
     cls, kwargs = METHODS[method]
-    model = lib.get_peft_model(smollm2_shaped(), getattr(lib, cls)(target_modules=TARGETS, **kwargs)).train()
+    kwargs = {"target_modules": TARGETS, **kwargs}
+    model = lib.get_peft_model(smollm2_shaped(), getattr(lib, cls)(**kwargs)).train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(0, 49152, (4, 128), generator=torch.Generator().manual_seed(0))
 
@@ -64,7 +67,9 @@ def build(lib, method: str):
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset (LoRA is always in)")
     args = parser.parse_args()
+    chosen = ["LoRA", *[m for m in args.methods.split(",") if m in METHODS and m != "LoRA"]]
     libs = {"deltatune": dt}
     try:
         import peft
@@ -72,7 +77,7 @@ def main() -> None:
         libs["peft"] = peft
     except ImportError:
         pass
-    variants = {f"{m} ({name})": build(lib, m) for m in METHODS for name, lib in libs.items()}
+    variants = {f"{m} ({name})": build(lib, m) for m in chosen for name, lib in libs.items()}
     saved = {k: saved_activation_bytes(m, loss) for k, (m, loss, _) in variants.items()}
     for m, _, _ in variants.values():
         m.zero_grad(set_to_none=True)
@@ -80,7 +85,7 @@ def main() -> None:
     step_s = {k: median(v) for k, v in times.items()}
     base = step_s["LoRA (deltatune)"]
     lines = [
-        "# One training step per method: SmolLM2-135M shape, batch 4 x 128, q,k,v,o",
+        "# One training step per method: SmolLM2-135M shape, batch 4 x 128, q,k,v,o (IA3: k,v,down)",
         "",
         *provenance(args.rounds, "one step per variant per round, all variants interleaved in one process"),
         '- a difference to peft is called one only when the two ranges do not overlap; otherwise "same"',
@@ -106,7 +111,15 @@ def main() -> None:
                 f"{method} overhead over LoRA: deltatune {ours:.3f}x, peft {theirs:.3f}x "
                 f"(target: ours <= peft's): {verdict(ours <= theirs)}.",
             ]
-    write_results("methods_step", lines, {"step_s": times, "saved_bytes": saved, "rounds": args.rounds})
+    if "IA3 (peft)" in step_s:
+        ours, theirs = times["IA3 (deltatune)"], times["IA3 (peft)"]
+        met = median(ours) <= median(theirs) or not distinct(ours, theirs)
+        lines += [
+            "",
+            f"IA3 step vs peft's: {median(ours) / median(theirs):.3f}x (target: at or below): {verdict(met)}.",
+        ]
+    name = "methods_step" if len(chosen) == len(METHODS) else "methods_step_" + "_".join(m.lower() for m in chosen)
+    write_results(name, lines, {"step_s": times, "saved_bytes": saved, "rounds": args.rounds})
 
 
 if __name__ == "__main__":

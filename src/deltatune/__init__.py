@@ -27,6 +27,7 @@ from deltatune.errors import (
 from deltatune.methods.adalora import AdaLoraConfig
 from deltatune.methods.gralora import GraloraConfig
 from deltatune.methods.ia3 import IA3Config
+from deltatune.methods.ln_tuning import LNTuningConfig
 from deltatune.methods.lora import LoraConfig
 from deltatune.methods.vera import VeraConfig
 from deltatune.model import PeftModel, get_peft_model, inject_adapter_in_model, load_config
@@ -70,6 +71,7 @@ __all__ = [
     "LoraConfig",
     "VeraConfig",
     "IA3Config",
+    "LNTuningConfig",
     "MergeError",
     "MethodSpec",
     "PeftConfig",

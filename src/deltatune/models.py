@@ -28,6 +28,8 @@ class ArchSpec:
     heads_attr: str = "num_attention_heads"
     lora_targets: tuple[str, ...] = ()
     """Default LoRA targets when `target_modules` is not given (peft's defaults)."""
+    norms: tuple[str, ...] = ()
+    """Names (suffixes) of the normalization layers: inside each block and the final one."""
 
 
 _LLAMA_LIKE = ArchSpec(
@@ -41,6 +43,7 @@ _LLAMA_LIKE = ArchSpec(
     mlp_down="mlp.down_proj",
     mlp_gate="mlp.gate_proj",
     lora_targets=("q_proj", "v_proj"),
+    norms=("input_layernorm", "post_attention_layernorm", "norm"),
 )
 _BERT_LIKE_PREFIX = {"bert": "bert", "roberta": "roberta"}
 
@@ -59,6 +62,7 @@ ARCHS: dict[str, ArchSpec] = {
         mlp_down="mlp.c_proj",
         heads_attr="n_head",
         lora_targets=("c_attn",),
+        norms=("ln_1", "ln_2", "ln_f"),
     ),
     **{
         family: ArchSpec(
@@ -71,6 +75,7 @@ ARCHS: dict[str, ArchSpec] = {
             mlp_up="intermediate.dense",
             mlp_down="output.dense",
             lora_targets=("query", "value"),
+            norms=("LayerNorm",),
         )
         for family, prefix in _BERT_LIKE_PREFIX.items()
     },
@@ -85,6 +90,7 @@ ARCHS: dict[str, ArchSpec] = {
         mlp_down="layer.1.DenseReluDense.wo",
         heads_attr="num_heads",
         lora_targets=("q", "v"),
+        norms=("layer_norm", "final_layer_norm"),
     ),
 }
 

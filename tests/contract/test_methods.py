@@ -109,6 +109,19 @@ def _ia3_dense_bias(layer, name, module, b):
     return layer.ia3_l[name].flatten() * b
 
 
+def _copy_dense(layer, name, module, w):
+    """LN tuning: the layer runs its adapter's trained copy, so the weight is the copy's."""
+    return _as_out_in(module, layer.ln_tuning_layers[name].weight.detach().float())
+
+
+def _copy_dense_bias(layer, name, module, b):
+    return layer.ln_tuning_layers[name].bias.detach().float()
+
+
+def _copy_saved(module) -> dict[str, tuple[int, ...]]:
+    return {f"ln_tuning_layers.{k}": tuple(v.shape) for k, v in module.named_parameters()}
+
+
 def _lora_saved(module) -> dict[str, tuple[int, ...]]:
     kind, d_in, d_out, kernel = _dims(module)
     if kind == "embedding":
@@ -194,6 +207,8 @@ class MethodCase:
     """why several active adapters do not equal their composed merge (the check is skipped, with this reason)"""
     dense_bias: callable = None
     """(layer, adapter, plain module, bias) -> the adapted bias, for methods that change it"""
+    starts_at_base: bool = False
+    """the method has no random init (its adapter equals the base at creation): the checks move it off first"""
 
 
 METHOD_CASES: dict[str, MethodCase] = {
@@ -259,6 +274,17 @@ METHOD_CASES: dict[str, MethodCase] = {
         saved=lambda module: {"ia3_l": (_dims(module)[2], 1)},
         mlp_targets=["lin0", "lin1"],
     ),
+    "LN_TUNING": MethodCase(
+        "LN_TUNING",
+        make_config=lambda targets, **kw: dt.LNTuningConfig(target_modules=targets, **kw),
+        dense=_copy_dense,
+        dense_bias=_copy_dense_bias,
+        count=lambda module: sum(p.numel() for p in module.parameters()),  # the whole copy trains
+        saved=_copy_saved,
+        mlp_targets=["lin0", "lin1"],
+        not_additive="one copy runs at a time: several active adapters are refused",
+        starts_at_base=True,
+    ),
     "VERA": MethodCase(
         "VERA",
         make_config=lambda targets, **kw: dt.VeraConfig(r=VERA_R, target_modules=targets, init_weights=False, **kw),
@@ -292,6 +318,22 @@ def tiny_for(tiny, method):
     return name, model, targets, inputs
 
 
+def _move_off_base(pm, method, name="default"):
+    """For a method whose fresh adapter computes the base exactly, a random step away from it (as training would)."""
+    if method.starts_at_base:
+        g = torch.Generator().manual_seed(7 if name == "default" else 11)
+        with torch.no_grad():
+            for layer in _wrapped(pm).values():
+                for p in layer.adapter_parameters(name):
+                    p.add_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def _make(model, method, targets):
+    pm = dt.get_peft_model(model, method.make_config(targets))
+    _move_off_base(pm, method)
+    return pm
+
+
 def _wrapped(model):
     return {n: m for n, m in model.get_base_model().named_modules() if isinstance(m, AdapterLayer)}
 
@@ -319,7 +361,7 @@ def _reference(factory, peft_model, method, names):
 
 def test_forward_equals_dense_formula(tiny_for, method):
     name, model, targets, inputs = tiny_for
-    pm = dt.get_peft_model(model, method.make_config(targets))
+    pm = _make(model, method, targets)
     assert set(_wrapped(pm)) == set(_plain_targets(TINY_MODELS[name][0], targets))
     ref = _reference(TINY_MODELS[name][0], pm, method, ["default"])
     torch.testing.assert_close(model_output(pm, inputs), model_output(ref, inputs), rtol=1e-5, atol=1e-5)
@@ -328,7 +370,7 @@ def test_forward_equals_dense_formula(tiny_for, method):
 def test_merge_unmerge_restores_base_and_merged_equals_unmerged(tiny_for, method):
     _, model, targets, inputs = tiny_for
     before = copy.deepcopy(model.state_dict())
-    pm = dt.get_peft_model(model, method.make_config(targets))
+    pm = _make(model, method, targets)
     unmerged = model_output(pm, inputs)
     pm.merge_adapter()
     torch.testing.assert_close(model_output(pm, inputs), unmerged, rtol=1e-5, atol=1e-5)
@@ -341,7 +383,7 @@ def test_merge_unmerge_restores_base_and_merged_equals_unmerged(tiny_for, method
 def test_merge_and_unload_gives_plain_model_with_same_output(tiny_for, method):
     _, model, targets, inputs = tiny_for
     plain_types = {n: type(m) for n, m in model.named_modules()}
-    pm = dt.get_peft_model(model, method.make_config(targets))
+    pm = _make(model, method, targets)
     want = model_output(pm, inputs)
     merged = pm.merge_and_unload()
     assert {n: type(m) for n, m in merged.named_modules()} == plain_types
@@ -350,7 +392,7 @@ def test_merge_and_unload_gives_plain_model_with_same_output(tiny_for, method):
 
 def test_save_load_round_trip_and_only_adapter_tensors_saved(tiny_for, method, tmp_path):
     name, model, targets, inputs = tiny_for
-    pm = dt.get_peft_model(model, method.make_config(targets))
+    pm = _make(model, method, targets)
     want = model_output(pm, inputs)
     pm.save_pretrained(tmp_path)
     saved = load_file(tmp_path / "adapter_model.safetensors")
@@ -368,7 +410,7 @@ def test_save_load_round_trip_and_only_adapter_tensors_saved(tiny_for, method, t
 def test_disable_gives_base_output(tiny_for, method):
     name, model, targets, inputs = tiny_for
     base_out = model_output(model, inputs)
-    pm = dt.get_peft_model(model, method.make_config(targets))
+    pm = _make(model, method, targets)
     assert not torch.allclose(model_output(pm, inputs), base_out)
     with pm.disable_adapter():
         torch.testing.assert_close(model_output(pm, inputs), base_out, rtol=0, atol=0)
@@ -376,9 +418,10 @@ def test_disable_gives_base_output(tiny_for, method):
 
 def test_two_adapters_coexist_switch_and_sum(tiny_for, method):
     name, model, targets, inputs = tiny_for
-    pm = dt.get_peft_model(model, method.make_config(targets))
+    pm = _make(model, method, targets)
     torch.manual_seed(5)
     pm.add_adapter("b", method.make_config(targets))
+    _move_off_base(pm, method, "b")
     out_a = model_output(pm, inputs)
     pm.set_adapter("b")
     out_b = model_output(pm, inputs)
@@ -400,7 +443,7 @@ def test_two_adapters_coexist_switch_and_sum(tiny_for, method):
 def test_trainable_count_equals_closed_form(tiny_for, method):
     name, model, targets, _ = tiny_for
     base_total = sum(p.numel() for p in model.parameters())
-    pm = dt.get_peft_model(model, method.make_config(targets))
+    pm = _make(model, method, targets)
     trainable, total = pm.get_nb_trainable_parameters()
     closed_form = sum(method.count(m) for m in _plain_targets(TINY_MODELS[name][0], targets).values())
     assert trainable == closed_form > 0
@@ -411,7 +454,7 @@ def test_trainable_count_equals_closed_form(tiny_for, method):
 
 def test_training_step_moves_only_adapter(tiny_for, method):
     _, model, targets, inputs = tiny_for
-    pm = dt.get_peft_model(model, method.make_config(targets))
+    pm = _make(model, method, targets)
     pm.train()
     before = {n: p.detach().clone() for n, p in pm.named_parameters()}
     opt = torch.optim.SGD([p for p in pm.parameters() if p.requires_grad], lr=0.1)

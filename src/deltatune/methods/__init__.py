@@ -5,6 +5,7 @@ from deltatune.methods import (
     dora,  # noqa: F401
     gralora,  # noqa: F401
     ia3,  # noqa: F401
+    ln_tuning,  # noqa: F401
     lora,  # noqa: F401
     vera,  # noqa: F401
 )
