@@ -29,6 +29,7 @@ from deltatune.methods.gralora import GraloraConfig
 from deltatune.methods.ia3 import IA3Config
 from deltatune.methods.ln_tuning import LNTuningConfig
 from deltatune.methods.lora import LoraConfig
+from deltatune.methods.selective import SelectiveConfig
 from deltatune.methods.vera import VeraConfig
 from deltatune.model import PeftModel, get_peft_model, inject_adapter_in_model, load_config
 from deltatune.peft_types import PeftType, TaskType
@@ -72,6 +73,7 @@ __all__ = [
     "VeraConfig",
     "IA3Config",
     "LNTuningConfig",
+    "SelectiveConfig",
     "MergeError",
     "MethodSpec",
     "PeftConfig",

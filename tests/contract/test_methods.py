@@ -122,6 +122,15 @@ def _copy_saved(module) -> dict[str, tuple[int, ...]]:
     return {f"ln_tuning_layers.{k}": tuple(v.shape) for k, v in module.named_parameters()}
 
 
+def _selected_dense(layer, name, module, w):
+    """Selective: the module runs with its trained copies of its own parameters."""
+    return _as_out_in(module, layer.selected[name]["weight"].detach().float())
+
+
+def _selected_dense_bias(layer, name, module, b):
+    return layer.selected[name]["bias"].detach().float()
+
+
 def _lora_saved(module) -> dict[str, tuple[int, ...]]:
     kind, d_in, d_out, kernel = _dims(module)
     if kind == "embedding":
@@ -283,6 +292,19 @@ METHOD_CASES: dict[str, MethodCase] = {
         saved=_copy_saved,
         mlp_targets=["lin0", "lin1"],
         not_additive="one copy runs at a time: several active adapters are refused",
+        starts_at_base=True,
+    ),
+    "SELECTIVE": MethodCase(
+        "SELECTIVE",
+        make_config=lambda targets, **kw: dt.SelectiveConfig(
+            modules=targets, train_parameters=["weight", "bias"], **kw
+        ),
+        dense=_selected_dense,
+        dense_bias=_selected_dense_bias,
+        count=lambda module: sum(p.numel() for p in module.parameters()),  # the selected modules train whole
+        saved=lambda module: {k: tuple(v.shape) for k, v in module.named_parameters()},
+        mlp_targets=["lin0", "lin1"],
+        not_additive="each adapter replaces the same parameters: one runs at a time",
         starts_at_base=True,
     ),
     "VERA": MethodCase(

@@ -7,6 +7,7 @@ from deltatune.methods import (
     ia3,  # noqa: F401
     ln_tuning,  # noqa: F401
     lora,  # noqa: F401
+    selective,  # noqa: F401
     vera,  # noqa: F401
 )
 
