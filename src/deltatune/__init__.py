@@ -25,6 +25,7 @@ from deltatune.errors import (
     UnsupportedModuleError,
 )
 from deltatune.methods.adalora import AdaLoraConfig
+from deltatune.methods.bottleneck import BottleneckConfig
 from deltatune.methods.gralora import GraloraConfig
 from deltatune.methods.ia3 import IA3Config
 from deltatune.methods.ln_tuning import LNTuningConfig
@@ -72,6 +73,7 @@ __all__ = [
     "LoraConfig",
     "VeraConfig",
     "IA3Config",
+    "BottleneckConfig",
     "LNTuningConfig",
     "SelectiveConfig",
     "MergeError",

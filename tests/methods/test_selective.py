@@ -25,7 +25,7 @@ def _bert_base():
     [(None, 102_912), (["query", "intermediate.dense"], 46_080)],  # paper_facts §14: all biases; b_q + b_m2
 )
 def test_bitfit_counts_on_bert_base_are_the_paper_s(modules, count):
-    model = dt.get_peft_model(_bert_base(), dt.SelectiveConfig(modules=modules))
+    model = dt.get_peft_model(_bert_base(), dt.SelectiveConfig(select_modules=modules))
     assert model.get_nb_trainable_parameters()[0] == count
 
 
@@ -38,26 +38,28 @@ def _perturb(model, seed=3):
 
 
 def test_bitfit_trains_and_saves_exactly_the_biases_and_the_head(tmp_path):
-    model = dt.get_peft_model(tiny_bert(), dt.SelectiveConfig(train_output_head=True, modules=["query", "value"]))
+    model = dt.get_peft_model(
+        tiny_bert(), dt.SelectiveConfig(train_output_head=True, select_modules=["query", "value"])
+    )
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {
-        *{f"base_model.model.bert.encoder.layer.{i}.attention.self.{m}.selected.default.bias" for i in (0, 1)
+        *{f"base_model.model.bert.encoder.layer.{i}.attention.self.{m}.selective_params.default.bias" for i in (0, 1)
           for m in ("query", "value")},
-        "base_model.model.classifier.selected.default.weight",
-        "base_model.model.classifier.selected.default.bias",
+        "base_model.model.classifier.selective_params.default.weight",
+        "base_model.model.classifier.selective_params.default.bias",
     }  # fmt: skip
     _perturb(model)
     # independent truth: a fresh model with those parameters replaced computes the same outputs
     reference = tiny_bert()
     with torch.no_grad():
         for path, layer in model.get_base_model().named_modules():
-            if hasattr(layer, "selected"):
-                for pname, value in layer.selected["default"].items():
+            if hasattr(layer, "selective_params"):
+                for pname, value in layer.selective_params["default"].items():
                     getattr(reference.get_submodule(path), pname).copy_(value)
     torch.testing.assert_close(model_output(model, IDS), model_output(reference, IDS), rtol=1e-5, atol=1e-5)
     model.save_pretrained(tmp_path)
     saved = load_file(tmp_path / "adapter_model.safetensors")
-    assert set(saved) == {k.replace(".selected.default", "") for k in trainable}
+    assert set(saved) == {k.replace(".selective_params.default", "") for k in trainable}
     loaded = dt.PeftModel.from_pretrained(tiny_bert(), tmp_path)
     torch.testing.assert_close(model_output(loaded, IDS), model_output(model, IDS), rtol=0, atol=0)
     with model.disable_adapter():

@@ -2,6 +2,7 @@
 
 from deltatune.methods import (
     adalora,  # noqa: F401
+    bottleneck,  # noqa: F401
     dora,  # noqa: F401
     gralora,  # noqa: F401
     ia3,  # noqa: F401

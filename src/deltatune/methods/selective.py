@@ -3,7 +3,7 @@ comparison needs: BitFit (Ben Zaken et al. 2022, arXiv:2106.10199: the biases, a
 and first FFN biases), partial fine-tuning (the top k blocks, modules by name, the output head) and feature
 extraction (only the head).
 
-`SelectiveConfig(train_parameters=["bias"])` is BitFit over every module with a bias; `modules` narrows the
+`SelectiveConfig(train_parameters=["bias"])` is BitFit over every module with a bias; `select_modules` narrows the
 modules (name suffixes, or a regex), `top_k_layers` keeps those in the last k blocks (with train_parameters
 ["weight", "bias"]: partial fine-tuning), `train_output_head` adds the head (alone: feature extraction).
 
@@ -42,7 +42,7 @@ class SelectiveConfig(AdapterConfig):
 
     train_parameters: list[str] = field(default_factory=lambda: ["bias"])
     """Parameter names trained in each selected module: ["bias"] (BitFit) and/or "weight"."""
-    modules: list[str] | str | None = None
+    select_modules: list[str] | str | None = None
     """Which modules: name suffixes, or a regex over the full name; None: every module owning such a parameter."""
     top_k_layers: int | None = None
     """Only modules inside the last k blocks of the model's layer list (partial fine-tuning)."""
@@ -54,7 +54,7 @@ class SelectiveConfig(AdapterConfig):
             self.target_modules = []
         super().__post_init__()
         if self.target_modules:
-            raise ConfigError("SelectiveConfig selects with modules / top_k_layers / train_output_head; leave "
+            raise ConfigError("SelectiveConfig selects with select_modules / top_k_layers / train_output_head; leave "
                               "target_modules empty.")  # fmt: skip
         bad = [p for p in self.train_parameters if p not in _TRAINABLE_NAMES]
         if bad or not isinstance(self.train_parameters, list):
@@ -69,11 +69,11 @@ class SelectiveConfig(AdapterConfig):
 class SelectedParameters(AdapterLayer):
     """A module whose chosen parameters train as per-adapter copies (see the module doc)."""
 
-    adapter_param_names = ("selected",)
+    adapter_param_names = ("selective_params",)
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
-        self.selected = nn.ModuleDict()
+        self.selective_params = nn.ModuleDict()
 
     def add_adapter(self, name: str, *, parameters: list[str]) -> None:
         copies = nn.ParameterDict()
@@ -83,10 +83,10 @@ class SelectedParameters(AdapterLayer):
                 copies[pname] = nn.Parameter(original.detach().float().clone())
         if not copies:
             raise ConfigError(f"{type(self.base_layer).__name__} has none of the parameters {parameters}.")
-        self.selected[name] = copies
+        self.selective_params[name] = copies
 
     def adapter_state(self, name: str) -> dict[str, Tensor]:
-        return dict(self.selected[name].items()) if name in self.selected else {}
+        return dict(self.selective_params[name].items()) if name in self.selective_params else {}
 
     def set_active(self, names: Any) -> None:
         super().set_active(names)
@@ -97,7 +97,7 @@ class SelectedParameters(AdapterLayer):
         names = self.unmerged_active()
         if not names:
             return self.base_layer(*args, **kwargs)
-        copies = self.selected[names[0]]
+        copies = self.selective_params[names[0]]
         replaced = {k: v.to(getattr(self.base_layer, k).dtype) for k, v in copies.items()}
         return torch.func.functional_call(self.base_layer, replaced, args, kwargs)
 
@@ -111,17 +111,17 @@ class SelectedParameters(AdapterLayer):
         return getattr(self.base_layer, self._stored_as_weight)
 
     def compose(self, name: str, weight: Tensor) -> Tensor:
-        copy = self.selected[name].get(self._stored_as_weight)
+        copy = self.selective_params[name].get(self._stored_as_weight)
         return weight if copy is None else copy.detach().float().clone()
 
     def decompose(self, name: str, weight: Tensor) -> Tensor:
         return weight  # the originals cannot be computed back: merge's exact-restore record keeps them
 
     def changes_bias(self, name: str) -> bool:
-        return self._stored_as_weight == "weight" and "bias" in self.selected[name]
+        return self._stored_as_weight == "weight" and "bias" in self.selective_params[name]
 
     def compose_bias(self, name: str, bias: Tensor) -> Tensor:
-        return self.selected[name]["bias"].detach().float().clone()
+        return self.selective_params[name]["bias"].detach().float().clone()
 
     def decompose_bias(self, name: str, bias: Tensor) -> Tensor:
         return bias
@@ -140,12 +140,12 @@ def task_head_name(model: nn.Module) -> str | None:
 def _selected_modules(model: nn.Module, config: SelectiveConfig) -> dict[str, list[str]]:
     """Module path -> parameter names to train there."""
     head = task_head_name(model)
-    owners = [n for n, m in model.named_modules() if n and n != head and any(
+    owners = [n for n, m in model.named_modules() if n and any(
         isinstance(getattr(m, p, None), nn.Parameter) for p in config.train_parameters)]  # fmt: skip
-    if isinstance(config.modules, str):
-        owners = [n for n in owners if re.fullmatch(config.modules, n)]
-    elif config.modules is not None:
-        owners = [n for n in owners if any(n == k or n.endswith("." + k) for k in config.modules)]
+    if isinstance(config.select_modules, str):
+        owners = [n for n in owners if re.fullmatch(config.select_modules, n)]
+    elif config.select_modules is not None:
+        owners = [n for n in owners if any(n == k or n.endswith("." + k) for k in config.select_modules)]
     if config.top_k_layers is not None:
         layers_name, layers = find_layer_list(model)
         top = [f"{layers_name}.{i}." for i in range(max(0, len(layers) - config.top_k_layers), len(layers))]
@@ -154,7 +154,7 @@ def _selected_modules(model: nn.Module, config: SelectiveConfig) -> dict[str, li
     if config.train_output_head:
         if head is None:
             raise ConfigError("train_output_head=True, but this model has no output head (no LM head or task head).")
-        if config.modules is None and config.top_k_layers is None and config.train_parameters == ["bias"]:
+        if config.select_modules is None and config.top_k_layers is None and config.train_parameters == ["bias"]:
             selected = {}  # the head alone, with BitFit's default parameters: feature extraction
         selected[head] = list(_TRAINABLE_NAMES)  # a head trains whole
     return selected
@@ -164,8 +164,8 @@ def add_selected(model: nn.Module, adapter_name: str, config: SelectiveConfig) -
     selected = _selected_modules(model, config)
     if not selected:
         raise ConfigError(
-            f"no module of this model has the parameters {config.train_parameters} in the selection (modules="
-            f"{config.modules!r}, top_k_layers={config.top_k_layers}); a model without biases cannot use BitFit."
+            f"no module of this model has the parameters {config.train_parameters} in the selection (select_modules="
+            f"{config.select_modules!r}, top_k_layers={config.top_k_layers}); a model without biases cannot use BitFit."
         )
     for path, parameters in selected.items():
         module = model.get_submodule(path)
@@ -184,7 +184,7 @@ register_method(
         kind="layer",
         layers={nn.Module: SelectedParameters},
         layer_kwargs=lambda config, path: {"parameters": config.train_parameters},
-        param_prefix="selected",
+        param_prefix="selective_",
         adapt_extra_modules=add_selected,
     )
 )
