@@ -87,3 +87,59 @@ def test_save_load_several_adapters_layer_norms_and_merge_refused(tmp_path):
     assert not torch.allclose(model_output(model, IDS), want)
     with pytest.raises(dt.MergeError, match="non-linear"):
         model.merge_and_unload()
+
+
+def _two_adapters_and_fusion(factory=tiny_bert):
+    model = dt.get_peft_model(factory(), dt.BottleneckConfig(reduction_factor=4))
+    model.add_adapter("b", dt.BottleneckConfig(reduction_factor=4))
+    _perturb(model)  # both adapters "trained"
+    model.add_adapter("fusion", dt.BottleneckConfig(reduction_factor=4, fusion_of=["default", "b"]))
+    return model
+
+
+def test_fusion_combines_the_adapters_by_attention_and_trains_alone():
+    model = _two_adapters_and_fusion()
+    model.set_adapter("fusion")
+    layer = model.get_base_model().bert.encoder.layer[1].output.dense
+    x = torch.randn(3, 48)
+    h = layer.base_layer(x)
+    z = torch.stack([layer._adapter("default", h), layer._adapter("b", h)], dim=1)  # (tokens, N=2, d)
+    q = layer.fusion_query["fusion"](h)
+    scores = torch.einsum("nkd,nd->nk", layer.fusion_key["fusion"](z), q)
+    want = h + torch.einsum("nk,nkd->nd", scores.softmax(-1), layer.fusion_value["fusion"](z))
+    torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
+    # stage two: only the fusion's projections receive gradients, the combined adapters stay frozen
+    model.train()
+    model(**IDS).logits.sum().backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert grads and all(".fusion_" in n for n in grads)
+    with pytest.raises(dt.AdapterError, match="alone"):
+        model.set_adapter(["fusion", "b"])
+
+
+def test_fusion_of_one_adapter_reproduces_it_and_counts_match_the_paper(tmp_path):
+    model = dt.get_peft_model(tiny_bert(), dt.BottleneckConfig(reduction_factor=4))
+    _perturb(model)
+    alone = model_output(model, IDS)
+    model.add_adapter("fusion", dt.BottleneckConfig(reduction_factor=4, fusion_of=["default"]))
+    with torch.no_grad():  # exactly V = I: one adapter gets all the attention, so the output is its output
+        for module in model.modules():
+            if hasattr(module, "fusion_value") and "fusion" in module.fusion_value:
+                module.fusion_value["fusion"].weight.copy_(torch.eye(module.hidden_size))
+    model.set_adapter("fusion")
+    torch.testing.assert_close(model_output(model, IDS), alone, rtol=1e-5, atol=1e-5)
+    model.save_pretrained(tmp_path)
+    with pytest.raises(dt.ConfigError, match="default"):  # the fusion without the adapter it combines
+        dt.PeftModel.from_pretrained(tiny_bert(), tmp_path / "fusion", adapter_name="fusion")
+    loaded = dt.PeftModel.from_pretrained(tiny_bert(), tmp_path)
+    loaded.load_adapter(tmp_path / "fusion", "fusion")
+    loaded.set_adapter("fusion")
+    torch.testing.assert_close(model_output(loaded, IDS), alone, rtol=1e-5, atol=1e-5)
+    with torch.device("meta"):
+        from transformers import BertConfig, BertModel
+
+        base = BertModel(BertConfig())
+    big = dt.get_peft_model(base, dt.BottleneckConfig())
+    big.add_adapter("fusion", dt.BottleneckConfig(fusion_of=["default"]))
+    big.set_adapter("fusion")
+    assert big.get_nb_trainable_parameters()[0] == 21_252_096  # 12 · (3·768² + 2·768), paper_facts §12

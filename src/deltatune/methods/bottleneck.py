@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from deltatune.config import AdapterConfig
-from deltatune.errors import ConfigError, MergeError
+from deltatune.errors import AdapterError, ConfigError, MergeError
 from deltatune.layers import AdapterLayer, module_device
 from deltatune.models import arch_for
 from deltatune.registry import MethodSpec, register_method
@@ -52,6 +52,9 @@ class BottleneckConfig(AdapterConfig):
     scaling: float | None = None
     """s; unset: 1 for sequential placements, 4 for parallel (He et al.)."""
     init_weights: Literal["zeros", "bert"] = "zeros"
+    fusion_of: list[str] | None = None
+    """AdapterFusion (Pfeiffer et al. 2021): this adapter combines the named, already added bottleneck adapters of the
+    same placement; only its query/key/value projections train (the combined adapters stay frozen)."""
     train_layer_norms: bool = False
     """Also train the blocks' normalization layers in place (Houlsby trains every LayerNorm); saved with the adapter."""
 
@@ -65,6 +68,12 @@ class BottleneckConfig(AdapterConfig):
             raise ConfigError(f"bottleneck_size must be a positive integer, got {self.bottleneck_size!r}.")
         if not isinstance(self.reduction_factor, int) or self.reduction_factor < 1:
             raise ConfigError(f"reduction_factor must be a positive integer, got {self.reduction_factor!r}.")
+        if self.fusion_of is not None and (
+            not isinstance(self.fusion_of, list)
+            or not self.fusion_of
+            or not all(isinstance(n, str) for n in self.fusion_of)
+        ):
+            raise ConfigError(f"fusion_of must list the names of the adapters to combine, got {self.fusion_of!r}.")
         if self.init_weights not in ("zeros", "bert"):
             raise ConfigError(f'init_weights must be "zeros" or "bert", got {self.init_weights!r}.')
 
@@ -108,6 +117,7 @@ def bottleneck_layer_kwargs(config: BottleneckConfig, module_path: str) -> dict[
         "non_linearity": config.non_linearity or activation,
         "scaling": float(config.scaling if config.scaling is not None else scaling),
         "init_weights": config.init_weights,
+        "fusion_of": list(config.fusion_of) if config.fusion_of else None,
     }
 
 
@@ -123,16 +133,22 @@ def _hidden_size(module: nn.Module) -> int:
 class BottleneckLayer(AdapterLayer):
     """Bottleneck adapters on a module's output (sequential) or beside it (parallel)."""
 
-    adapter_param_names = ("bottleneck_down", "bottleneck_up")
-    adapter_other_names = ("parallel", "activation", "scaling")
+    adapter_param_names = ("bottleneck_down", "bottleneck_up", "fusion_query", "fusion_key", "fusion_value")
+    adapter_other_names = ("parallel", "activation", "scaling", "fused")
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.hidden_size = _hidden_size(base_layer)
         self.bottleneck_down, self.bottleneck_up = nn.ModuleDict(), nn.ModuleDict()
+        self.fusion_query, self.fusion_key, self.fusion_value = nn.ModuleDict(), nn.ModuleDict(), nn.ModuleDict()
         self.parallel: dict[str, bool] = {}
         self.activation: dict[str, str] = {}
         self.scaling: dict[str, float] = {}
+        self.fused: dict[str, list[str]] = {}  # fusion adapter -> the adapters it combines
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return [*self.bottleneck_down.keys(), *self.fusion_query.keys()]
 
     def add_adapter(
         self,
@@ -144,7 +160,11 @@ class BottleneckLayer(AdapterLayer):
         non_linearity: str,
         scaling: float,
         init_weights: str,
+        fusion_of: list[str] | None = None,
     ) -> None:
+        if fusion_of is not None:
+            self._add_fusion(name, fusion_of)
+            return
         d = self.hidden_size
         m = bottleneck_size or max(1, d // reduction_factor)
         device = module_device(self.base_layer)
@@ -161,6 +181,44 @@ class BottleneckLayer(AdapterLayer):
         self.bottleneck_down[name], self.bottleneck_up[name] = down, up
         self.parallel[name], self.activation[name], self.scaling[name] = parallel, non_linearity, scaling
 
+    def _add_fusion(self, name: str, fusion_of: list[str]) -> None:
+        missing = [n for n in fusion_of if n not in self.bottleneck_down]
+        if missing:
+            raise ConfigError(
+                f"fusion adapter {name!r} combines {missing}, which this model does not hold: add or load those "
+                "bottleneck adapters (same placement) first."
+            )
+        d, device = self.hidden_size, module_device(self.base_layer)
+        query, key, value = (
+            nn.Linear(d, d, device=device),
+            nn.Linear(d, d, device=device),
+            nn.Linear(d, d, bias=False, device=device),
+        )
+        with torch.no_grad():  # the adapters library's init: Q, K ~ N(0, 0.02); V = identity (+1e-6 off the diagonal)
+            for linear in (query, key):
+                nn.init.normal_(linear.weight, std=0.02)
+                nn.init.zeros_(linear.bias)
+            value.weight.fill_(1e-6).fill_diagonal_(1.0)
+        self.fusion_query[name], self.fusion_key[name], self.fusion_value[name] = query, key, value
+        self.fused[name] = list(fusion_of)
+
+    def set_active(self, names: Any) -> None:
+        super().set_active(names)
+        for fusion in [n for n in self.active_adapters if n in self.fused]:
+            overlap = set(self.fused[fusion]) & set(self.active_adapters)
+            if overlap:
+                raise AdapterError(f"fusion {fusion!r} already applies {sorted(overlap)}; activate the fusion alone.")
+
+    def _fusion(self, name: str, x: Tensor, h: Tensor) -> Tensor:
+        """Σ_n softmax_n((Q h)·(K z_n)) V z_n over the combined adapters' outputs z_n (Pfeiffer et al. 2021, §3.2)."""
+        query = self.fusion_query[name]
+        outputs = [self._adapter(n, x if self.parallel[n] else h) for n in self.fused[name]]
+        z = torch.stack([o.to(query.weight.dtype) for o in outputs], dim=-2)  # (..., N, d)
+        q = query(h.to(query.weight.dtype))  # (..., d)
+        scores = (self.fusion_key[name](z) @ q.unsqueeze(-1)).squeeze(-1)  # (..., N)
+        weights = torch.softmax(scores, dim=-1)
+        return (weights.unsqueeze(-1) * self.fusion_value[name](z)).sum(dim=-2)
+
     def _adapter(self, name: str, h: Tensor) -> Tensor:
         down, up = self.bottleneck_down[name], self.bottleneck_up[name]
         inner = _ACTIVATIONS[self.activation[name]](down(h.to(down.weight.dtype)))
@@ -169,7 +227,11 @@ class BottleneckLayer(AdapterLayer):
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         names = self.unmerged_active()
         out = self.base_layer(x, *args, **kwargs)
+        base_out = out
         for name in names:
+            if name in self.fused:
+                out = out + self._fusion(name, x, base_out).to(out.dtype)
+                continue
             source = x if self.parallel[name] else out
             out = out + self._adapter(name, source).to(out.dtype)
         return out
