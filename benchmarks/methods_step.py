@@ -40,11 +40,16 @@ METHODS = {
     "AdaLoRA": ("AdaLoraConfig", dict(init_r=12, target_r=8, lora_alpha=16, total_step=1000, task_type="CAUSAL_LM")),
     # its own default targets (keys, values, the FFN's second linear scaled at its input)
     "IA3": ("IA3Config", dict(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])),
+    "LNTuning": ("LNTuningConfig", dict(target_modules=["input_layernorm", "post_attention_layernorm", "norm"])),
+    # deltatune only (peft has none): Pfeiffer placement after the FFN, rf 16
+    "Bottleneck": ("BottleneckConfig", dict(target_modules=None, adapter_type="pfeiffer")),
 }
 
 
 def build(lib, method: str):
     cls, kwargs = METHODS[method]
+    if not hasattr(lib, cls):
+        return None  # the library has no such method
     kwargs = {"target_modules": TARGETS, **kwargs}
     model = lib.get_peft_model(smollm2_shaped(), getattr(lib, cls)(**kwargs)).train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -77,7 +82,8 @@ def main() -> None:
         libs["peft"] = peft
     except ImportError:
         pass
-    variants = {f"{m} ({name})": build(lib, m) for m in chosen for name, lib in libs.items()}
+    built = {f"{m} ({name})": build(lib, m) for m in chosen for name, lib in libs.items()}
+    variants = {k: v for k, v in built.items() if v is not None}
     saved = {k: saved_activation_bytes(m, loss) for k, (m, loss, _) in variants.items()}
     for m, _, _ in variants.values():
         m.zero_grad(set_to_none=True)
@@ -85,7 +91,8 @@ def main() -> None:
     step_s = {k: median(v) for k, v in times.items()}
     base = step_s["LoRA (deltatune)"]
     lines = [
-        "# One training step per method: SmolLM2-135M shape, batch 4 x 128, q,k,v,o (IA3: k,v,down)",
+        "# One training step per method: SmolLM2-135M shape, batch 4 x 128, q,k,v,o (IA3: k,v,down; LN tuning: "
+        "all norms; Bottleneck: Pfeiffer after the FFN, rf 16)",
         "",
         *provenance(args.rounds, "one step per variant per round, all variants interleaved in one process"),
         '- a difference to peft is called one only when the two ranges do not overlap; otherwise "same"',
