@@ -117,6 +117,26 @@ SCRIPTS = {
         resumed.train(resume_from_checkpoint=str(out / "run" / "checkpoint-2"))
         torch.testing.assert_close(again.eval()(input_ids=ids).logits, model(input_ids=ids).logits)
     """,
+    "ia3_and_ln_tuning": """
+        import torch
+        from peft import IA3Config, LNTuningConfig, PeftModel, get_peft_model
+        for config in (IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
+                       LNTuningConfig(target_modules=["input_layernorm", "post_attention_layernorm"])):
+            model = get_peft_model(make_base(), config)
+            model.print_trainable_parameters()
+            torch.testing.assert_close(model(input_ids=ids).logits, make_base()(input_ids=ids).logits)
+            with torch.no_grad():
+                for p in model.parameters():
+                    if p.requires_grad:
+                        p.mul_(1.5)
+            want = model(input_ids=ids).logits
+            name = type(config).__name__
+            model.save_pretrained(out / name)
+            loaded = PeftModel.from_pretrained(make_base(), out / name)
+            torch.testing.assert_close(loaded(input_ids=ids).logits, want)
+            merged = loaded.merge_and_unload()
+            torch.testing.assert_close(merged(input_ids=ids).logits, want, rtol=1e-4, atol=1e-5)
+    """,
     "inference_loading": """
         import torch
         from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
