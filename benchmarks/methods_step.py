@@ -43,6 +43,8 @@ METHODS = {
     "LNTuning": ("LNTuningConfig", dict(target_modules=["input_layernorm", "post_attention_layernorm", "norm"])),
     # deltatune only (peft has none): Pfeiffer placement after the FFN, rf 16
     "Bottleneck": ("BottleneckConfig", dict(target_modules=None, adapter_type="pfeiffer")),
+    # deltatune only: partial fine-tuning, the weights of the top 2 blocks (SmolLM2 has no biases for BitFit)
+    "Partial": ("SelectiveConfig", dict(target_modules=[], train_parameters=["weight"], top_k_layers=2)),
 }
 
 
