@@ -12,7 +12,18 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 
-def tiny_llama() -> nn.Module:
+def perturb_trainable(model: nn.Module, seed: int = 3, scale: float = 0.1) -> None:
+    """Move every trainable tensor by seeded Gaussian noise (as training would), so an adapter that starts at the base
+    really changes the outputs."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn(param.shape, generator=g) * scale)
+
+
+def tiny_llama(tied: bool = False) -> nn.Module:
+    """A 2-block LLaMA; `tied`: the output head shares the embedding's weight."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -24,7 +35,7 @@ def tiny_llama() -> nn.Module:
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=64,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
     )
     return LlamaForCausalLM(cfg).eval()
 

@@ -140,7 +140,7 @@ class PeftModel(PretrainedFacade):
         refuse_unknown("add_adapter", kwargs, {"autocast_adapter_dtype": (True,), "low_cpu_mem_usage": (False,)})
         self._check_name(adapter_name, exists=False)
         spec = spec_for_config(peft_config)
-        peft_config = self._with_default_targets(peft_config, spec)
+        peft_config = spec.complete(peft_config, model_type_of(self._base))
         self._check_same_method(spec)
         self._inject(adapter_name, peft_config, spec, strict=True)
         self._initialize_from_base(adapter_name)
@@ -148,9 +148,6 @@ class PeftModel(PretrainedFacade):
         if not self._active:
             self._active = [adapter_name]
         self._apply_active()
-
-    def _with_default_targets(self, config: AdapterConfig, spec: MethodSpec) -> AdapterConfig:
-        return spec.complete(config, model_type_of(self._base))
 
     def _check_same_method(self, spec: MethodSpec) -> None:
         types = {c.peft_type for c in self.peft_config.values()}
@@ -501,7 +498,7 @@ class PeftModel(PretrainedFacade):
         config = config or AdapterConfig.from_pretrained(directory)
         spec = spec_for_config(config)
         config = config.replace(inference_mode=not is_trainable)
-        config = self._with_default_targets(config, spec)
+        config = spec.complete(config, model_type_of(self._base))
         self._check_same_method(spec)
         found = io.from_peft_keys(io.read_tensors(directory))
         requires_grad = {n: p.requires_grad for n, p in self._base.named_parameters()}

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import deltatune as dt
-from tests.conftest import TINY_MODELS, model_output
+from tests.conftest import TINY_MODELS, model_output, perturb_trainable
 
 peft = pytest.importorskip("peft")
 
@@ -35,21 +35,12 @@ def _model_for(case: str):
     return TINY_MODELS[case.split("-")[0]]
 
 
-def _perturb(model: torch.nn.Module) -> None:
-    """Non-zero B (and embedding A) and a changed head, so the adapter really changes the outputs."""
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
-
-
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_peft_adapter_loads_into_deltatune(case, tmp_path):
     factory, _, inputs_fn = _model_for(case)
     inputs = inputs_fn()
     theirs = peft.get_peft_model(factory(), peft.LoraConfig(r=4, lora_alpha=8, **CASES[case]))
-    _perturb(theirs)
+    perturb_trainable(theirs)
     theirs.eval()
     want = model_output(theirs, inputs)
     theirs.save_pretrained(tmp_path)
@@ -62,7 +53,7 @@ def test_deltatune_adapter_loads_into_peft(case, tmp_path):
     factory, _, inputs_fn = _model_for(case)
     inputs = inputs_fn()
     ours = dt.get_peft_model(factory(), dt.LoraConfig(r=4, lora_alpha=8, **CASES[case]))
-    _perturb(ours)
+    perturb_trainable(ours)
     want = model_output(ours, inputs)
     ours.save_pretrained(tmp_path)
     theirs = peft.PeftModel.from_pretrained(factory(), tmp_path).eval()

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import deltatune as dt
-from tests.conftest import model_output, tiny_bert, tiny_gpt2, tiny_llama
+from tests.conftest import model_output, perturb_trainable, tiny_bert, tiny_gpt2, tiny_llama
 
 IDS = {"input_ids": torch.randint(0, 97, (2, 6), generator=torch.Generator().manual_seed(0))}
 
@@ -36,14 +36,6 @@ def test_counts_are_the_papers(size, config, count):
     assert model.get_nb_trainable_parameters()[0] == count
 
 
-def _perturb(model, seed=3):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.add_(torch.randn(param.shape, generator=g) * 0.1)
-
-
 @pytest.mark.parametrize("factory", [tiny_llama, tiny_gpt2, tiny_bert])
 def test_placements_from_the_table_start_at_the_base_and_follow_the_formula(factory):
     base_out = model_output(factory(), IDS)
@@ -51,7 +43,7 @@ def test_placements_from_the_table_start_at_the_base_and_follow_the_formula(fact
     wrapped = [n for n, m in houlsby.get_base_model().named_modules() if isinstance(m, dt.layers.AdapterLayer)]
     assert len(wrapped) == 2 * 2  # after attention and after the FFN, in each of 2 blocks
     torch.testing.assert_close(model_output(houlsby, IDS), base_out)  # W_up = 0: the base model exactly
-    _perturb(houlsby)
+    perturb_trainable(houlsby)
     layer = houlsby.get_base_model().get_submodule(wrapped[-1])
     x = torch.randn(3, layer.base_layer.weight.shape[0 if factory is tiny_gpt2 else 1])
     h = layer.base_layer(x)
@@ -64,7 +56,7 @@ def test_placements_from_the_table_start_at_the_base_and_follow_the_formula(fact
 def test_parallel_beside_the_ffn_and_refused_where_the_ffn_is_split():
     model = dt.get_peft_model(tiny_llama(), dt.BottleneckConfig(adapter_type="parallel", reduction_factor=4))
     mlp = model.get_base_model().model.layers[0].mlp
-    _perturb(model)
+    perturb_trainable(model)
     x = torch.randn(2, 3, 32)
     down, up = mlp.bottleneck_down["default"], mlp.bottleneck_up["default"]
     want = mlp.base_layer(x) + 4.0 * (F.relu(x @ down.weight.T + down.bias) @ up.weight.T + up.bias)  # s = 4
@@ -77,7 +69,7 @@ def test_save_load_several_adapters_layer_norms_and_merge_refused(tmp_path):
     model = dt.get_peft_model(tiny_bert(), dt.BottleneckConfig(reduction_factor=4, train_layer_norms=True))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert any("LayerNorm" in n for n in trainable)
-    _perturb(model)
+    perturb_trainable(model)
     want = model_output(model, IDS)
     model.save_pretrained(tmp_path)
     loaded = dt.PeftModel.from_pretrained(tiny_bert(), tmp_path)
@@ -92,7 +84,7 @@ def test_save_load_several_adapters_layer_norms_and_merge_refused(tmp_path):
 def _two_adapters_and_fusion(factory=tiny_bert):
     model = dt.get_peft_model(factory(), dt.BottleneckConfig(reduction_factor=4))
     model.add_adapter("b", dt.BottleneckConfig(reduction_factor=4))
-    _perturb(model)  # both adapters "trained"
+    perturb_trainable(model)  # both adapters "trained"
     model.add_adapter("fusion", dt.BottleneckConfig(reduction_factor=4, fusion_of=["default", "b"]))
     return model
 
@@ -119,7 +111,7 @@ def test_fusion_combines_the_adapters_by_attention_and_trains_alone():
 
 def test_fusion_of_one_adapter_reproduces_it_and_counts_match_the_paper(tmp_path):
     model = dt.get_peft_model(tiny_bert(), dt.BottleneckConfig(reduction_factor=4))
-    _perturb(model)
+    perturb_trainable(model)
     alone = model_output(model, IDS)
     model.add_adapter("fusion", dt.BottleneckConfig(reduction_factor=4, fusion_of=["default"]))
     with torch.no_grad():  # exactly V = I: one adapter gets all the attention, so the output is its output

@@ -7,18 +7,10 @@ import pytest
 import torch
 
 import deltatune as dt
-from tests.conftest import model_output, tiny_llama
+from tests.conftest import model_output, perturb_trainable, tiny_llama
 
 IDS = {"input_ids": torch.randint(0, 97, (2, 6), generator=torch.Generator().manual_seed(0))}
 MAP = [[0, 2], [1, 2]]  # layers 0, 1 -> 0, 1, 1
-
-
-def _perturb(model, seed=3):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.add_(torch.randn(param.shape, generator=g) * 0.1)
 
 
 def test_replicated_layers_share_weights_and_carry_their_own_adapters():
@@ -52,12 +44,12 @@ def test_peft_interop_both_ways(tmp_path):
     peft = pytest.importorskip("peft")
     config = dict(r=2, target_modules=["q_proj", "v_proj", "down_proj"], layer_replication=MAP)
     theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(**config))
-    _perturb(theirs)
+    perturb_trainable(theirs)
     theirs.eval().save_pretrained(tmp_path / "theirs")
     ours = dt.PeftModel.from_pretrained(tiny_llama(), tmp_path / "theirs")
     torch.testing.assert_close(model_output(ours, IDS), model_output(theirs, IDS), rtol=1e-5, atol=1e-5)
     mine = dt.get_peft_model(tiny_llama(), dt.LoraConfig(**config))
-    _perturb(mine, seed=4)
+    perturb_trainable(mine, seed=4)
     mine.save_pretrained(tmp_path / "ours")
     loaded = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "ours")).eval()
     torch.testing.assert_close(model_output(loaded, IDS), model_output(mine.eval(), IDS), rtol=1e-5, atol=1e-5)

@@ -6,17 +6,9 @@ import pytest
 import torch
 
 import deltatune as dt
-from tests.conftest import model_output, tiny_bert, tiny_gpt2, tiny_llama
+from tests.conftest import model_output, perturb_trainable, tiny_bert, tiny_gpt2, tiny_llama
 
 IDS = {"input_ids": torch.randint(0, 97, (2, 6), generator=torch.Generator().manual_seed(0))}
-
-
-def _perturb(model, seed=3):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.add_(torch.randn(param.shape, generator=g) * 0.1)
 
 
 @pytest.mark.parametrize(
@@ -44,7 +36,7 @@ def test_peft_interop(factory, direction, tmp_path):
     peft = pytest.importorskip("peft")
     lib = peft if direction == "peft->deltatune" else dt
     source = lib.get_peft_model(factory(), lib.LNTuningConfig(target_modules=NORMS.get(factory, ["LayerNorm"])))
-    _perturb(source)
+    perturb_trainable(source)
     source.save_pretrained(str(tmp_path))
     target = dt if lib is peft else peft
     loaded = target.PeftModel.from_pretrained(factory(), str(tmp_path))
@@ -53,7 +45,7 @@ def test_peft_interop(factory, direction, tmp_path):
 
 def test_merge_unmerge_exact_and_one_adapter_at_a_time():
     model = dt.get_peft_model(tiny_gpt2(), dt.LNTuningConfig())
-    _perturb(model)
+    perturb_trainable(model)
     before = {k: v.clone() for k, v in tiny_gpt2().state_dict().items()}
     want = model_output(model, IDS)
     model.merge_adapter()

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import deltatune as dt
-from tests.conftest import model_output
+from tests.conftest import model_output, perturb_trainable
 
 IDS = {"input_ids": torch.randint(0, 97, (2, 6), generator=torch.Generator().manual_seed(0))}
 TARGETS = ["experts.gate_up_proj", "experts.down_proj"]
@@ -31,19 +31,11 @@ def _mixtral():
     return MixtralForCausalLM(config).eval()
 
 
-def _perturb(model, seed=3):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.add_(torch.randn(param.shape, generator=g) * 0.1)
-
-
 def test_each_expert_gets_its_own_low_rank_update():
     model = dt.get_peft_model(
         _mixtral(), dt.LoraConfig(r=2, lora_alpha=4, target_modules=[], target_parameters=TARGETS)
     )
-    _perturb(model)
+    perturb_trainable(model)
     experts = model.get_base_model().model.layers[0].mlp.experts.base_layer  # inner wrapper: gate_up_proj
     assert experts.parameter_name == "gate_up_proj"
     assert model.get_base_model().model.layers[0].mlp.experts.parameter_name == "down_proj"  # outer
@@ -74,12 +66,12 @@ def test_peft_interop(direction, tmp_path):
     config = dict(r=2, lora_alpha=4, target_modules=["q_proj"], target_parameters=TARGETS)
     if direction == "peft->deltatune":
         source = peft.get_peft_model(_mixtral(), peft.LoraConfig(**config))
-        _perturb(source)
+        perturb_trainable(source)
         source.save_pretrained(tmp_path)
         loaded = dt.PeftModel.from_pretrained(_mixtral(), tmp_path)
     else:
         source = dt.get_peft_model(_mixtral(), dt.LoraConfig(**config))
-        _perturb(source)
+        perturb_trainable(source)
         source.save_pretrained(tmp_path)
         loaded = peft.PeftModel.from_pretrained(_mixtral(), str(tmp_path))
     torch.testing.assert_close(model_output(loaded.eval(), IDS), model_output(source.eval(), IDS), rtol=1e-5, atol=1e-5)

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 import deltatune as dt
-from tests.conftest import model_output, tiny_bert, tiny_llama
+from tests.conftest import model_output, perturb_trainable, tiny_bert, tiny_llama
 
 IDS = {"input_ids": torch.randint(0, 97, (2, 6), generator=torch.Generator().manual_seed(0))}
 
@@ -29,14 +29,6 @@ def test_bitfit_counts_on_bert_base_are_the_paper_s(modules, count):
     assert model.get_nb_trainable_parameters()[0] == count
 
 
-def _perturb(model, seed=3):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.add_(torch.randn(param.shape, generator=g) * 0.1)
-
-
 def test_bitfit_trains_and_saves_exactly_the_biases_and_the_head(tmp_path):
     model = dt.get_peft_model(
         tiny_bert(), dt.SelectiveConfig(train_output_head=True, select_modules=["query", "value"])
@@ -48,7 +40,7 @@ def test_bitfit_trains_and_saves_exactly_the_biases_and_the_head(tmp_path):
         "base_model.model.classifier.selective_params.default.weight",
         "base_model.model.classifier.selective_params.default.bias",
     }  # fmt: skip
-    _perturb(model)
+    perturb_trainable(model)
     # independent truth: a fresh model with those parameters replaced computes the same outputs
     reference = tiny_bert()
     with torch.no_grad():

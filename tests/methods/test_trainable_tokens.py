@@ -8,46 +8,21 @@ import torch
 from safetensors.torch import load_file
 
 import deltatune as dt
-from tests.conftest import model_output, tiny_llama
+from tests.conftest import model_output, perturb_trainable, tiny_llama
 
 IDS = {"input_ids": torch.tensor([[1, 3, 5, 7, 9, 11], [7, 2, 3, 40, 5, 6]])}
 TOKENS = [3, 5, 7]
 
 
-def _llama(tied: bool):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=97,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=tied,
-    )
-    return LlamaForCausalLM(config).eval()
-
-
-def _set_rows(model, seed=3):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.add_(torch.randn(param.shape, generator=g) * 0.1)
-
-
 @pytest.mark.parametrize("tied", [False, True])
 def test_only_the_chosen_rows_train_and_a_tied_head_follows(tied):
-    base_embedding = _llama(tied).model.embed_tokens.weight.detach().clone()
+    base_embedding = tiny_llama(tied).model.embed_tokens.weight.detach().clone()
     model = dt.get_peft_model(
-        _llama(tied), dt.LoraConfig(r=2, target_modules=["q_proj"], trainable_token_indices=TOKENS)
+        tiny_llama(tied), dt.LoraConfig(r=2, target_modules=["q_proj"], trainable_token_indices=TOKENS)
     )
     trainable = {n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n}
     assert trainable == {"base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta.default"}
-    _set_rows(model)
+    perturb_trainable(model)
     delta = model.get_base_model().model.embed_tokens.trainable_tokens_delta["default"].detach()
     embedded = model.get_base_model().model.embed_tokens(torch.arange(97))
     expected = base_embedding.clone()
@@ -55,7 +30,7 @@ def test_only_the_chosen_rows_train_and_a_tied_head_follows(tied):
     torch.testing.assert_close(embedded, expected)
     head = model.get_base_model().lm_head
     hidden = torch.randn(2, 32)
-    head_weight = expected if tied else _llama(tied).lm_head.weight.detach()
+    head_weight = expected if tied else tiny_llama(tied).lm_head.weight.detach()
     torch.testing.assert_close(head(hidden), hidden @ head_weight.T, rtol=1e-5, atol=1e-5)
     # one gradient step touches the chosen rows' vectors only
     loss = model(**IDS, labels=IDS["input_ids"]).loss
@@ -67,29 +42,29 @@ def test_only_the_chosen_rows_train_and_a_tied_head_follows(tied):
 def test_peft_interop_both_ways_and_the_same_saved_keys(tied, tmp_path):
     peft = pytest.importorskip("peft")
     config = dict(r=2, target_modules=["q_proj"], trainable_token_indices=TOKENS)
-    theirs = peft.get_peft_model(_llama(tied), peft.LoraConfig(**config))
-    _set_rows(theirs)
+    theirs = peft.get_peft_model(tiny_llama(tied), peft.LoraConfig(**config))
+    perturb_trainable(theirs)
     theirs.eval()
     theirs.save_pretrained(tmp_path / "theirs")
-    ours = dt.PeftModel.from_pretrained(_llama(tied), tmp_path / "theirs")
+    ours = dt.PeftModel.from_pretrained(tiny_llama(tied), tmp_path / "theirs")
     torch.testing.assert_close(model_output(ours, IDS), model_output(theirs, IDS), rtol=1e-5, atol=1e-5)
 
-    mine = dt.get_peft_model(_llama(tied), dt.LoraConfig(**config))
-    _set_rows(mine, seed=5)
+    mine = dt.get_peft_model(tiny_llama(tied), dt.LoraConfig(**config))
+    perturb_trainable(mine, seed=5)
     mine.save_pretrained(tmp_path / "ours")
     assert (
         load_file(tmp_path / "ours" / "adapter_model.safetensors").keys()
         == load_file(tmp_path / "theirs" / "adapter_model.safetensors").keys()
     )
-    loaded = peft.PeftModel.from_pretrained(_llama(tied), str(tmp_path / "ours")).eval()
+    loaded = peft.PeftModel.from_pretrained(tiny_llama(tied), str(tmp_path / "ours")).eval()
     torch.testing.assert_close(model_output(loaded, IDS), model_output(mine.eval(), IDS), rtol=1e-5, atol=1e-5)
 
 
 def test_merge_writes_the_rows_unmerge_restores_them_and_unload_keeps_the_tie():
-    base = _llama(True)
+    base = tiny_llama(True)
     original = base.model.embed_tokens.weight.detach().clone()
     model = dt.get_peft_model(base, dt.LoraConfig(r=2, target_modules=["q_proj"], trainable_token_indices=TOKENS))
-    _set_rows(model)
+    perturb_trainable(model)
     want = model_output(model, IDS)
     model.merge_adapter()
     torch.testing.assert_close(model_output(model, IDS), want, rtol=1e-5, atol=1e-5)
@@ -118,7 +93,7 @@ def test_dict_form_and_refusals():
         dt.LoraConfig(trainable_token_indices=["a"])
     with pytest.raises(dt.ConfigError, match="different token"):
         dt.get_peft_model(
-            _llama(True),
+            tiny_llama(True),
             dt.LoraConfig(
                 target_modules=["q_proj"],
                 trainable_token_indices={"embed_tokens": [4], "lm_head": [5]},
@@ -142,16 +117,16 @@ def test_dict_form_and_refusals():
 def test_ensure_weight_tying_keeps_whole_copies_tied_like_peft(saved, tmp_path):
     peft = pytest.importorskip("peft")
     config = dict(r=2, target_modules=["q_proj"], modules_to_save=list(saved), ensure_weight_tying=True)
-    ours = dt.get_peft_model(_llama(True), dt.LoraConfig(**config))
+    ours = dt.get_peft_model(tiny_llama(True), dt.LoraConfig(**config))
     inner = ours.get_base_model()
     head, embedding = inner.lm_head.modules_to_save["default"], inner.model.embed_tokens.modules_to_save["default"]
     assert head.weight is embedding.weight and head.weight.requires_grad  # one trainable table
-    _set_rows(ours)
+    perturb_trainable(ours)
     ours.eval()
     ours.save_pretrained(tmp_path)
-    theirs = peft.PeftModel.from_pretrained(_llama(True), str(tmp_path)).eval()
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(True), str(tmp_path)).eval()
     torch.testing.assert_close(model_output(theirs, IDS), model_output(ours, IDS), rtol=1e-5, atol=1e-5)
-    back = dt.PeftModel.from_pretrained(_llama(True), tmp_path)
+    back = dt.PeftModel.from_pretrained(tiny_llama(True), tmp_path)
     torch.testing.assert_close(model_output(back, IDS), model_output(ours, IDS), rtol=1e-5, atol=1e-5)
     merged = ours.merge_and_unload()
     assert merged.lm_head.weight is merged.model.embed_tokens.weight

@@ -133,18 +133,14 @@ class IA3Linear(AdapterLayer):
         return weight / self._scale_in_layout(name)
 
     def changes_bias(self, name: str) -> bool:
-        return not self.is_feedforward[name]
+        # an output scale multiplies the bias too; an input scale, or a layer without bias, leaves it alone
+        return not self.is_feedforward[name] and getattr(self.base_layer, "bias", None) is not None
 
     def compose_bias(self, name: str, bias: Tensor) -> Tensor:
         return bias * self.ia3_l[name].detach().float().flatten()
 
     def decompose_bias(self, name: str, bias: Tensor) -> Tensor:
         return bias / self.ia3_l[name].detach().float().flatten()
-
-    def _merged_bias(self, name: str, safe_merge: bool) -> Tensor | None:
-        if getattr(self.base_layer, "bias", None) is None:
-            return None  # an output scale on a layer without bias touches only the weight
-        return super()._merged_bias(name, safe_merge)
 
 
 register_method(

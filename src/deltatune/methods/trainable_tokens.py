@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from deltatune.errors import AdapterError, ConfigError
 from deltatune.inject import replace_module, resolve_modules_to_save
-from deltatune.layers import AdapterLayer
+from deltatune.layers import AdapterLayer, TrainableCopy
 
 
 class TrainableTokensLayer(AdapterLayer):
@@ -123,8 +123,12 @@ def _input_embedding_path(model: nn.Module) -> str:
 
 
 def _plain_weight(module: nn.Module) -> Tensor | None:
-    base = module.get_base_layer() if isinstance(module, AdapterLayer) else module
-    return getattr(base, "weight", None)
+    """The module's own weight, seen through an adapter wrapper or a `modules_to_save` copy."""
+    if isinstance(module, AdapterLayer):
+        module = module.get_base_layer()
+    elif isinstance(module, TrainableCopy):
+        module = module.original_module
+    return getattr(module, "weight", None)
 
 
 def add_trainable_tokens(model: nn.Module, adapter_name: str, config: Any) -> None:
@@ -187,8 +191,6 @@ def tie_saved_copies(model: nn.Module, adapter_name: str, config: Any) -> None:
     """`ensure_weight_tying` with `modules_to_save`: when the output head shares the input embedding's weight and
     either is saved whole, both get a trainable copy and the two copies share one weight (peft's behaviour; without
     it the head keeps the frozen table while the embedding's copy trains). Both are saved, as peft saves them."""
-    from deltatune.layers import TrainableCopy
-
     saved = set(resolve_modules_to_save(model, config.modules_to_save or []))
     embeddings = getattr(model, "get_input_embeddings", lambda: None)()
     head = getattr(model, "get_output_embeddings", lambda: None)()
@@ -198,10 +200,7 @@ def tie_saved_copies(model: nn.Module, adapter_name: str, config: Any) -> None:
     if not paths & saved:
         return
 
-    def original(module: nn.Module) -> nn.Module:
-        return module.original_module if isinstance(module, TrainableCopy) else module
-
-    if original(embeddings).weight is not original(head).weight:
+    if _plain_weight(embeddings) is not _plain_weight(head):
         warnings.warn(
             "ensure_weight_tying=True but the model's output head is not tied to the embedding.", stacklevel=3
         )
