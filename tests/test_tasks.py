@@ -231,3 +231,31 @@ def test_cast_mixed_precision_params_keeps_the_adapter_in_float32():
     for name, param in model.named_parameters():
         assert param.dtype == (torch.float32 if param.requires_grad else torch.bfloat16), name
     assert any(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("direction", ["deltatune->peft", "peft->deltatune"])
+def test_classification_head_trains_saves_and_moves_like_peft(tmp_path, direction):
+    """SEQ_CLS trains the fresh `classifier` head with the adapter (peft's rule); a head also named in
+    target_modules is trained whole, not adapted; the saved head moves between the libraries."""
+    import peft
+
+    def build(lib):
+        config = lib.LoraConfig(r=2, target_modules=["query", "classifier"], task_type="SEQ_CLS")
+        return lib.get_peft_model(tiny_bert(), config)
+
+    ours, theirs = build(dt), build(peft)
+    trainable = {n for n, p in ours.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, p in theirs.named_parameters() if p.requires_grad}
+    assert "base_model.model.classifier.modules_to_save.default.weight" in trainable
+    assert ours.peft_config["default"].modules_to_save == ["classifier"]  # tiny BERT has no `score`
+    source, lib_load = (ours, peft) if direction == "deltatune->peft" else (theirs, dt)
+    with torch.no_grad():
+        for n, p in source.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.3)
+    source.eval().save_pretrained(tmp_path)
+    loaded = lib_load.PeftModel.from_pretrained(tiny_bert(), tmp_path)
+    assert type(loaded).__name__ == "PeftModelForSequenceClassification"
+    torch.testing.assert_close(model_output(loaded.eval(), IDS), model_output(source, IDS), atol=1e-5, rtol=1e-5)
+    head = loaded.base_model.model.classifier
+    assert not torch.equal(head.modules_to_save["default"].weight, head.original_module.weight)

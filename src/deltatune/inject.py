@@ -9,10 +9,14 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from torch import nn
 
 from deltatune.errors import ConfigError, TargetNotFoundError, UnsupportedModuleError
+
+if TYPE_CHECKING:
+    from deltatune.config import AdapterConfig
 
 ALL_LINEAR = "all-linear"
 _DEFAULT_LAYER_INDEX = re.compile(r".*\.[^.]*\.(\d+)\.")
@@ -125,6 +129,19 @@ def _check_entries(found, names, module_types, target_modules, supported, strict
                 f"target module {t!r} matches only modules of type {', '.join(kinds)}, which this method cannot "
                 f"wrap (it supports {', '.join(s.__name__ for s in supported)}); target their linear children instead."
             )
+
+
+def with_task_heads(model: nn.Module, config: AdapterConfig, heads: Sequence[str]) -> AdapterConfig:
+    """`config` with the task's head modules (e.g. `classifier` / `score` for sequence classification) trained and
+    saved as `modules_to_save`, as peft's task classes do: the heads this model has are added, and task head names
+    it lacks are dropped (peft writes both names into every such config)."""
+    if not heads:
+        return config
+    names = [n for n, _ in model.named_modules() if n]
+    present = [h for h in heads if any(n == h or n.endswith("." + h) for n in names)]
+    kept = [m for m in (config.modules_to_save or []) if m not in heads or m in present]
+    wanted = kept + [h for h in present if h not in kept]
+    return config.replace(modules_to_save=wanted or None) if wanted != (config.modules_to_save or []) else config
 
 
 def get_submodule_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:

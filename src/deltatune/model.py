@@ -20,7 +20,7 @@ from deltatune.config import AdapterConfig
 from deltatune.errors import AdapterError, ConfigError, MergeError, UnsupportedArgumentError
 from deltatune.facade import PretrainedFacade, Tuner
 from deltatune.hub import adapter_dir, push_adapter, write_model_card
-from deltatune.inject import find_targets, replace_module, resolve_modules_to_save
+from deltatune.inject import find_targets, replace_module, resolve_modules_to_save, with_task_heads
 from deltatune.layers import AdapterLayer, TrainableCopy
 from deltatune.mixed_batch import adapters_per_row
 from deltatune.models import linear_types, model_type_of, output_head_name
@@ -35,6 +35,9 @@ class PeftModel(PretrainedFacade):
     `model.base_model` is peft's tuner level (`model.base_model.model` is the transformers model); for transformers'
     and other libraries' code the wrapper reads as the wrapped `PreTrainedModel` (`deltatune.facade`).
     """
+
+    task_heads: tuple[str, ...] = ()
+    """Head modules a task class trains and saves with every adapter (`modules_to_save`), as peft's do."""
 
     def __init__(self, model: nn.Module, peft_config: AdapterConfig | None = None, adapter_name: str = "default"):
         nn.Module.__init__(self)  # not PreTrainedModel's: the wrapped model keeps the one config
@@ -140,7 +143,9 @@ class PeftModel(PretrainedFacade):
         refuse_unknown("add_adapter", kwargs, {"autocast_adapter_dtype": (True,), "low_cpu_mem_usage": (False,)})
         self._check_name(adapter_name, exists=False)
         spec = spec_for_config(peft_config)
-        peft_config = spec.complete(peft_config, model_type_of(self._base))
+        peft_config = with_task_heads(
+            self._base, spec.complete(peft_config, model_type_of(self._base)), self.task_heads
+        )
         self._check_same_method(spec)
         self._inject(adapter_name, peft_config, spec, strict=True)
         self._initialize_from_base(adapter_name)
@@ -192,6 +197,9 @@ class PeftModel(PretrainedFacade):
                     linear_types=linear_types(),
                 )
             )
+            saved = resolve_modules_to_save(self._base, config.modules_to_save or [])
+            # a module trained whole is not also adapted (peft: modules_to_save wins over target_modules)
+            targets = [t for t in targets if not any(t == m or t.startswith(m + ".") for m in saved)]
             extra: dict[str, nn.Module] = {}
             if spec.make_shared is not None:
                 bases = [self._base.get_submodule(t) for t in targets]
@@ -203,7 +211,7 @@ class PeftModel(PretrainedFacade):
                     module = spec.layer_for(module)(module)
                     replace_module(self._base, target, module)
                 module.add_adapter(adapter_name, **spec.layer_kwargs(config, target), **extra)
-            for target in resolve_modules_to_save(self._base, config.modules_to_save or []):
+            for target in saved:
                 module = self._base.get_submodule(target)
                 if not isinstance(module, TrainableCopy):
                     module = TrainableCopy(module)
@@ -498,7 +506,7 @@ class PeftModel(PretrainedFacade):
         config = config or AdapterConfig.from_pretrained(directory)
         spec = spec_for_config(config)
         config = config.replace(inference_mode=not is_trainable)
-        config = spec.complete(config, model_type_of(self._base))
+        config = with_task_heads(self._base, spec.complete(config, model_type_of(self._base)), self.task_heads)
         self._check_same_method(spec)
         found = io.from_peft_keys(io.read_tensors(directory))
         requires_grad = {n: p.requires_grad for n, p in self._base.named_parameters()}

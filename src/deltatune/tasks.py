@@ -4,7 +4,9 @@
 explicit signature is what `transformers.Trainer` reads: `remove_unused_columns` keeps the dataset columns the
 forward names, and the parameters with "label" in their name (start/end positions for question answering) become its
 `label_names`, so `evaluate()` reports `eval_loss` and `predict()` returns `label_ids`. Everything is passed on to the
-base model, which computes the loss.
+base model, which computes the loss. The classification and question-answering classes train and save the task's
+head with every adapter (`modules_to_save` gains `classifier` / `score` / `qa_outputs`, whichever the model has), as
+peft's do: a freshly initialised head must learn.
 """
 
 from __future__ import annotations
@@ -55,11 +57,16 @@ class PeftModelForCausalLM(PeftModel):
     forward = _task_forward("CausalLM", (*_TEXT, "labels"))
 
 
+_CLASSIFIER_HEADS = ("classifier", "score")  # transformers' names of classification heads
+
+
 class PeftModelForSequenceClassification(PeftModel):
+    task_heads = _CLASSIFIER_HEADS
     forward = _task_forward("SequenceClassification", (*_TEXT, "labels"))
 
 
 class PeftModelForTokenClassification(PeftModel):
+    task_heads = _CLASSIFIER_HEADS
     forward = _task_forward("TokenClassification", (*_TEXT, "labels"))
 
 
@@ -71,6 +78,7 @@ class PeftModelForSeq2SeqLM(PeftModel):
 
 
 class PeftModelForQuestionAnswering(PeftModel):
+    task_heads = ("qa_outputs",)
     forward = _task_forward(
         "QuestionAnswering",
         (

@@ -71,3 +71,27 @@ def test_partial_fine_tuning_feature_extraction_and_errors():
     model.add_adapter("other", dt.SelectiveConfig(train_parameters=["weight"], top_k_layers=1))
     with pytest.raises(dt.AdapterError, match="one at a time"):
         model.set_adapter(["default", "other"])
+
+
+def test_classification_task_trains_the_head_once_as_modules_to_save(tmp_path):
+    """With task_type SEQ_CLS the head is a `modules_to_save` copy (as every method's): BitFit adds the biases of
+    the body only, feature extraction trains that head alone, and a checkpoint holds exactly those tensors."""
+    bitfit = dt.get_peft_model(tiny_bert(), dt.SelectiveConfig(task_type="SEQ_CLS"))
+    trainable = [n for n, p in bitfit.named_parameters() if p.requires_grad]
+    head = ["base_model.model.classifier.modules_to_save.default.bias",
+            "base_model.model.classifier.modules_to_save.default.weight"]  # fmt: skip
+    assert sorted(n for n in trainable if "classifier" in n) == head
+    body = [n for n in trainable if "classifier" not in n]
+    biases = [n for n, _ in tiny_bert().named_parameters() if n.endswith("bias") and "classifier" not in n]
+    assert len(body) == len(biases) and all(n.endswith("selective_params.default.bias") for n in body)
+    features = dt.get_peft_model(tiny_bert(), dt.SelectiveConfig(task_type="SEQ_CLS", train_output_head=True))
+    assert sorted(n for n, p in features.named_parameters() if p.requires_grad) == head
+    perturb_trainable(features)
+    features.save_pretrained(tmp_path)
+    assert sorted(load_file(tmp_path / "adapter_model.safetensors")) == [
+        "base_model.model.classifier.bias", "base_model.model.classifier.weight"]  # fmt: skip
+    loaded = dt.PeftModel.from_pretrained(tiny_bert(), tmp_path)
+    ids = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(
+        model_output(loaded, {"input_ids": ids}), model_output(features.eval(), {"input_ids": ids})
+    )

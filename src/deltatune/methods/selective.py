@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from deltatune.config import AdapterConfig
 from deltatune.errors import AdapterError, ConfigError
 from deltatune.inject import replace_module
-from deltatune.layers import AdapterLayer
+from deltatune.layers import AdapterLayer, TrainableCopy
 from deltatune.models import find_layer_list, output_head_name
 from deltatune.registry import MethodSpec, register_method
 
@@ -129,19 +129,22 @@ class SelectedParameters(AdapterLayer):
 
 def task_head_name(model: nn.Module) -> str | None:
     """The model's output head: the LM head (`get_output_embeddings`), else the last top-level linear child (a
-    task head such as `classifier`, `score` or `qa_outputs`)."""
+    task head such as `classifier`, `score` or `qa_outputs`, possibly already a `modules_to_save` copy)."""
     head = output_head_name(model)
     if head is None:
-        linears = [n for n, m in model.named_children() if isinstance(m, nn.Linear)]
+        linears = [n for n, m in model.named_children() if isinstance(m, (nn.Linear, TrainableCopy))]
         head = linears[-1] if linears else None
     return head
 
 
 def _selected_modules(model: nn.Module, config: SelectiveConfig) -> dict[str, list[str]]:
-    """Module path -> parameter names to train there."""
+    """Module path -> parameter names to train there. Modules already trained whole as `modules_to_save` (a task
+    class's head) are left to that."""
     head = task_head_name(model)
+    copies = [n for n, m in model.named_modules() if isinstance(m, TrainableCopy)]
     owners = [n for n, m in model.named_modules() if n and any(
-        isinstance(getattr(m, p, None), nn.Parameter) for p in config.train_parameters)]  # fmt: skip
+        isinstance(getattr(m, p, None), nn.Parameter) for p in config.train_parameters)
+        and not any(n == c or n.startswith(c + ".") for c in copies)]  # fmt: skip
     if isinstance(config.select_modules, str):
         owners = [n for n in owners if re.fullmatch(config.select_modules, n)]
     elif config.select_modules is not None:
@@ -156,13 +159,15 @@ def _selected_modules(model: nn.Module, config: SelectiveConfig) -> dict[str, li
             raise ConfigError("train_output_head=True, but this model has no output head (no LM head or task head).")
         if config.select_modules is None and config.top_k_layers is None and config.train_parameters == ["bias"]:
             selected = {}  # the head alone, with BitFit's default parameters: feature extraction
-        selected[head] = list(_TRAINABLE_NAMES)  # a head trains whole
+        if head not in copies:
+            selected[head] = list(_TRAINABLE_NAMES)  # a head trains whole
     return selected
 
 
 def add_selected(model: nn.Module, adapter_name: str, config: SelectiveConfig) -> None:
     selected = _selected_modules(model, config)
-    if not selected:
+    head_is_copy = config.train_output_head and isinstance(model.get_submodule(task_head_name(model)), TrainableCopy)
+    if not selected and not head_is_copy:
         raise ConfigError(
             f"no module of this model has the parameters {config.train_parameters} in the selection (select_modules="
             f"{config.select_modules!r}, top_k_layers={config.top_k_layers}); a model without biases cannot use BitFit."
