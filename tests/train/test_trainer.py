@@ -83,15 +83,17 @@ def test_resume_after_interruption_reproduces_the_losses_exactly(tiny_model_dir,
 
 
 def test_non_finite_loss_stops_without_applying_the_update(tiny_model_dir, tmp_path, monkeypatch):
-    real_loss = trainer_module._loss_sum
+    from deltatune.train.objectives import CausalLMObjective
+
+    real_loss = CausalLMObjective.loss_sum
     calls = {"n": 0}
 
-    def poisoned(model, batch, precision):
+    def poisoned(self, model, batch, precision):
         calls["n"] += 1
-        loss = real_loss(model, batch, precision)
+        loss = real_loss(self, model, batch, precision)
         return loss * float("nan") if calls["n"] > 2 else loss
 
-    monkeypatch.setattr(trainer_module, "_loss_sum", poisoned)
+    monkeypatch.setattr(CausalLMObjective, "loss_sum", poisoned)
     with pytest.raises(dt.DeltatuneError, match="loss became nan at step 3.*Last good checkpoint: .*step-2"):
         train(_cfg(tiny_model_dir, tmp_path, "optim.steps=5", "save_every=2"))
 

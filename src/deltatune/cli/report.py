@@ -27,7 +27,7 @@ def print_train_report(result: TrainResult, console: Console, samples: int = 5) 
     summary.add_row("metrics / loss curve", f"{result.run_dir / 'metrics.jsonl'}, {result.run_dir / 'loss.png'}")
     console.print(summary)
     if result.scores:
-        scores = Table(title="scored by generation (greedy), before -> after training")
+        scores = Table(title=f"scored by {result.scored_by}, before -> after training")
         for col in ("set", "examples", "before", "after"):
             scores.add_column(col, justify="left" if col == "set" else "right")
         for name, (before, after) in result.scores.items():

@@ -20,3 +20,7 @@ DEFAULT_RUN_METHOD = {
     "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
 }
 """The method a training run uses when its config names none (the quickstart's)."""
+
+DEFAULT_CLASSIFICATION_METHOD = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "lora_dropout": 0.05}
+"""The method of a classification run that names none: LoRA on the family's default targets (BERT: query and
+value), the classification head trained with it."""

@@ -10,14 +10,25 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from deltatune.config import AdapterConfig
 from deltatune.errors import ConfigError
-from deltatune.methods import DEFAULT_RUN_METHOD
+from deltatune.methods import DEFAULT_CLASSIFICATION_METHOD, DEFAULT_RUN_METHOD
 from deltatune.registry import get_method, list_methods
 
 BUNDLED = "bundled:quickstart"
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "causal_lm": {"model": "smollm2", "train": BUNDLED, "method": DEFAULT_RUN_METHOD, "steps": 80},
+    "classification": {
+        "model": "minilm",
+        "train": "bundled:sentiment",
+        "method": DEFAULT_CLASSIFICATION_METHOD,
+        "steps": 150,
+    },
+}
+"""What `model`, `data.train`, `method` and `optim.steps` mean when unset, per task: the bundled model, data and
+method, and a run length that learns that data."""
 
 
 class _Strict(BaseModel):
@@ -25,15 +36,19 @@ class _Strict(BaseModel):
 
 
 class DataConfig(_Strict):
-    train: str = BUNDLED
-    """Training data: a .jsonl / .csv / .parquet file, a `datasets` directory saved with save_to_disk, or
-    "bundled:quickstart"."""
+    train: str | None = None
+    """Training data: a .jsonl / .csv / .parquet file, a `datasets` directory saved with save_to_disk, or bundled
+    data ("bundled:quickstart", "bundled:sentiment", "bundled:intents"); unset: the task's bundled data."""
     eval: str | None = None
     """Held-out data (same forms); for the bundled data its test split is used when unset."""
     prompt_field: str = "prompt"
     response_field: str = "response"
     messages_field: str = "messages"
     """Chat records: a list of {role, content}; the loss covers assistant turns only."""
+    text_field: str = "text"
+    """classification: the text of each record."""
+    label_field: str = "label"
+    """classification: the label of each record (any string; the label set is the training data's)."""
     max_length: int = Field(256, gt=8)
     """Examples longer than this (in tokens) are an error, not silently cut."""
     packing: bool = False
@@ -48,7 +63,8 @@ class DataConfig(_Strict):
 
 
 class OptimConfig(_Strict):
-    steps: int = Field(80, gt=0)
+    steps: int | None = Field(None, gt=0)
+    """Optimizer steps; unset: the task's (80 for causal_lm, 150 for classification)."""
     batch_size: int = Field(8, gt=0)
     """Examples per optimizer step per process (before gradient accumulation)."""
     grad_accum: int = Field(1, gt=0)
@@ -68,10 +84,17 @@ class OptimConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    model: str = "smollm2"
-    """A HF model directory, a .gguf file, or "smollm2" (the bundled SmolLM2-135M-Instruct)."""
-    method: dict[str, Any] = Field(default_factory=lambda: dict(DEFAULT_RUN_METHOD))
-    """Adapter config: `peft_type` plus that method's fields (peft's names)."""
+    task: Literal["causal_lm", "classification"] = "causal_lm"
+    """causal_lm: learn the responses of prompt/response or chat records; classification: one label per text
+    through a new classification head (method task_type SEQ_CLS), scored by accuracy before/after."""
+    model: str | None = None
+    """A HF model directory, a .gguf file, "smollm2" (the bundled SmolLM2-135M-Instruct) or "minilm" (the bundled
+    all-MiniLM-L6-v2 encoder); unset: smollm2 for causal_lm, minilm for classification."""
+    method: dict[str, Any] | None = None
+    """Adapter config: `peft_type` plus that method's fields (peft's names); unset: the task's default LoRA."""
+    load_adapters: dict[str, str] | None = None
+    """Trained adapters loaded (frozen) before the method's adapter is added, name -> adapter directory: what an
+    AdapterFusion (`method.fusion_of`) combines."""
     data: DataConfig = Field(default_factory=DataConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     output_dir: str = "runs/quickstart"
@@ -96,11 +119,24 @@ class TrainConfig(_Strict):
     """Score this many held-out examples by greedy generation (exact match) before and after training."""
     max_new_tokens: int = Field(40, gt=0)
 
-    @field_validator("method")
-    @classmethod
-    def _method_is_valid(cls, value: dict[str, Any]) -> dict[str, Any]:
-        adapter_config(value)  # raises a ConfigError naming the bad field
-        return value
+    @model_validator(mode="after")
+    def _task_defaults(self) -> TrainConfig:
+        defaults = TASK_DEFAULTS[self.task]
+        self.model = self.model or defaults["model"]
+        self.data.train = self.data.train or defaults["train"]
+        self.optim.steps = self.optim.steps or defaults["steps"]
+        self.method = dict(self.method if self.method is not None else defaults["method"])
+        if self.task == "classification":
+            task_type = str(self.method.setdefault("task_type", "SEQ_CLS")).upper()
+            if task_type != "SEQ_CLS":
+                raise ValueError(f"method.task_type is {task_type} but task=classification trains SEQ_CLS adapters")
+            given = {"generate_eval": self.generate_eval, "quantize": self.quantize, "data.packing": self.data.packing,
+                     "data.extra_eval": self.data.extra_eval}  # fmt: skip
+            refused = [name for name, value in given.items() if value]
+            if refused:
+                raise ValueError(f"{refused[0]} is for causal_lm runs; a classification run scores by accuracy")
+        adapter_config(self.method)  # raises a ConfigError naming the bad field
+        return self
 
     @model_validator(mode="after")
     def _fsdp_limits(self) -> TrainConfig:
@@ -154,7 +190,7 @@ def load_train_config(
     """Defaults, then YAML (optional; sections merge into the defaults, except `method`, which replaces them), then
     `key=value` overrides (which merge into `method` too); validated at the end. All problems become one
     ConfigError."""
-    tree: dict[str, Any] = TrainConfig().model_dump()
+    tree: dict[str, Any] = TrainConfig.model_construct(data=DataConfig()).model_dump()  # task defaults unresolved
     _merge(tree, dict(base or {}))
     if path is not None:
         try:
@@ -166,6 +202,11 @@ def load_train_config(
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path} must hold a mapping of settings, got {type(loaded).__name__}.")
         _merge(tree, loaded)
+    for assignment in [a for a in overrides or [] if a.split("=", 1)[0].strip() == "task"]:
+        _apply_override(tree, assignment)  # first: the task decides what the unset fields mean
+    task = tree.get("task") if tree.get("task") in TASK_DEFAULTS else "causal_lm"
+    if tree.get("method") is None:  # so that `--set method.r=16` changes the task's default method
+        tree["method"] = dict(TASK_DEFAULTS[task]["method"])
     for assignment in overrides or []:
         _apply_override(tree, assignment)
     try:

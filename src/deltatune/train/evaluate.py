@@ -1,4 +1,4 @@
-"""Held-out evaluation: token loss, and greedy generation scored by exact match."""
+"""Held-out evaluation by greedy generation, scored by exact match (the loss is the objective's: `objectives.py`)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from deltatune.train.config import DataConfig
-from deltatune.train.data import IGNORE, Example, _render, collate, to_messages
+from deltatune.train.data import _render, to_messages
 
 
 def normalized(text: str) -> Any:
@@ -70,23 +70,6 @@ def generate_for(
     """Greedy answers to the records' prompts (their last assistant turn left out)."""
     prompts = [_render(tokenizer, to_messages(r, cfg)[:-1], add_generation_prompt=True) for r in records]
     return generate_answers(model, tokenizer, prompts, max_new_tokens, device)
-
-
-@torch.no_grad()
-def eval_loss(model: nn.Module, examples: list[Example], pad_id: int, batch_size: int, device) -> float:
-    """Mean cross-entropy over response tokens."""
-    total, count = 0.0, 0
-    model.eval()
-    for start in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size], pad_id).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        targets = batch["labels"][:, 1:]
-        loss = nn.functional.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum"
-        )
-        total += loss.item()
-        count += int((targets != IGNORE).sum())
-    return total / max(1, count)
 
 
 @torch.no_grad()

@@ -29,15 +29,9 @@ from deltatune.model import PeftModel, get_peft_model
 from deltatune.registry import get_method
 from deltatune.train import checkpoint as ckpt
 from deltatune.train.config import BUNDLED, TrainConfig, adapter_config
-from deltatune.train.data import (
-    IGNORE,
-    build_examples,
-    check_records,
-    collate,
-    read_records,
-    step_indices,
-)
-from deltatune.train.evaluate import GenerationSet, eval_loss, generate_for
+from deltatune.train.data import check_records, read_records, step_indices
+from deltatune.train.evaluate import GenerationSet, generate_for
+from deltatune.train.objectives import CausalLMObjective, ClassificationObjective, eval_loss, objective_for
 from deltatune.train.optim import build_optimizer, build_scheduler
 from deltatune.train.progress import TrainProgress, plot_losses
 
@@ -55,7 +49,10 @@ class TrainResult:
     samples: list[dict[str, str]] = field(default_factory=list)
     """The main held-out set's prompts, references and answers before/after."""
     scores: dict[str, tuple[float, float]] = field(default_factory=dict)
-    """Every generation set (held-out, extra_eval sets, general prompts): name -> (before, after)."""
+    """Every scored set (generation: held-out, extra_eval sets, general prompts; classification: held-out accuracy):
+    name -> (before, after)."""
+    scored_by: str = "generation (greedy)"
+    """How `scores` were scored: "generation (greedy)" or "predicted label"."""
     set_samples: dict[str, list[dict[str, str]]] = field(default_factory=dict)
     trainable: int = 0
     total: int = 0
@@ -83,8 +80,11 @@ class _Run:
     rank: int
     world: int
     run_dir: Path
+    objective: CausalLMObjective | ClassificationObjective
     start_step: int = 0
     losses: list[float] = field(default_factory=list)
+    predictions: dict[str, list[str]] = field(default_factory=dict)
+    """classification: the held-out predictions "before" and "after" training."""
 
     @property
     def is_main(self) -> bool:
@@ -124,30 +124,28 @@ def _check_output_dir(path: Path) -> None:
 def _setup(cfg: TrainConfig, resume: bool, model: nn.Module | None, tokenizer: Any) -> _Run:
     rank, world, device = _distributed()
     torch.manual_seed(cfg.seed)
+    objective = objective_for(cfg)
     # everything about the inputs is checked before the (slow) model load
     train_records = read_records(cfg.data.train, "train")
-    check_records(train_records, cfg.data, cfg.data.train)
+    objective.check(train_records, cfg.data.train)
     eval_source = cfg.data.eval or (cfg.data.train if cfg.data.train.startswith("bundled:") else None)
     eval_records = read_records(eval_source, "test") if eval_source else []
     if eval_source:
-        check_records(eval_records, cfg.data, eval_source)
+        objective.check(eval_records, eval_source)
     generation_sets = _generation_sets(cfg, eval_records) if rank == 0 else []
     if rank == 0:
         _check_output_dir(Path(cfg.output_dir))
     if model is None:
-        from deltatune.pretrained import load_causal_lm
-        from deltatune.quant import QuantConfig
-
-        quant = QuantConfig(quant_type=cfg.quantize) if cfg.quantize else None
-        model, tokenizer = load_causal_lm(cfg.model, quantize=quant)
-    train_set = build_examples(train_records, tokenizer, cfg.data, cfg.data.train)
-    peft_model = get_peft_model(model.to(device), _method_config(cfg, model, train_set, tokenizer, device))
+        model, tokenizer = objective.load_model()
+    train_set = objective.examples(train_records, tokenizer, cfg.data.train)
+    method = _method_config(cfg, objective, model, train_set, tokenizer, device)
+    peft_model = _peft_model(model.to(device), method, cfg.load_adapters)
     if cfg.optim.gradient_checkpointing:  # non-reentrant: no need for input embeddings that require grad
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    eval_set = build_examples(eval_records, tokenizer, cfg.data, eval_source) if eval_records else []
+    eval_set = objective.examples(eval_records, tokenizer, eval_source) if eval_records else []
     ddp = _wrap(peft_model, model, world, cfg.distributed, device)
     optimizer = build_optimizer(
         peft_model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.loraplus_lr_ratio, cfg.optim.optimizer
@@ -168,13 +166,28 @@ def _setup(cfg: TrainConfig, resume: bool, model: nn.Module | None, tokenizer: A
         rank,
         world,
         Path(cfg.output_dir),
+        objective,
     )
     if resume:
         _resume(run)
     return run
 
 
-def _method_config(cfg: TrainConfig, model: nn.Module, train_set: list, tokenizer: Any, device: torch.device):
+def _peft_model(model: nn.Module, config, load_adapters: dict[str, str] | None) -> PeftModel:
+    """The model with the run's adapter (active, trainable) after the `load_adapters` (frozen) it may combine."""
+    if not load_adapters:
+        return get_peft_model(model, config)
+    from deltatune.tasks import task_class
+
+    peft_model = task_class(config.task_type)(model)
+    for name, path in load_adapters.items():
+        peft_model.load_adapter(path, name)
+    peft_model.add_adapter("default", config)
+    peft_model.set_adapter("default")
+    return peft_model
+
+
+def _method_config(cfg: TrainConfig, objective, model: nn.Module, train_set: list, tokenizer: Any, device):
     """The adapter config, completed for this run by the method itself (`AdapterConfig.for_training`): it may use
     the run's length and the first 4 batches of the run's data order (e.g. to allocate ranks)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -183,7 +196,7 @@ def _method_config(cfg: TrainConfig, model: nn.Module, train_set: list, tokenize
     def calibration_batches() -> list[dict[str, torch.Tensor]]:
         order = step_indices(len(train_set), 4 * size, 0, cfg.seed)
         return [
-            {k: v.to(device) for k, v in collate([train_set[i] for i in order[s : s + size]], pad).items()}
+            {k: v.to(device) for k, v in objective.collate([train_set[i] for i in order[s : s + size]], pad).items()}
             for s in range(0, len(order), size)
         ]
 
@@ -191,7 +204,7 @@ def _method_config(cfg: TrainConfig, model: nn.Module, train_set: list, tokenize
         total_steps=cfg.optim.steps,
         model=model,
         calibration_batches=calibration_batches,
-        loss_fn=lambda m, b: _loss_sum(m, b, "fp32") / (b["labels"] != IGNORE).sum(),
+        loss_fn=lambda m, b: objective.loss_sum(m, b, "fp32") / objective.count(b),
     )
     return adapter_config(cfg.method).for_training(context)
 
@@ -250,17 +263,6 @@ def _resume(run: _Run) -> None:
     run.start_step, run.losses = meta["step"], meta["losses"]
 
 
-def _loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], precision: str) -> torch.Tensor:
-    """Sum of next-token cross-entropies over response tokens (float32)."""
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    device_type = batch["input_ids"].device.type
-    with torch.autocast(device_type, dtype=dtype) if dtype else contextlib.nullcontext():
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return nn.functional.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE, reduction="sum"
-    )
-
-
 def _micro_batches(run: _Run, step: int) -> list[dict[str, torch.Tensor]]:
     """This rank's micro-batches of optimizer step `step` (a contiguous slice of the global batch)."""
     local = run.cfg.optim.batch_size * run.cfg.optim.grad_accum
@@ -268,7 +270,10 @@ def _micro_batches(run: _Run, step: int) -> list[dict[str, torch.Tensor]]:
     pad = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else 0
     size = run.cfg.optim.batch_size
     return [
-        {k: v.to(run.device) for k, v in collate([run.train_set[i] for i in indices[s : s + size]], pad).items()}
+        {
+            k: v.to(run.device)
+            for k, v in run.objective.collate([run.train_set[i] for i in indices[s : s + size]], pad).items()
+        }
         for s in range(0, local, size)
     ]
 
@@ -285,13 +290,13 @@ def _train_step(run: _Run, step: int) -> tuple[float, int]:
     """One optimizer step (with gradient accumulation); returns (mean loss over the global batch, tokens processed
     by this rank)."""
     micro = _micro_batches(run, step)
-    global_tokens = _all_sum(sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro), run)
+    global_tokens = _all_sum(sum(run.objective.count(b) for b in micro), run)
     hooks = get_method(run.model.active_peft_type).hooks
     loss_total = 0.0
     for i, batch in enumerate(micro):
         sync = i == len(micro) - 1 or run.world == 1
         with contextlib.nullcontext() if sync else _no_sync(run):
-            loss = _loss_sum(run.ddp, batch, run.cfg.optim.precision)
+            loss = run.objective.loss_sum(run.ddp, batch, run.cfg.optim.precision)
             objective = loss * run.world / global_tokens  # DDP averages over ranks: undo it
             if hooks is not None:  # a method's regulariser (e.g. an orthogonality penalty), once per step
                 objective = objective + hooks.extra_loss(run.model) / len(micro)
@@ -349,7 +354,8 @@ def _loop(run: _Run, console: Console) -> None:
 
 
 def _eval_loss(run: _Run) -> float:
-    value = eval_loss(run.model, run.eval_set, run.tokenizer.pad_token_id or 0, run.cfg.optim.batch_size, run.device)
+    pad = run.tokenizer.pad_token_id or 0
+    value = eval_loss(run.objective, run.model, run.eval_set, pad, run.cfg.optim.batch_size, run.device)
     run.model.train()
     return value
 
@@ -379,6 +385,11 @@ def _score_all(run: _Run, when: str) -> None:
             run.model, run.tokenizer, gen_set.records, run.cfg.data, run.cfg.max_new_tokens, run.device
         )
         setattr(gen_set, when, answers)
+    if run.objective.scores_predictions and run.eval_set:
+        pad = run.tokenizer.pad_token_id or 0
+        run.predictions[when] = run.objective.predict(
+            run.model, run.eval_set, pad, run.cfg.optim.batch_size, run.device
+        )
     run.model.train()
 
 
@@ -387,10 +398,30 @@ def _report_scores(run: _Run, result: TrainResult) -> None:
     for gen_set in run.generation_sets:
         result.scores[gen_set.name] = (gen_set.score(gen_set.before, data), gen_set.score(gen_set.after, data))
         result.set_samples[gen_set.name] = gen_set.samples(data)
+    if run.predictions:
+        _report_accuracy(run, result)
     if run.eval_records and run.generation_sets:
         main = run.generation_sets[0]
         result.metric_before, result.metric_after = result.scores[main.name]
         result.samples = result.set_samples[main.name]
+
+
+def _report_accuracy(run: _Run, result: TrainResult) -> None:
+    """classification: held-out accuracy before -> after, and each example's predictions."""
+    data = run.cfg.data
+    references = [str(r[data.label_field]) for r in run.eval_records]
+    before, after = run.predictions["before"], run.predictions["after"]
+    accuracy = [
+        sum(p == r for p, r in zip(preds, references, strict=True)) / len(references) for preds in (before, after)
+    ]
+    result.metric_before, result.metric_after = accuracy
+    result.scores["held-out accuracy"] = (accuracy[0], accuracy[1])
+    result.scored_by = "predicted label"
+    result.samples = [
+        {"prompt": str(record[data.text_field]), "reference": ref, "before": b, "after": a, "right": a == ref}
+        for record, ref, b, a in zip(run.eval_records, references, before, after, strict=True)
+    ]
+    result.set_samples["held-out accuracy"] = result.samples
 
 
 def train(
@@ -425,7 +456,9 @@ def train(
     _report_scores(run, result)
     state = _full_adapter_state(run)
     if run.is_main:
-        run.model.save_pretrained(result.adapter_dir, state_dict=state)
+        run.model.save_pretrained(result.adapter_dir, state_dict=state, selected_adapters=[run.model.active_adapter])
+        if run.objective.scores_predictions:  # which output of the head is which label
+            (result.adapter_dir / "labels.json").write_text(json.dumps(run.objective.labels))
         result.adapter_bytes = (result.adapter_dir / "adapter_model.safetensors").stat().st_size
         plot_losses(run.losses, run.run_dir / "loss.png")
     if run.world > 1:

@@ -1,0 +1,146 @@
+"""What a run learns: next-token prediction on responses (`causal_lm`) or one label per text (`classification`).
+
+An objective owns the task's side of the loop: checking and encoding records, loading the model, collating, the
+summed loss and the number of terms it sums (the trainer divides by the global count, so gradient accumulation and
+data parallelism compute the same gradient), and, for classification, scoring by predicted label.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from deltatune.errors import ConfigError
+from deltatune.train.config import TrainConfig
+from deltatune.train.data import IGNORE, Example, build_examples, check_records, collate
+
+
+def _autocast(batch: dict[str, Tensor], precision: str):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    device_type = batch["input_ids"].device.type
+    return torch.autocast(device_type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+
+class CausalLMObjective:
+    """Cross-entropy of the next token over response (assistant) tokens."""
+
+    scores_predictions = False
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+
+    def check(self, records: list[dict[str, Any]], source: str) -> None:
+        check_records(records, self.cfg.data, source)
+
+    def load_model(self) -> tuple[nn.Module, Any]:
+        from deltatune.pretrained import load_causal_lm
+        from deltatune.quant import QuantConfig
+
+        quant = QuantConfig(quant_type=self.cfg.quantize) if self.cfg.quantize else None
+        return load_causal_lm(self.cfg.model, quantize=quant)
+
+    def examples(self, records: list[dict[str, Any]], tokenizer: Any, source: str) -> list[Example]:
+        return build_examples(records, tokenizer, self.cfg.data, source)
+
+    def collate(self, examples: list[Example], pad_id: int) -> dict[str, Tensor]:
+        return collate(examples, pad_id)
+
+    def loss_sum(self, model: nn.Module, batch: dict[str, Tensor], precision: str) -> Tensor:
+        """Sum of next-token cross-entropies over response tokens (float32)."""
+        with _autocast(batch, precision):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE, reduction="sum"
+        )
+
+    @staticmethod
+    def count(batch: dict[str, Tensor]) -> int:
+        return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
+@dataclass
+class ClassificationObjective:
+    """Cross-entropy of one label per text (`data.text_field`, `data.label_field`) through a fresh classification
+    head (trained and saved with the adapter). The label set is the training data's, in sorted order."""
+
+    cfg: TrainConfig
+    labels: list[str] = field(default_factory=list)
+    scores_predictions = True
+
+    def check(self, records: list[dict[str, Any]], source: str) -> None:
+        data = self.cfg.data
+        for n, record in enumerate(records):
+            missing = [f for f in (data.text_field, data.label_field) if f not in record]
+            if missing:
+                raise ConfigError(
+                    f"{source}: example {n} has no {missing[0]!r} field (keys {sorted(record)}); set "
+                    f"data.text_field / data.label_field."
+                )
+        if not self.labels:
+            self.labels = sorted({str(r[data.label_field]) for r in records})
+            if len(self.labels) < 2:
+                raise ConfigError(f"{source}: a classification task needs at least 2 labels, found {self.labels}.")
+        unknown = sorted({str(r[data.label_field]) for r in records} - set(self.labels))
+        if unknown:
+            raise ConfigError(f"{source}: labels {unknown} do not occur in the training data ({self.labels}).")
+
+    def load_model(self) -> tuple[nn.Module, Any]:
+        from deltatune.pretrained import load_sequence_classifier
+
+        return load_sequence_classifier(self.cfg.model, self.labels)
+
+    def examples(self, records: list[dict[str, Any]], tokenizer: Any, source: str) -> list[Example]:
+        data, out = self.cfg.data, []
+        for n, record in enumerate(records):
+            ids = tokenizer(str(record[data.text_field]))["input_ids"]
+            if len(ids) > data.max_length:
+                raise ConfigError(
+                    f"{source}: example {n} is {len(ids)} tokens, longer than data.max_length={data.max_length}."
+                )
+            out.append(Example(ids, [self.labels.index(str(record[data.label_field]))]))
+        return out
+
+    def collate(self, examples: list[Example], pad_id: int) -> dict[str, Tensor]:
+        batch = collate([Example(e.input_ids, [IGNORE] * len(e.input_ids)) for e in examples], pad_id)
+        batch["labels"] = torch.tensor([e.labels[0] for e in examples], dtype=torch.long)
+        return batch
+
+    def loss_sum(self, model: nn.Module, batch: dict[str, Tensor], precision: str) -> Tensor:
+        with _autocast(batch, precision):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="sum")
+
+    @staticmethod
+    def count(batch: dict[str, Tensor]) -> int:
+        return len(batch["labels"])
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, examples: list[Example], pad_id: int, batch_size: int, device) -> list[str]:
+        """The predicted label of each example."""
+        model.eval()
+        out: list[str] = []
+        for start in range(0, len(examples), batch_size):
+            batch = {k: v.to(device) for k, v in self.collate(examples[start : start + batch_size], pad_id).items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            out += [self.labels[i] for i in logits.argmax(-1).tolist()]
+        return out
+
+
+def objective_for(cfg: TrainConfig) -> CausalLMObjective | ClassificationObjective:
+    return ClassificationObjective(cfg) if cfg.task == "classification" else CausalLMObjective(cfg)
+
+
+@torch.no_grad()
+def eval_loss(objective, model: nn.Module, examples: list[Example], pad_id: int, batch_size: int, device) -> float:
+    """Mean loss per term (response token, or example) over held-out examples."""
+    total, count = 0.0, 0
+    model.eval()
+    for start in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in objective.collate(examples[start : start + batch_size], pad_id).items()}
+        total += objective.loss_sum(model, batch, "fp32").item()
+        count += objective.count(batch)
+    return total / max(1, count)
