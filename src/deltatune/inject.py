@@ -134,8 +134,9 @@ def _check_entries(found, names, module_types, target_modules, supported, strict
 def with_task_heads(model: nn.Module, config: AdapterConfig, heads: Sequence[str]) -> AdapterConfig:
     """`config` with the task's head modules (e.g. `classifier` / `score` for sequence classification) trained and
     saved as `modules_to_save`, as peft's task classes do: the heads this model has are added, and task head names
-    it lacks are dropped (peft writes both names into every such config)."""
-    if not heads:
+    it lacks are dropped (peft writes both names into every such config). A config without a task_type is left as
+    it is."""
+    if not heads or config.task_type is None:  # an adapter body without a task (e.g. loaded for a fusion)
         return config
     names = [n for n, _ in model.named_modules() if n]
     present = [h for h in heads if any(n == h or n.endswith("." + h) for n in names)]

@@ -125,19 +125,25 @@ def test_classification_run_learns_and_its_adapter_reloads(tiny_encoder_dir, tin
 
 
 def test_fusion_second_stage_trains_only_the_fusion_and_the_head(tiny_encoder_dir, tmp_path):
-    """AdapterFusion through the trainer: stage one trains a bottleneck adapter, stage two loads it frozen
-    (`load_adapters`) and trains a fusion over it; the first adapter's tensors do not change."""
+    """AdapterFusion through the trainer: stage one trains bottleneck adapters on two tasks (2 and 3 labels), stage
+    two loads their bodies frozen (`load_adapters`: each without its own task's head) and trains a fusion over them;
+    the sources' tensors do not change."""
     stage_one = train(_cfg(tiny_encoder_dir, tmp_path / "one", "method={peft_type: BOTTLENECK}", "optim.steps=20"))
-    fusion = train(_cfg(tiny_encoder_dir, tmp_path / "two", "optim.steps=20",
-                        f"load_adapters={{source: {stage_one.adapter_dir}}}",
-                        "method={peft_type: BOTTLENECK, fusion_of: [source]}"))  # fmt: skip
+    three = tmp_path / "three.jsonl"
+    three.write_text("".join(json.dumps({"text": t * 3, "label": t}) + "\n" for t in "xyz" * 8))
+    other = train(_cfg(tiny_encoder_dir, tmp_path / "other", "method={peft_type: BOTTLENECK}", "optim.steps=5",
+                       f"data.train={three}", f"data.eval={three}"))  # fmt: skip
+    sources = f"{{source: {stage_one.adapter_dir}, other: {other.adapter_dir}}}"
+    fusion = train(_cfg(tiny_encoder_dir, tmp_path / "two", "optim.steps=20", f"load_adapters={sources}",
+                        "method={peft_type: BOTTLENECK, fusion_of: [source, other]}"))  # fmt: skip
     model = fusion.model
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("fusion_" in n or "classifier.modules_to_save.default." in n for n in trainable)
     before = load_file(stage_one.adapter_dir / "adapter_model.safetensors")
     after = model.adapter_state_dict("source")
-    assert all(torch.equal(before[k].float(), after[k].float()) for k in before)
+    assert sorted(after) == sorted(k for k in before if ".classifier." not in k)
+    assert all(torch.equal(before[k].float(), after[k].float()) for k in after)
     saved = json.loads((fusion.adapter_dir / "adapter_config.json").read_text())
-    assert saved["fusion_of"] == ["source"] and saved["task_type"] == "SEQ_CLS"
+    assert saved["fusion_of"] == ["source", "other"] and saved["task_type"] == "SEQ_CLS"
     assert sorted(p.name for p in fusion.adapter_dir.iterdir()) == [
         "README.md", "adapter_config.json", "adapter_model.safetensors", "labels.json"]  # fmt: skip

@@ -181,10 +181,26 @@ def _peft_model(model: nn.Module, config, load_adapters: dict[str, str] | None) 
 
     peft_model = task_class(config.task_type)(model)
     for name, path in load_adapters.items():
-        peft_model.load_adapter(path, name)
+        _load_adapter_body(peft_model, name, path)
     peft_model.add_adapter("default", config)
     peft_model.set_adapter("default")
     return peft_model
+
+
+def _load_adapter_body(peft_model: PeftModel, name: str, path: str) -> None:
+    """A saved adapter without its task head (that head was trained for the source task's own labels)."""
+    from deltatune import io
+    from deltatune.config import AdapterConfig
+    from deltatune.hub import adapter_dir
+
+    directory = adapter_dir(path, None, None)
+    source = AdapterConfig.from_pretrained(directory)
+    heads = set(type(peft_model).task_heads)
+    kept = [m for m in source.modules_to_save or [] if m not in heads]
+    body = source.replace(modules_to_save=kept or None, task_type=None)
+    tensors = {k: v for k, v in io.read_tensors(directory).items() if not heads & set(k.split("."))}
+    peft_model.add_adapter(name, body)
+    peft_model.load_adapter_tensors(name, tensors)
 
 
 def _method_config(cfg: TrainConfig, objective, model: nn.Module, train_set: list, tokenizer: Any, device):
