@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 from pathlib import Path
 
 from rich.console import Console
 
-from benchmarks.common import provenance, write_results
-from deltatune.train import load_train_config, train
+sys.path.insert(0, str(Path(__file__).parent))
+from common import provenance, write_results  # noqa: E402
+
+from deltatune.train import load_train_config, train  # noqa: E402
 
 METHODS: dict[str, tuple[str, float]] = {  # name -> (method, lr)
     "LoRA": ("{peft_type: LORA, r: 8, lora_alpha: 16, lora_dropout: 0.05}", 3e-3),
