@@ -46,6 +46,7 @@ bench: setup
 	$(PY) benchmarks/methods_step.py
 	$(PY) benchmarks/cpu_allocator.py
 	$(PY) benchmarks/merge_exact.py
+	$(PY) benchmarks/classification_methods.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -4,7 +4,9 @@ all-MiniLM-L6-v2 (the bundled encoder) on `bundled:sentiment` (480 train / 120 h
 the label), the task's defaults (150 steps of batch 8, cosine schedule, 5 warm-up steps) and one learning rate per
 method (picked from a short sweep at seed 0, listed in the table). Every run adds a fresh classification head, which
 trains with the method (`task_type: SEQ_CLS`). AdapterFusion is the two-stage recipe: Pfeiffer adapters trained on
-sentiment and on `bundled:intents`, then a fusion over both (sources frozen) trained on sentiment.
+sentiment and on `bundled:intents`, then a fusion over both (sources frozen) trained on sentiment. (Parallel
+bottleneck adapters are not in the list: they sit beside a feed-forward block held in one module, which BERT splits
+over `intermediate` / `output`; deltatune refuses them there with that reason.)
 
 Run: python benchmarks/classification_methods.py [--seeds 0,1,2] [--methods LoRA,IA3]
 """
@@ -31,7 +33,6 @@ METHODS: dict[str, tuple[str, float]] = {  # name -> (method, lr)
     "BitFit": ("{peft_type: SELECTIVE}", 1e-2),
     "bottleneck (Houlsby)": ("{peft_type: BOTTLENECK, adapter_type: houlsby}", 3e-3),
     "bottleneck (Pfeiffer)": ("{peft_type: BOTTLENECK, adapter_type: pfeiffer}", 3e-3),
-    "bottleneck (parallel)": ("{peft_type: BOTTLENECK, adapter_type: parallel}", 3e-3),
     "partial fine-tuning": ("{peft_type: SELECTIVE, train_parameters: [weight, bias], top_k_layers: 1}", 1e-3),
     "feature extraction": ("{peft_type: SELECTIVE, train_output_head: true}", 1e-2),
     "AdapterFusion": ("{peft_type: BOTTLENECK, fusion_of: [sentiment, intents]}", 3e-3),
@@ -88,6 +89,8 @@ def main() -> None:
         "# Methods on the bundled classification task (all-MiniLM-L6-v2, bundled:sentiment)",
         "",
         *provenance(len(seeds), f"seeds {args.seeds}, one run each (not interleaved: accuracy, not timing)"),
+        "- BitFit predicts one class after 150 steps at lr 1e-3, 1e-2 and 3e-2 alike (the loss stays at ln 2): "
+        "shifting biases does not separate these sentences in this budget",
         "- task defaults: 150 steps of batch 8, cosine, 5 warm-up steps, max_grad_norm 1; a fresh head per run",
         "- trainable params include the head (770); accuracy on the 120 held-out sentences, mean (min-max) over seeds;"
         " one sentence is 0.83 points",
