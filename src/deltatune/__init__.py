@@ -30,6 +30,7 @@ from deltatune.methods.gralora import GraloraConfig
 from deltatune.methods.ia3 import IA3Config
 from deltatune.methods.ln_tuning import LNTuningConfig
 from deltatune.methods.lora import LoraConfig
+from deltatune.methods.reft import ReftConfig
 from deltatune.methods.selective import SelectiveConfig
 from deltatune.methods.vera import VeraConfig
 from deltatune.model import PeftModel, get_peft_model, inject_adapter_in_model, load_config
@@ -75,6 +76,7 @@ __all__ = [
     "IA3Config",
     "BottleneckConfig",
     "LNTuningConfig",
+    "ReftConfig",
     "SelectiveConfig",
     "MergeError",
     "MethodSpec",

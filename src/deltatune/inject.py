@@ -145,6 +145,26 @@ def with_task_heads(model: nn.Module, config: AdapterConfig, heads: Sequence[str
     return config.replace(modules_to_save=wanted or None) if wanted != (config.modules_to_save or []) else config
 
 
+def visible_module_types(model: nn.Module) -> dict[str, type[nn.Module]]:
+    """Module name -> type as the user sees it: adapter wrappers show their base layer's type, their insides are
+    hidden (what target lookup matches against)."""
+    from deltatune.layers import AdapterLayer, TrainableCopy
+
+    out: dict[str, type[nn.Module]] = {}
+    hidden: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(h + ".") for h in hidden):
+            continue
+        if isinstance(module, AdapterLayer):
+            out[name] = type(module.base_layer)
+            hidden.append(name)
+        elif isinstance(module, TrainableCopy):
+            hidden.append(name)
+        else:
+            out[name] = type(module)
+    return out
+
+
 def get_submodule_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     """(parent module, attribute name) of the module called `name`."""
     parent_name, _, child = name.rpartition(".")

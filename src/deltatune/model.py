@@ -20,11 +20,17 @@ from deltatune.config import AdapterConfig
 from deltatune.errors import AdapterError, ConfigError, MergeError, UnsupportedArgumentError
 from deltatune.facade import PretrainedFacade, Tuner
 from deltatune.hub import adapter_dir, push_adapter, write_model_card
-from deltatune.inject import find_targets, replace_module, resolve_modules_to_save, with_task_heads
+from deltatune.inject import (
+    find_targets,
+    replace_module,
+    resolve_modules_to_save,
+    visible_module_types,
+    with_task_heads,
+)
 from deltatune.layers import AdapterLayer, TrainableCopy
 from deltatune.mixed_batch import adapters_per_row
 from deltatune.models import linear_types, model_type_of, output_head_name
-from deltatune.registry import MethodHooks, MethodSpec, get_method, spec_for_config
+from deltatune.registry import MethodHooks, MethodSpec, call_context, get_method, spec_for_config
 
 Wrapper = (AdapterLayer, TrainableCopy)
 
@@ -51,7 +57,7 @@ class PeftModel(PretrainedFacade):
     # -- pass-through -------------------------------------------------------------------------------------------------
     def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         """The base model's forward; `adapter_names` (one per row, "__base__" for none) mixes adapters in a batch."""
-        with adapters_per_row(self, adapter_names):
+        with adapters_per_row(self, adapter_names), call_context(self._spec(), self._base, args, kwargs, False):
             outputs = self._base(*args, **kwargs)
         hooks = self._hooks()
         loss = getattr(outputs, "loss", None)
@@ -61,8 +67,14 @@ class PeftModel(PretrainedFacade):
         return outputs
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        with adapters_per_row(self, kwargs.pop("adapter_names", None)):
+        names = kwargs.pop("adapter_names", None)
+        with adapters_per_row(self, names), call_context(self._spec(), self._base, args, kwargs, generating=True):
             return self._base.generate(*args, **kwargs)
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        """Keyword arguments of forward / generate this model's method consumes besides the base model's."""
+        return getattr(self._spec(), "input_names", ())
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -86,9 +98,12 @@ class PeftModel(PretrainedFacade):
         return self._base
 
     # -- training hooks -----------------------------------------------------------------------------------------------
-    def _hooks(self) -> MethodHooks | None:
+    def _spec(self) -> MethodSpec | None:
         types = {c.peft_type for c in self.peft_config.values()}  # one method per model (_check_same_method)
-        return get_method(types.pop()).hooks if types else None
+        return get_method(types.pop()) if types else None
+
+    def _hooks(self) -> MethodHooks | None:
+        return getattr(self._spec(), "hooks", None)
 
     def update_and_allocate(self, global_step: int) -> None:
         """Run the method's per-step training hook (AdaLoRA: update importance scores, re-allocate ranks); a no-op
@@ -162,22 +177,6 @@ class PeftModel(PretrainedFacade):
                 f"(or merge_and_unload() the current ones first)."
             )
 
-    def _module_types(self) -> dict[str, type[nn.Module]]:
-        """Module name -> type as the user sees it: wrappers show their base layer's type, their insides are hidden."""
-        out: dict[str, type[nn.Module]] = {}
-        hidden: list[str] = []
-        for name, module in self._base.named_modules():
-            if any(name.startswith(h + ".") for h in hidden):
-                continue
-            if isinstance(module, AdapterLayer):
-                out[name] = type(module.base_layer)
-                hidden.append(name)
-            elif isinstance(module, TrainableCopy):
-                hidden.append(name)
-            else:
-                out[name] = type(module)
-        return out
-
     def _inject(self, adapter_name: str, config: AdapterConfig, spec: MethodSpec, strict: bool) -> None:
         """Wrap every target and add the adapter to it; on any failure, undo everything this call did."""
         undo = spec.prepare_model(self._base, config) if spec.prepare_model is not None else None
@@ -186,7 +185,7 @@ class PeftModel(PretrainedFacade):
                 []
                 if config.target_modules == []
                 else find_targets(
-                    self._module_types(),
+                    visible_module_types(self._base),
                     target_modules=config.target_modules,
                     supported=tuple(spec.layers),
                     exclude_modules=config.exclude_modules,
@@ -535,10 +534,8 @@ class PeftModel(PretrainedFacade):
     def _saved_base_weights(self, found: dict[str, Tensor]) -> dict[str, Tensor]:
         """Base weights of adapted layers that peft stores beside the adapter (an adapted embedding's full table,
         `<path>.base_layer.weight`, e.g. after resizing the vocabulary): loaded into the base like peft does."""
-        layers = {
-            f"{path}.base_layer.weight": w.base_weight for path, w in self._wrappers() if isinstance(w, AdapterLayer)
-        }
-        return {k: layers[k] for k in found if k in layers}
+        layers = {f"{path}.base_layer.weight": w for path, w in self._wrappers() if isinstance(w, AdapterLayer)}
+        return {k: layers[k].base_weight for k in found if k in layers}
 
     def load_adapter_tensors(self, adapter_name: str, tensors: dict[str, Tensor]) -> None:
         """Overwrite an existing adapter's tensors from a peft-keyed dict (e.g. a training checkpoint); checked

@@ -6,6 +6,7 @@ checkpoint io look methods up here by `peft_type` and never name one.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -87,6 +88,15 @@ class MethodSpec:
     the same change to the *original* base, for inits that rewrite the base (`save_pretrained`'s
     `path_initial_model_for_weight_conversion`, peft's name)."""
 
+    input_context: (
+        Callable[[nn.Module, tuple, dict[str, Any], bool], contextlib.AbstractContextManager[None]] | None
+    ) = None
+    """Optional: (model, call args, call kwargs, generating) -> a context entered around each `forward` /
+    `generate` of the PeftModel: it pops the keyword arguments the method consumes (`input_names`) and tells the
+    method's layers about this call (e.g. which positions ReFT edits)."""
+    input_names: tuple[str, ...] = ()
+    """Keyword arguments of forward / generate that the method consumes (a trainer passes them when it has them)."""
+
     def complete(self, config: AdapterConfig, model_type: str | None) -> AdapterConfig:
         """`config` with the model family's defaults filled in (`with_defaults`, else `default_targets`)."""
         if self.with_defaults is not None:
@@ -104,6 +114,15 @@ class MethodSpec:
             if isinstance(module, base_type):
                 return layer_cls
         return None
+
+
+def call_context(
+    spec: MethodSpec | None, model: nn.Module, args: tuple, kwargs: dict[str, Any], generating: bool
+) -> contextlib.AbstractContextManager[None]:
+    """The method's context around one forward / generate call (`MethodSpec.input_context`), or a no-op."""
+    if spec is None or spec.input_context is None:
+        return contextlib.nullcontext()
+    return spec.input_context(model, args, kwargs, generating)
 
 
 _METHODS: dict[str, MethodSpec] = {}

@@ -222,6 +222,8 @@ class MethodCase:
     """check name -> why the method cannot meet it (the check is skipped with that reason)"""
 
 
+REFT_R = 2
+
 METHOD_CASES: dict[str, MethodCase] = {
     "ADALORA": MethodCase(
         "ADALORA",
@@ -327,6 +329,24 @@ METHOD_CASES: dict[str, MethodCase] = {
         skip={
             "dense": "non-linear: no weight formula (tests/methods/test_bottleneck.py checks the forward itself)",
             "merge": "non-linear: merging is refused (tests/methods/test_bottleneck.py checks the error)",
+        },
+    ),
+    "REFT": MethodCase(
+        "REFT",
+        make_config=lambda targets, **kw: dt.ReftConfig(target_modules=targets, r=REFT_R, positions="f2+l2", **kw),
+        dense=None,
+        count=lambda module: 2 * _dims(module)[2] * REFT_R + REFT_R,  # 2dr + r per intervention
+        saved=lambda module: (
+            lambda d: {
+                "reft_interventions.all.learned_source.weight": (REFT_R, d),
+                "reft_interventions.all.learned_source.bias": (REFT_R,),
+                "reft_interventions.all.rotate.parametrizations.weight.original": (REFT_R, d),
+            }
+        )(_dims(module)[2]),  # fmt: skip
+        mlp_targets=["lin0", "lin1"],
+        skip={
+            "dense": "edits hidden states at positions: no weight formula (tests/methods/test_reft.py checks it)",
+            "merge": "position-dependent: merging is refused (tests/methods/test_reft.py checks the error)",
         },
     ),
     "VERA": MethodCase(

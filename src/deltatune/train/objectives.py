@@ -32,6 +32,9 @@ class CausalLMObjective:
 
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
+        self.extra_inputs: tuple[str, ...] = ()
+        """Inputs the adapter's method reads besides the base model's (`PeftModel.input_names`); "prompt_lengths"
+        (tokens before each row's first response token, e.g. for ReFT's positions) is the one this objective has."""
 
     def check(self, records: list[dict[str, Any]], source: str) -> None:
         check_records(records, self.cfg.data, source)
@@ -47,12 +50,17 @@ class CausalLMObjective:
         return build_examples(records, tokenizer, self.cfg.data, source)
 
     def collate(self, examples: list[Example], pad_id: int) -> dict[str, Tensor]:
-        return collate(examples, pad_id)
+        batch = collate(examples, pad_id)
+        if "prompt_lengths" in self.extra_inputs:
+            firsts = [next(i for i, label in enumerate(e.labels) if label != IGNORE) for e in examples]
+            batch["prompt_lengths"] = torch.tensor(firsts)
+        return batch
 
     def loss_sum(self, model: nn.Module, batch: dict[str, Tensor], precision: str) -> Tensor:
         """Sum of next-token cross-entropies over response tokens (float32)."""
+        extra = {name: batch[name] for name in self.extra_inputs if name in batch}
         with _autocast(batch, precision):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra).logits
         return nn.functional.cross_entropy(
             logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE, reduction="sum"
         )

@@ -140,6 +140,10 @@ def _setup(cfg: TrainConfig, resume: bool, model: nn.Module | None, tokenizer: A
     train_set = objective.examples(train_records, tokenizer, cfg.data.train)
     method = _method_config(cfg, objective, model, train_set, tokenizer, device)
     peft_model = _peft_model(model.to(device), method, cfg.load_adapters)
+    if hasattr(objective, "extra_inputs"):
+        objective.extra_inputs = peft_model.input_names
+        if "prompt_lengths" in objective.extra_inputs and cfg.data.packing:
+            raise ConfigError(f"{method.peft_type} reads each row's prompt positions; set data.packing=false.")
     if cfg.optim.gradient_checkpointing:  # non-reentrant: no need for input embeddings that require grad
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
