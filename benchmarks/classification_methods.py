@@ -35,7 +35,7 @@ METHODS: dict[str, tuple[str, float]] = {  # name -> (method, lr)
     "bottleneck (Pfeiffer)": ("{peft_type: BOTTLENECK, adapter_type: pfeiffer}", 3e-3),
     "partial fine-tuning": ("{peft_type: SELECTIVE, train_parameters: [weight, bias], top_k_layers: 1}", 1e-3),
     "feature extraction": ("{peft_type: SELECTIVE, train_output_head: true}", 1e-2),
-    "AdapterFusion": ("{peft_type: BOTTLENECK, fusion_of: [sentiment, intents]}", 3e-3),
+    "AdapterFusion": ("{peft_type: BOTTLENECK, fusion_of: [sentiment, intents]}", 5e-4),
 }
 PFEIFFER = METHODS["bottleneck (Pfeiffer)"][0]
 

@@ -76,11 +76,13 @@ def test_only_the_intended_positions_change():
     ids = torch.randint(0, 97, (2, 9), generator=G)
     mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1, 1], [1] * 9])
     want = base(input_ids=ids, attention_mask=mask).logits
-    model = dt.get_peft_model(tiny_llama(), dt.ReftConfig(layers=[1], r=2, positions="f2+l1"))
+    model = dt.get_peft_model(tiny_llama(), dt.ReftConfig(layer_indices=[1], r=2, positions="f2+l1"))
     got = model(input_ids=ids, attention_mask=mask, prompt_lengths=torch.tensor([5, 4])).logits
     changed = (got - want).abs().amax(-1) > 1e-6
     assert changed.int().tolist() == [[0, 0, 1, 1, 0, 0, 1, 0, 0], [1, 1, 0, 1, 0, 0, 0, 0, 0]]
-    untied = dt.get_peft_model(tiny_llama(), dt.ReftConfig(layers=[1], r=2, positions="f2+l1", share_weights=False))
+    untied = dt.get_peft_model(
+        tiny_llama(), dt.ReftConfig(layer_indices=[1], r=2, positions="f2+l1", share_weights=False)
+    )
     groups = untied.base_model.model.model.layers[1].reft_interventions["default"]
     assert sorted(groups) == ["first", "last"]
 
@@ -114,7 +116,7 @@ def test_counts_equal_the_closed_form_and_the_paper(family, layers, r, tied, wan
     with torch.device("meta"):
         auto = AutoModel if family == "roberta-base" else AutoModelForCausalLM  # the paper's % counts LLaMA's head
         base = auto.from_config(configs[family])
-    model = dt.get_peft_model(base, dt.ReftConfig(layers=layers, r=r, share_weights=tied))
+    model = dt.get_peft_model(base, dt.ReftConfig(layer_indices=layers, r=r, share_weights=tied))
     cfg = configs[family]
     blocks = cfg.num_hidden_layers if layers == "all" else len(layers)
     trainable, total = model.get_nb_trainable_parameters()
@@ -144,7 +146,7 @@ def test_generate_equals_step_by_step_forward_without_cache(kind):
 
 def test_save_load_several_adapters_disable_and_merge_refused(tmp_path):
     ids = {"input_ids": torch.randint(0, 97, (2, 8), generator=G)}
-    model = dt.get_peft_model(tiny_llama(), dt.ReftConfig(layers=[0, 1], r=2))
+    model = dt.get_peft_model(tiny_llama(), dt.ReftConfig(layer_indices=[0, 1], r=2))
     model.add_adapter("direct", dt.ReftConfig(r=3, intervention_type="direft", positions="l2"))
     want = model(**ids).logits
     model.save_pretrained(tmp_path)
@@ -174,8 +176,8 @@ def test_save_load_several_adapters_disable_and_merge_refused(tmp_path):
 def test_config_errors_name_the_field():
     with pytest.raises(dt.ConfigError, match="positions"):
         dt.ReftConfig(positions="middle")
-    with pytest.raises(dt.ConfigError, match="layers"):
-        dt.ReftConfig(layers=[])
+    with pytest.raises(dt.ConfigError, match="layer_indices"):
+        dt.ReftConfig(layer_indices=[])
     with pytest.raises(dt.ConfigError, match="exceeds the hidden size"):
         dt.get_peft_model(tiny_llama(), dt.ReftConfig(r=64))
 

@@ -46,7 +46,7 @@ class ReftConfig(AdapterConfig):
 
     peft_type = "REFT"
 
-    layers: list[int] | str = "all"
+    layer_indices: list[int] | str = "all"
     """Blocks whose output is intervened on: indices into the model's layer list, or "all"."""
     r: int = 4
     """Rank of each intervention (the paper's LLaMA runs use 4 or 8)."""
@@ -68,10 +68,11 @@ class ReftConfig(AdapterConfig):
         super().__post_init__()
         if not isinstance(self.r, int) or self.r <= 0:
             raise ConfigError(f"r must be a positive integer, got {self.r!r}.")
-        if self.layers != "all" and (
-            not isinstance(self.layers, list) or not self.layers or not all(isinstance(i, int) for i in self.layers)
+        indices = self.layer_indices
+        if indices != "all" and (
+            not isinstance(indices, list) or not indices or not all(isinstance(i, int) for i in indices)
         ):
-            raise ConfigError(f'layers must be "all" or a list of block indices, got {self.layers!r}.')
+            raise ConfigError(f'layer_indices must be "all" or a list of block indices, got {indices!r}.')
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}.")
         try:
@@ -84,17 +85,17 @@ class ReftConfig(AdapterConfig):
 
 
 def reft_defaults(config: ReftConfig, model_type: str | None) -> ReftConfig:
-    """`layers` -> the blocks' module names, from the architecture table (unless target_modules names them)."""
+    """`layer_indices` -> the blocks' module names, from the architecture table (unless target_modules names them)."""
     if config.target_modules:
         return config
-    layers = arch_for(model_type).layers
-    if not layers:
+    layer_list = arch_for(model_type).layers
+    if not layer_list:
         raise ConfigError(
             "ReFT intervenes on the blocks of the model's layer list, and this model family is not in "
             "deltatune.models' table: set target_modules to the block modules (e.g. a regex like 'blocks\\.\\d+')."
         )
-    indices = r"\d+" if config.layers == "all" else "|".join(str(i) for i in config.layers)
-    return config.replace(target_modules=rf"(.*\.)?{re.escape(layers.rsplit('.', 1)[-1])}\.({indices})")
+    indices = r"\d+" if config.layer_indices == "all" else "|".join(str(i) for i in config.layer_indices)
+    return config.replace(target_modules=rf"(.*\.)?{re.escape(layer_list.rsplit('.', 1)[-1])}\.({indices})")
 
 
 def _block_width(block: nn.Module) -> int:
