@@ -135,3 +135,17 @@ def merge(
 
     merge_to_dir(model, adapter, out)
     console.print(f"merged model written to {out}")
+
+
+@app.command()
+@_friendly
+def analyze(
+    adapter: Annotated[Path, typer.Argument(help="adapter directory")],
+    base: Annotated[str | None, typer.Option(help="base model (default: the adapter's, else the bundled one)")] = None,
+    other: Annotated[Path | None, typer.Option(help="a second adapter: subspace similarity per module")] = None,
+    out: Annotated[Path | None, typer.Option(help="where analysis.json and the PNGs go")] = None,
+) -> None:
+    """What an adapter learned: per module the rank, effective rank, relative norm and amplification of its ΔW."""
+    from deltatune.cli.analyze_cmd import analyze_command
+
+    analyze_command(adapter, base, other, out or adapter / "analysis", console)
