@@ -99,10 +99,13 @@ def model_config(source: str | Path) -> Any:
 
 
 def _meta_model(config: Any, dtype: torch.dtype) -> nn.Module:
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModel, AutoModelForCausalLM
 
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+        try:
+            return AutoModelForCausalLM.from_config(config, dtype=dtype)
+        except ValueError:  # an encoder (BERT): its body
+            return AutoModel.from_config(config, dtype=dtype)
 
 
 def _saved_bytes(model: nn.Module, batch: int, seq: int, checkpointed: bool = False) -> tuple[int, int]:

@@ -149,3 +149,45 @@ def analyze(
     from deltatune.cli.analyze_cmd import analyze_command
 
     analyze_command(adapter, base, other, out or adapter / "analysis", console)
+
+
+@app.command()
+@_friendly
+def plan(
+    model: Annotated[
+        str, typer.Option(help="llama-7b | llama-13b | llama-3-8b | smollm2 | model dir | config.json")
+    ] = "smollm2",
+    method: Annotated[
+        list[str] | None, typer.Option(help="full | lora | qlora | any peft_type; repeat to compare")
+    ] = None,
+    r: Annotated[int, typer.Option(help="rank for LoRA-family methods")] = 8,
+    targets: Annotated[str | None, typer.Option(help="comma-separated target modules (default: the method's)")] = None,
+    batch: Annotated[int, typer.Option()] = 1,
+    seq: Annotated[int, typer.Option(help="tokens per example")] = 512,
+    dtype: Annotated[str, typer.Option(help="bf16 | fp16 | fp32")] = "bf16",
+    grad_checkpointing: Annotated[bool, typer.Option("--grad-checkpointing")] = False,
+    optimizer: Annotated[str, typer.Option(help="adamw | adamw_8bit | paged | offload")] = "adamw",
+    budget: Annotated[float | None, typer.Option(help="GPU memory in GB: the largest batch that fits")] = None,
+) -> None:
+    """Peak training memory from the model's config alone (meta device): weights, trainable state, activations."""
+    from deltatune.cli.plan_cmd import plan_command
+
+    chosen = method or ["full", "lora", "qlora"]
+    target_list = targets.split(",") if targets else None
+    plan_command(model, chosen, r, target_list, batch, seq, dtype, grad_checkpointing, optimizer, budget, console)
+
+
+@app.command()
+@_friendly
+def recommend(
+    examples: Annotated[int | None, typer.Option(help="number of training examples")] = None,
+    data: Annotated[str | None, typer.Option(help="or a data file (its records are counted)")] = None,
+    task: Annotated[str, typer.Option(help="chat | classification")] = "chat",
+    model: Annotated[str, typer.Option(help="smollm2 | minilm | preset | model dir")] = "smollm2",
+    budget: Annotated[float | None, typer.Option(help="GPU memory in GB the plan must fit")] = None,
+    seq: Annotated[int, typer.Option(help="tokens per example for the memory plan")] = 512,
+) -> None:
+    """Method, rank, targets, learning rate and steps for a dataset, with the reasons and a memory plan."""
+    from deltatune.cli.plan_cmd import recommend_command
+
+    recommend_command(examples, data, task, model, budget, seq, console)
