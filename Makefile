@@ -47,6 +47,7 @@ bench: setup
 	$(PY) benchmarks/cpu_allocator.py
 	$(PY) benchmarks/merge_exact.py
 	$(PY) benchmarks/classification_methods.py
+	$(PY) benchmarks/plan_vs_measured.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
