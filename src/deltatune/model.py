@@ -285,6 +285,13 @@ class PeftModel(PretrainedFacade):
             for pname in extra(self._base, config) if extra else []:
                 params[pname].requires_grad_(True)
 
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str, **kw: Any) -> None:
+        """A new adapter combining `adapters` with `weights` (peft's signature; its method's `combine` builds it)."""
+        combine = getattr(self._spec(), "combine", None)
+        if combine is None:
+            raise ConfigError("this model's method has no weighted combination of adapters (LoRA has).")
+        combine(self, adapters, weights, adapter_name, **kw)
+
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter; modules left without adapters become their original selves again."""
         self._check_name(adapter_name, exists=True)
@@ -447,9 +454,8 @@ class PeftModel(PretrainedFacade):
     def push_to_hub(self, repo_id: str, selected_adapters: list[str] | None = None, **kwargs: Any) -> object:
         """Upload the adapters' files (as `save_pretrained` writes them; never the base model) to the Hub repo
         `repo_id`. Keywords: private, token, revision, commit_message, create_pr."""
-        return push_adapter(
-            lambda folder: self.save_pretrained(folder, selected_adapters=selected_adapters), repo_id, **kwargs
-        )
+        save = lambda folder: self.save_pretrained(folder, selected_adapters=selected_adapters)  # noqa: E731
+        return push_adapter(save, repo_id, **kwargs)
 
     @classmethod
     def from_pretrained(
@@ -461,11 +467,9 @@ class PeftModel(PretrainedFacade):
         config: AdapterConfig | None = None,
         **kwargs: Any,
     ) -> PeftModel:
-        """Load a saved adapter (deltatune's or peft's) onto `model`. On any error the model is left unchanged.
-
-        For inference (`is_trainable=False`, the default) the model comes back in eval mode with nothing trainable;
-        with `is_trainable=True`, in training mode with the adapter trainable. `config` replaces the directory's
-        adapter_config.json; `subfolder` reads `model_id/subfolder`.
+        """Load a saved adapter (deltatune's or peft's) onto `model`; on any error the model is left unchanged. For
+        inference (`is_trainable=False`) in eval mode, nothing trainable; `is_trainable=True`: training mode, adapter
+        trainable. `config` replaces the directory's adapter_config.json; `subfolder` reads `model_id/subfolder`.
         """
         if config is None:  # read once here: its task_type picks the class, and load_adapter takes it as given
             config = AdapterConfig.from_pretrained(

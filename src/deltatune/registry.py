@@ -94,6 +94,9 @@ class MethodSpec:
     """Optional: (model, call args, call kwargs, generating) -> a context entered around each `forward` /
     `generate` of the PeftModel: it pops the keyword arguments the method consumes (`input_names`) and tells the
     method's layers about this call (e.g. which positions ReFT edits)."""
+    combine: Callable[..., None] | None = None
+    """Optional: (model, adapters, weights, adapter_name, **options) adds a new adapter combining existing ones
+    (`PeftModel.add_weighted_adapter`, peft's signature)."""
     input_names: tuple[str, ...] = ()
     """Keyword arguments of forward / generate that the method consumes (a trainer passes them when it has them)."""
 

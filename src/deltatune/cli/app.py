@@ -127,14 +127,31 @@ def inspect(adapter: Annotated[Path, typer.Argument(help="adapter directory (ada
 @_friendly
 def merge(
     model: Annotated[str, typer.Option(help="base model: HF dir, .gguf file or 'smollm2'")] = "smollm2",
-    adapter: Annotated[Path, typer.Option(help="adapter directory")] = ...,
-    out: Annotated[Path, typer.Option(help="output directory for the merged model")] = ...,
+    adapter: Annotated[list[Path], typer.Option(help="adapter directory; repeat with --weights to combine")] = ...,
+    out: Annotated[Path, typer.Option(help="output directory")] = ...,
+    weights: Annotated[
+        str | None, typer.Option(help="comma-separated, one per adapter: write a combined adapter")
+    ] = None,
+    combination: Annotated[
+        str, typer.Option(help="svd | cat | linear | ties | dare_linear | dare_ties | magnitude_prune | *_svd")
+    ] = "svd",
+    density: Annotated[float | None, typer.Option(help="ties / dare / magnitude_prune: fraction kept")] = None,
+    svd_rank: Annotated[int | None, typer.Option(help="rank of svd results (default: the largest input rank)")] = None,
+    merged: Annotated[
+        bool, typer.Option("--merged", help="with --weights: write the merged model, not an adapter")
+    ] = False,
 ) -> None:
-    """Merge an adapter into its base and write a standalone HF model directory (safetensors)."""
-    from deltatune.cli.merge_cmd import merge_to_dir
+    """Merge an adapter into its base (a standalone HF model directory), or combine several adapters with weights."""
+    from deltatune.cli.merge_cmd import combine_to_dir, merge_to_dir
 
-    merge_to_dir(model, adapter, out)
-    console.print(f"merged model written to {out}")
+    if weights is None and len(adapter) == 1:
+        merge_to_dir(model, adapter[0], out)
+        console.print(f"merged model written to {out}")
+        return
+    values = [float(w) for w in (weights or "").split(",") if w.strip()]
+    options = {"combination_type": combination, "density": density, "svd_rank": svd_rank}
+    combine_to_dir(model, adapter, values, out, merged, **options)
+    console.print(f"{'merged model' if merged else 'combined adapter'} ({combination}) written to {out}")
 
 
 @app.command()

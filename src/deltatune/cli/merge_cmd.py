@@ -1,9 +1,12 @@
-"""`deltatune merge`: base + adapter -> a standalone model directory."""
+"""`deltatune merge`: base + adapter -> a standalone model directory; several adapters + weights -> one combined
+adapter (or, with --merged, the model with that combination merged in)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+from deltatune.errors import ConfigError
 from deltatune.model import PeftModel
 from deltatune.pretrained import load_causal_lm
 
@@ -14,4 +17,28 @@ def merge_to_dir(model: str, adapter: Path, out: Path) -> Path:
     merged = PeftModel.from_pretrained(base, adapter).merge_and_unload(safe_merge=True)
     merged.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    return out
+
+
+def combine_to_dir(model: str, adapters: list[Path], weights: list[float], out: Path, merged: bool,
+                   **options: Any) -> Path:  # fmt: skip
+    """`add_weighted_adapter` over saved adapters (options: combination_type, density, svd_rank, ...): the result is
+    saved as an adapter in `out`, or merged into the base and saved as a model when `merged`."""
+    if len(weights) != len(adapters):
+        raise ConfigError(f"--weights has {len(weights)} values for {len(adapters)} adapters; give one per adapter.")
+    base, tokenizer = load_causal_lm(model)
+    names = [f"adapter_{i}" for i in range(len(adapters))]
+    peft_model = PeftModel.from_pretrained(base, adapters[0], adapter_name=names[0])
+    for name, path in zip(names[1:], adapters[1:], strict=True):
+        peft_model.load_adapter(path, name)
+    peft_model.add_weighted_adapter(names, weights, "default", **options)  # "default": saved at the folder's root
+    peft_model.set_adapter("default")
+    if merged:
+        for name in names:
+            peft_model.delete_adapter(name)
+        result = peft_model.merge_and_unload(safe_merge=True)
+        result.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        return out
+    peft_model.save_pretrained(out, selected_adapters=["default"])
     return out

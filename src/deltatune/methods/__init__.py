@@ -8,6 +8,7 @@ from deltatune.methods import (
     ia3,  # noqa: F401
     ln_tuning,  # noqa: F401
     lora,  # noqa: F401
+    lora_combine,  # noqa: F401
     reft,  # noqa: F401
     selective,  # noqa: F401
     vera,  # noqa: F401
