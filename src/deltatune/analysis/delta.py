@@ -151,7 +151,9 @@ def plot_analysis(analysis: AdapterAnalysis, out: Path, grids: dict[str, Tensor]
         chosen = list(grids)[:: max(1, len(grids) // 4)][:4]
         fig, axes = plt.subplots(1, len(chosen), figsize=(4 * len(chosen), 3.8), squeeze=False)
         for ax, path in zip(axes[0], chosen, strict=True):
-            image = ax.imshow(grids[path].numpy(), vmin=0, vmax=1, cmap="viridis", origin="lower")
+            rows, cols = grids[path].shape  # ticks 1..k: φ(i, j) is 1-based
+            image = ax.imshow(grids[path].numpy(), vmin=0, vmax=1, cmap="viridis", origin="lower", aspect="auto",
+                              extent=(0.5, cols + 0.5, 0.5, rows + 0.5))  # fmt: skip
             ax.set(title=path.split("model.", 1)[-1], xlabel="j (other)", ylabel="i (this)")
         fig.colorbar(image, ax=axes[0].tolist(), label="φ(i, j)")
         written.append(out / "subspace_similarity.png")
