@@ -30,6 +30,7 @@ from deltatune.methods.gralora import GraloraConfig
 from deltatune.methods.ia3 import IA3Config
 from deltatune.methods.ln_tuning import LNTuningConfig
 from deltatune.methods.lora import LoraConfig
+from deltatune.methods.lora_hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
 from deltatune.methods.reft import ReftConfig
 from deltatune.methods.selective import SelectiveConfig
 from deltatune.methods.vera import VeraConfig
@@ -72,6 +73,8 @@ __all__ = [
     "DeltatuneError",
     "GraloraConfig",
     "LoraConfig",
+    "hotswap_adapter",
+    "prepare_model_for_compiled_hotswap",
     "VeraConfig",
     "IA3Config",
     "BottleneckConfig",
