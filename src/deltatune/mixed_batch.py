@@ -3,7 +3,9 @@
 `model(**batch, adapter_names=["a", "b", "__base__", "a"])`: every adapter wrapper (any method, and `modules_to_save`
 copies) splits the rows by adapter name, runs each group with only that adapter active ("__base__": none) and puts
 the rows back in order. Rows never mix inside a wrapper (linear, convolution and embedding layers treat rows
-independently), so each row's output is what a batch of that row alone under `set_adapter(name)` gives.
+independently), so each row's output is what a batch of that row alone under `set_adapter(name)` gives. A wrapper
+may provide `forward_rows(groups, x, ...)` to do better: LoRA runs its base layer once on the whole batch and adds
+each group's low-rank term to its rows (returning None falls back to the per-group forward).
 """
 
 from __future__ import annotations
@@ -37,10 +39,15 @@ def split_rows(forward: Callable[..., Tensor]) -> Callable[..., Tensor]:
                 f"adapter_names has {len(names)} entries but the batch has {x.shape[0]} rows (beam search and "
                 "num_return_sequences multiply the rows: give one name per row of the expanded batch)."
             )
-        saved, out = self.active_adapters, None
+        groups = [(name, torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device))
+                  for name in dict.fromkeys(names)]  # fmt: skip
+        grouped = getattr(self, "forward_rows", None)  # a layer may run its base once and only its term per group
+        out = grouped(groups, x, *args, **kwargs) if grouped is not None else None
+        if out is not None:
+            return out
+        saved = self.active_adapters
         try:
-            for name in dict.fromkeys(names):
-                rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
+            for name, rows in groups:
                 self.active_adapters = [name] if name != BASE and name in self.adapter_names else []
                 part = forward(self, x.index_select(0, rows), *args, **kwargs)
                 if out is None:

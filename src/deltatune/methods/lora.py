@@ -435,6 +435,24 @@ class LoraLinear(_LoraLayer):
             result = result + (branch if branch.dtype == result.dtype else branch.to(result.dtype))
         return result
 
+    def forward_rows(self, groups: list[tuple[str, Tensor]], x: Tensor, *args: Any, **kwargs: Any) -> Tensor | None:
+        """Mixed-adapter batch: the base once on every row, each group's LoRA term on its rows (variants: None)."""
+        names = [n for n, _ in groups if n in self.adapter_names and not self.disabled]
+        if self.merged or any(n in self.variant for n in names):
+            return None
+        result = self.base_layer(x, *args, **kwargs)
+        for name, rows in groups:
+            if name not in names:
+                continue  # "__base__" rows, or an adapter this layer does not hold
+            xs, a, b = x.index_select(0, rows), self.lora_A[name].weight, self.lora_B[name].weight
+            branch = lora_branch(
+                xs, a.to(x.dtype), b.to(x.dtype), self.scaling[name], self.dropout_p[name], self.training
+            )
+            if self.lora_B[name].bias is not None:
+                branch = branch + self.scaling[name] * self.lora_B[name].bias.to(branch.dtype)
+            result = result.index_add(0, rows, branch.to(result.dtype))
+        return result
+
     def changes_bias(self, name: str) -> bool:
         return self.lora_B[name].bias is not None  # lora_bias
 
