@@ -141,3 +141,34 @@ def test_merge_command_combines_saved_adapters(tmp_path, tiny_model_dir):
     merged_args = [*args[:-1], str(tmp_path / "merged"), "--merged"]
     assert CliRunner().invoke(app, merged_args).exit_code == 0
     assert (tmp_path / "merged" / "model.safetensors").is_file()
+
+
+def test_two_adapters_train_at_once_on_a_mixed_batch_each_from_its_own_rows():
+    """Rows of task A go through adapter a and rows of task B through b in one batch: each adapter's gradient equals
+    the one from its rows alone, and each has its own optimizer group (its own learning rate)."""
+    from deltatune.optimizers import adapter_param_groups
+
+    model = dt.get_peft_model(tiny_llama(), dt.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    model.add_adapter("b", dt.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    perturb_trainable(model)
+    model.set_adapter(["default", "b"])  # both train
+    ids = torch.randint(0, 97, (4, 6), generator=torch.Generator().manual_seed(4))
+    rows = ["default", "b", "b", "default"]
+
+    def grads(batch, names):
+        model.zero_grad()
+        model(input_ids=batch, adapter_names=names).logits.pow(2).sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    mixed = grads(ids, rows)
+    alone_a, alone_b = grads(ids[[0, 3]], ["default"] * 2), grads(ids[[1, 2]], ["b"] * 2)
+    for name, g in mixed.items():
+        want = alone_a[name] if ".default." in name else alone_b[name]
+        torch.testing.assert_close(g, want, atol=1e-5, rtol=1e-4)
+    groups = adapter_param_groups(model, {"default": 1e-3, "b": 3e-4})
+    assert [(g["adapter"], g["lr"], len(g["params"])) for g in groups] == [("default", 1e-3, 8), ("b", 3e-4, 8)]
+    optimizer = torch.optim.AdamW(groups)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    grads(ids, rows)  # one mixed step trains both
+    optimizer.step()
+    assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before and ".lora_B." in n)

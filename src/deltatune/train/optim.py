@@ -22,6 +22,30 @@ def _param_roles(model: nn.Module) -> dict[int, str]:
     return roles
 
 
+def adapter_param_groups(
+    model: nn.Module, lr: float | dict[str, float], weight_decay: float = 0.0
+) -> list[dict[str, Any]]:
+    """One optimizer parameter group per adapter (`"adapter"` names it), for training several adapters at once, e.g.
+    two tasks in one run (`set_adapter([...])`, or per-row `adapter_names=` batches): `lr` is one rate or one per
+    adapter. Only trainable parameters are included."""
+    groups = []
+    for name in model.peft_config:
+        params, seen = [], set()
+        for _, wrapper in model._wrappers():
+            for p in wrapper.adapter_parameters(name):
+                if p.requires_grad and id(p) not in seen:
+                    seen.add(id(p))
+                    params.append(p)
+        rate = lr.get(name) if isinstance(lr, dict) else lr
+        if params and rate is None:
+            raise ConfigError(f"no learning rate for adapter {name!r}; lr has {sorted(lr)}.")
+        if params:
+            groups.append({"params": params, "lr": rate, "weight_decay": weight_decay, "adapter": name})
+    if not groups:
+        raise ConfigError("no adapter has trainable parameters; set_adapter([...]) the ones to train.")
+    return groups
+
+
 def loraplus_param_groups(
     model: nn.Module,
     lr: float,
