@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from transformers.initialization import no_init_weights
 
 from deltatune import io, saving
 from deltatune.arguments import refuse_unknown
@@ -106,11 +107,9 @@ class PeftModel(PretrainedFacade):
         return getattr(self._spec(), "hooks", None)
 
     def update_and_allocate(self, global_step: int) -> None:
-        """Run the method's per-step training hook (AdaLoRA: update importance scores, re-allocate ranks); a no-op
-        for methods without one. In your own loop call it after `optimizer.step()` and before `zero_grad()`, with
-        steps counted from 0; deltatune's trainer calls it for you."""
-        hooks = self._hooks()
-        if hooks is not None:
+        """The method's per-step training hook (AdaLoRA: importance scores, rank re-allocation; else a no-op): in your
+        own loop after `optimizer.step()`, before `zero_grad()`, steps from 0 (deltatune's trainer calls it)."""
+        if (hooks := self._hooks()) is not None:
             hooks.on_step(self, global_step)
 
     def training_state_dict(self) -> dict[str, Tensor]:
@@ -272,8 +271,7 @@ class PeftModel(PretrainedFacade):
         """Only the active adapters' tensors (and what their method adds, e.g. biases) train; the base is frozen."""
         for p in self._base.parameters():
             p.requires_grad_(False)
-        wrappers = [w for _, w in self._wrappers()]
-        params = dict(self._base.named_parameters())
+        wrappers, params = [w for _, w in self._wrappers()], None
         for name in self._active:
             config = self.peft_config[name]
             if config.inference_mode:
@@ -283,6 +281,7 @@ class PeftModel(PretrainedFacade):
                     p.requires_grad_(True)
             extra = get_method(config.peft_type).extra_trainable
             for pname in extra(self._base, config) if extra else []:
+                params = params or dict(self._base.named_parameters())  # only when the method trains base tensors
                 params[pname].requires_grad_(True)
 
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str, **kw: Any) -> None:
@@ -513,7 +512,8 @@ class PeftModel(PretrainedFacade):
         self._check_same_method(spec)
         found = io.from_peft_keys(io.read_tensors(directory))
         requires_grad = {n: p.requires_grad for n, p in self._base.named_parameters()}
-        self._inject(adapter_name, config, spec, strict=False)
+        with no_init_weights():  # every tensor is overwritten from the file (check_state): skip random inits
+            self._inject(adapter_name, config, spec, strict=False)
         self.peft_config[adapter_name] = config
         try:
             expected = io.from_peft_keys(self.adapter_state_dict(adapter_name))
@@ -526,7 +526,7 @@ class PeftModel(PretrainedFacade):
                 p.requires_grad_(requires_grad[n])
             raise
         self._initialize_from_base(adapter_name)  # as at creation (peft does the same), then the saved tensors
-        self._copy_state(adapter_name, found)
+        self._copy_state(adapter_name, found, expected)
         if not self._active:
             self._active = [adapter_name]
         self._apply_active()
@@ -550,9 +550,9 @@ class PeftModel(PretrainedFacade):
         self._copy_state(adapter_name, found)
 
     @torch.no_grad()
-    def _copy_state(self, adapter_name: str, found: dict[str, Tensor]) -> None:
-        own = io.from_peft_keys(self.adapter_state_dict(adapter_name))
-        own.update(self._saved_base_weights(found))
+    def _copy_state(self, adapter_name: str, found: dict[str, Tensor], own: dict[str, Tensor] | None = None) -> None:
+        if own is None:
+            own = {**io.from_peft_keys(self.adapter_state_dict(adapter_name)), **self._saved_base_weights(found)}
         for key, tensor in found.items():
             own[key].copy_(tensor.to(own[key].dtype))
 

@@ -31,6 +31,7 @@ from deltatune.functional.init import (
 )
 from deltatune.functional.lora import (
     embedding_lora_delta,
+    gathered_lora_rows,
     lora_branch,
     lora_delta,
     lora_scale,
@@ -441,6 +442,10 @@ class LoraLinear(_LoraLayer):
         if self.merged or any(n in self.variant for n in names):
             return None
         result = self.base_layer(x, *args, **kwargs)
+        if not any(self.dropout_p[n] and self.training or self.lora_B[n].bias is not None for n in names):
+            factors = [(rows, self.lora_A[n].weight * self.scaling[n], self.lora_B[n].weight) for n, rows in groups
+                       if n in names]  # fmt: skip
+            return result + gathered_lora_rows(x, factors, self.out_features).to(result.dtype)
         for name, rows in groups:
             if name not in names:
                 continue  # "__base__" rows, or an adapter this layer does not hold
@@ -450,7 +455,10 @@ class LoraLinear(_LoraLayer):
             )
             if self.lora_B[name].bias is not None:
                 branch = branch + self.scaling[name] * self.lora_B[name].bias.to(branch.dtype)
-            result = result.index_add(0, rows, branch.to(result.dtype))
+            branch = branch.to(result.dtype)  # in place without autograd: no copy of the whole output per group
+            result = (
+                result.index_add_(0, rows, branch) if not torch.is_grad_enabled() else result.index_add(0, rows, branch)
+            )
         return result
 
     def changes_bias(self, name: str) -> bool:
