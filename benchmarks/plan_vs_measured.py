@@ -66,7 +66,7 @@ def _child(source, method: str, batch: int, seq: int, targets) -> dict:
         optimizer.zero_grad(set_to_none=True)
         del logits, loss
     measured = (peak_rss_mib() - baseline) * 2**20
-    plan = plan_memory(config, method, r=8 if targets else 16, targets=targets or ("all-linear" if method == "lora"
+    plan = plan_memory(config, method, rank=8 if targets else 16, targets=targets or ("all-linear" if method == "lora"
                        else None), batch=batch, seq=seq, dtype="fp32")  # fmt: skip
     return {"measured": measured, "estimate": plan.peak, "weights": plan.base_weights, "state": plan.trainable_state,
             "activations": plan.activations, "loss": plan.logits_and_loss}  # fmt: skip

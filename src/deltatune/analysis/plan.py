@@ -42,6 +42,9 @@ PRESETS = {  # model shapes people plan for, built from their published configs
     "llama-3-8b": {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
                    "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256},
 }  # fmt: skip
+DEFAULT_METHODS = ["full", "lora", "qlora"]
+MODEL_HELP = " | ".join([*PRESETS, "smollm2", "model dir", "config.json"])
+METHOD_HELP = "full | lora | qlora | any registered peft_type; repeat to compare (default: full, lora, qlora)"
 _BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 _OPTIMIZER_BYTES = {"adamw": 8, "adamw_8bit": 2, "paged": 0, "offload": 0}
 _4BIT_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes + double-quantized absmax per value
@@ -134,7 +137,7 @@ def _saved_bytes(model: nn.Module, batch: int, seq: int, checkpointed: bool = Fa
     return sum(saved.values()), sum(loss_saved.values()) + workspace
 
 
-def _apply_method(model: nn.Module, method: str, r: int, targets: list[str] | None, options: dict[str, Any]):
+def _apply_method(model: nn.Module, method: str, rank: int, targets: list[str] | None, options: dict[str, Any]):
     """The model with the method applied (meta device); "full" trains every parameter."""
     if method == "full":
         model.requires_grad_(True)
@@ -144,7 +147,7 @@ def _apply_method(model: nn.Module, method: str, r: int, targets: list[str] | No
     peft_type = "LORA" if method in ("lora", "qlora") else method.upper()
     spec = get_method(peft_type)
     fields = set(spec.config_cls.__dataclass_fields__)
-    values: dict[str, Any] = {k: v for k, v in {"r": r, "target_modules": targets}.items() if k in fields and v}
+    values: dict[str, Any] = {k: v for k, v in {"r": rank, "target_modules": targets}.items() if k in fields and v}
     values.update(options)
     from deltatune.model import get_peft_model
 
@@ -162,7 +165,7 @@ def plan_memory(
     model: str | Path | Any,
     method: str = "lora",
     *,
-    r: int = 8,
+    rank: int = 8,
     targets: list[str] | None = None,
     batch: int = 1,
     seq: int = 512,
@@ -172,7 +175,8 @@ def plan_memory(
     method_options: dict[str, Any] | None = None,
 ) -> MemoryPlan:
     """Estimate the peak training memory (see the module doc). `model`: preset, "smollm2", directory, config.json or a
-    transformers config; `method`: "full", "lora", "qlora" or any registered peft_type (fields in `method_options`)."""
+    transformers config; `method`: "full", "lora", "qlora" or any registered peft_type (fields in `method_options`);
+    `rank`: the method's rank where it has one."""
     if dtype not in _BYTES or optimizer not in _OPTIMIZER_BYTES:
         raise ConfigError(f"dtype must be one of {list(_BYTES)} and optimizer one of {list(_OPTIMIZER_BYTES)}.")
     config = model if hasattr(model, "to_dict") else model_config(model)
@@ -180,7 +184,7 @@ def plan_memory(
     base = _meta_model(config, torch_dtype)
     quantized = _quantized_names(base) if method == "qlora" else set()
     total_params = sum(p.numel() for p in base.parameters())
-    adapted = _apply_method(base, method, r, targets, dict(method_options or {}))
+    adapted = _apply_method(base, method, rank, targets, dict(method_options or {}))
     names = {n.replace("base_layer.", "").replace("base_model.model.", ""): p for n, p in adapted.named_parameters()}
     trainable = sum(p.numel() for p in names.values() if p.requires_grad)
     frozen = {n: p for n, p in names.items() if not p.requires_grad}

@@ -118,7 +118,7 @@ def _fit(rec: Recommendation, config: Any, budget_gb: float | None, seq: int) ->
     targets = rec.method.get("target_modules")
 
     def plan(kind: str) -> MemoryPlan:
-        return plan_memory(config, kind, r=rec.method.get("r", 8), targets=targets, batch=rec.batch, seq=seq,
+        return plan_memory(config, kind, rank=rec.method.get("r", 8), targets=targets, batch=rec.batch, seq=seq,
                            gradient_checkpointing=rec.gradient_checkpointing)  # fmt: skip
 
     rec.plan = plan(method)

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from deltatune.analysis import plan as plan_help
 from deltatune.errors import DeltatuneError
 
 app = typer.Typer(
@@ -171,13 +172,9 @@ def analyze(
 @app.command()
 @_friendly
 def plan(
-    model: Annotated[
-        str, typer.Option(help="llama-7b | llama-13b | llama-3-8b | smollm2 | model dir | config.json")
-    ] = "smollm2",
-    method: Annotated[
-        list[str] | None, typer.Option(help="full | lora | qlora | any peft_type; repeat to compare")
-    ] = None,
-    r: Annotated[int, typer.Option(help="rank for LoRA-family methods")] = 8,
+    model: Annotated[str, typer.Option(help=plan_help.MODEL_HELP)] = "smollm2",
+    method: Annotated[list[str] | None, typer.Option(help=plan_help.METHOD_HELP)] = None,
+    rank: Annotated[int, typer.Option("--rank", "--r", help="rank, for methods that have one")] = 8,
     targets: Annotated[str | None, typer.Option(help="comma-separated target modules (default: the method's)")] = None,
     batch: Annotated[int, typer.Option()] = 1,
     seq: Annotated[int, typer.Option(help="tokens per example")] = 512,
@@ -189,9 +186,9 @@ def plan(
     """Peak training memory from the model's config alone (meta device): weights, trainable state, activations."""
     from deltatune.cli.plan_cmd import plan_command
 
-    chosen = method or ["full", "lora", "qlora"]
+    chosen = method or list(plan_help.DEFAULT_METHODS)
     target_list = targets.split(",") if targets else None
-    plan_command(model, chosen, r, target_list, batch, seq, dtype, grad_checkpointing, optimizer, budget, console)
+    plan_command(model, chosen, rank, target_list, batch, seq, dtype, grad_checkpointing, optimizer, budget, console)
 
 
 @app.command()

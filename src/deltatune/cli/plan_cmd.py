@@ -10,14 +10,14 @@ from deltatune.analysis.plan import GIB, GPUS, plan_memory
 
 
 def plan_command(
-    model: str, methods: list[str], r: int, targets: list[str] | None, batch: int, seq: int, dtype: str,
+    model: str, methods: list[str], rank: int, targets: list[str] | None, batch: int, seq: int, dtype: str,
     gradient_checkpointing: bool, optimizer: str, budget: float | None, console: Console,
 ) -> None:  # fmt: skip
     plans = [
         plan_memory(
             model,
             m,
-            r=r,
+            rank=rank,
             targets=targets,
             batch=batch,
             seq=seq,
