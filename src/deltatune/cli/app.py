@@ -205,3 +205,22 @@ def recommend(
     from deltatune.cli.plan_cmd import recommend_command
 
     recommend_command(examples, data, task, model, budget, seq, console)
+
+
+export_app = typer.Typer(help="Export adapters to other runtimes.", no_args_is_help=True)
+app.add_typer(export_app, name="export")
+
+
+@export_app.command("gguf")
+@_friendly
+def export_gguf(
+    adapter: Annotated[Path, typer.Option(help="LoRA adapter directory")] = ...,
+    out: Annotated[Path, typer.Option(help="the .gguf file to write")] = ...,
+    outtype: Annotated[str, typer.Option(help="f32 | f16 | bf16 | q8_0")] = "f32",
+    model: Annotated[str | None, typer.Option(help="base: dir, .gguf or smollm2 (default: the adapter's)")] = None,
+) -> None:
+    """A LoRA adapter as a llama.cpp adapter GGUF (load it with llama.cpp's --lora or llama-cpp-python's lora_path)."""
+    from deltatune.export import export_gguf_adapter
+
+    export_gguf_adapter(adapter, out, outtype, model)
+    console.print(f"llama.cpp adapter written to {out} ({out.stat().st_size / 1e6:.2f} MB)")

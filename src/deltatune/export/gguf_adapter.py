@@ -1,0 +1,131 @@
+"""`export_gguf_adapter`: a LoRA adapter as a llama.cpp adapter file (GGUF, `general.type = adapter`).
+
+llama.cpp adds `scale · B·A` with scale = `adapter.lora.alpha` / rank per tensor, onto weights named as in the base GGUF
+(`blk.N.attn_q.weight`, its LoRA tensors `blk.N.attn_q.weight.lora_a` (r, d_in) and `.lora_b` (d_out, r)). Written
+with the `gguf` package; names come from its tensor-name map for the architecture (no table here). What deltatune's
+config scales differently from alpha/r (rsLoRA, `rank_pattern` / `alpha_pattern`) is folded into B, so the file is
+right under llama.cpp's rule. LLaMA-family GGUF files store q and k with their rows permuted for llama.cpp's rotary
+layout (transformers un-permutes them on load), so B of q and k is permuted the same way.
+
+Refused, with the reason: non-LoRA methods, DoRA (its magnitude rescaling is not B·A), `lora_bias`,
+`modules_to_save` and trainable tokens (whole tensors llama.cpp adapters cannot carry), inits that rewrite the base
+(PiSSA, OLoRA, LoftQ: the adapter is relative to a base llama.cpp does not have).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from deltatune import io
+from deltatune.config import AdapterConfig
+from deltatune.errors import ConfigError
+from deltatune.functional.lora import lora_scale
+
+OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+_ARCHS = {"llama": "LLAMA", "mistral": "LLAMA", "qwen2": "QWEN2"}
+_PERMUTED = {"llama", "mistral"}  # families whose GGUF q/k rows are permuted for llama.cpp's rotary layout
+
+
+def llama_permute(rows: torch.Tensor, n_head: int, n_head_kv: int | None = None) -> torch.Tensor:
+    """llama.cpp's q/k row permutation (the inverse of transformers' `_reverse_permute_weights`)."""
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    shape = rows.shape
+    return rows.reshape(n_head, 2, shape[0] // n_head // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+
+
+def _check_exportable(config: AdapterConfig, tensors: dict[str, torch.Tensor]) -> None:
+    if config.peft_type != "LORA":
+        raise ConfigError(f"a {config.peft_type} adapter cannot be a llama.cpp LoRA adapter; merge it into the model "
+                          "instead (merge_and_unload, or deltatune merge).")  # fmt: skip
+    reasons = {
+        "use_dora": "DoRA rescales the weight's columns, which is not B·A",
+        "lora_bias": "lora_bias adds a bias llama.cpp adapters cannot carry",
+        "modules_to_save": "modules_to_save trains whole modules llama.cpp adapters cannot carry",
+        "trainable_token_indices": "trainable tokens replace embedding rows llama.cpp adapters cannot carry",
+    }
+    for field, why in reasons.items():
+        if getattr(config, field, None):
+            raise ConfigError(f"{field} is set: {why}; merge the adapter into the model instead.")
+    init = str(getattr(config, "init_lora_weights", True)).lower()
+    if init.startswith(("pissa", "olora", "loftq")):
+        raise ConfigError(f"init_lora_weights={init}: the adapter is relative to a rewritten base; merge it instead.")
+    if any(".lora_embedding_" in k for k in tensors):
+        raise ConfigError("the adapter has LoRA on an embedding; llama.cpp adapters cover linear layers only.")
+
+
+def _base_config(config: AdapterConfig, model: str | None) -> dict:
+    """The base's config.json: `model`, else the adapter's base when it exists here, else the bundled model."""
+    from deltatune.pretrained import resolve_model_path
+
+    recorded = config.base_model_name_or_path
+    source = model or (recorded if recorded and (Path(recorded) / "config.json").is_file() else "smollm2")
+    return json.loads((resolve_model_path(source) / "config.json").read_text())
+
+
+def export_gguf_adapter(
+    adapter_dir: str | Path, out: str | Path, outtype: str = "f32", model: str | None = None
+) -> Path:
+    """Write the LoRA adapter in `adapter_dir` as a llama.cpp adapter GGUF at `out` (see the module doc). `model`:
+    the base (a directory, a .gguf or "smollm2"; default: the adapter's base_model_name_or_path)."""
+    import gguf
+
+    from deltatune.methods.lora import lora_layer_kwargs
+
+    if outtype not in OUTTYPES:
+        raise ConfigError(f"outtype {outtype!r} is not one of {', '.join(OUTTYPES)}.")
+    adapter_dir, out = Path(adapter_dir), Path(out)
+    config = AdapterConfig.from_pretrained(adapter_dir)
+    tensors = io.from_peft_keys(io.read_tensors(adapter_dir))
+    _check_exportable(config, tensors)
+    base = _base_config(config, model)
+    family = base.get("model_type")
+    if family not in _ARCHS:
+        raise ConfigError(f"model_type {family!r}: the exporter knows {sorted(_ARCHS)} (llama.cpp's names for them).")
+    arch = getattr(gguf.MODEL_ARCH, _ARCHS[family])
+    names = gguf.get_tensor_name_map(arch, base["num_hidden_layers"])
+    modules = sorted({k.rsplit(".lora_", 1)[0] for k in tensors})
+    ranks = {m: tensors[f"{m}.lora_A.weight"].shape[0] for m in modules}
+    alpha = float(max(ranks.values()))  # llama.cpp's scale is alpha / rank per tensor: fold the rest into B
+    writer = gguf.GGUFWriter(str(out), gguf.MODEL_ARCH_NAMES[arch])
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+    for module in modules:
+        target = names.get_name(f"{module}.weight", try_suffixes=(".weight",))
+        if target is None:
+            raise ConfigError(f"{module} has no llama.cpp tensor name for {family}; target other modules.")
+        args = lora_layer_kwargs(config, module)
+        scale = lora_scale(args["lora_alpha"], args["r"], args["use_rslora"])
+        a = tensors[f"{module}.lora_A.weight"].float()
+        b = tensors[f"{module}.lora_B.weight"].float() * (scale * ranks[module] / alpha)
+        if family in _PERMUTED and module.endswith("q_proj"):
+            b = llama_permute(b, base["num_attention_heads"])
+        elif family in _PERMUTED and module.endswith("k_proj"):
+            b = llama_permute(b, base["num_attention_heads"], base.get("num_key_value_heads"))
+        for suffix, value in ((".lora_a", a), (".lora_b", b)):
+            _add(writer, target + suffix, value, outtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
+
+
+def _add(writer, name: str, tensor: torch.Tensor, outtype: str) -> None:
+    import gguf
+
+    data = tensor.contiguous().numpy().astype(np.float32)
+    if outtype == "f32":
+        writer.add_tensor(name, data)
+    elif outtype == "f16":
+        writer.add_tensor(name, data.astype(np.float16))
+    else:
+        kind = gguf.GGMLQuantizationType.BF16 if outtype == "bf16" else gguf.GGMLQuantizationType.Q8_0
+        if kind == gguf.GGMLQuantizationType.Q8_0 and data.shape[-1] % 32:
+            raise ConfigError(f"q8_0 needs rows of a multiple of 32 values; {name} has {data.shape[-1]}: use f16.")
+        writer.add_tensor(name, gguf.quants.quantize(data, kind), raw_dtype=kind)

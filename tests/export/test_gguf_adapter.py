@@ -1,0 +1,70 @@
+"""The llama.cpp adapter GGUF, read back with `gguf`: metadata, names, shapes, and the change it encodes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import deltatune as dt
+from deltatune.export import export_gguf_adapter
+from tests.conftest import perturb_trainable
+
+gguf = pytest.importorskip("gguf")
+
+
+def _tensors(path):
+    reader = gguf.GGUFReader(str(path))
+    fields = {k: v for k, v in reader.fields.items()}
+    return reader, fields, {t.name: torch.tensor(t.data.copy()).float() for t in reader.tensors}
+
+
+def _field(field):
+    value = field.parts[field.data[0]]
+    return bytes(value).decode() if value.dtype.kind == "u" and len(value) > 1 else value.tolist()[0]
+
+
+def test_export_encodes_the_adapter_change_under_llama_cpp_scaling(tmp_path, tiny_model_dir):
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+    from deltatune.pretrained import load_causal_lm
+
+    base, _ = load_causal_lm(tiny_model_dir)
+    config = dt.LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "k_proj", "down_proj"],
+                           rank_pattern={"down_proj": 2})  # fmt: skip
+    model = dt.get_peft_model(base, config)
+    perturb_trainable(model)
+    model.save_pretrained(tmp_path / "a")
+    export_gguf_adapter(tmp_path / "a", tmp_path / "a.gguf", model=str(tiny_model_dir))
+    reader, fields, tensors = _tensors(tmp_path / "a.gguf")
+    assert _field(fields["general.type"]) == "adapter" and _field(fields["adapter.type"]) == "lora"
+    alpha = _field(fields["adapter.lora.alpha"])
+    assert _field(fields["general.architecture"]) == "llama"
+    hf = json.loads((tiny_model_dir / "config.json").read_text())
+    unpermute = LlamaTensorProcessor(config=hf)  # transformers' GGUF loader: the oracle for the q/k row order
+    for path, layer in model.get_base_model().named_modules():
+        if not hasattr(layer, "lora_A"):
+            continue
+        kind = {"q_proj": "attn_q", "k_proj": "attn_k", "down_proj": "ffn_down"}[path.rsplit(".", 1)[-1]]
+        name = f"blk.{path.split('.')[2]}.{kind}.weight"
+        a, b = tensors[f"{name}.lora_a"], tensors[f"{name}.lora_b"]
+        rank = a.shape[0]
+        assert a.shape == (rank, layer.in_features) and b.shape == (layer.out_features, rank)
+        b = torch.tensor(unpermute.process(b.numpy(), name).weights)
+        torch.testing.assert_close((alpha / rank) * b @ a, layer.get_delta_weight("default"), atol=1e-6, rtol=1e-5)
+
+
+def test_export_refuses_what_llama_cpp_cannot_load(tmp_path, tiny_model_dir):
+    from deltatune.pretrained import load_causal_lm
+
+    for name, config in {"dora": dt.LoraConfig(r=2, use_dora=True, target_modules=["q_proj"]),
+                         "ia3": dt.IA3Config()}.items():  # fmt: skip
+        dt.get_peft_model(load_causal_lm(tiny_model_dir)[0], config).save_pretrained(tmp_path / name)
+    with pytest.raises(dt.ConfigError, match="use_dora is set: DoRA rescales"):
+        export_gguf_adapter(tmp_path / "dora", tmp_path / "x.gguf", model=str(tiny_model_dir))
+    with pytest.raises(dt.ConfigError, match="IA3 adapter cannot be a llama.cpp LoRA adapter"):
+        export_gguf_adapter(tmp_path / "ia3", tmp_path / "x.gguf", model=str(tiny_model_dir))
+    with pytest.raises(dt.ConfigError, match="outtype"):
+        export_gguf_adapter(tmp_path / "ia3", tmp_path / "x.gguf", outtype="q2_k", model=str(tiny_model_dir))
+    assert not (tmp_path / "x.gguf").exists()
