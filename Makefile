@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test test-slow test-gpu lint quickstart bench clean
+.PHONY: setup test test-slow test-export test-gpu lint quickstart bench clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,14 @@ test: setup
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow tests
+
+# the exported GGUF adapter in a real llama.cpp (built from source once, 6-10 minutes; pip caches the wheel).
+# AMX off: a native build segfaults at the first decode on CPUs that report AMX.
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF \
+	-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
+test-export: setup
+	$(PY) -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install llama-cpp-python==0.3.36
+	$(PY) -m pytest -q -s -m slow tests/export
 
 # on a CUDA machine: the CUDA tests (they skip elsewhere)
 test-gpu: setup
