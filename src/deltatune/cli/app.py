@@ -216,7 +216,9 @@ app.add_typer(export_app, name="export")
 def export_gguf(
     adapter: Annotated[Path, typer.Option(help="adapter directory")] = ...,
     out: Annotated[Path, typer.Option(help="the .gguf file to write")] = ...,
-    outtype: Annotated[str | None, typer.Option(help="f32 | f16 | bf16 | q8_0 (merged also: source)")] = None,
+    outtype: Annotated[
+        str | None, typer.Option(help="f32 | f16 | bf16 | q8_0, merged also source (default f32, merged f16)")
+    ] = None,
     model: Annotated[str | None, typer.Option(help="base: dir, .gguf or smollm2 (default: the adapter's)")] = None,
     merged: Annotated[bool, typer.Option("--merged", help="write the GGUF base with the adapter merged in")] = False,
 ) -> None:
@@ -228,7 +230,7 @@ def export_gguf(
         from deltatune.pretrained import bundled_gguf_path
 
         source = bundled_gguf_path() if model in (None, "smollm2") else Path(model)
-        export_gguf_merged(source, adapter, out, outtype or "source")
+        export_gguf_merged(source, adapter, out, outtype or "f16")
         console.print(
             f"merged model written to {out} ({out.stat().st_size / 1e6:.1f} MB) and {out.parent / 'Modelfile'}"
         )

@@ -3,7 +3,9 @@
 The base must itself be a GGUF file (the bundled SmolLM2 or any `.gguf`): its metadata (architecture, tokenizer,
 chat template) is carried over as it is, and so is every tensor the adapter does not change. Each changed weight is
 dequantized from the file, W + ΔW added in the file's layout (LLaMA q/k rows permuted as llama.cpp stores them), and
-written at `outtype` (f32, f16, bf16, q8_0, or the source's own type with `source`). ΔW comes from deltatune itself
+written at `outtype` (f16 by default; f32, bf16, q8_0, or the source's own type with `source`). A 4-bit source type
+loses most of a small change: the quickstart adapter merged back into Q4_1 answered 32.8% of the held-out dates in
+llama.cpp, against 84.4% at f16 and 82.8% at q8_0. ΔW comes from deltatune itself
 (`get_delta_weight` of the loaded adapter on the same base), so any method that merges can be exported.
 """
 
