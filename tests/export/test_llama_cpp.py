@@ -1,5 +1,6 @@
 """The exported adapter in a real llama.cpp (llama-cpp-python, test-only: `make test-export` builds it), on the
-original SmolLM2-135M-Instruct.Q4_1.gguf: it answers the quickstart's held-out dates as deltatune does."""
+original SmolLM2-135M-Instruct.Q4_1.gguf, and the merged GGUF: both answer the quickstart's held-out dates as
+deltatune does."""
 
 from __future__ import annotations
 
@@ -37,6 +38,16 @@ def test_llama_cpp_with_the_exported_adapter_answers_like_deltatune(tmp_path):
     theirs_right = sum(exact_match(a, r) for a, r in zip(theirs, references, strict=True)) / len(records)
     print(f"identical answers {same:.3f}; exact match deltatune {ours_right:.3f}, llama.cpp {theirs_right:.3f}")
     assert same >= 0.9 and theirs_right >= ours_right - 0.05
+    from deltatune.export import export_gguf_merged
+
+    export_gguf_merged(bundled_gguf_path(), result.adapter_dir, tmp_path / "merged" / "model.gguf")
+    merged = llama_cpp.Llama(model_path=str(tmp_path / "merged" / "model.gguf"), n_ctx=512, n_threads=2, seed=0,
+                             verbose=False)  # fmt: skip
+    merged_answers = [merged.create_completion(prompt=p, max_tokens=12, temperature=0.0, top_k=1)["choices"][0]["text"]
+                      for p in prompts]  # fmt: skip
+    merged_same = sum(a.strip() == b.strip() for a, b in zip(ours, merged_answers, strict=True)) / len(records)
+    print(f"merged f16 GGUF: identical answers {merged_same:.3f}")
+    assert merged_same >= 0.9
     plain = llama_cpp.Llama(model_path=str(bundled_gguf_path()), n_ctx=512, n_threads=2, seed=0, verbose=False)
     base_right = sum(exact_match(plain.create_completion(prompt=p, max_tokens=12, temperature=0.0, top_k=1)[
         "choices"][0]["text"], r) for p, r in zip(prompts[:16], references[:16], strict=True)) / 16  # fmt: skip
