@@ -38,6 +38,17 @@ def llama_permute(rows: torch.Tensor, n_head: int, n_head_kv: int | None = None)
     return rows.reshape(n_head, 2, shape[0] // n_head // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
 
 
+def require_gguf():
+    """The `gguf` package, or an error saying how to get it (an optional extra)."""
+    try:
+        import gguf
+    except ImportError:
+        raise ConfigError(
+            "GGUF export needs the gguf package: pip install 'deltatune[models]' (or pip install gguf)."
+        ) from None
+    return gguf
+
+
 def _check_exportable(config: AdapterConfig, tensors: dict[str, torch.Tensor]) -> None:
     if config.peft_type != "LORA":
         raise ConfigError(f"a {config.peft_type} adapter cannot be a llama.cpp LoRA adapter; merge it into the model "
@@ -72,7 +83,7 @@ def export_gguf_adapter(
 ) -> Path:
     """Write the LoRA adapter in `adapter_dir` as a llama.cpp adapter GGUF at `out` (see the module doc). `model`:
     the base (a directory, a .gguf or "smollm2"; default: the adapter's base_model_name_or_path)."""
-    import gguf
+    gguf = require_gguf()
 
     from deltatune.methods.lora import lora_layer_kwargs
 

@@ -53,12 +53,12 @@ def _encode(values: np.ndarray, outtype: str, source_type):
 
 
 def export_gguf_merged(
-    gguf_path: str | Path, adapter_dir: str | Path, out: str | Path, outtype: str = "source"
+    gguf_path: str | Path, adapter_dir: str | Path, out: str | Path, outtype: str = "f16"
 ) -> Path:
     """Write `gguf_path` with the adapter in `adapter_dir` merged into `out`, and an Ollama `Modelfile` beside it."""
-    import gguf
+    from deltatune.export.gguf_adapter import _ARCHS, _PERMUTED, llama_permute, require_gguf
 
-    from deltatune.export.gguf_adapter import _ARCHS, _PERMUTED, llama_permute
+    gguf = require_gguf()
 
     gguf_path, adapter_dir, out = Path(gguf_path), Path(adapter_dir), Path(out)
     if outtype not in MERGED_OUTTYPES:
