@@ -52,9 +52,7 @@ def _encode(values: np.ndarray, outtype: str, source_type):
     return gguf.quants.quantize(values.astype(np.float32), kind), kind
 
 
-def export_gguf_merged(
-    gguf_path: str | Path, adapter_dir: str | Path, out: str | Path, outtype: str = "f16"
-) -> Path:
+def export_gguf_merged(gguf_path: str | Path, adapter_dir: str | Path, out: str | Path, outtype: str = "f16") -> Path:
     """Write `gguf_path` with the adapter in `adapter_dir` merged into `out`, and an Ollama `Modelfile` beside it."""
     from deltatune.export.gguf_adapter import _ARCHS, _PERMUTED, llama_permute, require_gguf
 
