@@ -236,4 +236,4 @@ def export_gguf(
         )
         return
     export_gguf_adapter(adapter, out, outtype or "f32", model)
-    console.print(f"llama.cpp adapter written to {out} ({out.stat().st_size / 1e6:.2f} MB)")
+    console.print(f"GGUF adapter written to {out} ({out.stat().st_size / 1e6:.2f} MB)")
