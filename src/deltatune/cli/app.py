@@ -11,6 +11,7 @@ from rich.console import Console
 
 from deltatune.analysis import plan as plan_help
 from deltatune.errors import DeltatuneError
+from deltatune.serving import SERVERS
 
 app = typer.Typer(
     help="deltatune: parameter-efficient fine-tuning (LoRA and friends).",
@@ -117,10 +118,17 @@ def generate(
 
 @app.command()
 @_friendly
-def inspect(adapter: Annotated[Path, typer.Argument(help="adapter directory (adapter_config.json + weights)")]) -> None:
-    """Show an adapter's config, targeted modules, parameters per module and file size."""
-    from deltatune.cli.inspect_cmd import show_adapter
+def inspect(
+    adapter: Annotated[Path, typer.Argument(help="adapter directory (adapter_config.json + weights)")],
+    serving: Annotated[str | None, typer.Option(help=f"{' | '.join(SERVERS)}: can that server load it?")] = None,
+) -> None:
+    """Show an adapter's config, targeted modules, parameters per module and file size; with --serving, whether a
+    server can load it and why not."""
+    from deltatune.cli.inspect_cmd import show_adapter, show_serving
 
+    if serving:
+        show_serving(adapter, serving, console)
+        return
     show_adapter(adapter, console)
 
 
@@ -237,3 +245,19 @@ def export_gguf(
         return
     export_gguf_adapter(adapter, out, outtype or "f32", model)
     console.print(f"GGUF adapter written to {out} ({out.stat().st_size / 1e6:.2f} MB)")
+
+
+@export_app.command("peft")
+@_friendly
+def export_peft(
+    adapter: Annotated[Path, typer.Option(help="adapter directory")] = ...,
+    out: Annotated[Path, typer.Option(help="output directory")] = ...,
+    for_server: Annotated[
+        str, typer.Option("--for", help="vllm | sglang: rewrite what the server reads otherwise")
+    ] = "vllm",
+) -> None:
+    """A copy of the adapter a server loads exactly (per-module scales folded: servers apply one alpha / r)."""
+    from deltatune.serving import export_for_vllm
+
+    export_for_vllm(adapter, out)
+    console.print(f"adapter for {for_server} written to {out}")

@@ -55,3 +55,18 @@ def _brief(value: object) -> str:
             return f"{len(value)} modules; {kept:,} of {total:,} triplets kept (full masks in the config file)"
         return f"{len(value)} entries (see the config file)"
     return str(value)
+
+
+def show_serving(directory: str | Path, server: str, console: Console) -> None:
+    """A table of the server's rules, each passed or failed with the reason."""
+    from deltatune.serving import serving_report
+
+    checks = serving_report(directory, server)
+    table = Table(title=f"{directory}: can {server} load it?")
+    for col in ("rule", "result", "why / what to do"):
+        table.add_column(col)
+    for check in checks:
+        table.add_row(check.rule, "[green]ok[/]" if check.ok else "[red]no[/]", "" if check.ok else check.why)
+    console.print(table)
+    verdict = all(c.ok for c in checks)
+    console.print(f"{server}: {'loads this adapter' if verdict else 'does not load this adapter as saved'}")
