@@ -23,6 +23,13 @@ from deltatune.errors import AdapterError
 BASE = "__base__"  # peft's name for "no adapter" in adapter_names
 
 
+@functools.lru_cache(maxsize=16)
+def row_groups(names: tuple[str, ...], device: torch.device) -> list[tuple[str, Tensor]]:
+    """(name, row indices) per distinct name, in first-seen order: computed once per batch, not once per layer."""
+    return [(name, torch.tensor([i for i, n in enumerate(names) if n == name], device=device))
+            for name in dict.fromkeys(names)]  # fmt: skip
+
+
 def split_rows(forward: Callable[..., Tensor]) -> Callable[..., Tensor]:
     """Wrap a wrapper's `forward(x, ...)`: with `self.row_adapters` set, run it per group of rows (see module doc)."""
 
@@ -39,8 +46,7 @@ def split_rows(forward: Callable[..., Tensor]) -> Callable[..., Tensor]:
                 f"adapter_names has {len(names)} entries but the batch has {x.shape[0]} rows (beam search and "
                 "num_return_sequences multiply the rows: give one name per row of the expanded batch)."
             )
-        groups = [(name, torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device))
-                  for name in dict.fromkeys(names)]  # fmt: skip
+        groups = row_groups(tuple(names), x.device)
         grouped = getattr(self, "forward_rows", None)  # a layer may run its base once and only its term per group
         out = grouped(groups, x, *args, **kwargs) if grouped is not None else None
         if out is not None:

@@ -168,3 +168,10 @@ def linear_features(module: nn.Module) -> tuple[int, int, bool]:
         d_in, d_out = module.weight.shape
         return d_in, d_out, True
     return module.in_features, module.out_features, False
+
+
+def last_linear_width(module: nn.Module) -> int | None:
+    """Output features of the last linear-like layer inside `module` (itself included): a block's residual-stream
+    width; None when it holds none."""
+    linears = [m for m in module.modules() if isinstance(m, linear_types())]
+    return linear_features(linears[-1])[1] if linears else None

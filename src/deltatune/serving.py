@@ -21,6 +21,7 @@ from pathlib import Path
 from deltatune import io
 from deltatune.config import AdapterConfig
 from deltatune.errors import ConfigError
+from deltatune.methods.lora import base_rewriting_init, lora_module_scale
 
 VLLM_MAX_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 SERVERS = ("vllm", "llama.cpp", "sglang")
@@ -35,7 +36,7 @@ class Check:
 
 def _common(config: AdapterConfig, tensors: dict) -> list[Check]:
     lora = config.peft_type == "LORA"
-    init = str(getattr(config, "init_lora_weights", True)).lower()
+    init = base_rewriting_init(config) if lora else None
     return [
         Check("LoRA", lora, "" if lora else f"a {config.peft_type} adapter: servers load LoRA only; merge it instead"),
         Check("no DoRA", not getattr(config, "use_dora", False), "DoRA's magnitude rescaling is not served"),
@@ -52,7 +53,7 @@ def _common(config: AdapterConfig, tensors: dict) -> list[Check]:
         ),  # fmt: skip
         Check(
             "base not rewritten",
-            not init.startswith(("pissa", "olora", "loftq")),
+            init is None,
             f"init_lora_weights={init} changed the base: save with path_initial_model_for_weight_conversion",
         ),  # fmt: skip
     ]
@@ -88,9 +89,6 @@ def export_for_vllm(adapter_dir: str | Path, out: str | Path) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    from deltatune.functional.lora import lora_scale
-    from deltatune.methods.lora import lora_layer_kwargs
-
     failed = [c for c in serving_report(adapter_dir, "vllm") if not c.ok and c.rule != "one scale for all modules"]
     if failed:
         raise ConfigError("cannot be rewritten for vLLM: " + "; ".join(f"{c.rule}: {c.why}" for c in failed))
@@ -101,8 +99,7 @@ def export_for_vllm(adapter_dir: str | Path, out: str | Path) -> Path:
     for key, tensor in tensors.items():
         if key.endswith("lora_B.weight"):
             path = key[len(io.KEY_PREFIX) :].rsplit(".lora_B", 1)[0]
-            args = lora_layer_kwargs(config, path)
-            tensor = tensor.float() * lora_scale(args["lora_alpha"], args["r"], args["use_rslora"])
+            tensor = tensor.float() * lora_module_scale(config, path)
         folded[key] = tensor.contiguous()
     rank = max(t.shape[0] for k, t in tensors.items() if k.endswith("lora_A.weight"))
     plain = config.replace(r=rank, lora_alpha=rank, use_rslora=False, rank_pattern={},

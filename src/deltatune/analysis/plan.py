@@ -43,7 +43,7 @@ PRESETS = {  # model shapes people plan for, built from their published configs
                    "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256},
 }  # fmt: skip
 DEFAULT_METHODS = ["full", "lora", "qlora"]
-MODEL_HELP = " | ".join([*PRESETS, "smollm2", "model dir", "config.json"])
+MODEL_HELP = " | ".join([*PRESETS, "smollm2", "minilm", "model dir", "config.json"])
 METHOD_HELP = "full | lora | qlora | any registered peft_type; repeat to compare (default: full, lora, qlora)"
 _BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 _OPTIMIZER_BYTES = {"adamw": 8, "adamw_8bit": 2, "paged": 0, "offload": 0}
@@ -82,10 +82,15 @@ class MemoryPlan:
 
 
 def model_config(source: str | Path) -> Any:
-    """A transformers config from a preset name, "smollm2", a model directory or a config.json."""
+    """A transformers config from a preset name, "smollm2" / "minilm" (the bundled models), a model directory or a
+    config.json."""
     from transformers import AutoConfig
 
     name = str(source)
+    if name == "minilm":
+        from deltatune.pretrained import bundled_encoder_dir
+
+        return AutoConfig.from_pretrained(bundled_encoder_dir())
     if name in PRESETS:
         values = dict(PRESETS[name])
         return AutoConfig.for_model(values.pop("model_type"), **values)
@@ -98,7 +103,9 @@ def model_config(source: str | Path) -> Any:
         return AutoConfig.from_pretrained(path.parent)
     if (path / "config.json").is_file():
         return AutoConfig.from_pretrained(path)
-    raise ConfigError(f"{source}: not a preset ({', '.join(PRESETS)}), 'smollm2', a model directory or a config.json.")
+    raise ConfigError(
+        f"{source}: not a preset ({', '.join(PRESETS)}), 'smollm2', 'minilm', a model directory or a config.json."
+    )
 
 
 def _meta_model(config: Any, dtype: torch.dtype) -> nn.Module:
@@ -111,7 +118,7 @@ def _meta_model(config: Any, dtype: torch.dtype) -> nn.Module:
             return AutoModel.from_config(config, dtype=dtype)
 
 
-def _saved_bytes(model: nn.Module, batch: int, seq: int, checkpointed: bool = False) -> tuple[int, int]:
+def _saved_bytes(model: nn.Module, batch: int, seq: int) -> tuple[int, int]:
     """(bytes autograd saves in a forward of (batch, seq) tokens, bytes the loss saves), on the meta device."""
     params = {p.untyped_storage()._cdata for p in model.parameters()}
     saved: dict[int, int] = {}

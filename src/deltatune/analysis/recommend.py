@@ -81,7 +81,7 @@ def recommend(
         raise ConfigError(f"task must be chat or classification, got {task!r}.")
     method, epochs, why = _method_for(examples, task)
     reasons = [why]
-    config = _config(model)
+    config = model_config(model)
     params = _param_count(config)
     lr = 3e-3 if params < 5e8 else 1e-3 if params < 3e9 else 2e-4
     if method["peft_type"] == "IA3":
@@ -94,14 +94,6 @@ def recommend(
     if task == "chat":
         _fit(rec, config, budget_gb, seq)
     return rec
-
-
-def _config(model: str | Path) -> Any:
-    if str(model) == "minilm":
-        from deltatune.pretrained import bundled_encoder_dir
-
-        return model_config(bundled_encoder_dir())
-    return model_config(model)
 
 
 def _param_count(config: Any) -> int:

@@ -23,7 +23,7 @@ import torch
 from deltatune import io
 from deltatune.config import AdapterConfig
 from deltatune.errors import ConfigError
-from deltatune.functional.lora import lora_scale
+from deltatune.methods.lora import base_rewriting_init, lora_module_scale
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 _ARCHS = {"llama": "LLAMA", "mistral": "LLAMA", "qwen2": "QWEN2"}
@@ -62,8 +62,8 @@ def _check_exportable(config: AdapterConfig, tensors: dict[str, torch.Tensor]) -
     for field, why in reasons.items():
         if getattr(config, field, None):
             raise ConfigError(f"{field} is set: {why}; merge the adapter into the model instead.")
-    init = str(getattr(config, "init_lora_weights", True)).lower()
-    if init.startswith(("pissa", "olora", "loftq")):
+    init = base_rewriting_init(config)
+    if init:
         raise ConfigError(f"init_lora_weights={init}: the adapter is relative to a rewritten base; merge it instead.")
     if any(".lora_embedding_" in k for k in tensors):
         raise ConfigError("the adapter has LoRA on an embedding; llama.cpp adapters cover linear layers only.")
@@ -84,8 +84,6 @@ def export_gguf_adapter(
     """Write the LoRA adapter in `adapter_dir` as a llama.cpp adapter GGUF at `out` (see the module doc). `model`:
     the base (a directory, a .gguf or "smollm2"; default: the adapter's base_model_name_or_path)."""
     gguf = require_gguf()
-
-    from deltatune.methods.lora import lora_layer_kwargs
 
     if outtype not in OUTTYPES:
         raise ConfigError(f"outtype {outtype!r} is not one of {', '.join(OUTTYPES)}.")
@@ -111,8 +109,7 @@ def export_gguf_adapter(
         target = names.get_name(f"{module}.weight", try_suffixes=(".weight",))
         if target is None:
             raise ConfigError(f"{module} has no llama.cpp tensor name for {family}; target other modules.")
-        args = lora_layer_kwargs(config, module)
-        scale = lora_scale(args["lora_alpha"], args["r"], args["use_rslora"])
+        scale = lora_module_scale(config, module)
         a = tensors[f"{module}.lora_A.weight"].float()
         b = tensors[f"{module}.lora_B.weight"].float() * (scale * ranks[module] / alpha)
         if family in _PERMUTED and module.endswith("q_proj"):

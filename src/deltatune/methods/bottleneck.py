@@ -24,12 +24,11 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers.pytorch_utils import Conv1D
 
 from deltatune.config import AdapterConfig
 from deltatune.errors import AdapterError, ConfigError, MergeError
 from deltatune.layers import AdapterLayer, module_device
-from deltatune.models import arch_for
+from deltatune.models import arch_for, last_linear_width
 from deltatune.registry import MethodSpec, register_method
 
 _ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "swish": F.silu, "tanh": torch.tanh}
@@ -123,11 +122,10 @@ def bottleneck_layer_kwargs(config: BottleneckConfig, module_path: str) -> dict[
 
 def _hidden_size(module: nn.Module) -> int:
     """d: a linear's output features, or for a block (parallel) the output features of its last linear."""
-    linears = [m for m in module.modules() if isinstance(m, (nn.Linear, Conv1D))]
-    if not linears:
+    width = last_linear_width(module)
+    if width is None:
         raise ConfigError(f"{type(module).__name__} holds no linear layer to size a bottleneck adapter from.")
-    last = linears[-1]
-    return last.weight.shape[1] if isinstance(last, Conv1D) else last.out_features
+    return width
 
 
 class BottleneckLayer(AdapterLayer):

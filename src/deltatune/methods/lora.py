@@ -232,6 +232,11 @@ def lora_layer_kwargs(config: LoraConfig, module_path: str) -> dict[str, Any]:
     }
 
 
+def lora_module_scale(config: LoraConfig, module_path: str) -> float:
+    """s in W + s·B A for `module_path`: its rank / alpha pattern and rsLoRA applied."""
+    return lora_scale(*(lora_layer_kwargs(config, module_path)[k] for k in ("lora_alpha", "r", "use_rslora")))
+
+
 class LoraVariant(Protocol):
     """A LoRA variant (e.g. DoRA) selected by a config flag, for one wrapper type; it owns one extra per-adapter
     parameter."""
@@ -427,14 +432,19 @@ class LoraLinear(_LoraLayer):
             if name in self.variant:
                 result = self.variant_of(name).forward(self, name, x, result)
                 continue
-            a, b = self.lora_A[name].weight, self.lora_B[name].weight
-            if a.dtype != x.dtype:  # cast the small adapter, never the activation
-                a, b = a.to(x.dtype), b.to(x.dtype)
-            branch = lora_branch(x, a, b, self.scaling[name], self.dropout_p[name], self.training)
-            if self.lora_B[name].bias is not None:  # lora_bias
-                branch = branch + self.scaling[name] * self.lora_B[name].bias.to(branch.dtype)
+            branch = self._lora_term(name, x)
             result = result + (branch if branch.dtype == result.dtype else branch.to(result.dtype))
         return result
+
+    def _lora_term(self, name: str, x: Tensor) -> Tensor:
+        """s·B A dropout(x) (+ s·lora_bias) of adapter `name`."""
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        if a.dtype != x.dtype:  # cast the small adapter, never the activation
+            a, b = a.to(x.dtype), b.to(x.dtype)
+        branch = lora_branch(x, a, b, self.scaling[name], self.dropout_p[name], self.training)
+        if self.lora_B[name].bias is not None:  # lora_bias
+            branch = branch + self.scaling[name] * self.lora_B[name].bias.to(branch.dtype)
+        return branch
 
     def forward_rows(self, groups: list[tuple[str, Tensor]], x: Tensor, *args: Any, **kwargs: Any) -> Tensor | None:
         """Mixed-adapter batch: the base once on every row, each group's LoRA term on its rows (variants: None)."""
@@ -449,16 +459,8 @@ class LoraLinear(_LoraLayer):
         for name, rows in groups:
             if name not in names:
                 continue  # "__base__" rows, or an adapter this layer does not hold
-            xs, a, b = x.index_select(0, rows), self.lora_A[name].weight, self.lora_B[name].weight
-            branch = lora_branch(
-                xs, a.to(x.dtype), b.to(x.dtype), self.scaling[name], self.dropout_p[name], self.training
-            )
-            if self.lora_B[name].bias is not None:
-                branch = branch + self.scaling[name] * self.lora_B[name].bias.to(branch.dtype)
-            branch = branch.to(result.dtype)  # in place without autograd: no copy of the whole output per group
-            result = (
-                result.index_add_(0, rows, branch) if not torch.is_grad_enabled() else result.index_add(0, rows, branch)
-            )
+            add = result.index_add_ if not torch.is_grad_enabled() else result.index_add  # in place: no full copy
+            result = add(0, rows, self._lora_term(name, x.index_select(0, rows)).to(result.dtype))
         return result
 
     def changes_bias(self, name: str) -> bool:

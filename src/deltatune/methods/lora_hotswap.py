@@ -23,9 +23,8 @@ from torch import Tensor, nn
 from deltatune import io
 from deltatune.config import AdapterConfig
 from deltatune.errors import AdapterError, ConfigError, MergeError
-from deltatune.functional.lora import lora_scale
 from deltatune.hub import adapter_dir
-from deltatune.methods.lora import LoraConfig, LoraLinear, lora_layer_kwargs
+from deltatune.methods.lora import LoraConfig, LoraLinear, lora_layer_kwargs, lora_module_scale
 
 
 def _lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
@@ -121,7 +120,7 @@ def _swap_into(layer: LoraLinear, name: str, a: Tensor, b: Tensor, config: LoraC
     slot_a[:r].copy_(a)
     slot_b[:, :r].copy_(b)
     args = lora_layer_kwargs(config, path)
-    scale = lora_scale(args["lora_alpha"], args["r"], args.get("use_rslora", False))
+    scale = lora_module_scale(config, path)
     if isinstance(layer.scaling[name], Tensor):
         layer.scaling[name].fill_(scale)  # in place: a compiled graph reads the same tensor
     else:

@@ -34,7 +34,7 @@ from deltatune.config import AdapterConfig
 from deltatune.errors import AdapterError, ConfigError, MergeError
 from deltatune.functional.reft import direft, loreft, orthonormal_rows, parse_positions, position_masks
 from deltatune.layers import AdapterLayer, module_device
-from deltatune.models import arch_for, linear_features, linear_types
+from deltatune.models import arch_for, last_linear_width
 from deltatune.registry import MethodSpec, register_method
 
 _ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh, "silu": F.silu}
@@ -100,10 +100,10 @@ def reft_defaults(config: ReftConfig, model_type: str | None) -> ReftConfig:
 
 def _block_width(block: nn.Module) -> int:
     """d: the output features of the block's last linear layer (its residual stream width)."""
-    linears = [m for m in block.modules() if isinstance(m, linear_types())]
-    if not linears:
+    width = last_linear_width(block)
+    if width is None:
         raise ConfigError(f"{type(block).__name__} holds no linear layer to size a ReFT intervention from.")
-    return linear_features(linears[-1])[1]
+    return width
 
 
 _NOT_MERGEABLE = (
@@ -234,10 +234,10 @@ def reft_call_positions(model: nn.Module, args: tuple, kwargs: dict[str, Any], g
         yield
         return
     ids = kwargs.get("input_ids", args[0] if args else None)
-    shape = (ids if ids is not None else kwargs["inputs_embeds"]).shape[:2]
+    tokens = ids if ids is not None else kwargs["inputs_embeds"]
     mask = kwargs.get("attention_mask")
-    mask = torch.ones(shape, dtype=torch.long, device=(ids if ids is not None else kwargs["inputs_embeds"]).device) \
-        if mask is None else mask  # fmt: skip
+    if mask is None:
+        mask = torch.ones(tokens.shape[:2], dtype=torch.long, device=tokens.device)
     if prompt_lengths is not None:
         prompt_lengths = torch.as_tensor(prompt_lengths)
     specs = {spec for block in blocks for spec in block.reft_positions.values()}

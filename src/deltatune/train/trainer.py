@@ -140,7 +140,7 @@ def _setup(cfg: TrainConfig, resume: bool, model: nn.Module | None, tokenizer: A
     train_set = objective.examples(train_records, tokenizer, cfg.data.train)
     method = _method_config(cfg, objective, model, train_set, tokenizer, device)
     peft_model = _peft_model(model.to(device), method, cfg.load_adapters)
-    if hasattr(objective, "extra_inputs"):
+    if isinstance(objective, CausalLMObjective):  # the objective that knows where prompts end
         objective.extra_inputs = peft_model.input_names
         if "prompt_lengths" in objective.extra_inputs and cfg.data.packing:
             raise ConfigError(f"{method.peft_type} reads each row's prompt positions; set data.packing=false.")
