@@ -10,7 +10,19 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "deltatune"
 CORE = [
-    *(SRC / n for n in ["model.py", "io.py", "inject.py", "layers.py", "registry.py", "config.py"]),
+    *(
+        SRC / n
+        for n in [
+            "model.py",
+            "model_checkpoint.py",
+            "input_adapter.py",
+            "io.py",
+            "inject.py",
+            "layers.py",
+            "registry.py",
+            "config.py",
+        ]
+    ),
     *sorted((SRC / "quant").rglob("*.py")),
     *sorted((SRC / "train").rglob("*.py")),
     *sorted((SRC / "cli").rglob("*.py")),

@@ -31,6 +31,7 @@ from deltatune.methods.ia3 import IA3Config
 from deltatune.methods.ln_tuning import LNTuningConfig
 from deltatune.methods.lora import LoraConfig
 from deltatune.methods.lora_hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
+from deltatune.methods.prompt_tuning import PromptEncoderConfig, PromptTuningConfig
 from deltatune.methods.reft import ReftConfig
 from deltatune.methods.selective import SelectiveConfig
 from deltatune.methods.vera import VeraConfig
@@ -79,6 +80,8 @@ __all__ = [
     "IA3Config",
     "BottleneckConfig",
     "LNTuningConfig",
+    "PromptEncoderConfig",
+    "PromptTuningConfig",
     "ReftConfig",
     "SelectiveConfig",
     "MergeError",

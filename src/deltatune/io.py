@@ -98,10 +98,19 @@ SHARED_MARK = "<shared>."
 peft saves as `base_model.<name>` rather than under a module path."""
 
 
+ROOT_MARK = "<root>."
+"""In-memory marker of tensors peft saves at the file's top level, under no module path (the virtual-token table of
+methods that adapt the model's input)."""
+ROOT_KEYS = frozenset({"prompt_embeddings"})
+"""The top-level keys peft writes; any other key without peft's prefix means the file is not in peft's layout."""
+
+
 def peft_key(relative: str) -> str:
-    """The saved key of a module-relative (or shared) in-memory key."""
+    """The saved key of a module-relative (or shared, or top-level) in-memory key."""
     if relative.startswith(SHARED_MARK):
         return SHARED_PREFIX + relative[len(SHARED_MARK) :]
+    if relative.startswith(ROOT_MARK):
+        return relative[len(ROOT_MARK) :]
     return KEY_PREFIX + relative
 
 
@@ -118,8 +127,10 @@ def from_peft_keys(saved: dict[str, Tensor]) -> dict[str, Tensor]:
             out[key[len(KEY_PREFIX) :]] = value
         elif key.startswith(SHARED_PREFIX):
             out[SHARED_MARK + key[len(SHARED_PREFIX) :]] = value
+        elif key in ROOT_KEYS:
+            out[ROOT_MARK + key] = value
         else:
-            bad = [k for k in saved if not k.startswith(SHARED_PREFIX)]
+            bad = [k for k in saved if not k.startswith(SHARED_PREFIX) and k not in ROOT_KEYS]
             raise CheckpointError(
                 f"key {key!r} does not start with {KEY_PREFIX!r}: not a peft-layout adapter file "
                 f"({len(bad)} such keys)."

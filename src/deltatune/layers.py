@@ -195,6 +195,13 @@ class AdapterLayer(nn.Module, metaclass=abc.ABCMeta):
                 out[attr] = value
         return out
 
+    @torch.no_grad()
+    def load_adapter_state(self, name: str, tensors: dict[str, Tensor]) -> None:
+        """Overwrite adapter `name`'s tensors from `tensors` (keys as `adapter_state` gives them, already checked)."""
+        own = self.adapter_state(name)
+        for key, tensor in tensors.items():
+            own[key].copy_(tensor.to(own[key].dtype))
+
     # -- merging ------------------------------------------------------------------------------------------------------
     @property
     def base_weight(self) -> nn.Parameter:
@@ -369,6 +376,8 @@ class TrainableCopy(nn.Module):
 
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
         return list(self.modules_to_save[name].parameters()) if name in self.modules_to_save else []
+
+    load_adapter_state = AdapterLayer.load_adapter_state
 
     def adapter_state(self, name: str) -> dict[str, Tensor]:
         return dict(self.modules_to_save[name].state_dict()) if name in self.modules_to_save else {}

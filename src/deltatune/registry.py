@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -48,7 +49,8 @@ class MethodSpec:
     Attributes:
         peft_type: the `peft_type` string written in `adapter_config.json` (peft's value where peft has the method).
         config_cls: the method's `AdapterConfig` subclass.
-        kind: "layer" (wraps modules); other kinds join as their methods land.
+        kind: "layer" (wraps modules) or "input" (changes what flows into the model: virtual tokens, key/value
+            prefixes; its wrapper is a `deltatune.input_adapter.InputAdapter`).
         layers: ordered dispatch table, base module type -> wrapper class; the first `isinstance` match wins,
             so specific (e.g. quantized) types come first.
         layer_kwargs: turns (config, module path) into the flat keyword arguments of `add_adapter` for that target.
@@ -60,7 +62,7 @@ class MethodSpec:
 
     peft_type: str
     config_cls: type[AdapterConfig]
-    kind: Literal["layer"]
+    kind: Literal["layer", "input"]
     layers: Mapping[type[nn.Module], type[AdapterLayer]]
     layer_kwargs: Callable[[AdapterConfig, str], dict[str, Any]]
     param_prefix: str
@@ -92,16 +94,30 @@ class MethodSpec:
         Callable[[nn.Module, tuple, dict[str, Any], bool], contextlib.AbstractContextManager[None]] | None
     ) = None
     """Optional: (model, call args, call kwargs, generating) -> a context entered around each `forward` /
-    `generate` of the PeftModel: it pops the keyword arguments the method consumes (`input_names`) and tells the
-    method's layers about this call (e.g. which positions ReFT edits)."""
+    `generate` of the PeftModel: it may rewrite the keyword arguments in place (pop those the method consumes,
+    `input_names`; prepend virtual tokens) and tell the method's layers about this call (e.g. which positions ReFT
+    edits). It may yield a function that the output of `generate` is passed through (e.g. to drop added columns).
+    With it, positional arguments reach the call as keywords (`bind_inputs`)."""
     combine: Callable[..., None] | None = None
     """Optional: (model, adapters, weights, adapter_name, **options) adds a new adapter combining existing ones
     (`PeftModel.add_weighted_adapter`, peft's signature)."""
+    fill_from_model: Callable[[AdapterConfig, nn.Module], AdapterConfig] | None = None
+    """Optional: (config, model) -> the config with fields that follow from the model's sizes filled in (peft fills
+    e.g. the hidden size and layer count of prompt methods from the model's config and saves them)."""
+    select_targets: Callable[[nn.Module, AdapterConfig], list[str]] | None = None
+    """Optional: (model, config) -> names of the modules to wrap, when the method picks them itself from the model
+    (e.g. its input embedding, or the top blocks' attention) instead of through `target_modules`."""
     input_names: tuple[str, ...] = ()
     """Keyword arguments of forward / generate that the method consumes (a trainer passes them when it has them)."""
 
-    def complete(self, config: AdapterConfig, model_type: str | None) -> AdapterConfig:
-        """`config` with the model family's defaults filled in (`with_defaults`, else `default_targets`)."""
+    def complete(self, config: AdapterConfig, model: nn.Module) -> AdapterConfig:
+        """`config` with the model's sizes (`fill_from_model`) and its family's defaults filled in (`with_defaults`,
+        else `default_targets`)."""
+        from deltatune.models import model_type_of
+
+        if self.fill_from_model is not None:
+            config = self.fill_from_model(config, model)
+        model_type = model_type_of(model)
         if self.with_defaults is not None:
             return self.with_defaults(config, model_type)
         if config.target_modules is not None:
@@ -126,6 +142,17 @@ def call_context(
     if spec is None or spec.input_context is None:
         return contextlib.nullcontext()
     return spec.input_context(model, args, kwargs, generating)
+
+
+def bind_inputs(
+    spec: MethodSpec | None, function: Callable[..., Any], args: tuple, kwargs: dict[str, Any]
+) -> tuple[tuple, dict[str, Any]]:
+    """(args, kwargs) for a call of `function`; for a method with an `input_context`, positional arguments are moved
+    to their keyword names (so the context sees and may rewrite all of them)."""
+    if spec is None or spec.input_context is None or not args:
+        return args, kwargs
+    bound = inspect.signature(function).bind_partial(*args)
+    return (), {**bound.arguments, **kwargs}
 
 
 _METHODS: dict[str, MethodSpec] = {}

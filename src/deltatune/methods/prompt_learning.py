@@ -1,0 +1,115 @@
+"""What prompt tuning, P-tuning and prefix tuning share: peft's `PromptLearningConfig` fields, filled from the model
+as peft fills them (and saves them), and the sizes of the model they are read from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from torch import nn
+
+from deltatune.config import AdapterConfig
+from deltatune.errors import ConfigError
+
+_MODULE_FIELDS = ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern")
+"""Base fields about which modules to wrap: meaningless for virtual tokens (peft's prompt configs lack them)."""
+
+
+@dataclass
+class PromptLearningConfig(AdapterConfig):
+    """Fields of peft's prompt-learning configs. The sizes left None are read from the model when the adapter is
+    added (hidden size, layer count, attention heads; for key/value prefixes on grouped-query attention, the key/value
+    width and head count, as peft does) and saved filled in."""
+
+    num_virtual_tokens: int | None = None
+    """n: how many virtual tokens the adapter adds."""
+    token_dim: int | None = None
+    num_transformer_submodules: int | None = None
+    """1 for decoder-only and encoder models (2, encoder-decoder, is not supported)."""
+    num_attention_heads: int | None = None
+    num_layers: int | None = None
+    kv_width_for_gqa: ClassVar[bool] = False
+    """True where `token_dim` / heads mean the key/value width and head count (prefixes on grouped-query models)."""
+
+    def __post_init__(self) -> None:
+        for name in _MODULE_FIELDS:
+            if getattr(self, name) not in (None, []):
+                raise ConfigError(
+                    f"{name} is set, but {type(self).__name__} adds virtual tokens at the model's input and wraps no "
+                    f"chosen modules: remove {name}."
+                )
+        super().__post_init__()
+        if not isinstance(self.num_virtual_tokens, int) or self.num_virtual_tokens <= 0:
+            raise ConfigError(f"num_virtual_tokens must be a positive integer, got {self.num_virtual_tokens!r}.")
+        if self.num_transformer_submodules not in (None, 1):
+            raise ConfigError(
+                f"num_transformer_submodules={self.num_transformer_submodules}: deltatune's virtual tokens work on "
+                "decoder-only and encoder models (1); encoder-decoder models (2) are not supported."
+            )
+        for name in ("token_dim", "num_attention_heads", "num_layers"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise ConfigError(f"{name} must be a positive integer or None (read from the model), got {value!r}.")
+
+    def needs_target_modules(self) -> bool:
+        return False
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        for name in _MODULE_FIELDS:
+            out.pop(name, None)
+        return out
+
+
+@dataclass(frozen=True)
+class ModelSizes:
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    encoder_decoder: bool
+
+
+def model_sizes(model: nn.Module) -> ModelSizes:
+    """Sizes from a transformers model's config under any of its families' field names."""
+    config = getattr(model, "config", None)
+    if config is None:
+        raise ConfigError(f"{type(model).__name__} has no transformers config to read its sizes from.")
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+
+    def first(*names: str) -> Any:
+        return next((getattr(text, n) for n in names if getattr(text, n, None) is not None), None)
+
+    hidden, layers = first("hidden_size", "n_embd", "d_model"), first("num_hidden_layers", "num_layers", "n_layer")
+    heads = first("num_attention_heads", "n_head", "num_heads")
+    if None in (hidden, layers, heads):
+        raise ConfigError(
+            f"cannot read the hidden size, layer count and head count of {type(model).__name__} from its config; "
+            "set token_dim, num_layers and num_attention_heads in the adapter config."
+        )
+    return ModelSizes(
+        hidden=hidden,
+        layers=layers,
+        heads=heads,
+        kv_heads=first("num_key_value_heads") or heads,
+        head_dim=first("head_dim") or hidden // heads,
+        encoder_decoder=bool(getattr(config, "is_encoder_decoder", False)),
+    )
+
+
+def fill_from_model(config: PromptLearningConfig, model: nn.Module) -> PromptLearningConfig:
+    """peft's filling of the unset sizes (`MethodSpec.fill_from_model`); encoder-decoder models are refused."""
+    sizes = model_sizes(model)
+    if sizes.encoder_decoder:
+        raise ConfigError(
+            f"{type(model).__name__} is an encoder-decoder model; deltatune's virtual-token methods support "
+            "decoder-only and encoder models. Use LoRA or IA3 for encoder-decoder models."
+        )
+    grouped = type(config).kv_width_for_gqa  # peft: key/value sizes (equal to the hidden ones without GQA)
+    return config.replace(
+        token_dim=config.token_dim or (sizes.head_dim * sizes.kv_heads if grouped else sizes.hidden),
+        num_attention_heads=config.num_attention_heads or (sizes.kv_heads if grouped else sizes.heads),
+        num_layers=config.num_layers or sizes.layers,
+        num_transformer_submodules=1,
+    )

@@ -1,0 +1,218 @@
+"""`PeftModel`'s checkpoint half: save and load adapters (peft's files), as a mixin of `deltatune.model.PeftModel`.
+
+Like the model, it knows methods only through the registry and wrappers only through their state API.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers.initialization import no_init_weights
+
+from deltatune import io, saving
+from deltatune.arguments import refuse_unknown
+from deltatune.config import AdapterConfig
+from deltatune.errors import UnsupportedArgumentError
+from deltatune.hub import adapter_dir, push_adapter, write_model_card
+from deltatune.inject import with_task_heads
+from deltatune.layers import AdapterLayer
+from deltatune.registry import get_method, spec_for_config
+
+
+class CheckpointMixin:
+    """save_pretrained / from_pretrained / load_adapter and the tensors behind them."""
+
+    # -- checkpoints --------------------------------------------------------------------------------------------------
+    def adapter_state_dict(self, adapter_name: str) -> dict[str, Tensor]:
+        """Adapter `adapter_name`'s tensors under peft's saved keys."""
+        relative: dict[str, Tensor] = {}
+        for path, wrapper in self._wrappers():
+            state = wrapper.adapter_state(adapter_name)
+            relative.update({_in_model(path, k): t for k, t in state.items()})
+        config = self.peft_config[adapter_name]
+        extra = get_method(config.peft_type).extra_trainable
+        if extra:
+            params = dict(self._base.named_parameters())
+            relative.update({n: params[n] for n in extra(self._base, config)})
+        if adapter_name in self.shared:
+            relative.update({io.SHARED_MARK + k: t for k, t in self.shared[adapter_name].state_dict().items()})
+        return io.to_peft_keys(relative)
+
+    def save_pretrained(
+        self,
+        save_directory: str | Path,
+        safe_serialization: bool = True,
+        selected_adapters: list[str] | None = None,
+        is_main_process: bool = True,
+        state_dict: dict[str, Tensor] | None = None,
+        path_initial_model_for_weight_conversion: str | Path | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Write `adapter_config.json` + `adapter_model.safetensors` per adapter ("default" at the top, others in
+        `save_directory/<name>/`), atomically; see `deltatune.saving`. `state_dict`: tensors instead of the live
+        ones, as the model's `state_dict()` (peft's meaning; Trainer passes it) or one adapter's peft-keyed tensors.
+        `is_main_process=False` writes nothing. `path_initial_model_for_weight_conversion`: where the adapter was
+        saved right after an init that rewrote the base; it is then saved relative to the original base.
+
+        Raises:
+            UnsupportedArgumentError: `safe_serialization=False` (deltatune writes safetensors only) or a keyword
+                argument deltatune does not implement.
+        """
+        refuse_unknown("save_pretrained", kwargs, {"save_embedding_layers": ("auto", False)})
+        if not safe_serialization:
+            raise UnsupportedArgumentError(
+                "safe_serialization=False asks for a pickled adapter_model.bin; deltatune writes safetensors only "
+                "(loadable by peft and every other tool): drop the argument."
+            )
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        for name in names:
+            self._check_name(name, exists=True)
+        if is_main_process:
+            initial = path_initial_model_for_weight_conversion
+            from deltatune.auto import auto_mapping
+
+            mapping = auto_mapping(self._base)
+            saving.save_adapters(self, Path(save_directory), names, state_dict, mapping, initial)
+
+    @property
+    def _keys_to_ignore_on_save(self) -> list[str]:
+        """What `save_pretrained` never writes: every state-dict key but the adapters' (transformers reads this)."""
+        return saving.frozen_keys(self)
+
+    def create_or_update_model_card(self, output_dir: str | Path, adapter_name: str | None = None) -> None:
+        """Write or update `output_dir/README.md` (the Hub's model card header: library, base model, tags)."""
+        config = self.peft_config[adapter_name or self.active_adapter]
+        write_model_card(Path(output_dir), self._base_path(config), config.peft_type)
+
+    def _base_path(self, config: AdapterConfig) -> str | None:
+        """Where the base model lives: the config's `base_model_name_or_path`, else the model config's name."""
+        return (
+            config.base_model_name_or_path
+            or getattr(getattr(self._base, "config", None), "_name_or_path", None)
+            or None
+        )
+
+    def push_to_hub(self, repo_id: str, selected_adapters: list[str] | None = None, **kwargs: Any) -> object:
+        """Upload the adapters' files (as `save_pretrained` writes them; never the base model) to the Hub repo
+        `repo_id`. Keywords: private, token, revision, commit_message, create_pr."""
+        save = lambda folder: self.save_pretrained(folder, selected_adapters=selected_adapters)  # noqa: E731
+        return push_adapter(save, repo_id, **kwargs)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        model_id: str | Path,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        config: AdapterConfig | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Load a saved adapter (deltatune's or peft's) onto `model`; on any error the model is left unchanged. For
+        inference (`is_trainable=False`) in eval mode, nothing trainable; `is_trainable=True`: training mode, adapter
+        trainable. `config` replaces the directory's adapter_config.json; `subfolder` reads `model_id/subfolder`.
+        """
+        if config is None:  # read once here: its task_type picks the class, and load_adapter takes it as given
+            config = AdapterConfig.from_pretrained(
+                adapter_dir(model_id, kwargs.get("subfolder"), kwargs.get("revision"))
+            )
+        from deltatune.model import PeftModel, _task_class
+
+        if cls is PeftModel:  # peft returns the class of the adapter's task_type
+            cls = _task_class(config.task_type)
+        peft_model = cls(model)
+        peft_model.load_adapter(model_id, adapter_name, is_trainable=is_trainable, config=config, **kwargs)
+        peft_model.train(is_trainable)
+        return peft_model
+
+    def load_adapter(
+        self,
+        model_id: str | Path,
+        adapter_name: str,
+        is_trainable: bool = False,
+        config: AdapterConfig | None = None,
+        subfolder: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Add the adapter saved in `model_id` (or `model_id/subfolder`) under `adapter_name`; validated fully before
+        the model changes. `model_id` is a local folder or a Hub repo id (`revision=` picks its version; read
+        through huggingface_hub's cache). `config` replaces the saved adapter_config.json (same method).
+
+        Raises:
+            ConfigError / UnsupportedFieldError / UnknownMethodError: the config is malformed or asks for more than
+                deltatune implements.
+            CheckpointError: the weights file is missing or corrupt, or its keys/shapes do not fit this model.
+            UnsupportedArgumentError: a keyword argument deltatune does not implement.
+        """
+        revision = kwargs.pop("revision", None)
+        accepted = {"low_cpu_mem_usage": (False,), "autocast_adapter_dtype": (True,), "torch_device": (None,)}
+        refuse_unknown("load_adapter", kwargs, accepted)
+        self._check_name(adapter_name, exists=False)
+        directory = adapter_dir(model_id, subfolder, revision)
+        config = config or AdapterConfig.from_pretrained(directory)
+        spec = spec_for_config(config)
+        config = config.replace(inference_mode=not is_trainable)
+        config = with_task_heads(self._base, spec.complete(config, self._base), self.task_heads)
+        self._check_same_method(spec)
+        found = io.from_peft_keys(io.read_tensors(directory))
+        requires_grad = {n: p.requires_grad for n, p in self._base.named_parameters()}
+        with no_init_weights():  # every tensor is overwritten from the file (check_state): skip random inits
+            self._inject(adapter_name, config, spec, strict=False)
+        self.peft_config[adapter_name] = config
+        try:
+            expected = io.from_peft_keys(self.adapter_state_dict(adapter_name))
+            expected.update(self._saved_base_weights(found))
+            io.check_state(expected, found, str(directory / io.WEIGHTS_NAME))
+        except BaseException:
+            del self.peft_config[adapter_name]
+            self._remove_from_modules(adapter_name)
+            for n, p in self._base.named_parameters():
+                p.requires_grad_(requires_grad[n])
+            raise
+        self._initialize_from_base(adapter_name)  # as at creation (peft does the same), then the saved tensors
+        self._copy_state(adapter_name, found, expected)
+        if not self._active:
+            self._active = [adapter_name]
+        self._apply_active()
+
+    def _initialize_from_base(self, adapter_name: str) -> None:
+        for layer in self._layers():
+            layer.initialize_from_base(adapter_name)
+
+    def _saved_base_weights(self, found: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Base weights of adapted layers that peft stores beside the adapter (an adapted embedding's full table,
+        `<path>.base_layer.weight`, e.g. after resizing the vocabulary): loaded into the base like peft does."""
+        layers = {f"{path}.base_layer.weight": w for path, w in self._wrappers() if isinstance(w, AdapterLayer)}
+        return {k: layers[k].base_weight for k in found if k in layers}
+
+    def load_adapter_tensors(self, adapter_name: str, tensors: dict[str, Tensor]) -> None:
+        """Overwrite an existing adapter's tensors from a peft-keyed dict (e.g. a training checkpoint); checked
+        first."""
+        self._check_name(adapter_name, exists=True)
+        found = io.from_peft_keys(tensors)
+        io.check_state(io.from_peft_keys(self.adapter_state_dict(adapter_name)), found, "adapter tensors")
+        self._copy_state(adapter_name, found)
+
+    @torch.no_grad()
+    def _copy_state(self, adapter_name: str, found: dict[str, Tensor], own: dict[str, Tensor] | None = None) -> None:
+        """Write `found` (checked against this adapter's keys) into the model: each wrapper takes its own tensors
+        (`load_adapter_state`: one whose saved form differs from its training form rebuilds itself), the rest is
+        copied in place."""
+        found = dict(found)
+        for path, wrapper in self._wrappers():
+            names = {_in_model(path, k): k for k in wrapper.adapter_state(adapter_name)}
+            mine = {names[key]: found.pop(key) for key in list(found) if key in names}
+            if mine:
+                wrapper.load_adapter_state(adapter_name, mine)
+        if own is None:
+            own = {**io.from_peft_keys(self.adapter_state_dict(adapter_name)), **self._saved_base_weights(found)}
+        for key, tensor in found.items():
+            own[key].copy_(tensor.to(own[key].dtype))
+
+
+def _in_model(path: str, key: str) -> str:
+    """A state key of the wrapper at `path` as a model-level key; top-level keys stay as they are."""
+    return key if key.startswith(io.ROOT_MARK) else f"{path}.{key}"
