@@ -31,6 +31,7 @@ from deltatune.methods.ia3 import IA3Config
 from deltatune.methods.ln_tuning import LNTuningConfig
 from deltatune.methods.lora import LoraConfig
 from deltatune.methods.lora_hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
+from deltatune.methods.prefix_tuning import PrefixTuningConfig
 from deltatune.methods.prompt_tuning import PromptEncoderConfig, PromptTuningConfig
 from deltatune.methods.reft import ReftConfig
 from deltatune.methods.selective import SelectiveConfig
@@ -80,6 +81,7 @@ __all__ = [
     "IA3Config",
     "BottleneckConfig",
     "LNTuningConfig",
+    "PrefixTuningConfig",
     "PromptEncoderConfig",
     "PromptTuningConfig",
     "ReftConfig",

@@ -9,6 +9,7 @@ from deltatune.methods import (
     ln_tuning,  # noqa: F401
     lora,  # noqa: F401
     lora_combine,  # noqa: F401
+    prefix_tuning,  # noqa: F401
     prompt_tuning,  # noqa: F401
     reft,  # noqa: F401
     selective,  # noqa: F401

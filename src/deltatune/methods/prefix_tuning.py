@@ -1,0 +1,196 @@
+"""Prefix tuning (Li & Liang 2021) and P-tuning v2 (Liu et al. 2022, deep prompts): n trainable key/value vectors in
+front of every attention layer's keys and values, which every token attends to as if n tokens came first.
+
+The prefixes reach the model as a pre-filled key/value cache (transformers' `DynamicCache`, under the keyword the
+model's forward takes: `cache` or `past_key_values`), so any family whose attention uses the Cache API works, with
+grouped-query attention (the prefixes have the key/value heads) and encoders (P-tuning v2 on a classifier). The
+stored table is peft's: (n, num_layers·2·kv_width), laid out per layer as key then value. With `prefix_projection`,
+the table is computed by an MLP (Embedding(n, d) -> Linear -> tanh -> Linear) while training and saved as its output,
+as peft saves it; a loaded adapter is the table.
+
+Positions: the input's tokens come after the n prefix positions (the cache's length), as in peft. In `generate()`, n
+placeholder ids stand for the cached prefix (the model skips cached positions) and are dropped from the output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import Tensor, nn
+from transformers import DynamicCache
+
+from deltatune import io
+from deltatune.errors import AdapterError, ConfigError
+from deltatune.input_adapter import (
+    InputAdapter,
+    cache_argument,
+    call_rows,
+    extend_mask,
+    input_call,
+    input_embedding_target,
+    prepend_placeholders,
+)
+from deltatune.layers import module_device
+from deltatune.methods.prompt_learning import PromptLearningConfig, fill_from_model, model_sizes
+from deltatune.registry import MethodSpec, register_method
+
+SAVED_KEY = "prompt_embeddings"
+
+
+@dataclass
+class PrefixTuningConfig(PromptLearningConfig):
+    """peft's `PrefixTuningConfig` (peft_type PREFIX_TUNING); P-tuning v2 is this config (deep prompts in every layer),
+    usually on an encoder for classification."""
+
+    peft_type = "PREFIX_TUNING"
+    kv_width_for_gqa: ClassVar[bool] = True
+
+    encoder_hidden_size: int | None = None
+    """Width of the reparameterization MLP (None: token_dim)."""
+    prefix_projection: bool = False
+    """True: the prefixes are an MLP's output while training (Li & Liang's reparameterization)."""
+    init_weights: Literal["zero"] | None = None
+    """"zero": the prefixes (or the MLP's last layer) start at zero."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.init_weights not in (None, "zero"):
+            raise ConfigError(f'init_weights must be None or "zero", got {self.init_weights!r}.')
+
+
+class PrefixTable(nn.Module):
+    """The (n, L·2·w) prefix table, trained as it is."""
+
+    def __init__(self, weight: Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+
+    def forward(self) -> Tensor:
+        return self.weight
+
+
+class PrefixProjection(nn.Module):
+    """Li & Liang's reparameterization: Embedding(n, d) -> Linear(d, h) -> tanh -> Linear(h, L·2·w)."""
+
+    def __init__(self, n: int, d: int, hidden: int, out: int, zero: bool, device) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(n, d, device=device)
+        self.transform = nn.Sequential(
+            nn.Linear(d, hidden, device=device), nn.Tanh(), nn.Linear(hidden, out, device=device)
+        )
+        if zero:
+            nn.init.zeros_(self.transform[-1].weight)
+            nn.init.zeros_(self.transform[-1].bias)
+
+    def forward(self) -> Tensor:
+        return self.transform(self.embedding.weight)
+
+
+class KeyValuePrefixes(InputAdapter):
+    """The input embedding; per adapter, its key/value prefix table and the shape to read it with."""
+
+    adapter_param_names = ("prefix_key_values",)
+    adapter_other_names = ("prefix_shape",)
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.prefix_key_values = nn.ModuleDict()
+        self.prefix_shape: dict[str, tuple[int, int, int]] = {}
+
+    def add_adapter(self, name: str, *, config: PrefixTuningConfig) -> None:
+        n, d, layers, heads = config.num_virtual_tokens, config.token_dim, config.num_layers, config.num_attention_heads
+        if d % heads:
+            raise ConfigError(f"token_dim={d} is not a multiple of num_attention_heads={heads}.")
+        device, width = module_device(self.base_layer), layers * 2 * d
+        zero = config.init_weights == "zero"
+        if config.prefix_projection and not config.inference_mode:
+            module = PrefixProjection(n, d, config.encoder_hidden_size or d, width, zero, device)
+        else:
+            module = PrefixTable(torch.zeros(n, width, device=device) if zero else torch.randn(n, width, device=device))
+        self.prefix_key_values[name] = module
+        self.prefix_shape[name] = (layers, heads, d // heads)
+
+    def adapter_state(self, name: str) -> dict[str, Tensor]:
+        if name not in self.prefix_key_values:
+            return {}
+        module = self.prefix_key_values[name]
+        table = module.weight if isinstance(module, PrefixTable) else module().detach()
+        return {io.ROOT_MARK + SAVED_KEY: table}  # a projection is saved folded into its output, as peft does
+
+    @torch.no_grad()
+    def load_adapter_state(self, name: str, tensors: dict[str, Tensor]) -> None:
+        table = tensors[io.ROOT_MARK + SAVED_KEY]
+        weight = next(self.prefix_key_values[name].parameters())
+        self.prefix_key_values[name] = PrefixTable(table.to(device=weight.device, dtype=weight.dtype).clone())
+
+    def prepare(self, name: str, call: dict[str, Any], generating: bool, model: nn.Module) -> int:
+        table = self.prefix_key_values[name]()
+        n = table.shape[0]
+        batch, _ = call_rows(call)
+        if generating:
+            if call.get("inputs_embeds") is not None:
+                raise AdapterError("generate() with key/value prefixes needs input_ids (not inputs_embeds).")
+            batch *= _expansion(call, model)
+        call[cache_argument(model)] = prefix_cache(table, batch, self.prefix_shape[name], model)
+        if call.get("position_ids") is not None:
+            call["position_ids"] = call["position_ids"] + n  # the input comes after the prefix (peft's positions)
+        if generating:  # placeholders stand for the cached prefix; generate skips cached positions
+            prepend_placeholders(call, n, generating, model)
+            return n
+        extend_mask(call, n)
+        return 0
+
+
+def _expansion(call: dict[str, Any], model: nn.Module) -> int:
+    """How many rows `generate` makes of each input row (beams, returned sequences): the cache it is given is not
+    expanded with them."""
+    config = call.get("generation_config") or getattr(model, "generation_config", None)
+    beams = call.get("num_beams") or getattr(config, "num_beams", 1) or 1
+    returned = call.get("num_return_sequences") or getattr(config, "num_return_sequences", 1) or 1
+    return max(beams, returned)
+
+
+def prefix_cache(table: Tensor, batch: int, shape: tuple[int, int, int], model: nn.Module) -> DynamicCache:
+    """A DynamicCache holding the prefixes: layer i's keys and values are the table's columns [2i·w, (2i+1)·w) and
+    [(2i+1)·w, (2i+2)·w), as (batch, heads, n, head_dim), in the model's dtype."""
+    layers, heads, head_dim = shape
+    n = table.shape[0]
+    dtype = getattr(model, "dtype", table.dtype)
+    per_layer = table.to(dtype).view(n, 2 * layers, heads, head_dim).permute(1, 2, 0, 3)
+    cache = DynamicCache(config=model.config)
+    for layer in range(layers):
+        key, value = (per_layer[2 * layer + i].unsqueeze(0).expand(batch, -1, -1, -1) for i in (0, 1))
+        cache.update(key, value, layer)
+    return cache
+
+
+def prefix_kwargs(config: PrefixTuningConfig, module_path: str) -> dict[str, Any]:
+    return {"config": config}
+
+
+def _fill(config: PrefixTuningConfig, model: nn.Module) -> PrefixTuningConfig:
+    config = fill_from_model(config, model)
+    if config.num_layers != model_sizes(model).layers:
+        raise ConfigError(
+            f"num_layers={config.num_layers} but the model has {model_sizes(model).layers} layers: every layer "
+            "needs its prefix."
+        )
+    return config
+
+
+register_method(
+    MethodSpec(
+        peft_type="PREFIX_TUNING",
+        config_cls=PrefixTuningConfig,
+        kind="input",
+        layers={nn.Module: KeyValuePrefixes},
+        layer_kwargs=prefix_kwargs,
+        param_prefix="prefix_key_values",
+        fill_from_model=_fill,
+        with_defaults=lambda config, model_type: config,
+        select_targets=input_embedding_target,
+        input_context=input_call,
+    )
+)
