@@ -25,6 +25,7 @@ from deltatune.errors import (
     UnsupportedModuleError,
 )
 from deltatune.methods.adalora import AdaLoraConfig
+from deltatune.methods.adaption_prompt import AdaptionPromptConfig
 from deltatune.methods.bottleneck import BottleneckConfig
 from deltatune.methods.gralora import GraloraConfig
 from deltatune.methods.ia3 import IA3Config
@@ -68,6 +69,7 @@ __all__ = [
     "AutoPeftModelForSequenceClassification",
     "AutoPeftModelForTokenClassification",
     "AdaLoraConfig",
+    "AdaptionPromptConfig",
     "AdapterConfig",
     "AdapterError",
     "CheckpointError",
