@@ -61,6 +61,7 @@ class CausalLMObjective:
         extra = {name: batch[name] for name in self.extra_inputs if name in batch}
         with _autocast(batch, precision):
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra).logits
+        logits = logits[:, -batch["labels"].shape[1] :]  # a model may put virtual positions first (peft's outputs)
         return nn.functional.cross_entropy(
             logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE, reduction="sum"
         )

@@ -144,6 +144,8 @@ def _setup(cfg: TrainConfig, resume: bool, model: nn.Module | None, tokenizer: A
         objective.extra_inputs = peft_model.input_names
         if "prompt_lengths" in objective.extra_inputs and cfg.data.packing:
             raise ConfigError(f"{method.peft_type} reads each row's prompt positions; set data.packing=false.")
+    if get_method(method.peft_type).kind == "input" and cfg.data.packing:
+        raise ConfigError(f"{method.peft_type} puts virtual tokens before each row; set data.packing=false.")
     if cfg.optim.gradient_checkpointing:  # non-reentrant: no need for input embeddings that require grad
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
