@@ -141,6 +141,7 @@ def with_task_heads(model: nn.Module, config: AdapterConfig, heads: Sequence[str
     names = [n for n, _ in model.named_modules() if n]
     present = [h for h in heads if any(n == h or n.endswith("." + h) for n in names)]
     kept = [m for m in (config.modules_to_save or []) if m not in heads or m in present]
+    kept = list(dict.fromkeys(kept))  # peft writes the heads twice into prompt-learning configs
     wanted = kept + [h for h in present if h not in kept]
     return config.replace(modules_to_save=wanted or None) if wanted != (config.modules_to_save or []) else config
 

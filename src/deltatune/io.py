@@ -105,26 +105,28 @@ ROOT_KEYS = frozenset({"prompt_embeddings"})
 """The top-level keys peft writes; any other key without peft's prefix means the file is not in peft's layout."""
 
 
-def peft_key(relative: str) -> str:
+def peft_key(relative: str, module_prefix: str = KEY_PREFIX) -> str:
     """The saved key of a module-relative (or shared, or top-level) in-memory key."""
     if relative.startswith(SHARED_MARK):
         return SHARED_PREFIX + relative[len(SHARED_MARK) :]
     if relative.startswith(ROOT_MARK):
         return relative[len(ROOT_MARK) :]
-    return KEY_PREFIX + relative
+    return module_prefix + relative
 
 
-def to_peft_keys(relative: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Add peft's `base_model.model.` prefix to module-relative keys (`base_model.` for shared tensors)."""
-    return {peft_key(k): v for k, v in relative.items()}
+def to_peft_keys(relative: dict[str, Tensor], module_prefix: str = KEY_PREFIX) -> dict[str, Tensor]:
+    """Add peft's prefix to module-relative keys (`base_model.model.`, or the method's `module_prefix`;
+    `base_model.` for shared tensors)."""
+    return {peft_key(k, module_prefix): v for k, v in relative.items()}
 
 
-def from_peft_keys(saved: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Strip peft's prefix; keys without it are an error (the file was not written in peft's layout)."""
+def from_peft_keys(saved: dict[str, Tensor], module_prefix: str = KEY_PREFIX) -> dict[str, Tensor]:
+    """Strip peft's prefix (`module_prefix` for module keys); keys without it are an error (the file was not written
+    in peft's layout)."""
     out: dict[str, Tensor] = {}
     for key, value in saved.items():
-        if key.startswith(KEY_PREFIX):
-            out[key[len(KEY_PREFIX) :]] = value
+        if key.startswith(module_prefix):
+            out[key[len(module_prefix) :]] = value
         elif key.startswith(SHARED_PREFIX):
             out[SHARED_MARK + key[len(SHARED_PREFIX) :]] = value
         elif key in ROOT_KEYS:
@@ -132,7 +134,7 @@ def from_peft_keys(saved: dict[str, Tensor]) -> dict[str, Tensor]:
         else:
             bad = [k for k in saved if not k.startswith(SHARED_PREFIX) and k not in ROOT_KEYS]
             raise CheckpointError(
-                f"key {key!r} does not start with {KEY_PREFIX!r}: not a peft-layout adapter file "
+                f"key {key!r} does not start with {module_prefix!r}: not a peft-layout adapter file "
                 f"({len(bad)} such keys)."
             )
     return out

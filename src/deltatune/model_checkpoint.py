@@ -39,7 +39,11 @@ class CheckpointMixin:
             relative.update({n: params[n] for n in extra(self._base, config)})
         if adapter_name in self.shared:
             relative.update({io.SHARED_MARK + k: t for k, t in self.shared[adapter_name].state_dict().items()})
-        return io.to_peft_keys(relative)
+        return io.to_peft_keys(relative, self._module_prefix(config))
+
+    @staticmethod
+    def _module_prefix(config: AdapterConfig) -> str:
+        return get_method(config.peft_type).module_key_prefix
 
     def save_pretrained(
         self,
@@ -157,13 +161,13 @@ class CheckpointMixin:
         config = config.replace(inference_mode=not is_trainable)
         config = with_task_heads(self._base, spec.complete(config, self._base), self.task_heads)
         self._check_same_method(spec)
-        found = io.from_peft_keys(io.read_tensors(directory))
+        found = io.from_peft_keys(io.read_tensors(directory), spec.module_key_prefix)
         requires_grad = {n: p.requires_grad for n, p in self._base.named_parameters()}
         with no_init_weights():  # every tensor is overwritten from the file (check_state): skip random inits
             self._inject(adapter_name, config, spec, strict=False)
         self.peft_config[adapter_name] = config
         try:
-            expected = io.from_peft_keys(self.adapter_state_dict(adapter_name))
+            expected = io.from_peft_keys(self.adapter_state_dict(adapter_name), spec.module_key_prefix)
             expected.update(self._saved_base_weights(found))
             io.check_state(expected, found, str(directory / io.WEIGHTS_NAME))
         except BaseException:
@@ -192,8 +196,9 @@ class CheckpointMixin:
         """Overwrite an existing adapter's tensors from a peft-keyed dict (e.g. a training checkpoint); checked
         first."""
         self._check_name(adapter_name, exists=True)
-        found = io.from_peft_keys(tensors)
-        io.check_state(io.from_peft_keys(self.adapter_state_dict(adapter_name)), found, "adapter tensors")
+        prefix = self._module_prefix(self.peft_config[adapter_name])
+        found = io.from_peft_keys(tensors, prefix)
+        io.check_state(io.from_peft_keys(self.adapter_state_dict(adapter_name), prefix), found, "adapter tensors")
         self._copy_state(adapter_name, found)
 
     @torch.no_grad()
@@ -208,7 +213,11 @@ class CheckpointMixin:
             if mine:
                 wrapper.load_adapter_state(adapter_name, mine)
         if own is None:
-            own = {**io.from_peft_keys(self.adapter_state_dict(adapter_name)), **self._saved_base_weights(found)}
+            prefix = self._module_prefix(self.peft_config[adapter_name])
+            own = {
+                **io.from_peft_keys(self.adapter_state_dict(adapter_name), prefix),
+                **self._saved_base_weights(found),
+            }
         for key, tensor in found.items():
             own[key].copy_(tensor.to(own[key].dtype))
 

@@ -107,6 +107,9 @@ class MethodSpec:
     select_targets: Callable[[nn.Module, AdapterConfig], list[str]] | None = None
     """Optional: (model, config) -> names of the modules to wrap, when the method picks them itself from the model
     (e.g. its input embedding, or the top blocks' attention) instead of through `target_modules`."""
+    module_key_prefix: str = "base_model.model."
+    """peft's prefix of module keys in this method's files: its tuner level (`base_model.model.`) for layer methods;
+    prompt-learning methods, which have no tuner level, save modules (a task head) under `base_model.`."""
     input_names: tuple[str, ...] = ()
     """Keyword arguments of forward / generate that the method consumes (a trainer passes them when it has them)."""
 

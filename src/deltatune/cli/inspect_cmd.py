@@ -17,11 +17,14 @@ def adapter_summary(directory: str | Path) -> tuple[dict, dict[str, int], int]:
     """(config dict, parameters per module path, weights file size in bytes)."""
     config = load_config(directory)
     prefix = get_method(config.peft_type).param_prefix  # the method's tensors are attributes starting with it
-    tensors = io.from_peft_keys(io.read_tensors(directory))
+    tensors = io.from_peft_keys(io.read_tensors(directory), get_method(config.peft_type).module_key_prefix)
     per_module: dict[str, int] = defaultdict(int)
     for key, tensor in tensors.items():
         if key.startswith(io.SHARED_MARK):
             per_module["(shared by all layers)"] += tensor.numel()
+            continue
+        if key.startswith(io.ROOT_MARK):
+            per_module["(model input)"] += tensor.numel()
             continue
         parts = key.split(".")
         at = next((i for i, part in enumerate(parts) if part.startswith(prefix)), len(parts) - 1)

@@ -51,6 +51,14 @@ class AdaptionPromptConfig(AdapterConfig):
                 raise ConfigError(f"{name} is not used by adaption prompts (adapter_layers picks the top layers).")
 
 
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        for name in ("exclude_modules", "layers_to_transform", "layers_pattern", "modules_to_save"):
+            if out.get(name) in (None, []):  # fields peft's AdaptionPromptConfig lacks: not written when unused
+                out.pop(name, None)
+        return out
+
+
 def rotate_half(x: Tensor) -> Tensor:
     """The rotary rotation's pairing: (x1, x2) -> (-x2, x1) over the two halves of the last dimension."""
     x1, x2 = x.chunk(2, dim=-1)

@@ -185,6 +185,7 @@ register_method(
         peft_type="PREFIX_TUNING",
         config_cls=PrefixTuningConfig,
         kind="input",
+        module_key_prefix="base_model.",
         layers={nn.Module: KeyValuePrefixes},
         layer_kwargs=prefix_kwargs,
         param_prefix="prefix_key_values",

@@ -216,6 +216,7 @@ for _peft_type, _config_cls, _kwargs in [
             peft_type=_peft_type,
             config_cls=_config_cls,
             kind="input",
+            module_key_prefix="base_model.",
             layers={nn.Module: VirtualTokens},
             layer_kwargs=_kwargs,
             param_prefix=SAVED_KEY,
