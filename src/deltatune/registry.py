@@ -107,6 +107,9 @@ class MethodSpec:
     select_targets: Callable[[nn.Module, AdapterConfig], list[str]] | None = None
     """Optional: (model, config) -> names of the modules to wrap, when the method picks them itself from the model
     (e.g. its input embedding, or the top blocks' attention) instead of through `target_modules`."""
+    mergeable: bool = True
+    """False where an adapter is not a change of weights (non-linear or position-dependent terms, virtual tokens):
+    merging is refused, and tools that need a merge say so up front."""
     module_key_prefix: str = "base_model.model."
     """peft's prefix of module keys in this method's files: its tuner level (`base_model.model.`) for layer methods;
     prompt-learning methods, which have no tuner level, save modules (a task head) under `base_model.`."""

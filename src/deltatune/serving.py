@@ -37,8 +37,9 @@ class Check:
 def _common(config: AdapterConfig, tensors: dict) -> list[Check]:
     lora = config.peft_type == "LORA"
     init = base_rewriting_init(config) if lora else None
+    instead = "merge it instead" if _mergeable(config) else "it cannot be merged: serve it with deltatune or peft"
     return [
-        Check("LoRA", lora, "" if lora else f"a {config.peft_type} adapter: servers load LoRA only; merge it instead"),
+        Check("LoRA", lora, "" if lora else f"a {config.peft_type} adapter: servers load LoRA only; {instead}"),
         Check("no DoRA", not getattr(config, "use_dora", False), "DoRA's magnitude rescaling is not served"),
         Check("no lora_bias", not getattr(config, "lora_bias", False), "a LoRA bias term is not served"),
         Check(
@@ -112,3 +113,9 @@ def export_for_vllm(adapter_dir: str | Path, out: str | Path) -> Path:
     if (adapter_dir / "README.md").is_file():
         shutil.copy(adapter_dir / "README.md", out / "README.md")
     return out
+
+
+def _mergeable(config: AdapterConfig) -> bool:
+    from deltatune.registry import get_method
+
+    return get_method(config.peft_type).mergeable

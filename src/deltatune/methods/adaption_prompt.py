@@ -50,7 +50,6 @@ class AdaptionPromptConfig(AdapterConfig):
             if getattr(self, name) not in (None, []):
                 raise ConfigError(f"{name} is not used by adaption prompts (adapter_layers picks the top layers).")
 
-
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
         for name in ("exclude_modules", "layers_to_transform", "layers_pattern", "modules_to_save"):
@@ -189,6 +188,7 @@ def adaption_kwargs(config: AdaptionPromptConfig, module_path: str) -> dict[str,
 register_method(
     MethodSpec(
         peft_type="ADAPTION_PROMPT",
+        mergeable=False,
         config_cls=AdaptionPromptConfig,
         kind="layer",
         layers={nn.Module: AdaptedAttention},

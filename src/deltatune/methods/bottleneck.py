@@ -262,6 +262,7 @@ def bottleneck_extra_trainable(model: nn.Module, config: BottleneckConfig) -> li
 register_method(
     MethodSpec(
         peft_type="BOTTLENECK",
+        mergeable=False,
         config_cls=BottleneckConfig,
         kind="layer",
         layers={nn.Module: BottleneckLayer},

@@ -183,6 +183,7 @@ def _fill(config: PrefixTuningConfig, model: nn.Module) -> PrefixTuningConfig:
 register_method(
     MethodSpec(
         peft_type="PREFIX_TUNING",
+        mergeable=False,
         config_cls=PrefixTuningConfig,
         kind="input",
         module_key_prefix="base_model.",

@@ -214,6 +214,7 @@ for _peft_type, _config_cls, _kwargs in [
     register_method(
         MethodSpec(
             peft_type=_peft_type,
+            mergeable=False,
             config_cls=_config_cls,
             kind="input",
             module_key_prefix="base_model.",

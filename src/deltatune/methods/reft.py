@@ -266,6 +266,7 @@ def reft_layer_kwargs(config: ReftConfig, module_path: str) -> dict[str, Any]:
 register_method(
     MethodSpec(
         peft_type="REFT",
+        mergeable=False,
         config_cls=ReftConfig,
         kind="layer",
         layers={nn.Module: ReftBlock},
