@@ -57,9 +57,9 @@ class PeftModel(CheckpointMixin, PretrainedFacade):
     # -- pass-through -------------------------------------------------------------------------------------------------
     def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         """The base model's forward; `adapter_names` (one per row, "__base__" for none) mixes adapters in a batch."""
-        spec = self._spec()
-        args, kwargs = bind_inputs(spec, self._base.forward, args, kwargs)
-        with adapters_per_row(self, adapter_names), call_context(spec, self._base, args, kwargs, False):
+        specs = self._specs()
+        args, kwargs = bind_inputs(specs, self._base.forward, args, kwargs)
+        with adapters_per_row(self, adapter_names), call_context(specs, self._base, args, kwargs, False):
             outputs = self._base(*args, **kwargs)
         hooks = self._hooks()
         loss = getattr(outputs, "loss", None)
@@ -69,16 +69,16 @@ class PeftModel(CheckpointMixin, PretrainedFacade):
         return outputs
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        names, spec = kwargs.pop("adapter_names", None), self._spec()
-        args, kwargs = bind_inputs(spec, self._base.generate, args, kwargs)
-        with adapters_per_row(self, names), call_context(spec, self._base, args, kwargs, generating=True) as finish:
+        names, specs = kwargs.pop("adapter_names", None), self._specs()
+        args, kwargs = bind_inputs(specs, self._base.generate, args, kwargs)
+        with adapters_per_row(self, names), call_context(specs, self._base, args, kwargs, generating=True) as finish:
             outputs = self._base.generate(*args, **kwargs)
         return outputs if finish is None else finish(outputs)
 
     @property
     def input_names(self) -> tuple[str, ...]:
-        """Keyword arguments of forward / generate this model's method consumes besides the base model's."""
-        return getattr(self._spec(), "input_names", ())
+        """Keyword arguments of forward / generate this model's methods consume besides the base model's."""
+        return tuple(dict.fromkeys(n for spec in self._specs() for n in spec.input_names))
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -102,9 +102,14 @@ class PeftModel(CheckpointMixin, PretrainedFacade):
         return self._base
 
     # -- training hooks -----------------------------------------------------------------------------------------------
+    def _specs(self) -> list[MethodSpec]:
+        """The methods of this model's adapters: at most one of each kind (`_check_same_method`)."""
+        return [get_method(t) for t in dict.fromkeys(c.peft_type for c in self.peft_config.values())]
+
     def _spec(self) -> MethodSpec | None:
-        types = {c.peft_type for c in self.peft_config.values()}  # one method per model (_check_same_method)
-        return get_method(types.pop()) if types else None
+        """The model's layer method (whose hooks and combinations apply), else its only method."""
+        specs = self._specs()
+        return next((s for s in specs if s.kind == "layer"), specs[0] if specs else None)
 
     def _hooks(self) -> MethodHooks | None:
         return getattr(self._spec(), "hooks", None)
@@ -170,11 +175,13 @@ class PeftModel(CheckpointMixin, PretrainedFacade):
         self._apply_active()
 
     def _check_same_method(self, spec: MethodSpec) -> None:
-        types = {c.peft_type for c in self.peft_config.values()}
-        if types and types != {spec.peft_type}:
+        """One method per kind: adapters of one layer method, and of one input method (virtual tokens) beside it."""
+        same_kind = {s.peft_type for s in self._specs() if s.kind == spec.kind}
+        if same_kind and same_kind != {spec.peft_type}:
             raise ConfigError(
-                f"this model holds {sorted(types)} adapters; a {spec.peft_type} adapter needs its own PeftModel "
-                f"(or merge_and_unload() the current ones first)."
+                f"this model holds {sorted(same_kind)} adapters; a {spec.peft_type} adapter needs its own PeftModel "
+                f"(or merge_and_unload() the current ones first). A model holds one layer method and one input "
+                f"method at most."
             )
 
     def _inject(self, adapter_name: str, config: AdapterConfig, spec: MethodSpec, strict: bool) -> None:
@@ -192,6 +199,11 @@ class PeftModel(CheckpointMixin, PretrainedFacade):
                 self.shared[adapter_name] = extra["shared"] = spec.make_shared(config, bases)
             for target in targets:
                 module = self._base.get_submodule(target)
+                if isinstance(module, AdapterLayer) and type(module) not in spec.layers.values():
+                    raise ConfigError(
+                        f"{target} is already adapted by another method's adapter; one module takes one method "
+                        "(choose other targets)."
+                    )
                 if not isinstance(module, AdapterLayer):
                     module = spec.layer_for(module)(module)
                     replace_module(self._base, target, module)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -141,21 +141,34 @@ class MethodSpec:
         return None
 
 
+@contextlib.contextmanager
 def call_context(
-    spec: MethodSpec | None, model: nn.Module, args: tuple, kwargs: dict[str, Any], generating: bool
-) -> contextlib.AbstractContextManager[None]:
-    """The method's context around one forward / generate call (`MethodSpec.input_context`), or a no-op."""
-    if spec is None or spec.input_context is None:
-        return contextlib.nullcontext()
-    return spec.input_context(model, args, kwargs, generating)
+    specs: list[MethodSpec], model: nn.Module, args: tuple, kwargs: dict[str, Any], generating: bool
+) -> Iterator[Callable[[Any], Any] | None]:
+    """The methods' contexts around one forward / generate call (`MethodSpec.input_context`); yields the composition
+    of the functions they yield for `generate()`'s output (None if none does)."""
+    with contextlib.ExitStack() as stack:
+        finishers = [
+            stack.enter_context(spec.input_context(model, args, kwargs, generating))
+            for spec in specs
+            if spec.input_context is not None
+        ]
+        finishers = [f for f in finishers if f is not None]
+
+        def finish(outputs: Any) -> Any:
+            for function in finishers:
+                outputs = function(outputs)
+            return outputs
+
+        yield finish if finishers else None
 
 
 def bind_inputs(
-    spec: MethodSpec | None, function: Callable[..., Any], args: tuple, kwargs: dict[str, Any]
+    specs: list[MethodSpec], function: Callable[..., Any], args: tuple, kwargs: dict[str, Any]
 ) -> tuple[tuple, dict[str, Any]]:
-    """(args, kwargs) for a call of `function`; for a method with an `input_context`, positional arguments are moved
-    to their keyword names (so the context sees and may rewrite all of them)."""
-    if spec is None or spec.input_context is None or not args:
+    """(args, kwargs) for a call of `function`; for methods with an `input_context`, positional arguments are moved
+    to their keyword names (so the contexts see and may rewrite all of them)."""
+    if not args or all(spec.input_context is None for spec in specs):
         return args, kwargs
     bound = inspect.signature(function).bind_partial(*args)
     return (), {**bound.arguments, **kwargs}

@@ -147,3 +147,24 @@ def test_generate_keeps_the_callers_length_limits():
     ids = torch.randint(3, 97, (1, 5))
     out = pm.generate(input_ids=ids, max_length=9, min_length=9, do_sample=False)
     assert out.shape == (1, 9) and torch.equal(out[:, :5], ids)
+
+
+def test_prompt_and_lora_adapters_share_a_model_and_apply_together(tmp_path):
+    pm = dt.get_peft_model(tiny_llama(), dt.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    pm.add_adapter("prompt", dt.PromptTuningConfig(num_virtual_tokens=N))
+    ids = torch.randint(1, 97, (2, 5))
+    mask = torch.ones_like(ids)
+    pm.set_adapter(["default", "prompt"])
+    both = pm(input_ids=ids, attention_mask=mask).logits
+    rows = pm.adapter_state_dict("prompt")["prompt_embeddings"]
+    pm.set_adapter("default")
+    lora_only = pm(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(both, _by_hand(pm, rows, ids, mask).logits, rtol=1e-5, atol=1e-6)  # LoRA reads them
+    assert lora_only.shape[1] == 5 and not torch.allclose(both[:, N:], lora_only)
+    pm.save_pretrained(tmp_path)
+    loaded = dt.PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    loaded.load_adapter(tmp_path / "prompt", "prompt")
+    loaded.set_adapter(["default", "prompt"])
+    torch.testing.assert_close(loaded(input_ids=ids, attention_mask=mask).logits, both, rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="one layer method and one input method"):
+        pm.add_adapter("p2", dt.PrefixTuningConfig(num_virtual_tokens=2))
