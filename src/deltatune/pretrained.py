@@ -160,7 +160,13 @@ def load_causal_lm(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(model)
-    if quantize is not None:
+    from deltatune.quant.bnb_format import is_bnb_4bit_dir, load_bnb_4bit_causal_lm
+
+    if is_bnb_4bit_dir(path):  # already 4-bit (bitsandbytes' layout): its settings are in the file
+        if quantize is not None:
+            raise ConfigError(f"{path} is already a bitsandbytes 4-bit checkpoint; drop quantize to load it as it is.")
+        lm = load_bnb_4bit_causal_lm(path)
+    elif quantize is not None:
         from deltatune.quant.loading import load_quantized_causal_lm
 
         lm = load_quantized_causal_lm(path, quantize, dtype)

@@ -81,9 +81,10 @@ def test_bits_per_parameter_with_and_without_double_quant():
 def test_double_quantization_round_trip_error_is_small():
     absmax = torch.rand(5000) * 3 + 1
     codes, scale, offset = double_quantize(absmax)
-    assert codes.dtype == torch.int8 and scale.numel() == 20
+    assert codes.dtype == torch.uint8 and scale.numel() == 20
     restored = double_dequantize(codes, scale, offset)
-    assert (restored - absmax).abs().max() <= scale.max() / 2 + 1e-6
+    # nearest value of the 8-bit dynamic code: off by at most half its widest gap (0.9/64/2, near ±1) times the scale
+    assert (restored - absmax).abs().max() <= scale.max() * 0.9 / 128 + 1e-6
 
 
 def test_quant_state_round_trip_shape_and_dtype():

@@ -34,7 +34,7 @@ def _inputs():
 def _trained(lib, case):
     """A fresh adapter of `lib`, moved off its init (gates opened, tables and heads perturbed) as training would."""
     config_name, kwargs = CASES[case]
-    model = getattr(lib, "get_peft_model")(MODELS[case.split("-")[1]](), getattr(lib, config_name)(**kwargs))
+    model = lib.get_peft_model(MODELS[case.split("-")[1]](), getattr(lib, config_name)(**kwargs))
     g = torch.Generator().manual_seed(4)
     with torch.no_grad():
         for p in model.parameters():

@@ -150,7 +150,9 @@ def test_generate_keeps_the_callers_length_limits():
 
 
 def test_prompt_and_lora_adapters_share_a_model_and_apply_together(tmp_path):
-    pm = dt.get_peft_model(tiny_llama(), dt.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    pm = dt.get_peft_model(
+        tiny_llama(), dt.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
     pm.add_adapter("prompt", dt.PromptTuningConfig(num_virtual_tokens=N))
     ids = torch.randint(1, 97, (2, 5))
     mask = torch.ones_like(ids)

@@ -215,7 +215,7 @@ def recommend(
     recommend_command(examples, data, task, model, budget, seq, console)
 
 
-export_app = typer.Typer(help="Export adapters to other runtimes.", no_args_is_help=True)
+export_app = typer.Typer(help="Export adapters and models to other runtimes.", no_args_is_help=True)
 app.add_typer(export_app, name="export")
 
 
@@ -261,3 +261,19 @@ def export_peft(
 
     export_for_vllm(adapter, out)
     console.print(f"adapter for {for_server} written to {out}")
+
+
+@export_app.command("bnb4")
+@_friendly
+def export_bnb4(
+    out: Annotated[Path, typer.Option(help="output directory")] = ...,
+    model: Annotated[str, typer.Option(help="HF dir, .gguf or smollm2")] = "smollm2",
+    quant_type: Annotated[str, typer.Option(help="nf4 | fp4")] = "nf4",
+    double_quant: Annotated[bool, typer.Option(help="quantize the absmax constants too")] = True,
+) -> None:
+    """The model with its linear layers in 4 bits, written as transformers + bitsandbytes write a 4-bit model
+    (loadable by AutoModelForCausalLM.from_pretrained with bitsandbytes, and by deltatune train --set model=OUT)."""
+    from deltatune.quant.bnb_format import export_bnb_4bit
+
+    export_bnb_4bit(model, out, quant_type, double_quant)
+    console.print(f"4-bit model written to {out} ({(out / 'model.safetensors').stat().st_size / 1e6:.1f} MB)")

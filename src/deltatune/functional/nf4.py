@@ -4,8 +4,10 @@ absmax per block, two values packed per byte, and double quantization of the abs
     w ≈ code[q] · absmax[block]          (q: 4-bit index of the nearest code value to w / absmax)
 
 Storage per parameter: 4 bits + 32/blocksize bits for fp32 absmax (0.5 bit at blocksize 64). Double quantization
-stores absmax - mean(absmax) as int8 with one fp32 scale per 256 constants: 8/64 + 32/(64·256) ≈ 0.127 bit. (The
-second level is a symmetric linear int8 code; bitsandbytes uses its 8-bit dynamic map there, same size.)
+stores absmax - mean(absmax) in 8 bits, blockwise with one fp32 absmax per 256 constants, on the signed 8-bit
+dynamic code (Dettmers et al. 2022, "8-bit Optimizers via Block-wise Quantization", §2.2: a sign, a run of zero bits
+for the decade, a linear fraction): 8/64 + 32/(64·256) ≈ 0.127 bit. That is bitsandbytes' scheme, byte for byte, so
+its serialized 4-bit checkpoints load here and ours load there.
 """
 
 from __future__ import annotations
@@ -108,20 +110,43 @@ def dequantize_blockwise_4bit(
     return values.reshape(-1)[:n].view(shape).to(dtype)
 
 
+def dynamic_code_8bit(device: torch.device | str = "cpu") -> Tensor:
+    """The 256 values of the signed 8-bit dynamic code, ascending: 0, 1, and for each decade 10^(k-6), k = 0..6, the
+    2^k midpoints of 2^k equal steps from 0.1 to 1 times 10^(k-6), with both signs (2·127 + 2 = 256 values)."""
+    return _dynamic_code(torch.device(device))
+
+
+@functools.cache
+def _dynamic_code(device: torch.device) -> Tensor:
+    values = [0.0, 1.0]
+    for k in range(7):
+        edges = torch.linspace(0.1, 1.0, 2**k + 1, dtype=torch.float32)
+        scaled = (edges[:-1] + edges[1:]) / 2 * 10.0 ** (k - 6)  # float32 arithmetic, as bitsandbytes' table
+        values += scaled.tolist() + (-scaled).tolist()
+    return torch.tensor(sorted(values), dtype=torch.float32, device=device)
+
+
+def _blocks_of(values: Tensor, size: int) -> Tensor:
+    pad = (-values.numel()) % size
+    return torch.cat([values, values.new_zeros(pad)]).view(-1, size)
+
+
 def double_quantize(absmax: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """absmax (fp32) -> (int8 codes, fp32 scale per 256 constants, fp32 offset = mean)."""
+    """absmax (fp32) -> (uint8 indices into the dynamic code, fp32 absmax per 256 constants, fp32 offset = mean):
+    absmax - offset is scaled by 1/(its block's absmax), clamped to [-1, 1] and rounded to the nearest code value
+    (ties to the smaller), bitsandbytes' `quantize_blockwise` exactly."""
     offset = absmax.mean()
-    centered = absmax - offset
-    pad = (-centered.numel()) % NESTED_BLOCK
-    blocks = torch.cat([centered, centered.new_zeros(pad)]).view(-1, NESTED_BLOCK)
-    scale = blocks.abs().amax(dim=1) / 127
-    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
-    codes = torch.round(blocks / safe[:, None]).clamp(-127, 127).to(torch.int8)
-    return codes.reshape(-1)[: absmax.numel()], scale, offset
+    blocks = _blocks_of(absmax - offset, NESTED_BLOCK)
+    scale = blocks.abs().amax(dim=1)
+    normalized = torch.clamp(blocks * (1 / scale)[:, None], -1, 1)
+    normalized = torch.nan_to_num(normalized, nan=0.0)  # an all-equal block (scale 0) stores zeros
+    code = dynamic_code_8bit(absmax.device)
+    codes = _nearest_index(normalized.reshape(-1), code).reshape(-1)
+    return codes[: absmax.numel()], scale, offset
 
 
 def double_dequantize(codes: Tensor, scale: Tensor, offset: Tensor) -> Tensor:
+    """code[index] · block absmax + offset (fp32)."""
     n = codes.numel()
-    pad = (-n) % NESTED_BLOCK
-    blocks = torch.cat([codes.float(), codes.new_zeros(pad, dtype=torch.float32)]).view(-1, NESTED_BLOCK)
-    return (blocks * scale[:, None]).reshape(-1)[:n] + offset
+    values = dynamic_code_8bit(codes.device)[codes.long()]
+    return (_blocks_of(values, NESTED_BLOCK) * scale[:, None]).reshape(-1)[:n] + offset

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from deltatune.inject import replace_module
+from deltatune.quant.bnb_format import load_bnb_4bit_causal_lm, save_bnb_4bit
 from deltatune.quant.linear4bit import Linear4bit, adapter_prefixes, in_adapter, linears_to_quantize
 from deltatune.quant.prepare import cast_mixed_precision_params, prepare_model_for_kbit_training
 from deltatune.quant.state import DTYPES, QuantConfig, QuantState, dequantize_4bit, quantize_4bit
@@ -24,6 +25,8 @@ __all__ = [
     "QuantState",
     "dequantize_4bit",
     "dequantize_model",
+    "load_bnb_4bit_causal_lm",
+    "save_bnb_4bit",
     "merge_and_dequantize",
     "prepare_model_for_kbit_training",
     "cast_mixed_precision_params",
