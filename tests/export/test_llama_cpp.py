@@ -48,6 +48,16 @@ def test_llama_cpp_with_the_exported_adapter_answers_like_deltatune(tmp_path):
     merged_same = sum(a.strip() == b.strip() for a, b in zip(ours, merged_answers, strict=True)) / len(records)
     print(f"merged f16 GGUF: identical answers {merged_same:.3f}")
     assert merged_same >= 0.9
+    from deltatune.export import export_gguf_from_hf
+
+    export_gguf_from_hf(default_model_dir(), tmp_path / "from_hf" / "model.gguf", result.adapter_dir)  # no GGUF source
+    converted = llama_cpp.Llama(model_path=str(tmp_path / "from_hf" / "model.gguf"), n_ctx=512, n_threads=2, seed=0,
+                                verbose=False)  # fmt: skip
+    converted_answers = [converted.create_completion(prompt=p, max_tokens=12, temperature=0.0, top_k=1)["choices"][0][
+        "text"] for p in prompts]  # fmt: skip
+    converted_same = sum(a.strip() == b.strip() for a, b in zip(ours, converted_answers, strict=True)) / len(records)
+    print(f"HF directory -> GGUF (f16, merged): identical answers {converted_same:.3f}")
+    assert converted_same >= 0.9
     plain = llama_cpp.Llama(model_path=str(bundled_gguf_path()), n_ctx=512, n_threads=2, seed=0, verbose=False)
     base_right = sum(exact_match(plain.create_completion(prompt=p, max_tokens=12, temperature=0.0, top_k=1)[
         "choices"][0]["text"], r) for p, r in zip(prompts[:16], references[:16], strict=True)) / 16  # fmt: skip

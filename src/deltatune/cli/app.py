@@ -227,7 +227,9 @@ def export_gguf(
     outtype: Annotated[
         str | None, typer.Option(help="f32 | f16 | bf16 | q8_0, merged also source (default f32, merged f16)")
     ] = None,
-    model: Annotated[str | None, typer.Option(help="base: dir, .gguf or smollm2 (default: the adapter's)")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="base: HF dir, .gguf or smollm2 (default: the adapter's; merged: smollm2)")
+    ] = None,
     merged: Annotated[bool, typer.Option("--merged", help="write the GGUF base with the adapter merged in")] = False,
 ) -> None:
     """A LoRA adapter as a llama.cpp adapter GGUF (llama.cpp's --lora, llama-cpp-python's lora_path), or with --merged
@@ -235,10 +237,14 @@ def export_gguf(
     from deltatune.export import export_gguf_adapter, export_gguf_merged
 
     if merged:
+        from deltatune.export import export_gguf_from_hf
         from deltatune.pretrained import bundled_gguf_path
 
         source = bundled_gguf_path() if model in (None, "smollm2") else Path(model)
-        export_gguf_merged(source, adapter, out, outtype or "f16")
+        if source.is_dir():  # a transformers directory: a full conversion, tokenizer included
+            export_gguf_from_hf(source, out, adapter, outtype or "f16")
+        else:
+            export_gguf_merged(source, adapter, out, outtype or "f16")
         console.print(
             f"merged model written to {out} ({out.stat().st_size / 1e6:.1f} MB) and {out.parent / 'Modelfile'}"
         )

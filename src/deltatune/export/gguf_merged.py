@@ -1,6 +1,7 @@
 """`export_gguf_merged`: a GGUF base with an adapter merged in, as a standalone GGUF (plus an Ollama Modelfile).
 
-The base must itself be a GGUF file (the bundled SmolLM2 or any `.gguf`): its metadata (architecture, tokenizer,
+Here the base is a GGUF file (the bundled SmolLM2 or any `.gguf`; a transformers directory goes through
+`gguf_from_hf`, a full conversion): its metadata (architecture, tokenizer,
 chat template) is carried over as it is, and so is every tensor the adapter does not change. Each changed weight is
 dequantized from the file, W + ΔW added in the file's layout (LLaMA q/k rows permuted as llama.cpp stores them), and
 written at `outtype` (f16 by default; f32, bf16, q8_0, or the source's own type with `source`). A 4-bit source type
