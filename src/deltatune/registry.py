@@ -147,10 +147,11 @@ def call_context(
 ) -> Iterator[Callable[[Any], Any] | None]:
     """The methods' contexts around one forward / generate call (`MethodSpec.input_context`); yields the composition
     of the functions they yield for `generate()`'s output (None if none does)."""
+    ordered = sorted(specs, key=lambda spec: spec.kind != "input")  # the input first: others see the whole input
     with contextlib.ExitStack() as stack:
         finishers = [
             stack.enter_context(spec.input_context(model, args, kwargs, generating))
-            for spec in specs
+            for spec in ordered
             if spec.input_context is not None
         ]
         finishers = [f for f in finishers if f is not None]
