@@ -10,6 +10,7 @@ pytestmark = pytest.mark.slow
 llama_cpp = pytest.importorskip("llama_cpp")
 
 
+@pytest.mark.timeout(900)  # trains the quickstart, then three llama.cpp models answer 64 prompts each
 def test_llama_cpp_with_the_exported_adapter_answers_like_deltatune(tmp_path):
     from deltatune.export import export_gguf_adapter
     from deltatune.pretrained import bundled_gguf_path

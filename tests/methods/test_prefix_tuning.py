@@ -132,3 +132,56 @@ def test_encoder_decoder_models_are_refused():
     model = T5ForConditionalGeneration(T5Config(vocab_size=50, d_model=16, d_ff=32, num_layers=1, num_heads=2))
     with pytest.raises(ConfigError, match="encoder-decoder"):
         dt.get_peft_model(model, dt.PrefixTuningConfig(num_virtual_tokens=2))
+
+
+def _tiny_family(family: str):
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    config_cls, model_cls = {"mistral": (MistralConfig, MistralForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[
+        family
+    ]
+    torch.manual_seed(0)
+    return model_cls(
+        config_cls(
+            vocab_size=97,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )  # fmt: skip
+    ).eval()
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_real_token_prefix_on_other_decoder_families(family):
+    base = _tiny_family(family)
+    context, ids = torch.randint(1, 97, (1, 3)), torch.randint(1, 97, (2, 5))
+    cache = base(input_ids=context, use_cache=True).past_key_values
+    pm = dt.get_peft_model(_tiny_family(family), dt.PrefixTuningConfig(num_virtual_tokens=3))
+    pm.load_adapter_tensors("default", {"prompt_embeddings": _table_from_cache(cache, 2)})
+    want = base(input_ids=torch.cat([context.expand(2, -1), ids], dim=1)).logits[:, 3:]
+    torch.testing.assert_close(pm(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
+
+
+def test_roberta_classifier_with_prompts_and_prefixes():
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    torch.manual_seed(0)
+    config = RobertaConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=48, max_position_embeddings=64, num_labels=2)  # fmt: skip
+    ids = torch.randint(3, 97, (2, 6))
+    prompt = dt.get_peft_model(RobertaForSequenceClassification(config).eval(),
+                               dt.PromptTuningConfig(num_virtual_tokens=3, task_type="SEQ_CLS"))  # fmt: skip
+    rows = prompt.adapter_state_dict("default")["prompt_embeddings"]
+    base = prompt.get_base_model()
+    with prompt.disable_adapter():
+        embeds = torch.cat([rows.expand(2, -1, -1), base.get_input_embeddings()(ids)], dim=1)
+        want = base(inputs_embeds=embeds).logits
+    torch.testing.assert_close(prompt(input_ids=ids).logits, want, rtol=1e-5, atol=1e-6)
+    prefix = dt.get_peft_model(RobertaForSequenceClassification(config).eval(),
+                               dt.PrefixTuningConfig(num_virtual_tokens=3, task_type="SEQ_CLS"))  # fmt: skip
+    out = prefix(input_ids=ids, labels=torch.tensor([0, 1]))
+    out.loss.backward()
+    assert out.logits.shape == (2, 2) and all(p.grad is not None for p in prefix.parameters() if p.requires_grad)
