@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from deltatune.errors import CheckpointError
-from deltatune.functional.nf4 import double_dequantize, double_quantize, dynamic_code_8bit, quantize_blockwise_4bit
+from deltatune.functional.nf4 import double_quantize, dynamic_code_8bit, quantize_blockwise_4bit
 from deltatune.quant import Linear4bit, QuantConfig, quantize_model
 from deltatune.quant.bnb_format import is_bnb_4bit_dir, load_bnb_4bit_causal_lm, save_bnb_4bit
 
@@ -62,11 +62,16 @@ def test_four_bit_codes_and_double_quantization_scales_are_bitsandbytes_bytes(qu
     assert torch.equal(packed, theirs.view(-1))
     codes, scale, offset = double_quantize(absmax)
     assert torch.equal(scale, state.state2.absmax) and torch.equal(offset, state.offset)
-    assert (codes == state.absmax).float().mean() > 0.99
-    # where bitsandbytes' bucketed search picked the other neighbour, deltatune's code is never farther
-    ours = (double_dequantize(codes, scale, offset) - absmax).abs()
-    theirs_err = (double_dequantize(state.absmax, scale, offset) - absmax).abs()
-    assert torch.all(ours <= theirs_err + 1e-9)
+    assert torch.equal(codes, state.absmax)  # the 8-bit indices too: bitsandbytes' CPU encoder, bins and all
+
+
+def test_the_8bit_encoder_matches_bitsandbytes_on_a_dense_grid():
+    """2,000,001 evenly spaced values in [-1, 1] as absmax constants: double quantization's indices (of the values
+    minus their mean, per block of 256) equal bitsandbytes' `quantize_blockwise` of the same centred values."""
+    values = torch.linspace(-1, 1, 2_000_001)
+    codes, scale, offset = double_quantize(values)
+    theirs, state = bnb_functional.quantize_blockwise(values - offset, code=dynamic_code_8bit(), blocksize=256)
+    assert torch.equal(scale, state.absmax) and torch.equal(codes, theirs)
 
 
 def test_a_bitsandbytes_checkpoint_loads_bit_exact(tmp_path):

@@ -6,8 +6,8 @@ absmax per block, two values packed per byte, and double quantization of the abs
 Storage per parameter: 4 bits + 32/blocksize bits for fp32 absmax (0.5 bit at blocksize 64). Double quantization
 stores absmax - mean(absmax) in 8 bits, blockwise with one fp32 absmax per 256 constants, on the signed 8-bit
 dynamic code (Dettmers et al. 2022, "8-bit Optimizers via Block-wise Quantization", §2.2: a sign, a run of zero bits
-for the decade, a linear fraction): 8/64 + 32/(64·256) ≈ 0.127 bit. That is bitsandbytes' scheme, byte for byte, so
-its serialized 4-bit checkpoints load here and ours load there.
+for the decade, a linear fraction): 8/64 + 32/(64·256) ≈ 0.127 bit. That is bitsandbytes' scheme, byte for byte
+(its CPU encoder's binning included), so its serialized 4-bit checkpoints load here and ours load there.
 """
 
 from __future__ import annotations
@@ -131,17 +131,34 @@ def _blocks_of(values: Tensor, size: int) -> Tensor:
     return torch.cat([values, values.new_zeros(pad)]).view(-1, size)
 
 
+LUT_BINS = 65536
+
+
+@functools.cache
+def _dynamic_lut(device: torch.device) -> Tensor:
+    """Code index for each of LUT_BINS equal bins of [-1, 1]: the nearest code value to the bin's value (midpoints
+    of neighbours decide, the smaller on a tie), all in float32."""
+    code = dynamic_code_8bit(device)
+    midpoints = 0.5 * (code[:-1] + code[1:])
+    bins = -1.0 + (2.0 * torch.arange(LUT_BINS, dtype=torch.float32, device=device)) / (LUT_BINS - 1)
+    return torch.searchsorted(midpoints, bins, side="left").to(torch.uint8)
+
+
 def double_quantize(absmax: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """absmax (fp32) -> (uint8 indices into the dynamic code, fp32 absmax per 256 constants, fp32 offset = mean):
-    absmax - offset is scaled by 1/(its block's absmax), clamped to [-1, 1] and rounded to the nearest code value
-    (ties to the smaller), bitsandbytes' `quantize_blockwise` exactly."""
+    """absmax (fp32) -> (uint8 indices into the dynamic code, fp32 absmax per 256 constants, fp32 offset = mean).
+
+    absmax - offset is multiplied by 1/(its block's absmax), clamped to [-1, 1], binned to 1/65535 of the range and
+    each bin mapped to its nearest code value: bitsandbytes' CPU `quantize_blockwise`, so the bytes are its bytes (a
+    value within half a bin of a midpoint may take the neighbour; the error stays under half a code gap plus a bin).
+    A block of equal constants (absmax 0) stores index 0, as bitsandbytes does."""
     offset = absmax.mean()
     blocks = _blocks_of(absmax - offset, NESTED_BLOCK)
     scale = blocks.abs().amax(dim=1)
-    normalized = torch.clamp(blocks * (1 / scale)[:, None], -1, 1)
-    normalized = torch.nan_to_num(normalized, nan=0.0)  # an all-equal block (scale 0) stores zeros
-    code = dynamic_code_8bit(absmax.device)
-    codes = _nearest_index(normalized.reshape(-1), code).reshape(-1)
+    inverse = 1.0 / scale
+    normalized = torch.clamp(blocks * inverse[:, None], -1.0, 1.0)
+    bins = ((normalized + 1.0) * 0.5 * (LUT_BINS - 1) + 0.5).to(torch.int64)
+    codes = _dynamic_lut(absmax.device)[bins.clamp(0, LUT_BINS - 1)]
+    codes = torch.where((scale == 0)[:, None], torch.zeros_like(codes), codes).reshape(-1)
     return codes[: absmax.numel()], scale, offset
 
 

@@ -9,10 +9,8 @@ blocksize, dtype, shape, nested_blocksize, nested_dtype, nested_offset). `config
 `quantization_config` (quant_method "bitsandbytes", load_in_4bit, bnb_4bit_*).
 
 Decoding is bitsandbytes' arithmetic (code[q] · absmax, absmax = code8[a] · nested_absmax + offset, float32), so a
-loaded model's weights equal bitsandbytes' dequantization bit for bit. Encoding: the 4-bit codes and the
-double-quantization scales are bitsandbytes' bytes; the 8-bit absmax indices are the nearest code values, where
-bitsandbytes' CPU search (a bucketed lookup) returns the other neighbour for a small fraction of values (both decode
-the same way; deltatune's choice is never farther from the true absmax).
+loaded model's weights equal bitsandbytes' dequantization bit for bit; encoding is its CPU encoder's (4-bit codes,
+8-bit absmax indices, scales, offset), so a weight quantized here is bitsandbytes' bytes.
 """
 
 from __future__ import annotations
