@@ -107,9 +107,12 @@ class AdaptedAttention(AdapterLayer):
         if not names:
             return out
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        rotary = kwargs.get("position_embeddings")
+        if rotary is None and len(args) > 1 and isinstance(args[1], tuple):  # (cos, sin) passed by position
+            rotary = args[1]
         attended = out[0] if isinstance(out, tuple) else out
         for name in names:
-            attended = attended + self._prompt_term(name, hidden, kwargs.get("position_embeddings"))
+            attended = attended + self._prompt_term(name, hidden, rotary)
         return (attended, *out[1:]) if isinstance(out, tuple) else attended
 
     def _prompt_term(self, name: str, hidden: Tensor, rotary: tuple[Tensor, Tensor] | None) -> Tensor:
