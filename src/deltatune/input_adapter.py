@@ -20,24 +20,24 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from deltatune.errors import AdapterError, ConfigError, MergeError
-from deltatune.layers import AdapterLayer
+from deltatune.errors import AdapterError, ConfigError
+from deltatune.layers import AdapterLayer, Unmergeable
 
 IGNORE_INDEX = -100
 """Label of positions left out of the loss (transformers' convention)."""
 
-_NOT_MERGEABLE = (
-    "an input adapter adds virtual tokens or key/value prefixes to each call, not a change of weights: it cannot be "
-    "merged into the model; keep it as an adapter."
-)
 
-
-class InputAdapter(AdapterLayer):
+class InputAdapter(Unmergeable, AdapterLayer):
     """The model's input embedding plus, per adapter, what that adapter feeds the model.
 
     Subclasses implement `add_adapter` and `prepare(name, call, generating)`, which rewrites the call's keyword
     arguments in place and returns how many leading columns of `generate()`'s output are placeholders.
     """
+
+    merge_refusal = (
+        "an input adapter adds virtual tokens or key/value prefixes to each call, not a change of weights: it cannot "
+        "be merged into the model; keep it as an adapter."
+    )
 
     rows_independent = False  # virtual tokens change the sequence of the whole batch
 
@@ -58,16 +58,6 @@ class InputAdapter(AdapterLayer):
     def prepare(self, name: str, call: dict[str, Any], generating: bool, model: nn.Module) -> int:
         """Rewrite `call` (the keyword arguments of one forward / generate) for adapter `name`; return the number of
         placeholder columns `generate()`'s output starts with."""
-
-    def compose(self, name: str, weight: Tensor) -> Tensor:
-        raise MergeError(_NOT_MERGEABLE)
-
-    def decompose(self, name: str, weight: Tensor) -> Tensor:
-        raise MergeError(_NOT_MERGEABLE)
-
-    @property
-    def base_weight(self) -> Tensor:
-        raise MergeError(_NOT_MERGEABLE)  # merging asks for the weight first
 
 
 def input_embedding_target(model: nn.Module, config: Any) -> list[str]:

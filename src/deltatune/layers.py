@@ -342,6 +342,24 @@ def exact_restore_record(original: Tensor, recovered: Tensor) -> dict[str, Tenso
     return {"index": index, "value": original.reshape(-1)[index.long()].clone()}
 
 
+class Unmergeable:
+    """Mixin (before `AdapterLayer`) for wrappers whose change is not a weight change (edits of hidden states,
+    virtual tokens, prompt attention): merging, and the base weight it starts from, raise `MergeError` with the
+    method's `merge_refusal`."""
+
+    merge_refusal: str = "this adapter cannot be merged into the weights."
+
+    def compose(self, name: str, weight: Tensor) -> Tensor:
+        raise MergeError(self.merge_refusal)
+
+    def decompose(self, name: str, weight: Tensor) -> Tensor:
+        raise MergeError(self.merge_refusal)
+
+    @property
+    def base_weight(self) -> Tensor:
+        raise MergeError(self.merge_refusal)  # merging asks for the weight first
+
+
 class TrainableCopy(nn.Module):
     """`modules_to_save`: a trainable copy of a module per adapter; the original stays frozen and is used when disabled.
 

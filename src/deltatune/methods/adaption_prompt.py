@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deltatune.config import AdapterConfig
-from deltatune.errors import ConfigError, MergeError
-from deltatune.layers import AdapterLayer, module_device
+from deltatune.errors import ConfigError
+from deltatune.layers import AdapterLayer, Unmergeable, module_device
 from deltatune.models import arch_for, find_layer_list, model_type_of
 from deltatune.registry import MethodSpec, register_method
 
@@ -74,14 +74,13 @@ def gated_prompt_attention(
     return weights @ prompt_values.to(query.dtype)
 
 
-_NOT_MERGEABLE = (
-    "an adaption prompt adds its own attention over prompt tokens, not a change of weights: it cannot be merged "
-    "into the model; keep it as an adapter."
-)
-
-
-class AdaptedAttention(AdapterLayer):
+class AdaptedAttention(Unmergeable, AdapterLayer):
     """An attention module whose output gains each active adapter's gated prompt attention."""
+
+    merge_refusal = (
+        "an adaption prompt adds its own attention over prompt tokens, not a change of weights: it cannot be merged "
+        "into the model; keep it as an adapter."
+    )
 
     adapter_param_names = ("adaption_prompt", "adaption_gate")
     adapter_other_names = ("projection_names",)
@@ -131,16 +130,6 @@ class AdaptedAttention(AdapterLayer):
         keys, values = (t.repeat_interleave(repeat, dim=1).expand(batch, -1, -1, -1) for t in (keys, values))
         attended = gated_prompt_attention(query, keys, values, self.adaption_gate[name])
         return o_proj(attended.transpose(1, 2).reshape(batch, length, -1))
-
-    def compose(self, name: str, weight: Tensor) -> Tensor:
-        raise MergeError(_NOT_MERGEABLE)
-
-    def decompose(self, name: str, weight: Tensor) -> Tensor:
-        raise MergeError(_NOT_MERGEABLE)
-
-    @property
-    def base_weight(self) -> Tensor:
-        raise MergeError(_NOT_MERGEABLE)
 
 
 def _projections(model_type: str | None) -> tuple[str, tuple[str, str, str, str]]:

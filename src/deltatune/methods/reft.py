@@ -31,9 +31,9 @@ from torch import Tensor, nn
 from torch.nn.utils.parametrize import register_parametrization
 
 from deltatune.config import AdapterConfig
-from deltatune.errors import AdapterError, ConfigError, MergeError
+from deltatune.errors import AdapterError, ConfigError
 from deltatune.functional.reft import direft, loreft, orthonormal_rows, parse_positions, position_masks
-from deltatune.layers import AdapterLayer, module_device
+from deltatune.layers import AdapterLayer, Unmergeable, module_device
 from deltatune.models import arch_for, last_linear_width
 from deltatune.registry import MethodSpec, register_method
 
@@ -106,12 +106,6 @@ def _block_width(block: nn.Module) -> int:
     return width
 
 
-_NOT_MERGEABLE = (
-    "a ReFT intervention edits hidden states at chosen positions only: it cannot be folded into the weights; keep "
-    "it unmerged (a few small matmuls on the prompt's first and last tokens)."
-)
-
-
 class OrthonormalRows(nn.Module):
     """Parametrization keeping a (r, d) weight's rows orthonormal (`orthonormal_rows` of the stored matrix). Unlike
     torch's `orthogonal` with its trivialization, it stores nothing but the (r, d) matrix: no (d, d) buffer."""
@@ -157,8 +151,13 @@ class Intervention(nn.Module):
         return h + self.dropout(edited - h)
 
 
-class ReftBlock(AdapterLayer):
+class ReftBlock(Unmergeable, AdapterLayer):
     """A block whose output hidden states get each active adapter's interventions at this call's positions."""
+
+    merge_refusal = (
+        "a ReFT intervention edits hidden states at chosen positions only: it cannot be folded into the weights; keep "
+        "it unmerged (a few small matmuls on the prompt's first and last tokens)."
+    )
 
     adapter_param_names = ("reft_interventions",)
     adapter_other_names = ("reft_positions",)
@@ -211,16 +210,6 @@ class ReftBlock(AdapterLayer):
                 edited = module(rows.to(module.learned_source.weight.dtype)).to(hidden.dtype)
                 hidden = hidden.index_put((mask,), edited)
         return hidden
-
-    def compose(self, name: str, weight: Tensor) -> Tensor:
-        raise MergeError(_NOT_MERGEABLE)
-
-    def decompose(self, name: str, weight: Tensor) -> Tensor:
-        raise MergeError(_NOT_MERGEABLE)
-
-    @property
-    def base_weight(self) -> Tensor:
-        raise MergeError(_NOT_MERGEABLE)  # merging asks for the weight first; a block has none
 
 
 @contextlib.contextmanager
