@@ -21,7 +21,6 @@ import torch
 from torch import Tensor, nn
 from transformers import DynamicCache
 
-from deltatune import io
 from deltatune.errors import AdapterError, ConfigError
 from deltatune.input_adapter import (
     InputAdapter,
@@ -33,10 +32,15 @@ from deltatune.input_adapter import (
     prepend_placeholders,
 )
 from deltatune.layers import module_device
-from deltatune.methods.prompt_learning import PromptLearningConfig, fill_from_model, model_sizes
+from deltatune.methods.prompt_learning import (
+    PromptLearningConfig,
+    TrainedTable,
+    fill_from_model,
+    loaded_table,
+    model_sizes,
+    saved_table,
+)
 from deltatune.registry import MethodSpec, register_method
-
-SAVED_KEY = "prompt_embeddings"
 
 
 @dataclass
@@ -58,17 +62,6 @@ class PrefixTuningConfig(PromptLearningConfig):
         super().__post_init__()
         if self.init_weights not in (None, "zero"):
             raise ConfigError(f'init_weights must be None or "zero", got {self.init_weights!r}.')
-
-
-class PrefixTable(nn.Module):
-    """The (n, L·2·w) prefix table, trained as it is."""
-
-    def __init__(self, weight: Tensor) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(weight)
-
-    def forward(self) -> Tensor:
-        return self.weight
 
 
 class PrefixProjection(nn.Module):
@@ -108,22 +101,17 @@ class KeyValuePrefixes(InputAdapter):
         if config.prefix_projection and not config.inference_mode:
             module = PrefixProjection(n, d, config.encoder_hidden_size or d, width, zero, device)
         else:
-            module = PrefixTable(torch.zeros(n, width, device=device) if zero else torch.randn(n, width, device=device))
+            module = TrainedTable(
+                torch.zeros(n, width, device=device) if zero else torch.randn(n, width, device=device)
+            )
         self.prefix_key_values[name] = module
         self.prefix_shape[name] = (layers, heads, d // heads)
 
     def adapter_state(self, name: str) -> dict[str, Tensor]:
-        if name not in self.prefix_key_values:
-            return {}
-        module = self.prefix_key_values[name]
-        table = module.weight if isinstance(module, PrefixTable) else module().detach()
-        return {io.ROOT_MARK + SAVED_KEY: table}  # a projection is saved folded into its output, as peft does
+        return saved_table(self.prefix_key_values[name]) if name in self.prefix_key_values else {}
 
-    @torch.no_grad()
     def load_adapter_state(self, name: str, tensors: dict[str, Tensor]) -> None:
-        table = tensors[io.ROOT_MARK + SAVED_KEY]
-        weight = next(self.prefix_key_values[name].parameters())
-        self.prefix_key_values[name] = PrefixTable(table.to(device=weight.device, dtype=weight.dtype).clone())
+        self.prefix_key_values[name] = loaded_table(tensors, self.prefix_key_values[name])
 
     def prepare(self, name: str, call: dict[str, Any], generating: bool, model: nn.Module) -> int:
         table = self.prefix_key_values[name]()

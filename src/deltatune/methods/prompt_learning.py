@@ -6,10 +6,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
+from deltatune import io
 from deltatune.config import AdapterConfig
 from deltatune.errors import ConfigError
+
+SAVED_KEY = "prompt_embeddings"
+"""peft's one key for these methods' tensors, at the top of the file."""
 
 _MODULE_FIELDS = ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern")
 """Base fields about which modules to wrap: meaningless for virtual tokens (peft's prompt configs lack them)."""
@@ -113,3 +118,29 @@ def fill_from_model(config: PromptLearningConfig, model: nn.Module) -> PromptLea
         num_layers=config.num_layers or sizes.layers,
         num_transformer_submodules=1,
     )
+
+
+class TrainedTable(nn.Module):
+    """A table of rows (virtual token embeddings, or key/value prefixes) trained as it is."""
+
+    def __init__(self, weight: Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+
+    def forward(self) -> Tensor:
+        return self.weight
+
+
+def saved_table(source: nn.Module) -> dict[str, Tensor]:
+    """What an adapter whose rows come from `source` saves: the table itself, or a reparameterization's output
+    (P-tuning's encoder, a prefix projection), folded as peft saves it."""
+    rows = source.weight if isinstance(source, TrainedTable) else source().detach()
+    return {io.ROOT_MARK + SAVED_KEY: rows}
+
+
+@torch.no_grad()
+def loaded_table(tensors: dict[str, Tensor], source: nn.Module) -> TrainedTable:
+    """The saved table as the adapter's new source, on `source`'s device and in its dtype (a loaded adapter is its
+    table, whatever produced it while training)."""
+    like = next(source.parameters())
+    return TrainedTable(tensors[io.ROOT_MARK + SAVED_KEY].to(device=like.device, dtype=like.dtype).clone())

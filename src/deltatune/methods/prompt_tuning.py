@@ -20,14 +20,18 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from deltatune import io
 from deltatune.errors import ConfigError
 from deltatune.input_adapter import InputAdapter, input_call, input_embedding_target, prepend_virtual_tokens
 from deltatune.layers import module_device
-from deltatune.methods.prompt_learning import PromptLearningConfig, fill_from_model
+from deltatune.methods.prompt_learning import (
+    SAVED_KEY,
+    PromptLearningConfig,
+    TrainedTable,
+    fill_from_model,
+    loaded_table,
+    saved_table,
+)
 from deltatune.registry import MethodSpec, register_method
-
-SAVED_KEY = "prompt_embeddings"
 
 
 @dataclass
@@ -86,17 +90,6 @@ class PromptEncoderConfig(PromptLearningConfig):
             raise ConfigError(f"encoder_dropout must be in [0, 1), got {self.encoder_dropout}.")
 
 
-class VirtualTokenTable(nn.Module):
-    """An (n, d) table of virtual token embeddings, trained as it is."""
-
-    def __init__(self, weight: Tensor) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(weight)
-
-    def forward(self) -> Tensor:
-        return self.weight
-
-
 class PromptEncoder(nn.Module):
     """P-tuning's encoder: (n, d) trainable inputs -> an MLP, or a bidirectional LSTM then an MLP -> (n, d)."""
 
@@ -138,18 +131,10 @@ class VirtualTokens(InputAdapter):
         self.prompt_embeddings[name] = source(self.base_layer, module_device(self.base_layer))
 
     def adapter_state(self, name: str) -> dict[str, Tensor]:
-        if name not in self.prompt_embeddings:
-            return {}
-        module = self.prompt_embeddings[name]
-        rows = module.weight if isinstance(module, VirtualTokenTable) else module().detach()
-        return {io.ROOT_MARK + SAVED_KEY: rows}  # an encoder is saved folded into its output, as peft does
+        return saved_table(self.prompt_embeddings[name]) if name in self.prompt_embeddings else {}
 
-    @torch.no_grad()
     def load_adapter_state(self, name: str, tensors: dict[str, Tensor]) -> None:
-        rows = tensors[io.ROOT_MARK + SAVED_KEY]
-        old = self.prompt_embeddings[name]
-        dtype = old.weight.dtype if isinstance(old, VirtualTokenTable) else old.embedding.dtype
-        self.prompt_embeddings[name] = VirtualTokenTable(rows.to(device=_device_of(old), dtype=dtype).clone())
+        self.prompt_embeddings[name] = loaded_table(tensors, self.prompt_embeddings[name])
 
     def prepare(self, name: str, call: dict[str, Any], generating: bool, model: nn.Module) -> int:
         rows = self.prompt_embeddings[name]()
@@ -157,10 +142,6 @@ class VirtualTokens(InputAdapter):
         if placeholders:
             self.pending_rows = rows
         return placeholders
-
-
-def _device_of(module: nn.Module) -> torch.device:
-    return next(module.parameters()).device
 
 
 def _check_width(embedding: nn.Module, config: PromptLearningConfig) -> int:
@@ -188,7 +169,7 @@ def _initial_rows(config: PromptTuningConfig, embedding: nn.Module, device) -> T
 
 
 def prompt_tuning_kwargs(config: PromptTuningConfig, module_path: str) -> dict[str, Any]:
-    return {"source": lambda embedding, device: VirtualTokenTable(_initial_rows(config, embedding, device))}
+    return {"source": lambda embedding, device: TrainedTable(_initial_rows(config, embedding, device))}
 
 
 def p_tuning_kwargs(config: PromptEncoderConfig, module_path: str) -> dict[str, Any]:
