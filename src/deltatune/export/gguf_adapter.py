@@ -38,6 +38,18 @@ def llama_permute(rows: torch.Tensor, n_head: int, n_head_kv: int | None = None)
     return rows.reshape(n_head, 2, shape[0] // n_head // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
 
 
+def gguf_row_order(rows: torch.Tensor, module: str, family: str, config: dict) -> torch.Tensor:
+    """`rows` (a weight, ΔW or LoRA's B) of the module named `module` in llama.cpp's row order: q and k of the families
+    it permutes for its rotary layout (`config`: the model's config as a dict), others as they are."""
+    if family not in _PERMUTED:
+        return rows
+    if module.endswith("q_proj"):
+        return llama_permute(rows, config["num_attention_heads"])
+    if module.endswith("k_proj"):
+        return llama_permute(rows, config["num_attention_heads"], config.get("num_key_value_heads"))
+    return rows
+
+
 def require_gguf():
     """The `gguf` package, or an error saying how to get it (an optional extra)."""
     try:
@@ -112,10 +124,7 @@ def export_gguf_adapter(
         scale = lora_module_scale(config, module)
         a = tensors[f"{module}.lora_A.weight"].float()
         b = tensors[f"{module}.lora_B.weight"].float() * (scale * ranks[module] / alpha)
-        if family in _PERMUTED and module.endswith("q_proj"):
-            b = llama_permute(b, base["num_attention_heads"])
-        elif family in _PERMUTED and module.endswith("k_proj"):
-            b = llama_permute(b, base["num_attention_heads"], base.get("num_key_value_heads"))
+        b = gguf_row_order(b, module, family, base)
         for suffix, value in ((".lora_a", a), (".lora_b", b)):
             _add(writer, target + suffix, value, outtype)
     writer.write_header_to_file()

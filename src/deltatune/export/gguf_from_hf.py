@@ -111,7 +111,8 @@ def export_gguf_from_hf(
 ) -> Path:
     """Write the model in `model_dir` (with the adapter in `adapter_dir` merged in, if given) to the GGUF `out`, and
     an Ollama `Modelfile` beside it."""
-    from deltatune.export.gguf_adapter import _ARCHS, _PERMUTED, llama_permute, require_gguf
+    from deltatune.export.gguf_adapter import _ARCHS, gguf_row_order, require_gguf
+    from deltatune.export.gguf_merged import finish_model_file
     from deltatune.model import PeftModel
     from deltatune.pretrained import load_causal_lm
 
@@ -135,21 +136,16 @@ def export_gguf_from_hf(
     writer.add_file_type({"f32": 0, "f16": 1, "bf16": 32, "q8_0": 7}[outtype])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _add_tokenizer(writer, gguf, model_dir, tokenizer, config.vocab_size)
-    tied = bool(getattr(config, "tie_word_embeddings", False))
+    tied, config_dict = bool(getattr(config, "tie_word_embeddings", False)), config.to_dict()
     for name, tensor in model.state_dict().items():
         if tied and name.startswith("lm_head."):
             continue  # llama.cpp uses token_embd for a model without output.weight
         target = names.get_name(name, try_suffixes=(".weight", ".bias"))
         if target is None:
             raise ConfigError(f"{name}: no GGUF tensor name for it in gguf's map of {family!r}.")
-        if family in _PERMUTED and name.endswith(("q_proj.weight", "k_proj.weight")):
-            kv = getattr(config, "num_key_value_heads", None) if "k_proj" in name else None
-            tensor = llama_permute(tensor, config.num_attention_heads, kv)
+        module, _, leaf = name.rpartition(".")
+        if leaf == "weight":
+            tensor = gguf_row_order(tensor, module, family, config_dict)
         data, kind = _tensor_data(tensor, outtype, gguf)
         writer.add_tensor(target, data, raw_dtype=kind)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    (out.parent / "Modelfile").write_text(f"FROM ./{out.name}\n# the chat template is read from the GGUF's metadata\n")
-    return out
+    return finish_model_file(writer, out)

@@ -55,7 +55,7 @@ def _encode(values: np.ndarray, outtype: str, source_type):
 
 def export_gguf_merged(gguf_path: str | Path, adapter_dir: str | Path, out: str | Path, outtype: str = "f16") -> Path:
     """Write `gguf_path` with the adapter in `adapter_dir` merged into `out`, and an Ollama `Modelfile` beside it."""
-    from deltatune.export.gguf_adapter import _ARCHS, _PERMUTED, llama_permute, require_gguf
+    from deltatune.export.gguf_adapter import _ARCHS, gguf_row_order, require_gguf
 
     gguf = require_gguf()
 
@@ -88,9 +88,7 @@ def export_gguf_merged(gguf_path: str | Path, adapter_dir: str | Path, out: str 
             writer.add_tensor(tensor.name, tensor.data, raw_dtype=tensor.tensor_type)  # untouched, byte for byte
             continue
         hf_name, delta = by_gguf.pop(tensor.name)
-        if family in _PERMUTED and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
-            kv = config.get("num_key_value_heads") if "k_proj" in hf_name else None
-            delta = llama_permute(delta, config["num_attention_heads"], kv)
+        delta = gguf_row_order(delta, hf_name.removesuffix(".weight"), family, config)
         weight = torch.from_numpy(gguf.quants.dequantize(tensor.data, tensor.tensor_type).copy()).float()
         merged = (weight.reshape(delta.shape) + delta.float()).numpy()
         data, kind = _encode(merged, outtype, tensor.tensor_type)
@@ -98,6 +96,11 @@ def export_gguf_merged(gguf_path: str | Path, adapter_dir: str | Path, out: str 
     if by_gguf:
         missing = next(iter(by_gguf))
         raise ConfigError(f"{len(by_gguf)} adapted weights have no tensor in {gguf_path.name}, e.g. {missing}.")
+    return finish_model_file(writer, out)
+
+
+def finish_model_file(writer, out: Path) -> Path:
+    """Write the GGUF `writer` holds to `out`, and an Ollama `Modelfile` beside it (`FROM ./<file>`)."""
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
