@@ -22,12 +22,15 @@ def perturb_trainable(model: nn.Module, seed: int = 3, scale: float = 0.1) -> No
                 param.add_(torch.randn(param.shape, generator=g) * scale)
 
 
-def tiny_llama(tied: bool = False) -> nn.Module:
-    """A 2-block LLaMA; `tied`: the output head shares the embedding's weight."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny_decoder(family: str = "llama", tied: bool = False) -> nn.Module:
+    """A 2-block decoder of a LLaMA-like family ("llama", "mistral", "qwen2": Qwen2 adds q/k/v biases) with grouped
+    query attention (4 heads, 2 key/value heads); `tied`: the output head shares the embedding's weight."""
+    import transformers
 
+    names = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[family]
+    config_cls, model_cls = getattr(transformers, f"{names}Config"), getattr(transformers, f"{names}ForCausalLM")
     torch.manual_seed(0)
-    cfg = LlamaConfig(
+    cfg = config_cls(
         vocab_size=97,
         hidden_size=32,
         intermediate_size=48,
@@ -37,7 +40,12 @@ def tiny_llama(tied: bool = False) -> nn.Module:
         max_position_embeddings=64,
         tie_word_embeddings=tied,
     )
-    return LlamaForCausalLM(cfg).eval()
+    return model_cls(cfg).eval()
+
+
+def tiny_llama(tied: bool = False) -> nn.Module:
+    """A 2-block LLaMA; `tied`: the output head shares the embedding's weight."""
+    return tiny_decoder("llama", tied)
 
 
 def tiny_gpt2() -> nn.Module:

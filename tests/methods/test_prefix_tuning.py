@@ -13,7 +13,7 @@ from transformers.models.bert.modeling_bert import BertSelfAttention
 
 import deltatune as dt
 from deltatune.errors import ConfigError
-from tests.conftest import tiny_bert, tiny_gpt2, tiny_llama
+from tests.conftest import tiny_bert, tiny_decoder, tiny_gpt2, tiny_llama
 
 
 def _table_from_cache(cache, layers: int) -> torch.Tensor:
@@ -134,32 +134,12 @@ def test_encoder_decoder_models_are_refused():
         dt.get_peft_model(model, dt.PrefixTuningConfig(num_virtual_tokens=2))
 
 
-def _tiny_family(family: str):
-    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
-    config_cls, model_cls = {"mistral": (MistralConfig, MistralForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[
-        family
-    ]
-    torch.manual_seed(0)
-    return model_cls(
-        config_cls(
-            vocab_size=97,
-            hidden_size=32,
-            intermediate_size=48,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-        )  # fmt: skip
-    ).eval()
-
-
 @pytest.mark.parametrize("family", ["mistral", "qwen2"])
 def test_real_token_prefix_on_other_decoder_families(family):
-    base = _tiny_family(family)
+    base = tiny_decoder(family)
     context, ids = torch.randint(1, 97, (1, 3)), torch.randint(1, 97, (2, 5))
     cache = base(input_ids=context, use_cache=True).past_key_values
-    pm = dt.get_peft_model(_tiny_family(family), dt.PrefixTuningConfig(num_virtual_tokens=3))
+    pm = dt.get_peft_model(tiny_decoder(family), dt.PrefixTuningConfig(num_virtual_tokens=3))
     pm.load_adapter_tensors("default", {"prompt_embeddings": _table_from_cache(cache, 2)})
     want = base(input_ids=torch.cat([context.expand(2, -1), ids], dim=1)).logits[:, 3:]
     torch.testing.assert_close(pm(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
