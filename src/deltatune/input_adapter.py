@@ -108,22 +108,28 @@ def drop_columns(outputs: Any, n: int) -> Any:
     return outputs
 
 
-def call_rows(call: dict[str, Any]) -> tuple[int, torch.device]:
-    """(batch size, device) of a call, from its ids or embeddings."""
+def call_input(call: dict[str, Any]) -> Tensor:
+    """The call's input: its ids (`input_ids`, or generate's `inputs`) or its embeddings."""
     tokens = next((call[k] for k in ("input_ids", "inputs", "inputs_embeds") if call.get(k) is not None), None)
     if tokens is None:
         raise AdapterError("the call has neither input_ids nor inputs_embeds: virtual tokens need an input.")
+    return tokens
+
+
+def call_rows(call: dict[str, Any]) -> tuple[int, torch.device]:
+    """(batch size, device) of a call, from its ids or embeddings."""
+    tokens = call_input(call)
     return tokens.shape[0], tokens.device
 
 
 def extend_mask(call: dict[str, Any], n: int) -> None:
     """Attend to n more leading positions: the attention mask gets n ones in front (made whole-ones if absent)."""
-    batch, device = call_rows(call)
+    tokens = call_input(call)
     mask = call.get("attention_mask")
     if mask is None:
-        tokens = next(call[k] for k in ("input_ids", "inputs", "inputs_embeds") if call.get(k) is not None)
-        mask = torch.ones(tokens.shape[:2], dtype=torch.long, device=device)
-    call["attention_mask"] = torch.cat([torch.ones(batch, n, dtype=mask.dtype, device=device), mask], dim=1)
+        mask = torch.ones(tokens.shape[:2], dtype=torch.long, device=tokens.device)
+    front = torch.ones(tokens.shape[0], n, dtype=mask.dtype, device=tokens.device)
+    call["attention_mask"] = torch.cat([front, mask], dim=1)
 
 
 def prepend_virtual_tokens(call: dict[str, Any], rows: Tensor, generating: bool, model: nn.Module) -> int:
