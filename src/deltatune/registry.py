@@ -141,19 +141,25 @@ class MethodSpec:
         return None
 
 
-@contextlib.contextmanager
 def call_context(
     specs: list[MethodSpec], model: nn.Module, args: tuple, kwargs: dict[str, Any], generating: bool
+) -> contextlib.AbstractContextManager[Callable[[Any], Any] | None]:
+    """The methods' contexts around one forward / generate call (`MethodSpec.input_context`); it yields the
+    composition of the functions they yield for `generate()`'s output (None if none does). Methods without a
+    context (most) cost a no-op on this hot path."""
+    with_context = [spec for spec in specs if spec.input_context is not None]
+    if not with_context:
+        return contextlib.nullcontext()
+    with_context.sort(key=lambda spec: spec.kind != "input")  # the input first: others see the whole input
+    return _entered(with_context, model, args, kwargs, generating)
+
+
+@contextlib.contextmanager
+def _entered(
+    specs: list[MethodSpec], model: nn.Module, args: tuple, kwargs: dict[str, Any], generating: bool
 ) -> Iterator[Callable[[Any], Any] | None]:
-    """The methods' contexts around one forward / generate call (`MethodSpec.input_context`); yields the composition
-    of the functions they yield for `generate()`'s output (None if none does)."""
-    ordered = sorted(specs, key=lambda spec: spec.kind != "input")  # the input first: others see the whole input
     with contextlib.ExitStack() as stack:
-        finishers = [
-            stack.enter_context(spec.input_context(model, args, kwargs, generating))
-            for spec in ordered
-            if spec.input_context is not None
-        ]
+        finishers = [stack.enter_context(spec.input_context(model, args, kwargs, generating)) for spec in specs]
         finishers = [f for f in finishers if f is not None]
 
         def finish(outputs: Any) -> Any:
