@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml
 test: setup
 	$(PY) -m ruff check src tests benchmarks scripts
 	$(PY) -m ruff format --check src tests benchmarks scripts
-	$(PY) -m pytest -q -n 2 tests
+	$(PY) -m pytest -q -n 2 --durations=15 tests
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow tests

@@ -136,6 +136,13 @@ def default_model_dir() -> Path:
     return _converted_dir(cache_dir() / "models" / CONVERTED_NAME, bundled_gguf_path)
 
 
+def _is_bundled(path: Path) -> bool:
+    try:
+        return path.resolve() == bundled_gguf_path().resolve()
+    except ConfigError:
+        return False
+
+
 def resolve_model_path(model: str | Path | None) -> Path:
     """ "smollm2"/None -> the bundled model's directory; a .gguf file -> its converted directory; a dir -> itself."""
     if model is None or str(model) == DEFAULT_MODEL:
@@ -144,6 +151,8 @@ def resolve_model_path(model: str | Path | None) -> Path:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ConfigError(f"GGUF file {path} does not exist.")
+        if path.name == GGUF_FILE and _is_bundled(path):  # the bundled file by its path: one conversion, not two
+            return default_model_dir()
         return _converted_dir(cache_dir() / "models" / path.stem, lambda: path)
     if not (path / "config.json").is_file():
         raise ConfigError(

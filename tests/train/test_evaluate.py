@@ -22,8 +22,8 @@ def test_exact_and_contains_answers():
 
 def test_generation_set_scores_each_record_by_its_own_rule():
     records = [{"prompt": "q1", "response": "a"}, {"prompt": "q2", "response": "x|y", "match": "contains"}]
-    assert GenerationSet("s", records).score(["a", "has y in it"], DataConfig()) == 1.0
-    assert GenerationSet("s", records).score(["b", "has y in it"], DataConfig()) == 0.5
+    assert GenerationSet("s", records, 8).score(["a", "has y in it"], DataConfig()) == 1.0
+    assert GenerationSet("s", records, 8).score(["b", "has y in it"], DataConfig()) == 0.5
 
 
 def test_bundled_runs_score_held_out_unseen_phrasings_and_general_questions(tmp_path):

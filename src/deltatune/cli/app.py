@@ -107,11 +107,12 @@ def generate(
     max_new_tokens: Annotated[int, typer.Option()] = 64,
     temperature: Annotated[float, typer.Option(help="0 = greedy")] = 0.0,
     stream: Annotated[bool, typer.Option(help="print tokens as they come")] = True,
+    system: Annotated[str, typer.Option(help="system message; empty: none (as in training: no template default)")] = "",
 ) -> None:
     """Chat-format a prompt and generate (greedy or sampled), optionally with an adapter."""
     from deltatune.cli.generate_cmd import generate_text
 
-    text = generate_text(model, adapter, prompt, max_new_tokens, temperature, stream)
+    text = generate_text(model, adapter, prompt, max_new_tokens, temperature, stream, system)
     if not stream:
         console.print(text)
 

@@ -8,6 +8,7 @@ import torch
 
 from deltatune.model import PeftModel
 from deltatune.pretrained import load_causal_lm
+from deltatune.train.data import render_chat
 
 
 def generate_text(
@@ -17,16 +18,19 @@ def generate_text(
     max_new_tokens: int = 64,
     temperature: float = 0.0,
     stream: bool = False,
+    system: str = "",
 ) -> str:
-    """The assistant's reply; with `stream`, tokens are printed as they are generated."""
+    """The assistant's reply; with `stream`, tokens are printed as they are generated. The prompt is rendered as
+    training renders it (`render_chat`): with `system` as its system turn, and without the chat template's own
+    default system prompt when `system` is empty."""
     from transformers import TextStreamer
 
     lm, tokenizer = load_causal_lm(model)
     if adapter is not None:
         lm = PeftModel.from_pretrained(lm, adapter)
-    inputs = tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
-    )
+    messages = [*([{"role": "system", "content": system}] if system else []), {"role": "user", "content": prompt}]
+    ids = torch.tensor([render_chat(tokenizer, messages, add_generation_prompt=True)])
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
     with torch.no_grad():

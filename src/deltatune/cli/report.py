@@ -19,6 +19,8 @@ def print_train_report(result: TrainResult, console: Console, samples: int = 5) 
     )
     summary.add_row("adapter size", f"{result.adapter_bytes / 1e6:.2f} MB")
     summary.add_row("steps / time", f"{result.steps} steps in {result.seconds:.0f}s")
+    if result.phases:
+        summary.add_row("time per phase", ", ".join(f"{name} {s:.0f}s" for name, s in result.phases.items()))
     if result.losses:
         summary.add_row("train loss", f"{result.losses[0]:.4f} -> {result.losses[-1]:.4f}")
     if result.eval_loss is not None:

@@ -45,6 +45,10 @@ class DataConfig(_Strict):
     response_field: str = "response"
     messages_field: str = "messages"
     """Chat records: a list of {role, content}; the loss covers assistant turns only."""
+    system_prompt: str | None = ""
+    """The system turn of records that have none: "" (the default) none at all, so no tokens are spent on the chat
+    template's own default system prompt (SmolLM2's is ~20 tokens on every example; an empty system turn takes its
+    place); a text: that system message; null: the template's default. Scoring renders prompts the same way."""
     text_field: str = "text"
     """classification: the text of each record."""
     label_field: str = "label"
@@ -118,6 +122,10 @@ class TrainConfig(_Strict):
     generate_eval: int = Field(0, ge=0)
     """Score this many held-out examples by greedy generation (exact match) before and after training."""
     max_new_tokens: int = Field(40, gt=0)
+    """Generation budget of the scored task sets (held-out and extra_eval); a row stops earlier at end of turn."""
+    general_max_new_tokens: int = Field(32, gt=0)
+    """Generation budget of the general questions (data.general_eval): their answers are sentences, and one cut
+    before its fact ("The largest ocean on Earth is the") would count as a miss."""
 
     @model_validator(mode="after")
     def _task_defaults(self) -> TrainConfig:

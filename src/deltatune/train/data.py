@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -93,11 +94,45 @@ def check_records(records: list[dict[str, Any]], cfg: DataConfig, source: str) -
             raise ConfigError(f"{source}: example {n} has no assistant turn to learn from.")
 
 
-def _render(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> list[int]:
+def _inserts_default_system(tokenizer) -> bool:
+    """Whether the chat template puts a system turn of its own before conversations that have none (SmolLM2's
+    "You are a helpful AI assistant named SmolLM, ..."): rendering with a sentinel system message then changes only
+    that default text into the sentinel."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        return False
+    if template not in _DEFAULT_SYSTEM:
+        user = [{"role": "user", "content": "u"}]
+        sentinel = "\x01deltatune-system\x01"
+        try:
+            plain = tokenizer.apply_chat_template(user, tokenize=False)
+            system = [{"role": "system", "content": sentinel}]
+            with_system = tokenizer.apply_chat_template([*system, *user], tokenize=False)
+        except Exception:  # templates that refuse the system role (Gemma's) insert none either
+            _DEFAULT_SYSTEM[template] = False
+            return False
+        head = len(os.path.commonprefix([plain, with_system]))
+        tail = len(os.path.commonprefix([plain[head:][::-1], with_system[head:][::-1]]))
+        _DEFAULT_SYSTEM[template] = with_system[head : len(with_system) - tail] == sentinel and plain != with_system
+    return _DEFAULT_SYSTEM[template]
+
+
+_DEFAULT_SYSTEM: dict[str, bool] = {}
+
+
+def render_chat(
+    tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = False, template_system: bool = False
+) -> list[int]:
+    """Token ids of `messages` in the tokenizer's chat template (plain "role: content" lines without one).
+
+    A conversation without a system turn gets none: where the template would insert its own default system prompt
+    (about 20 tokens on SmolLM2, on every example), an empty system turn takes its place, unless `template_system`.
+    Training, scoring and `deltatune generate` all render this way, so a model is asked as it was taught."""
     if getattr(tokenizer, "chat_template", None):
+        if not template_system and messages and messages[0]["role"] != "system" and _inserts_default_system(tokenizer):
+            messages = [{"role": "system", "content": ""}, *messages]
         out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)
         return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
-    # no chat template: plain "role: content" lines
     text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
     if add_generation_prompt:
         text += "assistant: "
@@ -105,10 +140,14 @@ def _render(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bo
 
 
 def to_messages(record: dict[str, Any], cfg: DataConfig) -> list[dict[str, str]]:
+    """The record as chat messages, after `data.system_prompt` when it is a text and the record has no system turn."""
+    system = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
     if cfg.messages_field in record:
-        return list(record[cfg.messages_field])
+        messages = list(record[cfg.messages_field])
+        return messages if messages and messages[0].get("role") == "system" else [*system, *messages]
     if cfg.prompt_field in record and cfg.response_field in record:
         return [
+            *system,
             {"role": "user", "content": str(record[cfg.prompt_field])},
             {"role": "assistant", "content": str(record[cfg.response_field])},
         ]
@@ -118,15 +157,15 @@ def to_messages(record: dict[str, Any], cfg: DataConfig) -> list[dict[str, str]]
     )
 
 
-def encode(tokenizer, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
-    """(input_ids, labels) with labels = IGNORE outside assistant turns."""
-    ids = _render(tokenizer, messages)
+def encode(tokenizer, messages: list[dict[str, str]], template_system: bool = False) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) with labels = IGNORE outside assistant turns (rendered as `render_chat` does)."""
+    ids = render_chat(tokenizer, messages, template_system=template_system)
     labels = [IGNORE] * len(ids)
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        start = len(_render(tokenizer, messages[:i], add_generation_prompt=True))
-        end = len(_render(tokenizer, messages[: i + 1]))
+        start = len(render_chat(tokenizer, messages[:i], True, template_system))
+        end = len(render_chat(tokenizer, messages[: i + 1], template_system=template_system))
         labels[start:end] = ids[start:end]
     if eos := getattr(tokenizer, "eos_token_id", None):
         if not getattr(tokenizer, "chat_template", None):
@@ -145,7 +184,7 @@ def build_examples(records: list[dict[str, Any]], tokenizer, cfg: DataConfig, so
         raise ConfigError(f"{source} holds no examples.")
     examples = []
     for n, record in enumerate(records):
-        ids, labels = encode(tokenizer, to_messages(record, cfg))
+        ids, labels = encode(tokenizer, to_messages(record, cfg), template_system=cfg.system_prompt is None)
         if len(ids) > cfg.max_length:
             raise ConfigError(
                 f"{source}: example {n} is {len(ids)} tokens, longer than data.max_length="

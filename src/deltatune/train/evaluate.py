@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from deltatune.train.config import DataConfig
-from deltatune.train.data import _render, to_messages
+from deltatune.train.data import render_chat, to_messages
 
 
 def normalized(text: str) -> Any:
@@ -45,6 +45,7 @@ class GenerationSet:
 
     name: str
     records: list[dict[str, Any]]
+    max_new_tokens: int
     before: list[str] = field(default_factory=list)
     after: list[str] = field(default_factory=list)
 
@@ -68,32 +69,36 @@ def generate_for(
     model: nn.Module, tokenizer, records: list[dict[str, Any]], cfg: DataConfig, max_new_tokens: int, device
 ) -> list[str]:
     """Greedy answers to the records' prompts (their last assistant turn left out)."""
-    prompts = [_render(tokenizer, to_messages(r, cfg)[:-1], add_generation_prompt=True) for r in records]
+    template_system = cfg.system_prompt is None
+    prompts = [render_chat(tokenizer, to_messages(r, cfg)[:-1], True, template_system) for r in records]
     return generate_answers(model, tokenizer, prompts, max_new_tokens, device)
 
 
 @torch.no_grad()
 def generate_answers(
-    model: nn.Module, tokenizer, prompts: list[list[int]], max_new_tokens: int, device, batch_size: int = 16
+    model: nn.Module, tokenizer, prompts: list[list[int]], max_new_tokens: int, device, batch_size: int = 32
 ) -> list[str]:
-    """Greedy completions of already-rendered prompts (left-padded batches)."""
+    """Greedy completions of already-rendered prompts, in their order: left-padded batches of prompts of similar
+    length (so padding costs little), with the KV cache; a row stops at the end-of-turn token."""
     model.eval()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    answers = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        width = max(len(p) for p in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+    by_length = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    answers: dict[int, str] = {}
+    for start in range(0, len(by_length), batch_size):
+        rows = by_length[start : start + batch_size]
+        width = max(len(prompts[i]) for i in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
-        for row, p in enumerate(chunk):
-            ids[row, width - len(p) :] = torch.tensor(p)
-            mask[row, width - len(p) :] = 1
+        for row, i in enumerate(rows):
+            ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
+            mask[row, width - len(prompts[i]) :] = 1
         out = model.generate(
             input_ids=ids.to(device),
             attention_mask=mask.to(device),
             max_new_tokens=max_new_tokens,
             do_sample=False,
+            use_cache=True,
             pad_token_id=pad,
         )
-        answers += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
-    return answers
+        answers.update(zip(rows, tokenizer.batch_decode(out[:, width:], skip_special_tokens=True), strict=True))
+    return [answers[i] for i in range(len(prompts))]

@@ -8,6 +8,7 @@ data parallelism compute the same gradient), and, for classification, scoring by
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +36,10 @@ class CausalLMObjective:
         self.extra_inputs: tuple[str, ...] = ()
         """Inputs the adapter's method reads besides the base model's (`PeftModel.input_names`); "prompt_lengths"
         (tokens before each row's first response token, e.g. for ReFT's positions) is the one this objective has."""
+        self.head_on_responses = False
+        """Compute the output head only where a response token is predicted (transformers' boolean `logits_to_keep`):
+        the head of a small LLM is a fifth of its FLOPs and responses are a fifth of the tokens. Set by the trainer for
+        models that take it and methods that add no virtual positions (`head_on_responses_supported`)."""
 
     def check(self, records: list[dict[str, Any]], source: str) -> None:
         check_records(records, self.cfg.data, source)
@@ -59,16 +64,42 @@ class CausalLMObjective:
     def loss_sum(self, model: nn.Module, batch: dict[str, Tensor], precision: str) -> Tensor:
         """Sum of next-token cross-entropies over response tokens (float32)."""
         extra = {name: batch[name] for name in self.extra_inputs if name in batch}
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], **extra}
+        targets = batch["labels"][:, 1:]
+        if self.head_on_responses:
+            predicts = nn.functional.pad(targets != IGNORE, (0, 1))  # position t predicts the label at t + 1
+            with _autocast(batch, precision):
+                logits = model(**inputs, logits_to_keep=predicts).logits
+            if logits.shape[:-1] != (int(predicts.sum()),):
+                shape = tuple(logits.shape)
+                raise RuntimeError(f"the model ignored a boolean logits_to_keep (logits of shape {shape})")
+            return nn.functional.cross_entropy(logits.float(), targets[targets != IGNORE], reduction="sum")
         with _autocast(batch, precision):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra).logits
+            logits = model(**inputs).logits
         logits = logits[:, -batch["labels"].shape[1] :]  # a model may put virtual positions first (peft's outputs)
         return nn.functional.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE, reduction="sum"
+            logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum"
         )
 
     @staticmethod
     def count(batch: dict[str, Tensor]) -> int:
         return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
+def head_on_responses_supported(model: nn.Module) -> bool:
+    """Whether `model`'s forward takes a boolean (batch, positions) `logits_to_keep` (transformers >= 5 models with
+    `slice_logits_to_keep`; earlier versions read a tensor as one list of positions for every row)."""
+    try:
+        from transformers.modeling_utils import slice_logits_to_keep  # noqa: F401
+    except ImportError:
+        return False
+    if hasattr(model, "get_base_model"):  # a PeftModel passes the keyword on to the model it wraps
+        model = model.get_base_model()
+    forward = getattr(model, "forward", None)
+    try:
+        return forward is not None and "logits_to_keep" in inspect.signature(forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 @dataclass

@@ -31,6 +31,14 @@ class TrainProgress:
     def __exit__(self, *exc) -> None:
         self.progress.__exit__(*exc)
 
+    def note(self, train_seconds_left: float, after_seconds: float) -> None:
+        """One line with the time the run still needs, from its first timed steps."""
+        if self.enabled:
+            then = f" + ~{after_seconds:.0f}s of scoring after" if after_seconds >= 1 else ""
+            self.progress.console.print(
+                f"estimate from the first steps: ~{train_seconds_left:.0f}s of training left{then}"
+            )
+
     def update(self, step: int, loss: float, lr: float, tokens_per_s: float) -> None:
         stats = f"loss {loss:.4f}  lr {lr:.2e}  {tokens_per_s:,.0f} tok/s"
         self.progress.update(self.task, completed=step, stats=stats)

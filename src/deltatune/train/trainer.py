@@ -31,7 +31,13 @@ from deltatune.train import checkpoint as ckpt
 from deltatune.train.config import BUNDLED, TrainConfig, adapter_config
 from deltatune.train.data import check_records, read_records, step_indices
 from deltatune.train.evaluate import GenerationSet, generate_for
-from deltatune.train.objectives import CausalLMObjective, ClassificationObjective, eval_loss, objective_for
+from deltatune.train.objectives import (
+    CausalLMObjective,
+    ClassificationObjective,
+    eval_loss,
+    head_on_responses_supported,
+    objective_for,
+)
 from deltatune.train.optim import build_optimizer, build_scheduler
 from deltatune.train.progress import TrainProgress, plot_losses
 
@@ -58,6 +64,9 @@ class TrainResult:
     total: int = 0
     adapter_bytes: int = 0
     seconds: float = 0.0
+    phases: dict[str, float] = field(default_factory=dict)
+    """Wall seconds per phase: "setup" (data, model load, adapter), "score before", "train", "held-out loss",
+    "score after", "save"."""
     model: PeftModel | None = field(default=None, repr=False)
     """The trained model (adapter still separate, active)."""
     rank: int = 0
@@ -142,6 +151,8 @@ def _setup(cfg: TrainConfig, resume: bool, model: nn.Module | None, tokenizer: A
     peft_model = _peft_model(model.to(device), method, cfg.load_adapters)
     if isinstance(objective, CausalLMObjective):  # the objective that knows where prompts end
         objective.extra_inputs = peft_model.input_names
+        adds_positions = get_method(method.peft_type).kind == "input"
+        objective.head_on_responses = not adds_positions and head_on_responses_supported(model)
         if "prompt_lengths" in objective.extra_inputs and cfg.data.packing:
             raise ConfigError(f"{method.peft_type} reads each row's prompt positions; set data.packing=false.")
     if get_method(method.peft_type).kind == "input" and cfg.data.packing:
@@ -350,16 +361,29 @@ def _log(run: _Run, record: dict[str, Any]) -> None:
             fh.write(json.dumps(record) + "\n")
 
 
-def _loop(run: _Run, console: Console) -> None:
+ESTIMATE_AFTER = 3
+"""Steps timed (after the first, which warms up) before the run prints how long its training will take."""
+
+
+def _loop(run: _Run, console: Console, after: float = 0.0) -> None:
+    """The training steps; after the first few, an estimate of the time left (`after`: seconds still to come once
+    the steps are done, e.g. scoring after training)."""
     cfg = run.cfg
+    timed: list[float] = []
     with TrainProgress(console, cfg.optim.steps, run.start_step, enabled=run.is_main) as progress:
         for step in range(run.start_step, cfg.optim.steps):
             t0 = time.perf_counter()
             loss, tokens = _train_step(run, step)
             run.losses.append(loss)
-            tok_s = tokens * run.world / (time.perf_counter() - t0)
+            seconds = time.perf_counter() - t0
+            tok_s = tokens * run.world / seconds
             lr = run.scheduler.get_last_lr()[0]
             progress.update(step + 1, loss, lr, tok_s)
+            if step > run.start_step and len(timed) < ESTIMATE_AFTER:
+                timed.append(seconds)
+                if len(timed) == ESTIMATE_AFTER and step + 1 < cfg.optim.steps:
+                    left = (cfg.optim.steps - step - 1) * sum(timed) / len(timed)
+                    progress.note(left, after)
             if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.optim.steps:
                 _log(run, {"step": step + 1, "loss": loss, "lr": lr, "tokens_per_s": tok_s})
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and run.eval_set:
@@ -388,24 +412,25 @@ def _generation_sets(cfg: TrainConfig, eval_records: list) -> list[GenerationSet
     if cfg.generate_eval <= 0:
         return []
     n = cfg.generate_eval
-    sets = [GenerationSet("held-out", eval_records[:n])] if eval_records else []
+    sets = [GenerationSet("held-out", eval_records[:n], cfg.max_new_tokens)] if eval_records else []
     extra = cfg.data.extra_eval
     if extra is None:
         extra = {"unseen phrasings": f"{BUNDLED}_unseen"} if cfg.data.train == BUNDLED else {}
-    named = [*extra.items(), *([("general questions", cfg.data.general_eval)] if cfg.data.general_eval else [])]
-    for name, source in named:
+    named = [(name, source, cfg.max_new_tokens) for name, source in extra.items()]
+    if cfg.data.general_eval:
+        named.append(("general questions", cfg.data.general_eval, cfg.general_max_new_tokens))
+    for name, source, budget in named:
         records = read_records(source, "test")
         check_records(records, cfg.data, source)
-        sets.append(GenerationSet(name, records[:n]))
+        sets.append(GenerationSet(name, records[:n], budget))
     return sets
 
 
 def _score_all(run: _Run, when: str) -> None:
     """Generate answers for every generation set, stored as its `before` or `after`."""
     for gen_set in run.generation_sets:
-        answers = generate_for(
-            run.model, run.tokenizer, gen_set.records, run.cfg.data, run.cfg.max_new_tokens, run.device
-        )
+        budget = gen_set.max_new_tokens
+        answers = generate_for(run.model, run.tokenizer, gen_set.records, run.cfg.data, budget, run.device)
         setattr(gen_set, when, answers)
     if run.objective.scores_predictions and run.eval_set:
         pad = run.tokenizer.pad_token_id or 0
@@ -446,6 +471,17 @@ def _report_accuracy(run: _Run, result: TrainResult) -> None:
     result.set_samples["held-out accuracy"] = result.samples
 
 
+def _timed(fn: Callable[..., Any], *args: Any) -> float:
+    t0 = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - t0
+
+
+def _final_eval_loss(run: _Run, result: TrainResult) -> None:
+    result.eval_loss = _eval_loss(run)
+    _log(run, {"step": run.cfg.optim.steps, "eval_loss": result.eval_loss})
+
+
 def train(
     cfg: TrainConfig,
     resume: bool = False,
@@ -468,13 +504,15 @@ def train(
         (run.run_dir / "train_config.json").write_text(cfg.model_dump_json(indent=2))
     result = TrainResult(run.run_dir, run.run_dir / "adapter", cfg.optim.steps, run.losses)
     result.trainable, result.total = run.model.get_nb_trainable_parameters()
-    _score_all(run, "before")
+    phases = result.phases
+    phases["setup"] = time.perf_counter() - started
+    phases["score before"] = _timed(_score_all, run, "before")
     with around_loop() if around_loop else contextlib.nullcontext():
-        _loop(run, console)
+        phases["train"] = _timed(_loop, run, console, phases["score before"])
     if run.eval_set:
-        result.eval_loss = _eval_loss(run)
-        _log(run, {"step": cfg.optim.steps, "eval_loss": result.eval_loss})
-    _score_all(run, "after")
+        phases["held-out loss"] = _timed(_final_eval_loss, run, result)
+    phases["score after"] = _timed(_score_all, run, "after")
+    t_save = time.perf_counter()
     _report_scores(run, result)
     state = _full_adapter_state(run)
     if run.is_main:
@@ -483,6 +521,7 @@ def train(
             (result.adapter_dir / "labels.json").write_text(json.dumps(run.objective.labels))
         result.adapter_bytes = (result.adapter_dir / "adapter_model.safetensors").stat().st_size
         plot_losses(run.losses, run.run_dir / "loss.png")
+    phases["save"] = time.perf_counter() - t_save
     if run.world > 1:
         dist.barrier()  # every rank is done with collectives before any process group is torn down
     result.seconds = time.perf_counter() - started

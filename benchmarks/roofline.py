@@ -1,0 +1,133 @@
+"""The quickstart's training step against this machine's matmul peak, measured in one process.
+
+Peak: a square float32 matmul (torch, all threads), the most FLOP/s this CPU gives a dense kernel. Step: the
+quickstart's own run (bundled SmolLM2-135M-Instruct, LoRA r=8 on q,k,v,o, its data, batch 8), its optimizer steps
+timed one by one through the trainer; the two are interleaved round by round so machine noise hits both alike.
+
+Useful FLOPs of a step, counted from its batch (padding counts for nothing):
+- frozen base body, N_body parameters in its linear layers: 2·N_body per token forward, 2·N_body backward (the
+  gradient of each layer's input; frozen weights get none);
+- LoRA, per adapted module of d_in -> d_out: 2·r·(d_in + d_out) forward, twice that backward (input and weight
+  gradients);
+- attention scores and weighted values, causal: 2·t·d per token per layer forward (t = the row's length, on
+  average half of it attended), twice that backward;
+- output head (d x V, tied to the embedding): 2·d·V forward + 2·d·V backward at each position that predicts a
+  response token (the trainer computes it nowhere else).
+Writes benchmarks/results/roofline.md. Run: `python benchmarks/roofline.py --rounds 6`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import median, provenance, spread, verdict, write_results  # noqa: E402
+
+from deltatune.train import load_train_config  # noqa: E402
+from deltatune.train.data import IGNORE  # noqa: E402
+from deltatune.train.trainer import _micro_batches, _setup, _train_step  # noqa: E402
+
+TARGET = 0.70
+PEAK_N = 2048
+
+
+def matmul_flops_per_s() -> float:
+    a, b = torch.randn(PEAK_N, PEAK_N), torch.randn(PEAK_N, PEAK_N)
+    a @ b
+    t = time.perf_counter()
+    for _ in range(4):
+        a @ b
+    return 4 * 2 * PEAK_N**3 / (time.perf_counter() - t)
+
+
+def step_flops(run, step: int) -> tuple[float, int, int, dict[str, float]]:
+    """(useful FLOPs, real tokens, padded tokens) of optimizer step `step`, and the FLOPs by part."""
+    base = run.model.get_base_model()
+    cfg = base.config
+    layers, d, vocab = cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size
+    weights = [(n, p) for n, p in base.named_parameters() if n.startswith("model.layers.") and p.ndim == 2]
+    body = sum(p.numel() for _, p in weights if not p.requires_grad)  # the frozen linear layers
+    lora = sum(p.numel() for _, p in weights if p.requires_grad)  # A (r x d_in) and B (d_out x r) of each module
+    parts = dict.fromkeys(("base body", "LoRA", "attention", "output head"), 0.0)
+    real = padded = 0
+    for batch in _micro_batches(run, step):
+        lengths = batch["attention_mask"].sum(1)
+        tokens = int(lengths.sum())
+        real, padded = real + tokens, padded + batch["attention_mask"].numel()
+        parts["base body"] += 4 * body * tokens
+        parts["LoRA"] += 6 * lora * tokens
+        parts["attention"] += 6 * layers * d * float((lengths.float() ** 2).sum())
+        parts["output head"] += 4 * d * vocab * int((batch["labels"][:, 1:] != IGNORE).sum())
+    return sum(parts.values()), real, padded, parts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=6)
+    args = parser.parse_args()
+    cfg = load_train_config(None, ["output_dir=runs/roofline-bench", "generate_eval=0"])
+    run = _setup(cfg, False, None, None)
+    run.model.train()
+    _train_step(run, 0)  # warm-up (allocator, first-call costs)
+    peaks, steps, shares, tok_s = [], [], [], []
+    for r in range(args.rounds):
+        step = 1 + r
+        peaks.append(matmul_flops_per_s())
+        flops, real, _, _ = step_flops(run, step)
+        t = time.perf_counter()
+        _train_step(run, step)
+        seconds = time.perf_counter() - t
+        steps.append(flops / seconds)
+        tok_s.append(real / seconds)
+        shares.append(steps[-1] / peaks[-1])
+    _, real, padded, parts = step_flops(run, 1)
+    share = median(shares)
+    body = parts["base body"] / (4 * real)
+    results = dict(
+        rounds=args.rounds,
+        matmul_flops_per_s=peaks,
+        step_flops_per_s=steps,
+        share=shares,
+        tokens_per_s=tok_s,
+        flops_by_part_step2=parts,
+        tokens_step2={"real": real, "padded": padded},
+        cpu_capability=torch.backends.cpu.get_cpu_capability(),
+    )
+    lines = [
+        "# Roofline: the quickstart's training step vs this machine's matmul peak",
+        "",
+        *provenance(args.rounds, f"one {PEAK_N}^3 float32 matmul peak measure and one quickstart step per round"),
+        f"- CPU kernels: torch {torch.backends.cpu.get_cpu_capability()}",
+        "",
+        "| measure | median (min-max) |",
+        "|---|---|",
+        f"| matmul peak (GFLOP/s) | {spread([p / 1e9 for p in peaks], '{:.1f}')} |",
+        f"| quickstart step, useful GFLOP/s | {spread([s / 1e9 for s in steps], '{:.1f}')} |",
+        f"| share of peak, per round | {spread(shares, '{:.2f}')} |",
+        f"| quickstart training tokens/s | {spread(tok_s, '{:.0f}')} |",
+        "",
+        f"FLOPs of one step (step 2: {real} tokens in the batch, {padded - real} more of padding; linear weights of "
+        f"the body N_body = {body / 1e6:.1f}M):",
+        "",
+        "| part | GFLOP | share |",
+        "|---|---|---|",
+        *(f"| {k} | {v / 1e9:.1f} | {v / sum(parts.values()):.1%} |" for k, v in parts.items()),
+        "",
+        "## Target",
+        "",
+        "| target | result |",
+        "|---|---|",
+        f"| quickstart step >= {TARGET:.0%} of the measured matmul peak | {verdict(share >= TARGET)} {share:.0%} |",
+    ]
+    write_results("roofline", lines, results)
+
+
+if __name__ == "__main__":
+    Console().print("roofline: loading the bundled model")
+    main()

@@ -1,0 +1,131 @@
+"""Every token counts: no template default system prompt, the output head only where a response is predicted,
+generation batched by length, and the trainer's time per phase and estimate."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import deltatune as dt
+from deltatune.train import load_train_config, train
+from deltatune.train.config import DataConfig
+from deltatune.train.data import IGNORE, Example, build_examples, collate, render_chat
+from deltatune.train.evaluate import generate_answers
+from deltatune.train.objectives import CausalLMObjective, head_on_responses_supported
+from tests.conftest import perturb_trainable, tiny_causal_lm, tiny_tokenizer
+
+# ChatML with SmolLM2's rule: a conversation that does not start with a system turn gets the template's own
+DEFAULT_SYSTEM_TEMPLATE = (
+    "{% for m in messages %}{% if loop.first and m['role'] != 'system' %}<|system|>Be a helpful bot<|end|>"
+    "{% endif %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+REFUSING_TEMPLATE = (  # Gemma's rule: no system role at all
+    "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+)
+USER = [{"role": "user", "content": "hi"}]
+
+
+def _text(tokenizer, ids: list[int]) -> str:
+    return "".join(tokenizer.convert_ids_to_tokens(ids))
+
+
+def test_the_templates_default_system_prompt_is_left_out_unless_asked_for():
+    tok = tiny_tokenizer()
+    tok.chat_template = DEFAULT_SYSTEM_TEMPLATE
+    assert _text(tok, render_chat(tok, USER)) == "<|system|><|end|><|user|>hi<|end|>"
+    default = "<|system|>Be a helpful bot<|end|><|user|>hi<|end|>"
+    assert _text(tok, render_chat(tok, USER, template_system=True)) == default
+    own = [{"role": "system", "content": "Be brief"}, *USER]
+    assert _text(tok, render_chat(tok, own)) == "<|system|>Be brief<|end|><|user|>hi<|end|>"
+
+
+def test_templates_without_a_default_system_prompt_render_as_they_are():
+    for template, want in [(None, "<|user|>hi<|end|>"), (REFUSING_TEMPLATE, "<|user|>hi<|end|>")]:
+        tok = tiny_tokenizer()
+        if template:
+            tok.chat_template = template
+        assert _text(tok, render_chat(tok, USER)) == want
+
+
+def test_data_system_prompt_text_and_null():
+    tok = tiny_tokenizer()
+    tok.chat_template = DEFAULT_SYSTEM_TEMPLATE
+    records = [{"prompt": "hi", "response": "yo"}]
+    text = {
+        setting: _text(tok, build_examples(records, tok, DataConfig(system_prompt=setting), "r")[0].input_ids)
+        for setting in ("", "Be brief", None)
+    }
+    assert text[""] == "<|system|><|end|><|user|>hi<|end|><|assistant|>yo<|end|>"
+    assert text["Be brief"] == "<|system|>Be brief<|end|><|user|>hi<|end|><|assistant|>yo<|end|>"
+    assert text[None] == "<|system|>Be a helpful bot<|end|><|user|>hi<|end|><|assistant|>yo<|end|>"
+
+
+def test_head_on_responses_gives_the_full_logits_loss():
+    """The loss from logits at response positions only equals cross-entropy written out over the full logits."""
+    model = dt.get_peft_model(tiny_causal_lm(40), dt.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    perturb_trainable(model)
+    g = torch.Generator().manual_seed(0)
+    examples = []
+    for length, prompt in [(9, 5), (14, 4), (6, 3)]:
+        ids = torch.randint(3, 40, (length,), generator=g).tolist()
+        examples.append(Example(ids, [IGNORE] * prompt + ids[prompt:]))
+    batch = collate(examples, pad_id=0)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    log_probs = torch.log_softmax(logits.float(), -1)
+    want = torch.zeros(())
+    for row, e in enumerate(examples):
+        for t in range(1, len(e.labels)):
+            if e.labels[t] != IGNORE:
+                want = want - log_probs[row, t - 1, e.labels[t]]
+    objective = CausalLMObjective(load_train_config(None, []))
+    assert head_on_responses_supported(model)
+    objective.head_on_responses = True
+    got = objective.loss_sum(model, batch, "fp32")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    got.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_a_forward_without_logits_to_keep_keeps_the_full_head():
+    class Plain(nn.Module):
+        def forward(self, input_ids, attention_mask=None):
+            return input_ids
+
+    assert not head_on_responses_supported(Plain())
+
+
+def test_generation_in_length_sorted_batches_answers_in_the_prompts_order():
+    tok = tiny_tokenizer()
+    model = tiny_causal_lm(len(tok))
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(6, len(tok), (n,), generator=g).tolist() for n in (7, 3, 12, 5, 9)]
+    alone = [generate_answers(model, tok, [p], 6, "cpu")[0] for p in prompts]
+    assert generate_answers(model, tok, prompts, 6, "cpu", batch_size=2) == alone
+
+
+def test_a_run_reports_its_time_per_phase_and_an_estimate(tiny_model_dir, tmp_path, capsys):
+    from rich.console import Console
+
+    cfg = load_train_config(
+        None,
+        [f"model={tiny_model_dir}", f"output_dir={tmp_path}", "optim.steps=6", "optim.batch_size=2", "generate_eval=2"],
+    )
+    result = train(cfg, console=Console(force_terminal=False, width=200))
+    assert list(result.phases) == ["setup", "score before", "train", "held-out loss", "score after", "save"]
+    assert all(s >= 0 for s in result.phases.values())
+    assert sum(result.phases.values()) <= result.seconds + 1e-6
+    assert "estimate from the first steps" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("steps", [4, 5])
+def test_no_estimate_when_nothing_is_left_to_estimate(tiny_model_dir, tmp_path, capsys, steps):
+    from rich.console import Console
+
+    cfg = load_train_config(
+        None, [f"model={tiny_model_dir}", f"output_dir={tmp_path}", f"optim.steps={steps}", "optim.batch_size=2"]
+    )
+    train(cfg, console=Console(force_terminal=False, width=200))
+    assert ("estimate from the first steps" in capsys.readouterr().out) == (steps > 4)
