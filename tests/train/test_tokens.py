@@ -129,3 +129,71 @@ def test_no_estimate_when_nothing_is_left_to_estimate(tiny_model_dir, tmp_path, 
     )
     train(cfg, console=Console(force_terminal=False, width=200))
     assert ("estimate from the first steps" in capsys.readouterr().out) == (steps > 4)
+
+
+def _examples(vocab: int, shapes: list[tuple[int, int]], seed: int = 0) -> list[Example]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for length, prompt in shapes:
+        ids = torch.randint(3, vocab, (length,), generator=g).tolist()
+        out.append(Example(ids, [IGNORE] * prompt + ids[prompt:]))
+    return out
+
+
+def _written_out_loss(model, examples: list[Example]) -> torch.Tensor:
+    """Σ -log p(response token | its prefix), each example run alone (no padding, no neighbours)."""
+    total = torch.zeros(())
+    for e in examples:
+        log_probs = torch.log_softmax(model(input_ids=torch.tensor([e.input_ids])).logits[0].float(), -1)
+        total = total - sum(log_probs[t - 1, e.labels[t]] for t in range(1, len(e.labels)) if e.labels[t] != IGNORE)
+    return total
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("head_on_responses", [False, True])
+def test_padding_free_rows_give_each_examples_own_loss_and_gradients(family, head_on_responses):
+    from deltatune.train.padding_free import padding_free_supported
+    from tests.conftest import tiny_decoder, tiny_gpt2
+
+    base = tiny_gpt2() if family == "gpt2" else tiny_decoder(family)
+    targets = ["c_attn"] if family == "gpt2" else ["q_proj", "v_proj"]
+    model = dt.get_peft_model(base, dt.LoraConfig(r=4, target_modules=targets)).eval()  # GPT-2 has dropout
+    perturb_trainable(model)
+    assert padding_free_supported(model)
+    examples = _examples(97, [(9, 5), (14, 4), (6, 3), (11, 1)])
+    want = _written_out_loss(model, examples)
+    want.backward()
+    want_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    objective = CausalLMObjective(load_train_config(None, []))
+    objective.padding_free, objective.head_on_responses = True, head_on_responses
+    batch = objective.collate(examples, pad_id=0)
+    assert batch["input_ids"].shape == (1, 40) and objective.count(batch) == 4 + 10 + 3 + 10
+    with objective.training_layout(model):
+        got = objective.loss_sum(model, batch, "fp32")
+        got.backward()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(param.grad, want_grads[name], rtol=1e-4, atol=1e-6)
+    assert model.get_base_model().config._attn_implementation == "sdpa"  # restored after the run's steps
+
+
+def test_a_model_whose_attention_ignores_segments_keeps_padded_rows():
+    from deltatune.train.padding_free import padding_free_supported
+
+    model = tiny_causal_lm(40)
+    model.config._attn_implementation = "flex_attention"  # not routed through the probe's SDPA/eager
+    assert not padding_free_supported(model)
+
+
+def test_the_trainer_trains_padding_free_and_the_same_as_padded(tiny_model_dir, tmp_path):
+    losses = {}
+    for padding_free in (True, False):
+        cfg = load_train_config(
+            None,
+            [f"model={tiny_model_dir}", f"output_dir={tmp_path / str(padding_free)}", "optim.steps=3",
+             "optim.batch_size=3", "method.lora_dropout=0", f"data.padding_free={str(padding_free).lower()}"],
+        )  # fmt: skip
+        losses[padding_free] = train(cfg).losses
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)

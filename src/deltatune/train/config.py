@@ -57,6 +57,11 @@ class DataConfig(_Strict):
     """Examples longer than this (in tokens) are an error, not silently cut."""
     packing: bool = False
     """Concatenate examples into max_length rows (attention stays per row)."""
+    padding_free: bool = True
+    """Each micro-batch as one row of its examples end to end, positions restarting and attention per example: the
+    loss of the padded batch without computing the padding. Used where the model passes a probe of exactly that
+    (transformers models with SDPA or eager attention) and the method reads no per-row prompt positions; padded
+    rows otherwise."""
     extra_eval: dict[str, str] | None = None
     """More held-out sets scored by generation before/after (name -> source, same forms as `eval`). Unset with the
     bundled data: its "unseen phrasings" set (phrasings and instructions that never occur in training)."""

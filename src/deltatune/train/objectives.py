@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from deltatune.errors import ConfigError
 from deltatune.train.config import TrainConfig
 from deltatune.train.data import IGNORE, Example, build_examples, check_records, collate
+from deltatune.train.padding_free import collate_flat, segment_attention
 
 
 def _autocast(batch: dict[str, Tensor], precision: str):
@@ -40,6 +41,9 @@ class CausalLMObjective:
         """Compute the output head only where a response token is predicted (transformers' boolean `logits_to_keep`):
         the head of a small LLM is a fifth of its FLOPs and responses are a fifth of the tokens. Set by the trainer for
         models that take it and methods that add no virtual positions (`head_on_responses_supported`)."""
+        self.padding_free = False
+        """Collate a micro-batch as one row without padding, each example attending to itself only
+        (`train.padding_free`); set by the trainer where `data.padding_free` holds and the model passes the probe."""
 
     def check(self, records: list[dict[str, Any]], source: str) -> None:
         check_records(records, self.cfg.data, source)
@@ -55,6 +59,8 @@ class CausalLMObjective:
         return build_examples(records, tokenizer, self.cfg.data, source)
 
     def collate(self, examples: list[Example], pad_id: int) -> dict[str, Tensor]:
+        if self.padding_free:
+            return collate_flat(examples, IGNORE)
         batch = collate(examples, pad_id)
         if "prompt_lengths" in self.extra_inputs:
             firsts = [next(i for i, label in enumerate(e.labels) if label != IGNORE) for e in examples]
@@ -65,6 +71,9 @@ class CausalLMObjective:
         """Sum of next-token cross-entropies over response tokens (float32)."""
         extra = {name: batch[name] for name in self.extra_inputs if name in batch}
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], **extra}
+        if "segment_lengths" in batch:  # one padding-free row: positions restart and attention stays per example
+            inputs.update(attention_mask=None, position_ids=batch["position_ids"])
+            inputs["segment_lengths"] = batch["segment_lengths"]
         targets = batch["labels"][:, 1:]
         if self.head_on_responses:
             predicts = nn.functional.pad(targets != IGNORE, (0, 1))  # position t predicts the label at t + 1
@@ -84,6 +93,10 @@ class CausalLMObjective:
     @staticmethod
     def count(batch: dict[str, Tensor]) -> int:
         return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+    def training_layout(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        """The context the loss is computed in: per-example attention for padding-free rows."""
+        return segment_attention(model.get_base_model()) if self.padding_free else contextlib.nullcontext()
 
 
 def head_on_responses_supported(model: nn.Module) -> bool:
@@ -157,6 +170,9 @@ class ClassificationObjective:
     @staticmethod
     def count(batch: dict[str, Tensor]) -> int:
         return len(batch["labels"])
+
+    def training_layout(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
 
     @torch.no_grad()
     def predict(self, model: nn.Module, examples: list[Example], pad_id: int, batch_size: int, device) -> list[str]:

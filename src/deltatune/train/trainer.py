@@ -39,6 +39,7 @@ from deltatune.train.objectives import (
     objective_for,
 )
 from deltatune.train.optim import build_optimizer, build_scheduler
+from deltatune.train.padding_free import padding_free_supported
 from deltatune.train.progress import TrainProgress, plot_losses
 
 
@@ -153,6 +154,8 @@ def _setup(cfg: TrainConfig, resume: bool, model: nn.Module | None, tokenizer: A
         objective.extra_inputs = peft_model.input_names
         adds_positions = get_method(method.peft_type).kind == "input"
         objective.head_on_responses = not adds_positions and head_on_responses_supported(model)
+        per_row = adds_positions or "prompt_lengths" in objective.extra_inputs  # the method reads rows as rows
+        objective.padding_free = cfg.data.padding_free and not per_row and padding_free_supported(peft_model)
         if "prompt_lengths" in objective.extra_inputs and cfg.data.packing:
             raise ConfigError(f"{method.peft_type} reads each row's prompt positions; set data.packing=false.")
     if get_method(method.peft_type).kind == "input" and cfg.data.packing:
@@ -507,10 +510,10 @@ def train(
     phases = result.phases
     phases["setup"] = time.perf_counter() - started
     phases["score before"] = _timed(_score_all, run, "before")
-    with around_loop() if around_loop else contextlib.nullcontext():
+    with around_loop() if around_loop else contextlib.nullcontext(), run.objective.training_layout(run.model):
         phases["train"] = _timed(_loop, run, console, phases["score before"])
-    if run.eval_set:
-        phases["held-out loss"] = _timed(_final_eval_loss, run, result)
+        if run.eval_set:
+            phases["held-out loss"] = _timed(_final_eval_loss, run, result)
     phases["score after"] = _timed(_score_all, run, "after")
     t_save = time.perf_counter()
     _report_scores(run, result)
