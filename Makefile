@@ -56,6 +56,7 @@ bench: setup
 	$(PY) benchmarks/merge_exact.py
 	$(PY) benchmarks/classification_methods.py
 	$(PY) benchmarks/plan_vs_measured.py
+	$(PY) benchmarks/roofline.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

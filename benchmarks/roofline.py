@@ -92,8 +92,6 @@ def main() -> None:
         tok_s.append(real / seconds)
         shares.append(steps[-1] / peaks[-1])
     _, real, padded, parts = step_flops(run, 1)
-    share = median(shares)
-    body = parts["base body"] / (4 * real)
     results = dict(
         rounds=args.rounds,
         matmul_flops_per_s=peaks,
@@ -103,13 +101,25 @@ def main() -> None:
         flops_by_part_step2=parts,
         tokens_step2={"real": real, "padded": padded},
         cpu_capability=torch.backends.cpu.get_cpu_capability(),
+        padding_free=run.objective.padding_free,
+        head_on_responses=run.objective.head_on_responses,
     )
-    lines = [
+    write_results("roofline", render(results), results)
+
+
+def render(results: dict) -> list[str]:
+    peaks, steps, shares, tok_s = (
+        results[k] for k in ("matmul_flops_per_s", "step_flops_per_s", "share", "tokens_per_s")
+    )
+    parts, real, padded = results["flops_by_part_step2"], *results["tokens_step2"].values()
+    share = median(shares)
+    body = parts["base body"] / (4 * real)
+    return [
         "# Roofline: the quickstart's training step vs this machine's matmul peak",
         "",
-        *provenance(args.rounds, f"one {PEAK_N}^3 float32 matmul peak measure and one quickstart step per round"),
-        f"- padding-free rows: {run.objective.padding_free}; output head at response positions only: "
-        f"{run.objective.head_on_responses}",
+        *provenance(results["rounds"], f"one {PEAK_N}^3 float32 matmul peak and one quickstart step per round"),
+        f"- padding-free rows: {results['padding_free']}; output head at response positions only: "
+        f"{results['head_on_responses']}",
         f"- CPU kernels: torch {torch.backends.cpu.get_cpu_capability()}",
         "",
         "| measure | median (min-max) |",
@@ -132,7 +142,6 @@ def main() -> None:
         "|---|---|",
         f"| quickstart step >= {TARGET:.0%} of the measured matmul peak | {verdict(share >= TARGET)} {share:.0%} |",
     ]
-    write_results("roofline", lines, results)
 
 
 if __name__ == "__main__":

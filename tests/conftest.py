@@ -6,17 +6,18 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# one intra-op thread per xdist worker: `make test` runs one worker per core, and two workers with a thread per core
+# each oversubscribe the cores (OpenMP threads spin waiting for each other: the suite took 5:07 instead of 1:51)
+WORKER_THREADS = int(os.environ.get("DELTATUNE_TEST_THREADS", "1"))
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    # one intra-op thread per xdist worker: `make test` runs one worker per core, and two workers with a thread per
-    # core each oversubscribe the cores (OpenMP threads spin waiting for each other)
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("OMP_NUM_THREADS", str(WORKER_THREADS))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    torch.set_num_threads(1)
+    torch.set_num_threads(WORKER_THREADS)
 
 
 def perturb_trainable(model: nn.Module, seed: int = 3, scale: float = 0.1) -> None:
