@@ -40,7 +40,7 @@ def _forbidden() -> tuple[set[str], set[str]]:
 
     import deltatune as dt
     from deltatune.config import AdapterConfig
-    from deltatune.methods.lora import LORA_VARIANTS
+    from deltatune.methods.lora_layer import LORA_VARIANTS
     from deltatune.models import ARCHS, linear_types
 
     words = {spec.peft_type.lower() for spec in dt.list_methods()}

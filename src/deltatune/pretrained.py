@@ -185,3 +185,14 @@ def load_causal_lm(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return lm.eval(), tokenizer
+
+
+def export_bnb_4bit(model: str | Path, out: str | Path, quant_type: str = "nf4", double_quant: bool = True) -> None:
+    """Load `model` (a HF dir, a .gguf or "smollm2") straight into 4 bits and write it in bitsandbytes' layout, with
+    its tokenizer."""
+    from deltatune.quant.bnb_format import save_bnb_4bit
+
+    config = QuantConfig(quant_type=quant_type, double_quant=double_quant, compute_dtype="fp32")
+    lm, tokenizer = load_causal_lm(model, quantize=config)
+    save_bnb_4bit(lm, out)
+    tokenizer.save_pretrained(str(out))

@@ -21,7 +21,7 @@ from pathlib import Path
 from deltatune import io
 from deltatune.config import AdapterConfig
 from deltatune.errors import ConfigError
-from deltatune.methods.lora import base_rewriting_init, lora_module_scale
+from deltatune.methods.lora_layer import base_rewriting_init, lora_module_scale
 
 VLLM_MAX_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 SERVERS = ("vllm", "llama.cpp", "sglang")

@@ -8,7 +8,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import deltatune as dt
-from deltatune.methods.lora import LoraLinear, lora_layer_kwargs
+from deltatune.methods.lora_layer import LoraLinear, lora_layer_kwargs
 from tests.conftest import tiny_mlp
 
 
@@ -101,7 +101,7 @@ def test_conv_and_embedding_magnitudes_have_peft_shapes_and_start_at_the_weight_
 
 def test_dora_on_an_unsupported_layer_is_a_typed_error_and_changes_nothing():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4))
-    from deltatune.methods.lora import LORA_VARIANTS, LoraLinear
+    from deltatune.methods.lora_layer import LORA_VARIANTS, LoraLinear
 
     variants = dict(LORA_VARIANTS["use_dora"])
     del LORA_VARIANTS["use_dora"][LoraLinear]

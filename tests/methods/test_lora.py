@@ -8,7 +8,7 @@ from transformers.pytorch_utils import Conv1D
 
 import deltatune as dt
 from deltatune.errors import ConfigError, UnsupportedFieldError
-from deltatune.methods.lora import LoraConv, LoraEmbedding, LoraLinear, lora_layer_kwargs
+from deltatune.methods.lora_layer import LoraConv, LoraEmbedding, LoraLinear, lora_layer_kwargs
 
 
 def _randomize_b(layer):

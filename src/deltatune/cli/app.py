@@ -280,7 +280,7 @@ def export_bnb4(
 ) -> None:
     """The model with its linear layers in 4 bits, written as transformers + bitsandbytes write a 4-bit model
     (loadable by AutoModelForCausalLM.from_pretrained with bitsandbytes, and by deltatune train --set model=OUT)."""
-    from deltatune.quant.bnb_format import export_bnb_4bit
+    from deltatune.pretrained import export_bnb_4bit
 
     export_bnb_4bit(model, out, quant_type, double_quant)
     console.print(f"4-bit model written to {out} ({(out / 'model.safetensors').stat().st_size / 1e6:.1f} MB)")

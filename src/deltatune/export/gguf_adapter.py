@@ -23,7 +23,7 @@ import torch
 from deltatune import io
 from deltatune.config import AdapterConfig
 from deltatune.errors import ConfigError
-from deltatune.methods.lora import base_rewriting_init, lora_module_scale
+from deltatune.methods.lora_layer import base_rewriting_init, lora_module_scale
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 _ARCHS = {"llama": "LLAMA", "mistral": "LLAMA", "qwen2": "QWEN2"}

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deltatune.functional.dora import column_norm, dora_merge, dora_unmerge
-from deltatune.methods.lora import LoraConv, LoraEmbedding, LoraLinear, _LoraLayer, register_lora_variant
+from deltatune.methods.lora_layer import LoraConv, LoraEmbedding, LoraLinear, _LoraLayer, register_lora_variant
 
 
 class _Dora(abc.ABC):

@@ -27,7 +27,8 @@ from torch import Tensor
 
 from deltatune.errors import AdapterError, ConfigError
 from deltatune.functional import merge
-from deltatune.methods.lora import LoraConfig, LoraLinear
+from deltatune.methods.lora import LoraConfig
+from deltatune.methods.lora_layer import LoraLinear
 from deltatune.registry import get_method, register_method
 
 FACTOR_TYPES = ("linear", "cat", "ties", "dare_linear", "dare_ties", "magnitude_prune")

@@ -24,7 +24,8 @@ from deltatune import io
 from deltatune.config import AdapterConfig
 from deltatune.errors import AdapterError, ConfigError, MergeError
 from deltatune.hub import adapter_dir
-from deltatune.methods.lora import LoraConfig, LoraLinear, lora_layer_kwargs, lora_module_scale
+from deltatune.methods.lora import LoraConfig
+from deltatune.methods.lora_layer import LoraLinear, lora_layer_kwargs, lora_module_scale
 
 
 def _lora_layers(model: nn.Module) -> dict[str, LoraLinear]:

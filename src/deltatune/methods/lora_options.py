@@ -14,7 +14,6 @@ from deltatune.functional.init import gaussian_a_zero_b, kaiming_a_zero_b
 from deltatune.functional.lora import relative_to_initial
 from deltatune.functional.nf4 import dequantize_blockwise_4bit, quantize_blockwise_4bit
 from deltatune.methods.layer_replication import replicate_layers
-from deltatune.methods.trainable_tokens import add_trainable_tokens, tie_saved_copies
 
 if TYPE_CHECKING:
     from deltatune.methods.lora import LoraConfig
@@ -71,14 +70,3 @@ def lora_relative_to_initial(
 def lora_prepare_model(model: nn.Module, config: LoraConfig) -> Callable[[], None]:
     """`layer_replication`: the replicated stack the adapter's targets are then found in."""
     return replicate_layers(model, config.layer_replication) if config.layer_replication else (lambda: None)
-
-
-def lora_extra_modules(model: nn.Module, adapter_name: str, config: LoraConfig) -> None:
-    """Parameter targets (`target_parameters`), tied whole copies (`ensure_weight_tying` with `modules_to_save`) and
-    trainable token rows (`trainable_token_indices`), after the core has wrapped the target modules."""
-    from deltatune.methods.lora_parameter import add_parameter_targets  # it builds on the LoRA layer classes
-
-    add_parameter_targets(model, adapter_name, config)
-    if config.ensure_weight_tying and config.modules_to_save:
-        tie_saved_copies(model, adapter_name, config)
-    add_trainable_tokens(model, adapter_name, config)

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from deltatune.errors import ConfigError, UnsupportedModuleError
 from deltatune.inject import replace_module
 from deltatune.layers import AdapterLayer
-from deltatune.methods.lora import _LoraLayer, lora_layer_kwargs
+from deltatune.methods.lora_layer import _LoraLayer, lora_layer_kwargs
 from deltatune.methods.lora_options import init_pair
 
 

@@ -165,18 +165,6 @@ def save_bnb_4bit(model: nn.Module, directory: str | Path) -> None:
     atomic_write_bytes(directory / "config.json", json.dumps(config, indent=2, sort_keys=True).encode())
 
 
-def export_bnb_4bit(model: str | Path, out: str | Path, quant_type: str = "nf4", double_quant: bool = True) -> None:
-    """Load `model` (a HF dir, a .gguf or "smollm2") straight into 4 bits and write it in bitsandbytes' layout, with
-    its tokenizer."""
-    from deltatune.pretrained import load_causal_lm
-    from deltatune.quant.state import QuantConfig
-
-    config = QuantConfig(quant_type=quant_type, double_quant=double_quant, compute_dtype="fp32")
-    lm, tokenizer = load_causal_lm(model, quantize=config)
-    save_bnb_4bit(lm, out)
-    tokenizer.save_pretrained(str(out))
-
-
 def _bnb_config(model: nn.Module, quant_type: str, double_quant: bool, compute: str) -> dict:
     dtype = {v: k for k, v in _DTYPE_NAMES.items()}[compute]
     full_precision = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear))

@@ -1,0 +1,416 @@
+"""The LoRA layers: the wrappers of Linear / GPT-2 Conv1D / Conv1d-3d / Embedding and their forward, the variant
+table (DoRA registers itself there), and the translation of a LoraConfig into one target's layer arguments.
+
+    h = W0 x + s · B A dropout(x),   s = lora_alpha / r   (rsLoRA: lora_alpha / sqrt(r))
+
+`methods/lora.py` holds the config and registers the method; the options that change how an adapter starts or what
+else it trains live in `lora_options.py`, `lora_parameter.py` and `trainable_tokens.py`.
+"""
+
+from __future__ import annotations
+
+import abc
+import re
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from deltatune.errors import ConfigError, UnsupportedModuleError
+from deltatune.functional.init import (
+    loftq_factors,
+    olora_factors,
+    orthogonal_factors,
+    pissa_factors,
+)
+from deltatune.functional.lora import (
+    embedding_lora_delta,
+    gathered_lora_rows,
+    lora_branch,
+    lora_delta,
+    lora_scale,
+)
+from deltatune.layers import AdapterLayer, module_device
+from deltatune.methods.lora_options import init_pair, nf4_round_trip
+from deltatune.models import linear_features
+
+if TYPE_CHECKING:
+    from deltatune.methods.lora import LoraConfig
+
+
+def _pattern_value(pattern: dict[str, Any], module_path: str, default: Any) -> Any:
+    """The value of the first pattern that matches the end of `module_path` (peft's rule), else `default`."""
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", module_path):
+            return value
+    return default
+
+
+INIT_STARTS = ("gaussian", "orthogonal")
+"""Initialisations of the adapter alone (besides True/False); base-rewriting ones are `base_rewriting_init`'s."""
+
+
+def base_rewriting_init(config: LoraConfig) -> str | None:
+    """ "pissa", "pissa_niter_<N>", "olora" or "loftq" when the config asks for an init that rewrites the base."""
+    init = config.init_lora_weights
+    if isinstance(init, str) and (init in ("pissa", "olora", "loftq") or re.fullmatch(r"pissa_niter_\d+", init)):
+        return init
+    return None
+
+
+def lora_layer_kwargs(config: LoraConfig, module_path: str) -> dict[str, Any]:
+    """Flat arguments for one target's `add_adapter` (rank/alpha patterns resolved here, not in the layer)."""
+    if config.rank_pattern == "auto":
+        raise ConfigError(
+            'rank_pattern="auto" is resolved when a training run starts (config.for_training(...), which '
+            "deltatune's trainer calls); give explicit ranks to build a model outside it."
+        )
+    return {
+        "r": int(_pattern_value(config.rank_pattern, module_path, config.r)),
+        "lora_alpha": float(_pattern_value(config.alpha_pattern, module_path, config.lora_alpha)),
+        "lora_dropout": float(config.lora_dropout),
+        "use_rslora": bool(config.use_rslora),
+        "init_lora_weights": (
+            f"loftq_iter_{config.loftq_config.get('loftq_iter', 1)}"  # the layer's form: iterations included
+            if config.init_lora_weights == "loftq"
+            else config.init_lora_weights
+        ),
+        "lora_bias": bool(config.lora_bias),
+        "variant": next((flag for flag in LORA_VARIANTS if getattr(config, flag, False)), None),
+    }
+
+
+def lora_module_scale(config: LoraConfig, module_path: str) -> float:
+    """s in W + s·B A for `module_path`: its rank / alpha pattern and rsLoRA applied."""
+    return lora_scale(*(lora_layer_kwargs(config, module_path)[k] for k in ("lora_alpha", "r", "use_rslora")))
+
+
+class LoraVariant(Protocol):
+    """A LoRA variant (e.g. DoRA) selected by a config flag, for one wrapper type; it owns one extra per-adapter
+    parameter."""
+
+    param_name: str
+
+    def init(self, layer: _LoraLayer, name: str) -> None: ...
+
+    def forward(self, layer: _LoraLayer, name: str, x: Tensor, result: Tensor) -> Tensor: ...
+
+    def compose(self, layer: _LoraLayer, name: str, weight: Tensor) -> Tensor: ...
+
+    def decompose(self, layer: _LoraLayer, name: str, weight: Tensor) -> Tensor: ...
+
+
+LORA_VARIANTS: dict[str, dict[type[nn.Module], LoraVariant]] = {}
+"""Config flag (e.g. "use_dora") -> wrapper class -> variant; variant modules register themselves here."""
+
+
+def register_lora_variant(flag: str, layer_cls: type[nn.Module], variant: LoraVariant) -> None:
+    LORA_VARIANTS.setdefault(flag, {})[layer_cls] = variant
+
+
+def _variant_param_names() -> list[str]:
+    return sorted({v.param_name for table in LORA_VARIANTS.values() for v in table.values()})
+
+
+class _LoraLayer(AdapterLayer):
+    """Shared bookkeeping of the LoRA wrappers: per-adapter rank, scale, dropout and variant (e.g. DoRA)."""
+
+    lora_param_names: tuple[str, ...] = ("lora_A", "lora_B")
+    param_roles = {"lora_B": "up"}
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.dropout_p: dict[str, float] = {}
+        self.variant: dict[str, str] = {}  # adapter name -> variant flag, for adapters that use one
+        self.init_from_base: dict[str, str] = {}  # adapter name -> pending base-rewriting init (PiSSA, OLoRA)
+        for param_name in _variant_param_names():
+            setattr(self, param_name, nn.ParameterDict())
+
+    @property
+    def adapter_param_names(self) -> tuple[str, ...]:
+        return (*self.lora_param_names, *_variant_param_names())
+
+    @property
+    def adapter_names(self) -> list[str]:  # read on every forward: skip building adapter_param_names
+        return list(getattr(self, self.lora_param_names[0]).keys())
+
+    @property
+    def use_dora(self) -> dict[str, bool]:
+        """peft's per-adapter flag: does the adapter use DoRA."""
+        return {name: self.variant.get(name) == "use_dora" for name in self.adapter_names}
+
+    @property
+    def lora_dropout(self) -> nn.ModuleDict:
+        """peft's per-adapter dropout modules (a view: the rate lives in `dropout_p`)."""
+        return nn.ModuleDict({n: nn.Dropout(p) if p > 0 else nn.Identity() for n, p in self.dropout_p.items()})
+
+    @property
+    def adapter_other_names(self) -> tuple[str, ...]:
+        return ("r", "lora_alpha", "scaling", "dropout_p", "variant", "init_from_base")
+
+    def _init_variant(self, name: str, flag: str | None) -> None:
+        if flag is None:
+            return
+        if self._variant_for(flag) is None:
+            raise UnsupportedModuleError(
+                f"{flag}=True is not supported on {type(self.base_layer).__name__} layers; exclude those modules "
+                f"(exclude_modules) or set {flag}=False."
+            )
+        self.variant[name] = flag
+        self._variant_for(flag).init(self, name)
+
+    def _variant_for(self, flag: str) -> LoraVariant | None:
+        return next((v for cls, v in LORA_VARIANTS.get(flag, {}).items() if isinstance(self, cls)), None)
+
+    def variant_of(self, name: str) -> LoraVariant | None:
+        """The variant adapter `name` uses, or None for plain LoRA."""
+        return self._variant_for(self.variant[name]) if name in self.variant else None
+
+    def compose(self, name: str, weight: Tensor) -> Tensor:
+        variant = self.variant_of(name)
+        return variant.compose(self, name, weight) if variant else weight + self.delta_weight(name)
+
+    def decompose(self, name: str, weight: Tensor) -> Tensor:
+        variant = self.variant_of(name)
+        return variant.decompose(self, name, weight) if variant else weight - self.delta_weight(name)
+
+    def add_adapter(
+        self,
+        name: str,
+        *,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        init_lora_weights: bool | str = True,
+        variant: str | None = None,
+        lora_bias: bool = False,
+    ) -> None:
+        self.r[name], self.lora_alpha[name], self.dropout_p[name] = r, lora_alpha, lora_dropout
+        self.scaling[name] = lora_scale(lora_alpha, r, use_rslora)
+        rewriting = (
+            init_lora_weights
+            if isinstance(init_lora_weights, str) and init_lora_weights[:5] in ("pissa", "olora", "loftq")
+            else None
+        )
+        if rewriting is not None and not isinstance(self, LoraLinear):
+            raise UnsupportedModuleError(
+                f"init_lora_weights={rewriting!r} is for linear layers, not {type(self.base_layer).__name__}; "
+                "exclude those modules (exclude_modules) or use another init."
+            )
+        if lora_bias and not isinstance(self, LoraLinear):
+            raise UnsupportedModuleError(
+                f"lora_bias=True is for linear layers, not {type(self.base_layer).__name__}; exclude those modules."
+            )
+        self._create_weights(name, r, True if rewriting else init_lora_weights)
+        if lora_bias:
+            self.lora_B[name].bias = nn.Parameter(torch.zeros(self.out_features, device=self._device()))
+        if rewriting:
+            self.init_from_base[name] = rewriting
+        self._init_variant(name, variant)
+
+    @abc.abstractmethod
+    def _create_weights(self, name: str, r: int, init_lora_weights: bool | str) -> None:
+        """Adapter `name`'s two low-rank factors, in this wrapper's form."""
+
+    def _device(self) -> torch.device:
+        return module_device(self.base_layer)
+
+
+class LoraLinear(_LoraLayer):
+    """LoRA around nn.Linear or GPT-2's Conv1D (which computes x W + b with W stored (d_in, d_out))."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.in_features, self.out_features, self.fan_in_fan_out = linear_features(base_layer)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+
+    def _create_weights(self, name: str, r: int, init_lora_weights: bool | str) -> None:
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=self._device())
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=self._device())
+        if init_lora_weights == "orthogonal":
+            lora_a, lora_b = orthogonal_factors(self.in_features, self.out_features, r)
+            with torch.no_grad():
+                self.lora_A[name].weight.copy_(lora_a)
+                self.lora_B[name].weight.copy_(lora_b)
+            return
+        init_pair(self.lora_A[name].weight, self.lora_B[name].weight, init_lora_weights, r)
+
+    def weight_out_in(self) -> Tensor:
+        """The base weight as (d_out, d_in), float32 (dequantized if the base stores it otherwise)."""
+        weight = self.base_weight.float()
+        return weight.T if self.fan_in_fan_out else weight
+
+    @torch.no_grad()
+    def initialize_from_base(self, name: str) -> None:
+        """PiSSA / OLoRA: A and B from the base weight's SVD / QR; the base keeps W - s·B A (same output).
+        LoftQ: the base takes W's NF4 value Q (dequantized; `quantize_model` later stores exactly Q) and B A fits
+        W - Q."""
+        init = self.init_from_base.pop(name, None)
+        if init is None:
+            return
+        weight, scale, r = self.weight_out_in(), self.scaling[name], self.r[name]
+        if init.startswith("loftq"):
+            if self._base_stored_otherwise:
+                raise UnsupportedModuleError(
+                    "LoftQ needs the full-precision weights: add the adapter before quantize_model, then quantize."
+                )
+            quantized, lora_a, lora_b = loftq_factors(weight, r, int(init.rsplit("_", 1)[1]), nf4_round_trip)
+            self.lora_A[name].weight.copy_(lora_a)
+            self.lora_B[name].weight.copy_(lora_b)
+            self.write_base_weight(quantized.T if self.fan_in_fan_out else quantized)
+            return
+        if init == "olora":
+            lora_a, lora_b = olora_factors(weight, r)
+        else:
+            niter = int(init.rsplit("_", 1)[1]) if init.startswith("pissa_niter_") else None
+            lora_a, lora_b = pissa_factors(weight, r, scale, niter)
+        self.lora_A[name].weight.copy_(lora_a)
+        self.lora_B[name].weight.copy_(lora_b)
+        residual = weight - scale * (lora_b @ lora_a)
+        self.write_base_weight(residual.T if self.fan_in_fan_out else residual)
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        for name in self.unmerged_active():
+            if name in self.variant:
+                result = self.variant_of(name).forward(self, name, x, result)
+                continue
+            branch = self._lora_term(name, x)
+            result = result + (branch if branch.dtype == result.dtype else branch.to(result.dtype))
+        return result
+
+    def _lora_term(self, name: str, x: Tensor) -> Tensor:
+        """s·B A dropout(x) (+ s·lora_bias) of adapter `name`."""
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        if a.dtype != x.dtype:  # cast the small adapter, never the activation
+            a, b = a.to(x.dtype), b.to(x.dtype)
+        branch = lora_branch(x, a, b, self.scaling[name], self.dropout_p[name], self.training)
+        if self.lora_B[name].bias is not None:  # lora_bias
+            branch = branch + self.scaling[name] * self.lora_B[name].bias.to(branch.dtype)
+        return branch
+
+    def forward_rows(self, groups: list[tuple[str, Tensor]], x: Tensor, *args: Any, **kwargs: Any) -> Tensor | None:
+        """Mixed-adapter batch: the base once on every row, each group's LoRA term on its rows (variants: None)."""
+        names = [n for n, _ in groups if n in self.adapter_names and not self.disabled]
+        if self.merged or any(n in self.variant for n in names):
+            return None
+        result = self.base_layer(x, *args, **kwargs)
+        if not any(self.dropout_p[n] and self.training or self.lora_B[n].bias is not None for n in names):
+            factors = [(rows, self.lora_A[n].weight * self.scaling[n], self.lora_B[n].weight) for n, rows in groups
+                       if n in names]  # fmt: skip
+            return result + gathered_lora_rows(x, factors, self.out_features).to(result.dtype)
+        for name, rows in groups:
+            if name not in names:
+                continue  # "__base__" rows, or an adapter this layer does not hold
+            add = result.index_add_ if not torch.is_grad_enabled() else result.index_add  # in place: no full copy
+            result = add(0, rows, self._lora_term(name, x.index_select(0, rows)).to(result.dtype))
+        return result
+
+    def changes_bias(self, name: str) -> bool:
+        return self.lora_B[name].bias is not None  # lora_bias
+
+    def compose_bias(self, name: str, bias: Tensor) -> Tensor:
+        return bias + self.scaling[name] * self.lora_B[name].bias.detach().float()
+
+    def decompose_bias(self, name: str, bias: Tensor) -> Tensor:
+        return bias - self.scaling[name] * self.lora_B[name].bias.detach().float()
+
+    def delta_weight(self, name: str) -> Tensor:
+        """s · B A in the base weight's layout, float32."""
+        a, b = self.lora_A[name].weight.float(), self.lora_B[name].weight.float()
+        return lora_delta(a, b, self.scaling[name], self.fan_in_fan_out)
+
+
+class LoraConv(_LoraLayer):
+    """LoRA around nn.Conv1d/2d/3d: A is a conv with the base's kernel, stride and padding; B is a 1x1 conv."""
+
+    def __init__(self, base_layer: nn.modules.conv._ConvNd) -> None:
+        if base_layer.groups != 1:
+            raise UnsupportedModuleError(
+                f"LoRA on grouped convolutions (groups={base_layer.groups}) is not supported; exclude this module."
+            )
+        super().__init__(base_layer)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+
+    def _create_weights(self, name: str, r: int, init_lora_weights: bool | str) -> None:
+        base, conv_cls = self.base_layer, type(self.base_layer)
+        ones = (1,) * len(base.kernel_size)
+        self.lora_A[name] = conv_cls(
+            base.in_channels,
+            r,
+            base.kernel_size,
+            base.stride,
+            base.padding,
+            base.dilation,
+            bias=False,
+            padding_mode=base.padding_mode,
+            device=self._device(),
+        )
+        self.lora_B[name] = conv_cls(r, base.out_channels, ones, ones, bias=False, device=self._device())
+        init_pair(self.lora_A[name].weight, self.lora_B[name].weight, init_lora_weights, r)
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        for name in self.unmerged_active():
+            if name in self.variant:
+                result = self.variant_of(name).forward(self, name, x, result)
+                continue
+            xd = F.dropout(x, self.dropout_p[name], self.training)
+            lora_a, lora_b = self.lora_A[name], self.lora_B[name]
+            branch = lora_b(lora_a(xd.to(lora_a.weight.dtype))) * self.scaling[name]
+            result = result + branch.to(result.dtype)
+        return result
+
+    def delta_weight(self, name: str) -> Tensor:
+        a, b = self.lora_A[name].weight.float(), self.lora_B[name].weight.float()
+        return lora_delta(a, b, self.scaling[name])
+
+
+class LoraEmbedding(_LoraLayer):
+    """LoRA around nn.Embedding: E' = E + s · (B A)^T, A (r, num_embeddings) zero-initialised, B (dim, r) normal."""
+
+    lora_param_names = ("lora_embedding_A", "lora_embedding_B")
+    param_roles = {"lora_embedding_B": "up", "lora_embedding_A": "embedding"}
+
+    def __init__(self, base_layer: nn.Embedding) -> None:
+        super().__init__(base_layer)
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+
+    def _create_weights(self, name: str, r: int, init_lora_weights: bool | str) -> None:
+        num, dim = self.base_layer.weight.shape
+        a = torch.randn(r, num, device=self._device())
+        b = torch.randn(dim, r, device=self._device())
+        if init_lora_weights is not False:  # reversed w.r.t. Linear, as in peft: A = 0, B ~ N(0, 1)
+            a.zero_()
+        self.lora_embedding_A[name] = nn.Parameter(a)
+        self.lora_embedding_B[name] = nn.Parameter(b)
+
+    def lora_output(self, name: str, x: Tensor) -> Tensor:
+        """s · B A looked up for the token ids `x`: (..., dim)."""
+        base = self.base_layer
+        a = self.lora_embedding_A[name]
+        after_a = F.embedding(
+            x, a.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
+        )
+        return (after_a @ self.lora_embedding_B[name].T) * self.scaling[name]
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        for name in self.unmerged_active():
+            if name in self.variant:
+                result = self.variant_of(name).forward(self, name, x, result)
+                continue
+            result = result + self.lora_output(name, x).to(result.dtype)
+        return result
+
+    def delta_weight(self, name: str) -> Tensor:
+        a, b = self.lora_embedding_A[name].float(), self.lora_embedding_B[name].float()
+        return embedding_lora_delta(a, b, self.scaling[name])
