@@ -13,8 +13,6 @@ import importlib
 from pathlib import Path
 from typing import Any
 
-from torch import nn
-
 from deltatune.config import AdapterConfig
 from deltatune.errors import ConfigError
 from deltatune.model import PeftModel
@@ -28,11 +26,6 @@ _AUTO_CLASS_OF_TASK = {
     TaskType.QUESTION_ANS.value: "AutoModelForQuestionAnswering",
     TaskType.FEATURE_EXTRACTION.value: "AutoModel",
 }
-
-
-def auto_mapping(model: nn.Module) -> dict[str, str]:
-    """What an adapter without a task_type records about its base class (peft's `auto_mapping` field)."""
-    return {"base_model_class": type(model).__name__, "parent_library": type(model).__module__}
 
 
 class AutoPeftModel:

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from deltatune import saving
+from deltatune.adapter_model import register_task_class, task_class
 from deltatune.arguments import refuse_unknown
 from deltatune.config import AdapterConfig
 from deltatune.errors import AdapterError, ConfigError, MergeError
@@ -426,13 +427,10 @@ def inject_adapter_in_model(peft_config: AdapterConfig, model: nn.Module, adapte
 def get_peft_model(model: nn.Module, peft_config: AdapterConfig, adapter_name: str = "default") -> PeftModel:
     """Wrap `model` with a new adapter described by `peft_config` (its base weights are frozen). With a
     `task_type`, the result is that task's class (e.g. `PeftModelForCausalLM`), as in peft."""
-    return _task_class(peft_config.task_type)(model, peft_config, adapter_name)
+    return task_class(peft_config.task_type)(model, peft_config, adapter_name)
 
 
-def _task_class(task_type: str | None) -> type[PeftModel]:
-    from deltatune.tasks import task_class
-
-    return task_class(task_type)
+register_task_class(None, PeftModel)
 
 
 def load_config(model_id: str | Path) -> AdapterConfig:

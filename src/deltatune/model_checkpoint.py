@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from transformers.initialization import no_init_weights
 
 from deltatune import io, saving
+from deltatune.adapter_model import dispatches_on_task_type, task_class
 from deltatune.arguments import refuse_unknown
 from deltatune.config import AdapterConfig
 from deltatune.errors import UnsupportedArgumentError
@@ -76,10 +77,7 @@ class CheckpointMixin:
             self._check_name(name, exists=True)
         if is_main_process:
             initial = path_initial_model_for_weight_conversion
-            from deltatune.auto import auto_mapping
-
-            mapping = auto_mapping(self._base)
-            saving.save_adapters(self, Path(save_directory), names, state_dict, mapping, initial)
+            saving.save_adapters(self, Path(save_directory), names, state_dict, initial)
 
     @property
     def _keys_to_ignore_on_save(self) -> list[str]:
@@ -123,10 +121,8 @@ class CheckpointMixin:
             config = AdapterConfig.from_pretrained(
                 adapter_dir(model_id, kwargs.get("subfolder"), kwargs.get("revision"))
             )
-        from deltatune.model import PeftModel, _task_class
-
-        if cls is PeftModel:  # peft returns the class of the adapter's task_type
-            cls = _task_class(config.task_type)
+        if dispatches_on_task_type(cls):  # PeftModel: peft returns the class of the adapter's task_type
+            cls = task_class(config.task_type)
         peft_model = cls(model)
         peft_model.load_adapter(model_id, adapter_name, is_trainable=is_trainable, config=config, **kwargs)
         peft_model.train(is_trainable)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from deltatune import io
 from deltatune.config import AdapterConfig
@@ -24,12 +24,12 @@ from deltatune.registry import MethodHooks, get_method
 from deltatune.state_dict import get_peft_model_state_dict, module_keys
 
 if TYPE_CHECKING:
-    from deltatune.model import PeftModel
+    from deltatune.adapter_model import AdapterModel
 
 TRAINER_WEIGHTS_NAME = "model.safetensors"  # transformers' SAFE_WEIGHTS_NAME, the file Trainer resumes from
 
 
-def adapter_tensors(model: PeftModel, name: str, state_dict: dict[str, Tensor] | None) -> dict[str, Tensor]:
+def adapter_tensors(model: AdapterModel, name: str, state_dict: dict[str, Tensor] | None) -> dict[str, Tensor]:
     """Adapter `name`'s tensors under peft's saved keys: live, or taken from `state_dict`, which is either the
     model's own `state_dict()` (what Trainer passes, peft's meaning) or already the adapter's peft-keyed tensors."""
     own = model.adapter_state_dict(name)
@@ -40,12 +40,16 @@ def adapter_tensors(model: PeftModel, name: str, state_dict: dict[str, Tensor] |
     return get_peft_model_state_dict(model, state_dict, name)
 
 
+def auto_mapping(model: nn.Module) -> dict[str, str]:
+    """What an adapter without a task_type records about its base class (peft's `auto_mapping` field)."""
+    return {"base_model_class": type(model).__name__, "parent_library": type(model).__module__}
+
+
 def save_adapters(
-    model: PeftModel,
+    model: AdapterModel,
     directory: Path,
     names: list[str],
     state_dict: dict[str, Tensor] | None,
-    auto_mapping: dict,
     initial_dir: str | Path | None = None,
 ) -> None:
     """Write each adapter's two files ("default" in `directory`, others in `directory/<name>`), atomically."""
@@ -61,7 +65,7 @@ def save_adapters(
         # weights first, then the config: a crash between the two leaves the old config beside new weights of
         # the same shapes at worst, never a half-written file.
         io.atomic_write_bytes(target / io.WEIGHTS_NAME, io.dump_tensors(tensors))
-        metadata = {} if config.task_type else {"auto_mapping": auto_mapping}
+        metadata = {} if config.task_type else {"auto_mapping": auto_mapping(model.get_base_model())}
         config.replace(base_model_name_or_path=model._base_path(config), inference_mode=True).save(target, metadata)
         model.create_or_update_model_card(target, name)
     if TRAINER_CHECKPOINT.match(directory.name):
@@ -85,7 +89,7 @@ def relative_to_initial(
 
 
 def write_trainer_weights(
-    model: PeftModel, directory: Path, names: list[str], state_dict: dict[str, Tensor] | None
+    model: AdapterModel, directory: Path, names: list[str], state_dict: dict[str, Tensor] | None
 ) -> None:
     """`directory/model.safetensors`: the adapters' tensors under `model.state_dict()` keys (see module doc)."""
     tensors: dict[str, Tensor] = {}
@@ -95,7 +99,7 @@ def write_trainer_weights(
     io.atomic_write_bytes(directory / TRAINER_WEIGHTS_NAME, io.dump_tensors(tensors))
 
 
-def frozen_keys(model: PeftModel) -> list[str]:
+def frozen_keys(model: AdapterModel) -> list[str]:
     """The model's state-dict keys that `save_pretrained` never writes (everything but the adapters' tensors)."""
     adapter = set()
     for name in model.peft_config:
@@ -103,7 +107,7 @@ def frozen_keys(model: PeftModel) -> list[str]:
     return [k for k in model.state_dict() if k not in adapter]
 
 
-def training_state(model: PeftModel, hooks: MethodHooks | None) -> dict[str, Tensor]:
+def training_state(model: AdapterModel, hooks: MethodHooks | None) -> dict[str, Tensor]:
     """Every trainable tensor at full size under its module path (`param.<name>`), and the method hooks'
     accumulated state (`method.<key>`): what a resumed run of deltatune's trainer needs besides the optimizer."""
     out = {f"param.{n}": p for n, p in model.get_base_model().named_parameters() if p.requires_grad}
@@ -113,7 +117,7 @@ def training_state(model: PeftModel, hooks: MethodHooks | None) -> dict[str, Ten
 
 
 @torch.no_grad()
-def load_training_state(model: PeftModel, hooks: MethodHooks | None, tensors: dict[str, Tensor]) -> None:
+def load_training_state(model: AdapterModel, hooks: MethodHooks | None, tensors: dict[str, Tensor]) -> None:
     """Restore `training_state` output; names and shapes are checked before anything changes."""
     params = {n: p for n, p in model.get_base_model().named_parameters() if p.requires_grad}
     found = {k[len("param.") :]: v for k, v in tensors.items() if k.startswith("param.")}

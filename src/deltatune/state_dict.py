@@ -17,7 +17,7 @@ from deltatune import io
 from deltatune.arguments import refuse_unknown
 
 if TYPE_CHECKING:  # model.py uses `module_keys` below
-    from deltatune.model import PeftModel
+    from deltatune.adapter_model import AdapterModel
 
 
 class LoadResult(NamedTuple):
@@ -29,7 +29,7 @@ class LoadResult(NamedTuple):
 
 
 def get_peft_model_state_dict(
-    model: PeftModel, state_dict: dict[str, Tensor] | None = None, adapter_name: str = "default"
+    model: AdapterModel, state_dict: dict[str, Tensor] | None = None, adapter_name: str = "default"
 ) -> dict[str, Tensor]:
     """Adapter `adapter_name`'s tensors under peft's saved keys (adapter name left out). With `state_dict` (the
     model's own `state_dict()`, e.g. gathered from shards), its tensors are used instead of the live ones."""
@@ -44,7 +44,7 @@ def get_peft_model_state_dict(
     return out
 
 
-def module_keys(model: PeftModel, saved: dict[str, Tensor]) -> dict[str, str]:
+def module_keys(model: AdapterModel, saved: dict[str, Tensor]) -> dict[str, str]:
     """peft saved key -> the same tensor's key in `model.state_dict()`, for `saved` as `adapter_state_dict` gives it
     (detached views of the live tensors: matched by storage and shape)."""
 
@@ -56,7 +56,7 @@ def module_keys(model: PeftModel, saved: dict[str, Tensor]) -> dict[str, str]:
 
 
 def set_peft_model_state_dict(
-    model: PeftModel, peft_model_state_dict: dict[str, Tensor], adapter_name: str = "default", **kwargs: Any
+    model: AdapterModel, peft_model_state_dict: dict[str, Tensor], adapter_name: str = "default", **kwargs: Any
 ) -> LoadResult:
     """Load peft-keyed tensors into the existing adapter `adapter_name` (keys and shapes checked first)."""
     refuse_unknown(

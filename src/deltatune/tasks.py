@@ -14,6 +14,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+from deltatune.adapter_model import register_task_class
 from deltatune.errors import UnsupportedArgumentError
 from deltatune.model import PeftModel
 from deltatune.peft_types import TaskType
@@ -107,13 +108,5 @@ TASK_CLASSES: dict[str, type[PeftModel]] = {
 }
 
 
-def task_class(task_type: str | None) -> type[PeftModel]:
-    """The PeftModel class for a config's task_type (plain PeftModel when unset)."""
-    if task_type is None:
-        return PeftModel
-    key = task_type.value if isinstance(task_type, TaskType) else str(task_type)
-    if key not in TASK_CLASSES:
-        from deltatune.errors import ConfigError
-
-        raise ConfigError(f"task_type {task_type!r} is not one of {sorted(TASK_CLASSES)}.")
-    return TASK_CLASSES[key]
+for _task_type, _cls in TASK_CLASSES.items():
+    register_task_class(_task_type, _cls)

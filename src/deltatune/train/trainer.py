@@ -23,6 +23,7 @@ import torch.distributed as dist
 from rich.console import Console
 from torch import nn
 
+from deltatune.adapter_model import task_class
 from deltatune.config import TrainingContext
 from deltatune.errors import ConfigError, TrainingDiverged
 from deltatune.model import PeftModel, get_peft_model
@@ -197,8 +198,6 @@ def _peft_model(model: nn.Module, config, load_adapters: dict[str, str] | None) 
     """The model with the run's adapter (active, trainable) after the `load_adapters` (frozen) it may combine."""
     if not load_adapters:
         return get_peft_model(model, config)
-    from deltatune.tasks import task_class
-
     peft_model = task_class(config.task_type)(model)
     for name, path in load_adapters.items():
         _load_adapter_body(peft_model, name, path)
