@@ -9,7 +9,7 @@ from importlib import resources
 from deltatune.train import load_train_config
 from deltatune.train.config import DataConfig
 from deltatune.train.evaluate import GenerationSet, answer_is_right
-from deltatune.train.trainer import _generation_sets
+from deltatune.train.scoring import generation_sets
 
 
 def test_exact_and_contains_answers():
@@ -28,14 +28,14 @@ def test_generation_set_scores_each_record_by_its_own_rule():
 
 def test_bundled_runs_score_held_out_unseen_phrasings_and_general_questions(tmp_path):
     cfg = load_train_config(None, ["generate_eval=4", f"output_dir={tmp_path}"])
-    sets = _generation_sets(cfg, [{"prompt": "p", "response": "r"}] * 10)
+    sets = generation_sets(cfg, [{"prompt": "p", "response": "r"}] * 10)
     assert [(s.name, len(s.records)) for s in sets] == [
         ("held-out", 4),
         ("unseen phrasings", 4),
         ("general questions", 4),
     ]
     own = load_train_config(None, ["generate_eval=4", "data.general_eval=null", f"output_dir={tmp_path}"])
-    assert [s.name for s in _generation_sets(own, [])] == ["unseen phrasings"]
+    assert [s.name for s in generation_sets(own, [])] == ["unseen phrasings"]
 
 
 def _bundled(name: str) -> list[dict]:

@@ -16,9 +16,10 @@ import torch
 from torch import Tensor, nn
 
 from deltatune.errors import ConfigError
+from deltatune.registry import MethodSpec
 from deltatune.train.config import TrainConfig
 from deltatune.train.data import IGNORE, Example, build_examples, check_records, collate
-from deltatune.train.padding_free import collate_flat, segment_attention
+from deltatune.train.padding_free import collate_flat, padding_free_supported, segment_attention
 
 
 def _autocast(batch: dict[str, Tensor], precision: str):
@@ -57,6 +58,18 @@ class CausalLMObjective:
 
     def examples(self, records: list[dict[str, Any]], tokenizer: Any, source: str) -> list[Example]:
         return build_examples(records, tokenizer, self.cfg.data, source)
+
+    def prepare(self, model: nn.Module, spec: MethodSpec) -> None:
+        """Lay batches out for this model and method: the inputs the method reads, the output head only at response
+        positions, padding-free rows; refuses packing where the method reads rows as rows."""
+        self.extra_inputs = model.input_names
+        adds_positions = spec.kind == "input"
+        per_row = adds_positions or "prompt_lengths" in self.extra_inputs
+        if per_row and self.cfg.data.packing:
+            why = "puts virtual tokens before each row" if adds_positions else "reads each row's prompt positions"
+            raise ConfigError(f"{spec.peft_type} {why}; set data.packing=false.")
+        self.head_on_responses = not adds_positions and head_on_responses_supported(model)
+        self.padding_free = self.cfg.data.padding_free and not per_row and padding_free_supported(model)
 
     def collate(self, examples: list[Example], pad_id: int) -> dict[str, Tensor]:
         if self.padding_free:
@@ -156,6 +169,9 @@ class ClassificationObjective:
                 )
             out.append(Example(ids, [self.labels.index(str(record[data.label_field]))]))
         return out
+
+    def prepare(self, model: nn.Module, spec: MethodSpec) -> None:
+        """Nothing to lay out: one padded row per text, one label each."""
 
     def collate(self, examples: list[Example], pad_id: int) -> dict[str, Tensor]:
         batch = collate([Example(e.input_ids, [IGNORE] * len(e.input_ids)) for e in examples], pad_id)

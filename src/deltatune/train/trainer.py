@@ -29,19 +29,17 @@ from deltatune.errors import ConfigError, TrainingDiverged
 from deltatune.model import PeftModel, get_peft_model
 from deltatune.registry import get_method
 from deltatune.train import checkpoint as ckpt
-from deltatune.train.config import BUNDLED, TrainConfig, adapter_config
-from deltatune.train.data import check_records, read_records, step_indices
-from deltatune.train.evaluate import GenerationSet, generate_for
+from deltatune.train.config import TrainConfig, adapter_config
+from deltatune.train.data import read_records, step_indices
 from deltatune.train.objectives import (
     CausalLMObjective,
     ClassificationObjective,
     eval_loss,
-    head_on_responses_supported,
     objective_for,
 )
 from deltatune.train.optim import build_optimizer, build_scheduler
-from deltatune.train.padding_free import padding_free_supported
 from deltatune.train.progress import TrainProgress, plot_losses
+from deltatune.train.scoring import generation_sets, report_scores, score_all
 
 
 @dataclass
@@ -132,46 +130,60 @@ def _check_output_dir(path: Path) -> None:
         raise ConfigError(f"output_dir {path} is not writable ({exc.strerror}); choose another output_dir.") from None
 
 
-def _setup(cfg: TrainConfig, resume: bool, model: nn.Module | None, tokenizer: Any) -> _Run:
-    rank, world, device = _distributed()
-    torch.manual_seed(cfg.seed)
-    objective = objective_for(cfg)
-    # everything about the inputs is checked before the (slow) model load
+@dataclass
+class _Inputs:
+    """The run's data, read and checked before any model is loaded (bad data fails in seconds)."""
+
+    train_records: list
+    eval_source: str | None
+    eval_records: list
+    generation_sets: list
+
+
+def _read_inputs(cfg: TrainConfig, objective: CausalLMObjective | ClassificationObjective, rank: int) -> _Inputs:
     train_records = read_records(cfg.data.train, "train")
     objective.check(train_records, cfg.data.train)
     eval_source = cfg.data.eval or (cfg.data.train if cfg.data.train.startswith("bundled:") else None)
     eval_records = read_records(eval_source, "test") if eval_source else []
     if eval_source:
         objective.check(eval_records, eval_source)
-    generation_sets = _generation_sets(cfg, eval_records) if rank == 0 else []
     if rank == 0:
         _check_output_dir(Path(cfg.output_dir))
-    if model is None:
-        model, tokenizer = objective.load_model()
-    train_set = objective.examples(train_records, tokenizer, cfg.data.train)
+    scored = generation_sets(cfg, eval_records) if rank == 0 else []
+    return _Inputs(train_records, eval_source, eval_records, scored)
+
+
+def _build_model(
+    cfg: TrainConfig, objective, model: nn.Module, tokenizer: Any, inputs: _Inputs, device: torch.device
+) -> tuple[PeftModel, list, list]:
+    """(the model with the run's adapter, training examples, held-out examples); the objective then lays its
+    batches out for that model and method (`objective.prepare`)."""
+    train_set = objective.examples(inputs.train_records, tokenizer, cfg.data.train)
     method = _method_config(cfg, objective, model, train_set, tokenizer, device)
     peft_model = _peft_model(model.to(device), method, cfg.load_adapters)
-    if isinstance(objective, CausalLMObjective):  # the objective that knows where prompts end
-        objective.extra_inputs = peft_model.input_names
-        adds_positions = get_method(method.peft_type).kind == "input"
-        objective.head_on_responses = not adds_positions and head_on_responses_supported(model)
-        per_row = adds_positions or "prompt_lengths" in objective.extra_inputs  # the method reads rows as rows
-        objective.padding_free = cfg.data.padding_free and not per_row and padding_free_supported(peft_model)
-        if "prompt_lengths" in objective.extra_inputs and cfg.data.packing:
-            raise ConfigError(f"{method.peft_type} reads each row's prompt positions; set data.packing=false.")
-    if get_method(method.peft_type).kind == "input" and cfg.data.packing:
-        raise ConfigError(f"{method.peft_type} puts virtual tokens before each row; set data.packing=false.")
+    objective.prepare(peft_model, get_method(method.peft_type))
     if cfg.optim.gradient_checkpointing:  # non-reentrant: no need for input embeddings that require grad
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    eval_set = objective.examples(eval_records, tokenizer, eval_source) if eval_records else []
+    eval_set = objective.examples(inputs.eval_records, tokenizer, inputs.eval_source) if inputs.eval_records else []
+    return peft_model, train_set, eval_set
+
+
+def _setup(cfg: TrainConfig, resume: bool, model: nn.Module | None, tokenizer: Any) -> _Run:
+    """inputs -> model -> adapter and objective -> optimizer: each step takes the previous steps' outputs."""
+    rank, world, device = _distributed()
+    torch.manual_seed(cfg.seed)
+    objective = objective_for(cfg)
+    inputs = _read_inputs(cfg, objective, rank)
+    if model is None:
+        model, tokenizer = objective.load_model()
+    peft_model, train_set, eval_set = _build_model(cfg, objective, model, tokenizer, inputs, device)
     ddp = _wrap(peft_model, model, world, cfg.distributed, device)
-    optimizer = build_optimizer(
-        peft_model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.loraplus_lr_ratio, cfg.optim.optimizer
-    )
-    scheduler = build_scheduler(optimizer, cfg.optim.steps, cfg.optim.warmup_steps, cfg.optim.schedule)
+    optim = cfg.optim
+    optimizer = build_optimizer(peft_model, optim.lr, optim.weight_decay, optim.loraplus_lr_ratio, optim.optimizer)
+    scheduler = build_scheduler(optimizer, optim.steps, optim.warmup_steps, optim.schedule)
     run = _Run(
         cfg,
         peft_model,
@@ -179,8 +191,8 @@ def _setup(cfg: TrainConfig, resume: bool, model: nn.Module | None, tokenizer: A
         tokenizer,
         train_set,
         eval_set,
-        eval_records,
-        generation_sets,
+        inputs.eval_records,
+        inputs.generation_sets,
         optimizer,
         scheduler,
         device,
@@ -408,71 +420,6 @@ def _eval_loss(run: _Run) -> float:
     return value
 
 
-def _generation_sets(cfg: TrainConfig, eval_records: list) -> list[GenerationSet]:
-    """The sets scored by generation (read and checked before the model loads): the held-out set, the extra ones
-    (for the bundled data: its unseen phrasings) and the general questions; the first `generate_eval` of each."""
-    if cfg.generate_eval <= 0:
-        return []
-    n = cfg.generate_eval
-    sets = [GenerationSet("held-out", eval_records[:n], cfg.max_new_tokens)] if eval_records else []
-    extra = cfg.data.extra_eval
-    if extra is None:
-        extra = {"unseen phrasings": f"{BUNDLED}_unseen"} if cfg.data.train == BUNDLED else {}
-    named = [(name, source, cfg.max_new_tokens) for name, source in extra.items()]
-    if cfg.data.general_eval:
-        named.append(("general questions", cfg.data.general_eval, cfg.general_max_new_tokens))
-    for name, source, budget in named:
-        records = read_records(source, "test")
-        check_records(records, cfg.data, source)
-        sets.append(GenerationSet(name, records[:n], budget))
-    return sets
-
-
-def _score_all(run: _Run, when: str) -> None:
-    """Generate answers for every generation set, stored as its `before` or `after`."""
-    for gen_set in run.generation_sets:
-        budget = gen_set.max_new_tokens
-        answers = generate_for(run.model, run.tokenizer, gen_set.records, run.cfg.data, budget, run.device)
-        setattr(gen_set, when, answers)
-    if run.objective.scores_predictions and run.eval_set:
-        pad = run.tokenizer.pad_token_id or 0
-        run.predictions[when] = run.objective.predict(
-            run.model, run.eval_set, pad, run.cfg.optim.batch_size, run.device
-        )
-    run.model.train()
-
-
-def _report_scores(run: _Run, result: TrainResult) -> None:
-    data = run.cfg.data
-    for gen_set in run.generation_sets:
-        result.scores[gen_set.name] = (gen_set.score(gen_set.before, data), gen_set.score(gen_set.after, data))
-        result.set_samples[gen_set.name] = gen_set.samples(data)
-    if run.predictions:
-        _report_accuracy(run, result)
-    if run.eval_records and run.generation_sets:
-        main = run.generation_sets[0]
-        result.metric_before, result.metric_after = result.scores[main.name]
-        result.samples = result.set_samples[main.name]
-
-
-def _report_accuracy(run: _Run, result: TrainResult) -> None:
-    """classification: held-out accuracy before -> after, and each example's predictions."""
-    data = run.cfg.data
-    references = [str(r[data.label_field]) for r in run.eval_records]
-    before, after = run.predictions["before"], run.predictions["after"]
-    accuracy = [
-        sum(p == r for p, r in zip(preds, references, strict=True)) / len(references) for preds in (before, after)
-    ]
-    result.metric_before, result.metric_after = accuracy
-    result.scores["held-out accuracy"] = (accuracy[0], accuracy[1])
-    result.scored_by = "predicted label"
-    result.samples = [
-        {"prompt": str(record[data.text_field]), "reference": ref, "before": b, "after": a, "right": a == ref}
-        for record, ref, b, a in zip(run.eval_records, references, before, after, strict=True)
-    ]
-    result.set_samples["held-out accuracy"] = result.samples
-
-
 def _timed(fn: Callable[..., Any], *args: Any) -> float:
     t0 = time.perf_counter()
     fn(*args)
@@ -508,14 +455,14 @@ def train(
     result.trainable, result.total = run.model.get_nb_trainable_parameters()
     phases = result.phases
     phases["setup"] = time.perf_counter() - started
-    phases["score before"] = _timed(_score_all, run, "before")
+    phases["score before"] = _timed(score_all, run, "before")
     with around_loop() if around_loop else contextlib.nullcontext(), run.objective.training_layout(run.model):
         phases["train"] = _timed(_loop, run, console, phases["score before"])
         if run.eval_set:
             phases["held-out loss"] = _timed(_final_eval_loss, run, result)
-    phases["score after"] = _timed(_score_all, run, "after")
+    phases["score after"] = _timed(score_all, run, "after")
     t_save = time.perf_counter()
-    _report_scores(run, result)
+    report_scores(run, result)
     state = _full_adapter_state(run)
     if run.is_main:
         run.model.save_pretrained(result.adapter_dir, state_dict=state, selected_adapters=[run.model.active_adapter])
