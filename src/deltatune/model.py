@@ -14,26 +14,19 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from deltatune import saving
+from deltatune import adapters, saving
 from deltatune.adapter_model import register_task_class, task_class
 from deltatune.arguments import refuse_unknown
 from deltatune.config import AdapterConfig
-from deltatune.errors import AdapterError, ConfigError, MergeError
+from deltatune.errors import AdapterError, ConfigError
 from deltatune.facade import PretrainedFacade, Tuner
 from deltatune.inject import (
-    find_targets,
-    replace_module,
-    resolve_modules_to_save,
-    visible_module_types,
     with_task_heads,
 )
 from deltatune.layers import AdapterLayer, TrainableCopy
 from deltatune.mixed_batch import adapters_per_row
 from deltatune.model_checkpoint import CheckpointMixin
-from deltatune.models import linear_types, output_head_name
 from deltatune.registry import MethodHooks, MethodSpec, bind_inputs, call_context, get_method, spec_for_config
-
-Wrapper = (AdapterLayer, TrainableCopy)
 
 
 class PeftModel(CheckpointMixin, PretrainedFacade):
@@ -144,12 +137,10 @@ class PeftModel(CheckpointMixin, PretrainedFacade):
         return self.peft_config[self._active[0]].peft_type if self._active else None
 
     def _wrappers(self) -> Iterator[tuple[str, AdapterLayer | TrainableCopy]]:
-        for name, module in self._base.named_modules():
-            if isinstance(module, Wrapper):
-                yield name, module
+        return adapters.wrappers(self._base)
 
     def _layers(self) -> Iterator[AdapterLayer]:
-        return (m for _, m in self._wrappers() if isinstance(m, AdapterLayer))
+        return adapters.adapted_layers(self._base)
 
     def _check_name(self, adapter_name: str, *, exists: bool) -> None:
         if exists and adapter_name not in self.peft_config:
@@ -186,71 +177,10 @@ class PeftModel(CheckpointMixin, PretrainedFacade):
             )
 
     def _inject(self, adapter_name: str, config: AdapterConfig, spec: MethodSpec, strict: bool) -> None:
-        """Wrap every target and add the adapter to it; on any failure, undo everything this call did."""
-        undo = spec.prepare_model(self._base, config) if spec.prepare_model is not None else None
-        try:
-            targets = self._targets(config, spec, strict)
-            saved = resolve_modules_to_save(self._base, config.modules_to_save or [])
-            # a module trained whole is not also adapted (peft: modules_to_save wins over target_modules)
-            targets = [t for t in targets if not any(t == m or t.startswith(m + ".") for m in saved)]
-            extra: dict[str, nn.Module] = {}
-            if spec.make_shared is not None:
-                bases = [self._base.get_submodule(t) for t in targets]
-                bases = [m.base_layer if isinstance(m, AdapterLayer) else m for m in bases]
-                self.shared[adapter_name] = extra["shared"] = spec.make_shared(config, bases)
-            for target in targets:
-                module = self._base.get_submodule(target)
-                if isinstance(module, AdapterLayer) and type(module) not in spec.layers.values():
-                    raise ConfigError(
-                        f"{target} is already adapted by another method's adapter; one module takes one method "
-                        "(choose other targets)."
-                    )
-                if not isinstance(module, AdapterLayer):
-                    module = spec.layer_for(module)(module)
-                    replace_module(self._base, target, module)
-                module.add_adapter(adapter_name, **spec.layer_kwargs(config, target), **extra)
-            for target in saved:
-                module = self._base.get_submodule(target)
-                if not isinstance(module, TrainableCopy):
-                    module = TrainableCopy(module)
-                    replace_module(self._base, target, module)
-                module.add_adapter(adapter_name)
-            if spec.adapt_extra_modules is not None:
-                spec.adapt_extra_modules(self._base, adapter_name, config)
-        except BaseException:
-            self._remove_from_modules(adapter_name)
-            if undo is not None:
-                undo()
-            raise
-
-    def _targets(self, config: AdapterConfig, spec: MethodSpec, strict: bool) -> list[str]:
-        """Names of the modules the adapter wraps: the method's own choice (`select_targets`), else `target_modules`
-        resolved by `find_targets`."""
-        if spec.select_targets is not None:
-            return spec.select_targets(self._base, config)
-        if config.target_modules == []:
-            return []
-        return find_targets(
-            visible_module_types(self._base),
-            target_modules=config.target_modules,
-            supported=tuple(spec.layers),
-            exclude_modules=config.exclude_modules,
-            layers_to_transform=config.layers_to_transform,
-            layers_pattern=config.layers_pattern,
-            output_head=output_head_name(self._base),
-            strict=strict,
-            linear_types=linear_types(),
-        )
+        adapters.inject(self._base, self.shared, adapter_name, config, spec, strict)
 
     def _remove_from_modules(self, adapter_name: str) -> None:
-        """Drop the adapter from every wrapper; wrappers left empty give their module back."""
-        if adapter_name in self.shared:
-            del self.shared[adapter_name]
-        for name, wrapper in reversed(list(self._wrappers())):  # inner wrappers (nested) first
-            wrapper.delete_adapter(adapter_name)
-            if not wrapper.adapter_names:
-                original = wrapper.base_layer if isinstance(wrapper, AdapterLayer) else wrapper.original_module
-                replace_module(self._base, name, original)
+        adapters.remove(self._base, self.shared, adapter_name)
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool | None = None) -> None:
         """Make one adapter, or several (their terms add up), active; merged weights are unmerged. They train unless
@@ -282,26 +212,7 @@ class PeftModel(CheckpointMixin, PretrainedFacade):
         return getattr(self._base, "dtype", None)
 
     def _apply_active(self) -> None:
-        for _, wrapper in self._wrappers():
-            wrapper.set_active(self._active)
-        self._update_trainable()
-
-    def _update_trainable(self) -> None:
-        """Only the active adapters' tensors (and what their method adds, e.g. biases) train; the base is frozen."""
-        for p in self._base.parameters():
-            p.requires_grad_(False)
-        wrappers, params = [w for _, w in self._wrappers()], None
-        for name in self._active:
-            config = self.peft_config[name]
-            if config.inference_mode:
-                continue
-            for wrapper in wrappers:
-                for p in wrapper.adapter_parameters(name):
-                    p.requires_grad_(True)
-            extra = get_method(config.peft_type).extra_trainable
-            for pname in extra(self._base, config) if extra else []:
-                params = params or dict(self._base.named_parameters())  # only when the method trains base tensors
-                params[pname].requires_grad_(True)
+        adapters.set_active(self._base, self._active, self.peft_config)
 
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str, **kw: Any) -> None:
         """A new adapter combining `adapters` with `weights` (peft's signature; its method's `combine` builds it)."""
@@ -359,24 +270,10 @@ class PeftModel(CheckpointMixin, PretrainedFacade):
         names = self._active if adapter_names is None else list(adapter_names)
         for name in names:
             self._check_name(name, exists=True)
-        layers = list(self._layers())
-        if safe_merge:
-            for layer in layers:
-                for name in [n for n in names if n in layer.adapter_names and n not in layer.merged_adapters]:
-                    with torch.no_grad():
-                        finite = torch.isfinite(layer.compose_unrecorded(name, layer.base_weight.float())).all()
-                    if not finite:
-                        raise MergeError(f"adapter {name!r} has non-finite weights; nothing was merged.")
-        if progressbar:
-            from tqdm.auto import tqdm
-
-            layers = tqdm(layers, desc="merging")
-        for layer in layers:
-            layer.merge(adapter_names=[n for n in names if n in layer.adapter_names])
+        adapters.merge(self._base, names, safe_merge, progressbar)
 
     def unmerge_adapter(self) -> None:
-        for layer in self._layers():
-            layer.unmerge()
+        adapters.unmerge(self._base)
 
     def merge_and_unload(
         self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
@@ -392,13 +289,7 @@ class PeftModel(CheckpointMixin, PretrainedFacade):
         return self._unwrap(keep_copies=False)
 
     def _unwrap(self, keep_copies: bool) -> nn.Module:
-        for name, wrapper in reversed(list(self._wrappers())):  # inner wrappers (nested) first
-            if isinstance(wrapper, AdapterLayer):
-                replace_module(self._base, name, wrapper.base_layer)
-            else:
-                replace_module(self._base, name, wrapper.selected() if keep_copies else wrapper.original_module)
-        for name in list(self.shared):
-            del self.shared[name]
+        adapters.unwrap(self._base, self.shared, keep_copies)
         self.peft_config.clear()
         self._active = []
         return self._base

@@ -1,0 +1,160 @@
+"""Adapter bookkeeping on a base model's modules: wrap targets and add an adapter, remove one, set what trains,
+merge, unmerge and unwrap. Functions of the base model (and the per-adapter `shared` modules), used by `PeftModel`
+and never importing it; methods reach them only as `MethodSpec` data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from deltatune.config import AdapterConfig
+from deltatune.errors import ConfigError, MergeError
+from deltatune.inject import find_targets, replace_module, resolve_modules_to_save, visible_module_types
+from deltatune.layers import AdapterLayer, TrainableCopy
+from deltatune.models import linear_types, output_head_name
+from deltatune.registry import MethodSpec, get_method
+
+Wrapper = (AdapterLayer, TrainableCopy)
+
+
+def wrappers(base: nn.Module) -> Iterator[tuple[str, AdapterLayer | TrainableCopy]]:
+    """(path, wrapper) of every adapter wrapper in `base`, outer before inner."""
+    for name, module in base.named_modules():
+        if isinstance(module, Wrapper):
+            yield name, module
+
+
+def adapted_layers(base: nn.Module) -> Iterator[AdapterLayer]:
+    return (m for _, m in wrappers(base) if isinstance(m, AdapterLayer))
+
+
+def target_names(base: nn.Module, config: AdapterConfig, spec: MethodSpec, strict: bool) -> list[str]:
+    """Names of the modules the adapter wraps: the method's own choice (`select_targets`), else `target_modules`
+    resolved by `find_targets`."""
+    if spec.select_targets is not None:
+        return spec.select_targets(base, config)
+    if config.target_modules == []:
+        return []
+    return find_targets(
+        visible_module_types(base),
+        target_modules=config.target_modules,
+        supported=tuple(spec.layers),
+        exclude_modules=config.exclude_modules,
+        layers_to_transform=config.layers_to_transform,
+        layers_pattern=config.layers_pattern,
+        output_head=output_head_name(base),
+        strict=strict,
+        linear_types=linear_types(),
+    )
+
+
+def inject(
+    base: nn.Module, shared: nn.ModuleDict, adapter_name: str, config: AdapterConfig, spec: MethodSpec, strict: bool
+) -> None:
+    """Wrap every target and add the adapter to it; on any failure, undo everything this call did."""
+    undo = spec.prepare_model(base, config) if spec.prepare_model is not None else None
+    try:
+        targets = target_names(base, config, spec, strict)
+        saved = resolve_modules_to_save(base, config.modules_to_save or [])
+        # a module trained whole is not also adapted (peft: modules_to_save wins over target_modules)
+        targets = [t for t in targets if not any(t == m or t.startswith(m + ".") for m in saved)]
+        extra: dict[str, nn.Module] = {}
+        if spec.make_shared is not None:
+            bases = [base.get_submodule(t) for t in targets]
+            bases = [m.base_layer if isinstance(m, AdapterLayer) else m for m in bases]
+            shared[adapter_name] = extra["shared"] = spec.make_shared(config, bases)
+        for target in targets:
+            module = base.get_submodule(target)
+            if isinstance(module, AdapterLayer) and type(module) not in spec.layers.values():
+                raise ConfigError(
+                    f"{target} is already adapted by another method's adapter; one module takes one method "
+                    "(choose other targets)."
+                )
+            if not isinstance(module, AdapterLayer):
+                module = spec.layer_for(module)(module)
+                replace_module(base, target, module)
+            module.add_adapter(adapter_name, **spec.layer_kwargs(config, target), **extra)
+        for target in saved:
+            module = base.get_submodule(target)
+            if not isinstance(module, TrainableCopy):
+                module = TrainableCopy(module)
+                replace_module(base, target, module)
+            module.add_adapter(adapter_name)
+        if spec.adapt_extra_modules is not None:
+            spec.adapt_extra_modules(base, adapter_name, config)
+    except BaseException:
+        remove(base, shared, adapter_name)
+        if undo is not None:
+            undo()
+        raise
+
+
+def remove(base: nn.Module, shared: nn.ModuleDict, adapter_name: str) -> None:
+    """Drop the adapter from every wrapper; wrappers left empty give their module back."""
+    if adapter_name in shared:
+        del shared[adapter_name]
+    for name, wrapper in reversed(list(wrappers(base))):  # inner wrappers (nested) first
+        wrapper.delete_adapter(adapter_name)
+        if not wrapper.adapter_names:
+            original = wrapper.base_layer if isinstance(wrapper, AdapterLayer) else wrapper.original_module
+            replace_module(base, name, original)
+
+
+def set_active(base: nn.Module, active: list[str], configs: dict[str, AdapterConfig]) -> None:
+    """Activate `active` in every wrapper; only their tensors (and what their method adds, e.g. biases) train, unless
+    loaded for inference; the base is frozen."""
+    found = [w for _, w in wrappers(base)]
+    for wrapper in found:
+        wrapper.set_active(active)
+    for p in base.parameters():
+        p.requires_grad_(False)
+    params = None
+    for name in active:
+        config = configs[name]
+        if config.inference_mode:
+            continue
+        for wrapper in found:
+            for p in wrapper.adapter_parameters(name):
+                p.requires_grad_(True)
+        extra = get_method(config.peft_type).extra_trainable
+        for pname in extra(base, config) if extra else []:
+            params = params or dict(base.named_parameters())  # only when the method trains base tensors
+            params[pname].requires_grad_(True)
+
+
+def merge(base: nn.Module, names: list[str], safe_merge: bool = False, progressbar: bool = False) -> None:
+    """Fold `names` into the base weights; with `safe_merge`, every merged weight is checked for NaN/inf first."""
+    layers = list(adapted_layers(base))
+    if safe_merge:
+        for layer in layers:
+            for name in [n for n in names if n in layer.adapter_names and n not in layer.merged_adapters]:
+                with torch.no_grad():
+                    finite = torch.isfinite(layer.compose_unrecorded(name, layer.base_weight.float())).all()
+                if not finite:
+                    raise MergeError(f"adapter {name!r} has non-finite weights; nothing was merged.")
+    if progressbar:
+        from tqdm.auto import tqdm
+
+        layers = tqdm(layers, desc="merging")
+    for layer in layers:
+        layer.merge(adapter_names=[n for n in names if n in layer.adapter_names])
+
+
+def unmerge(base: nn.Module) -> None:
+    for layer in adapted_layers(base):
+        layer.unmerge()
+
+
+def unwrap(base: nn.Module, shared: nn.ModuleDict, keep_copies: bool) -> nn.Module:
+    """`base` with every wrapper replaced by its module (trained whole copies kept, or the originals)."""
+    for name, wrapper in reversed(list(wrappers(base))):  # inner wrappers (nested) first
+        if isinstance(wrapper, AdapterLayer):
+            replace_module(base, name, wrapper.base_layer)
+        else:
+            replace_module(base, name, wrapper.selected() if keep_copies else wrapper.original_module)
+    for name in list(shared):
+        del shared[name]
+    return base
