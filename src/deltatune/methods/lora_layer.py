@@ -221,7 +221,26 @@ class _LoraLayer(AdapterLayer):
         return module_device(self.base_layer)
 
 
-class LoraLinear(_LoraLayer):
+class _AdditiveLora(_LoraLayer):
+    """A wrapper whose output is W0 x plus one additive term per adapter (Linear, Conv, Embedding)."""
+
+    @abc.abstractmethod
+    def lora_output(self, name: str, x: Tensor) -> Tensor:
+        """Adapter `name`'s term for the input `x`: s · B A dropout(x), in this wrapper's form."""
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        """W0 x plus the term of every active unmerged adapter (a variant, e.g. DoRA, composes its own)."""
+        result = self.base_layer(x, *args, **kwargs)
+        for name in self.unmerged_active():
+            if name in self.variant:
+                result = self.variant_of(name).forward(self, name, x, result)
+                continue
+            term = self.lora_output(name, x)
+            result = result + (term if term.dtype == result.dtype else term.to(result.dtype))
+        return result
+
+
+class LoraLinear(_AdditiveLora):
     """LoRA around nn.Linear or GPT-2's Conv1D (which computes x W + b with W stored (d_in, d_out))."""
 
     def __init__(self, base_layer: nn.Module) -> None:
@@ -275,17 +294,7 @@ class LoraLinear(_LoraLayer):
         residual = weight - scale * (lora_b @ lora_a)
         self.write_base_weight(residual.T if self.fan_in_fan_out else residual)
 
-    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        result = self.base_layer(x, *args, **kwargs)
-        for name in self.unmerged_active():
-            if name in self.variant:
-                result = self.variant_of(name).forward(self, name, x, result)
-                continue
-            branch = self._lora_term(name, x)
-            result = result + (branch if branch.dtype == result.dtype else branch.to(result.dtype))
-        return result
-
-    def _lora_term(self, name: str, x: Tensor) -> Tensor:
+    def lora_output(self, name: str, x: Tensor) -> Tensor:
         """s·B A dropout(x) (+ s·lora_bias) of adapter `name`."""
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
         if a.dtype != x.dtype:  # cast the small adapter, never the activation
@@ -309,7 +318,7 @@ class LoraLinear(_LoraLayer):
             if name not in names:
                 continue  # "__base__" rows, or an adapter this layer does not hold
             add = result.index_add_ if not torch.is_grad_enabled() else result.index_add  # in place: no full copy
-            result = add(0, rows, self._lora_term(name, x.index_select(0, rows)).to(result.dtype))
+            result = add(0, rows, self.lora_output(name, x.index_select(0, rows)).to(result.dtype))
         return result
 
     def changes_bias(self, name: str) -> bool:
@@ -327,7 +336,7 @@ class LoraLinear(_LoraLayer):
         return lora_delta(a, b, self.scaling[name], self.fan_in_fan_out)
 
 
-class LoraConv(_LoraLayer):
+class LoraConv(_AdditiveLora):
     """LoRA around nn.Conv1d/2d/3d: A is a conv with the base's kernel, stride and padding; B is a 1x1 conv."""
 
     def __init__(self, base_layer: nn.modules.conv._ConvNd) -> None:
@@ -356,24 +365,17 @@ class LoraConv(_LoraLayer):
         self.lora_B[name] = conv_cls(r, base.out_channels, ones, ones, bias=False, device=self._device())
         init_pair(self.lora_A[name].weight, self.lora_B[name].weight, init_lora_weights, r)
 
-    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        result = self.base_layer(x, *args, **kwargs)
-        for name in self.unmerged_active():
-            if name in self.variant:
-                result = self.variant_of(name).forward(self, name, x, result)
-                continue
-            xd = F.dropout(x, self.dropout_p[name], self.training)
-            lora_a, lora_b = self.lora_A[name], self.lora_B[name]
-            branch = lora_b(lora_a(xd.to(lora_a.weight.dtype))) * self.scaling[name]
-            result = result + branch.to(result.dtype)
-        return result
+    def lora_output(self, name: str, x: Tensor) -> Tensor:
+        xd = F.dropout(x, self.dropout_p[name], self.training)
+        lora_a, lora_b = self.lora_A[name], self.lora_B[name]
+        return lora_b(lora_a(xd.to(lora_a.weight.dtype))) * self.scaling[name]
 
     def delta_weight(self, name: str) -> Tensor:
         a, b = self.lora_A[name].weight.float(), self.lora_B[name].weight.float()
         return lora_delta(a, b, self.scaling[name])
 
 
-class LoraEmbedding(_LoraLayer):
+class LoraEmbedding(_AdditiveLora):
     """LoRA around nn.Embedding: E' = E + s · (B A)^T, A (r, num_embeddings) zero-initialised, B (dim, r) normal."""
 
     lora_param_names = ("lora_embedding_A", "lora_embedding_B")
@@ -401,15 +403,6 @@ class LoraEmbedding(_LoraLayer):
             x, a.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
         )
         return (after_a @ self.lora_embedding_B[name].T) * self.scaling[name]
-
-    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        result = self.base_layer(x, *args, **kwargs)
-        for name in self.unmerged_active():
-            if name in self.variant:
-                result = self.variant_of(name).forward(self, name, x, result)
-                continue
-            result = result + self.lora_output(name, x).to(result.dtype)
-        return result
 
     def delta_weight(self, name: str) -> Tensor:
         a, b = self.lora_embedding_A[name].float(), self.lora_embedding_B[name].float()
