@@ -113,7 +113,7 @@ def _inserts_default_system(tokenizer) -> bool:
             return False
         head = len(os.path.commonprefix([plain, with_system]))
         tail = len(os.path.commonprefix([plain[head:][::-1], with_system[head:][::-1]]))
-        _DEFAULT_SYSTEM[template] = with_system[head : len(with_system) - tail] == sentinel and plain != with_system
+        _DEFAULT_SYSTEM[template] = with_system[head : len(with_system) - tail] == sentinel
     return _DEFAULT_SYSTEM[template]
 
 
