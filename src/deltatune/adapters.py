@@ -5,7 +5,8 @@ and never importing it; methods reach them only as `MethodSpec` data.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -52,9 +53,16 @@ def target_names(base: nn.Module, config: AdapterConfig, spec: MethodSpec, stric
 
 
 def inject(
-    base: nn.Module, shared: nn.ModuleDict, adapter_name: str, config: AdapterConfig, spec: MethodSpec, strict: bool
+    base: nn.Module,
+    shared: nn.ModuleDict,
+    adapter_name: str,
+    config: AdapterConfig,
+    spec: MethodSpec,
+    strict: bool,
+    check: Callable[[], None] | None = None,
 ) -> None:
-    """Wrap every target and add the adapter to it; on any failure, undo everything this call did."""
+    """Wrap every target and add the adapter to it, then run `check` (it raises to refuse the result); on any
+    failure, undo everything this call did."""
     undo = spec.prepare_model(base, config) if spec.prepare_model is not None else None
     try:
         targets = target_names(base, config, spec, strict)
@@ -85,6 +93,8 @@ def inject(
             module.add_adapter(adapter_name)
         if spec.adapt_extra_modules is not None:
             spec.adapt_extra_modules(base, adapter_name, config)
+        if check is not None:
+            check()
     except BaseException:
         remove(base, shared, adapter_name)
         if undo is not None:
@@ -101,6 +111,45 @@ def remove(base: nn.Module, shared: nn.ModuleDict, adapter_name: str) -> None:
         if not wrapper.adapter_names:
             original = wrapper.base_layer if isinstance(wrapper, AdapterLayer) else wrapper.original_module
             replace_module(base, name, original)
+
+
+def base_tensors_trained(base: nn.Module, adapter_name: str, config: AdapterConfig) -> set[str]:
+    """Names of the base parameters adapter `adapter_name` trains and saves besides its own (`extra_trainable`)."""
+    extra = get_method(config.peft_type).extra_trainable
+    return set(extra(base, config, adapter_name)) if extra else set()
+
+
+def refuse_shared_base_tensors(base: nn.Module, adapter_name: str, configs: dict[str, AdapterConfig]) -> None:
+    """Refuse adapter `adapter_name` (config in `configs`) when it would train base tensors another adapter trains
+    too (e.g. two adapters with `bias="all"`): both would write them, and loading one would change the other.
+    Disjoint sets (e.g. `bias="lora_only"` on different targets) are fine."""
+    new = base_tensors_trained(base, adapter_name, configs[adapter_name])
+    for other, config in configs.items():
+        shared = new & base_tensors_trained(base, other, config) if other != adapter_name and new else set()
+        if shared:
+            raise ConfigError(
+                f"adapter {adapter_name!r} would train base tensors adapter {other!r} trains and saves too "
+                f"({', '.join(sorted(shared)[:3])}{', ...' if len(shared) > 3 else ''}): one set of base tensors "
+                f"cannot hold both adapters' values. Set bias=\"none\" (or the method's option that trains base "
+                f"tensors to off) on one of them, or put it in its own PeftModel."
+            )
+
+
+def set_adapter_dtype(base: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+    """Give adapter `adapter_name`'s tensors their dtype as peft does: their base layer's floating dtype, except that
+    with `autocast_adapter_dtype` a float16/bfloat16 base gets float32 adapters (stable updates of small tensors).
+    A base without floating weights (quantized) keeps the adapter as created."""
+    for _, wrapper in wrappers(base):
+        if not isinstance(wrapper, AdapterLayer) or adapter_name not in wrapper.adapter_names:
+            continue
+        base_dtype = next((p.dtype for p in wrapper.get_base_layer().parameters() if p.is_floating_point()), None)
+        if base_dtype is None:
+            continue
+        low_precision = base_dtype in (torch.float16, torch.bfloat16)
+        dtype = torch.float32 if autocast_adapter_dtype and low_precision else base_dtype
+        for p in wrapper.adapter_parameters(adapter_name):
+            if p.is_floating_point() and p.dtype != dtype:
+                p.data = p.data.to(dtype)
 
 
 def set_active(base: nn.Module, active: list[str], configs: dict[str, AdapterConfig]) -> None:
@@ -120,7 +169,7 @@ def set_active(base: nn.Module, active: list[str], configs: dict[str, AdapterCon
             for p in wrapper.adapter_parameters(name):
                 p.requires_grad_(True)
         extra = get_method(config.peft_type).extra_trainable
-        for pname in extra(base, config) if extra else []:
+        for pname in extra(base, config, name) if extra else []:
             params = params or dict(base.named_parameters())  # only when the method trains base tensors
             params[pname].requires_grad_(True)
 
@@ -128,6 +177,7 @@ def set_active(base: nn.Module, active: list[str], configs: dict[str, AdapterCon
 def merge(base: nn.Module, names: list[str], safe_merge: bool = False, progressbar: bool = False) -> None:
     """Fold `names` into the base weights; with `safe_merge`, every merged weight is checked for NaN/inf first."""
     layers = list(adapted_layers(base))
+    _warn_already_merged(layers, names)
     if safe_merge:
         for layer in layers:
             for name in [n for n in names if n in layer.adapter_names and n not in layer.merged_adapters]:
@@ -141,6 +191,24 @@ def merge(base: nn.Module, names: list[str], safe_merge: bool = False, progressb
         layers = tqdm(layers, desc="merging")
     for layer in layers:
         layer.merge(adapter_names=[n for n in names if n in layer.adapter_names])
+
+
+def _warn_already_merged(layers: list[AdapterLayer], names: list[str]) -> None:
+    """Warn (as peft does, once per call here) when some or all of `names` are merged already: a second merge of an
+    adapter is a no-op, and merging on top of merged adapters stacks them."""
+    merged = list(dict.fromkeys(n for layer in layers for n in layer.merged_adapters))
+    if not merged:
+        return
+    new = [n for n in names if any(n in layer.adapter_names and n not in layer.merged_adapters for layer in layers)]
+    if not new:
+        warnings.warn("All adapters are already merged, nothing to do.", UserWarning, stacklevel=3)
+    else:
+        warnings.warn(
+            f"Already following adapters were merged {','.join(merged)}. You are now additionally merging "
+            f"{','.join(new)}.",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def unmerge(base: nn.Module) -> None:

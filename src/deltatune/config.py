@@ -74,6 +74,15 @@ class AdapterConfig:
         if self.layers_pattern and self.layers_to_transform is None:
             raise ConfigError("layers_pattern is only used with layers_to_transform: set both, or neither.")
 
+    def update_from(self, other: AdapterConfig) -> AdapterConfig:
+        """Copy every field of `other` (a config of the same class) into this object, and return it: a model keeps the
+        config object it was given (as peft does), holding the values the model completed (e.g. default targets)."""
+        if type(other) is not type(self):
+            raise ConfigError(f"cannot update a {type(self).__name__} from a {type(other).__name__}.")
+        for f in fields(self):
+            setattr(self, f.name, getattr(other, f.name))
+        return self
+
     def needs_target_modules(self) -> bool:
         """False when the config adapts something besides modules, so an empty `target_modules` list is meaningful
         (a method's config decides)."""

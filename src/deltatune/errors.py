@@ -39,8 +39,9 @@ class UnsupportedModuleError(ConfigError):
     """A target module's type has no layer in the method's dispatch table."""
 
 
-class AdapterError(DeltatuneError, KeyError):
-    """An adapter name that does not exist, already exists, or cannot be used for the asked operation."""
+class AdapterError(DeltatuneError, KeyError, ValueError):
+    """An adapter name that does not exist, already exists, or cannot be used for the asked operation. A KeyError (a
+    name lookup) and a ValueError (what peft raises, and what peft users' code catches)."""
 
     def __str__(self) -> str:  # KeyError would print the message with quotes around it
         return str(self.args[0]) if self.args else ""

@@ -14,6 +14,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_dumps
@@ -77,15 +78,16 @@ def dump_tensors(tensors: dict[str, Tensor]) -> bytes:
     return safetensors_dumps(plain, metadata={"format": "pt"})
 
 
-def read_tensors(directory: str | Path) -> dict[str, Tensor]:
-    """Load `adapter_model.safetensors`; a missing, truncated or corrupt file raises CheckpointError."""
+def read_tensors(directory: str | Path, device: torch.device | None = None) -> dict[str, Tensor]:
+    """Load `adapter_model.safetensors` (onto `device`, default cpu); a missing, truncated or corrupt file raises
+    CheckpointError."""
     path = Path(directory) / WEIGHTS_NAME
     if not path.is_file():
         other = Path(directory) / "adapter_model.bin"
         why = " (only a pickled adapter_model.bin is there: deltatune never loads pickles; re-save it as safetensors)"
         raise CheckpointError(f"no {WEIGHTS_NAME} in {directory}{why if other.exists() else ''}.")
     try:
-        return load_file(str(path))
+        return load_file(str(path), device=str(device or "cpu"))
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(
             f"{path} is not a readable safetensors file ({exc}); it may be truncated. Re-save it."

@@ -432,13 +432,13 @@ def module_device(module: nn.Module) -> torch.device:
     return next(t for t in (*module.parameters(), *module.buffers())).device
 
 
-def bias_parameters(model: nn.Module, bias: str, layer_type: type[nn.Module]) -> list[str]:
-    """Names of the base biases a method trains: none; "all" biases; or (any other mode, e.g. "lora_only") the
-    biases of the layers wrapped by `layer_type`."""
+def bias_parameters(model: nn.Module, bias: str, layer_type: type[nn.Module], adapter_name: str) -> list[str]:
+    """Names of the base biases a method trains with adapter `adapter_name`: none; "all" biases; or (any other mode,
+    e.g. "lora_only") the biases of the `layer_type` wrappers holding that adapter."""
     if bias == "none":
         return []
     names = [n for n, _ in model.named_parameters() if n.endswith("bias")]
     if bias == "all":
         return names
-    wrapped = {n for n, m in model.named_modules() if isinstance(m, layer_type)}
+    wrapped = {n for n, m in model.named_modules() if isinstance(m, layer_type) and adapter_name in m.adapter_names}
     return [n for n in names if n.endswith("base_layer.bias") and n.rsplit(".", 2)[0] in wrapped]

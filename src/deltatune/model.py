@@ -39,14 +39,21 @@ class PeftModel(CheckpointMixin, PretrainedFacade):
     task_heads: tuple[str, ...] = ()
     """Head modules a task class trains and saves with every adapter (`modules_to_save`), as peft's do."""
 
-    def __init__(self, model: nn.Module, peft_config: AdapterConfig | None = None, adapter_name: str = "default"):
+    def __init__(
+        self,
+        model: nn.Module,
+        peft_config: AdapterConfig | None = None,
+        adapter_name: str = "default",
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+    ):
         nn.Module.__init__(self)  # not PreTrainedModel's: the wrapped model keeps the one config
         self._modules["base_model"] = Tuner(model)  # under the `base_model` property (PreTrainedModel has one)
         self.peft_config: dict[str, AdapterConfig] = {}
         self.shared = nn.ModuleDict()  # per adapter: tensors all its layers share (only for methods that have some)
         self._active: list[str] = []
         if peft_config is not None:
-            self.add_adapter(adapter_name, peft_config)
+            self.add_adapter(adapter_name, peft_config, autocast_adapter_dtype, low_cpu_mem_usage)
 
     # -- pass-through -------------------------------------------------------------------------------------------------
     def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
@@ -151,17 +158,30 @@ class PeftModel(CheckpointMixin, PretrainedFacade):
             if adapter_name in self.peft_config:
                 raise AdapterError(f"adapter {adapter_name!r} already exists; delete it first or pick another name.")
 
-    def add_adapter(self, adapter_name: str, peft_config: AdapterConfig, **kwargs: Any) -> None:
-        """Add a new (trainable) adapter; the first one added becomes active. peft's `autocast_adapter_dtype=True` and
-        `low_cpu_mem_usage=False` are what deltatune does (float32 adapters, created with their values)."""
-        refuse_unknown("add_adapter", kwargs, {"autocast_adapter_dtype": (True,), "low_cpu_mem_usage": (False,)})
+    def add_adapter(
+        self,
+        adapter_name: str,
+        peft_config: AdapterConfig,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+    ) -> None:
+        """Add a new (trainable) adapter; the first one added becomes active. The model keeps `peft_config` itself,
+        completed (e.g. with the model's default `target_modules`), as peft does. The adapter's tensors take their
+        base layers' dtype, except float32 over a float16/bfloat16 base unless `autocast_adapter_dtype=False`.
+
+        Raises:
+            UnsupportedArgumentError: `low_cpu_mem_usage=True` (peft's empty adapter on the meta device, to be
+                filled by a later load): deltatune creates every adapter with its values.
+        """
+        refuse_unknown("add_adapter", {"low_cpu_mem_usage": low_cpu_mem_usage}, {"low_cpu_mem_usage": (False,)})
         self._check_name(adapter_name, exists=False)
         spec = spec_for_config(peft_config)
-        peft_config = with_task_heads(self._base, spec.complete(peft_config, self._base), self.task_heads)
+        completed = with_task_heads(self._base, spec.complete(peft_config, self._base), self.task_heads)
         self._check_same_method(spec)
-        self._inject(adapter_name, peft_config, spec, strict=True)
+        self._inject(adapter_name, completed, spec, strict=True)
         self._initialize_from_base(adapter_name)
-        self.peft_config[adapter_name] = peft_config
+        adapters.set_adapter_dtype(self._base, adapter_name, autocast_adapter_dtype)
+        self.peft_config[adapter_name] = peft_config.update_from(completed)
         if not self._active:
             self._active = [adapter_name]
         self._apply_active()
@@ -177,7 +197,13 @@ class PeftModel(CheckpointMixin, PretrainedFacade):
             )
 
     def _inject(self, adapter_name: str, config: AdapterConfig, spec: MethodSpec, strict: bool) -> None:
-        adapters.inject(self._base, self.shared, adapter_name, config, spec, strict)
+        """Add the adapter's layers; refused (and undone) when it would train base tensors another adapter trains."""
+        others = {n: c for n, c in self.peft_config.items() if n != adapter_name}
+
+        def check() -> None:
+            adapters.refuse_shared_base_tensors(self._base, adapter_name, {**others, adapter_name: config})
+
+        adapters.inject(self._base, self.shared, adapter_name, config, spec, strict, check)
 
     def _remove_from_modules(self, adapter_name: str) -> None:
         adapters.remove(self._base, self.shared, adapter_name)
@@ -194,7 +220,7 @@ class PeftModel(CheckpointMixin, PretrainedFacade):
             self.unmerge_adapter()
         if inference_mode is not None:
             for name in names:
-                self.peft_config[name] = self.peft_config[name].replace(inference_mode=inference_mode)
+                self.peft_config[name].inference_mode = inference_mode  # in the user's object, as peft does
         self._active = names
         self._apply_active()
 
@@ -243,21 +269,33 @@ class PeftModel(CheckpointMixin, PretrainedFacade):
         manager `disable_adapter()` does the same for one block."""
         if any(layer.merged for layer in self._layers()):
             self.unmerge_adapter()
-        for _, wrapper in self._wrappers():
+        found = [w for _, w in self._wrappers()]
+        if not self.__dict__.get("_grad_while_enabled"):  # a second disable keeps the first one's record
+            # an adapter that is off does not train (peft turns its gradients off too); enabling restores each flag
+            params = [p for w in found for name in w.adapter_names for p in w.adapter_parameters(name)]
+            self.__dict__["_grad_while_enabled"] = [(p, p.requires_grad) for p in params]
+            for p in params:
+                p.requires_grad_(False)
+        for wrapper in found:
             wrapper.disabled = True
 
     def enable_adapter_layers(self) -> None:
         for _, wrapper in self._wrappers():
             wrapper.disabled = False
+        for p, requires_grad in self.__dict__.pop("_grad_while_enabled", None) or []:
+            p.requires_grad_(requires_grad)
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        """Run the plain base model inside the block (merged adapters are unmerged first)."""
+        """Run the plain base model inside the block (merged adapters are unmerged first); the adapters' tensors do
+        not train inside it. Adapters disabled before the block stay disabled after it."""
+        was_enabled = not any(w.disabled for _, w in self._wrappers())
         self.disable_adapter_layers()
         try:
             yield
         finally:
-            self.enable_adapter_layers()
+            if was_enabled:
+                self.enable_adapter_layers()
 
     # -- merging ------------------------------------------------------------------------------------------------------
     def merge_adapter(
@@ -315,10 +353,28 @@ def inject_adapter_in_model(peft_config: AdapterConfig, model: nn.Module, adapte
     return PeftModel(model, peft_config, adapter_name).get_base_model()
 
 
-def get_peft_model(model: nn.Module, peft_config: AdapterConfig, adapter_name: str = "default") -> PeftModel:
+def get_peft_model(
+    model: nn.Module,
+    peft_config: AdapterConfig,
+    adapter_name: str = "default",
+    mixed: bool = False,
+    autocast_adapter_dtype: bool = True,
+    revision: str | None = None,
+    low_cpu_mem_usage: bool = False,
+) -> PeftModel:
     """Wrap `model` with a new adapter described by `peft_config` (its base weights are frozen). With a
-    `task_type`, the result is that task's class (e.g. `PeftModelForCausalLM`), as in peft."""
-    return task_class(peft_config.task_type)(model, peft_config, adapter_name)
+    `task_type`, the result is that task's class (e.g. `PeftModelForCausalLM`), as in peft. `revision` is recorded
+    in the config (the base model's revision); `autocast_adapter_dtype` and `low_cpu_mem_usage` as in `add_adapter`.
+
+    Raises:
+        UnsupportedArgumentError: `mixed=True` (peft's PeftMixedModel of different methods): one layer method and
+            one input method already share a deltatune model; build one PeftModel per other method.
+    """
+    refuse_unknown("get_peft_model", {"mixed": mixed}, {"mixed": (False,)})
+    if revision is not None:
+        peft_config.revision = revision
+    cls = task_class(peft_config.task_type)
+    return cls(model, peft_config, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage)
 
 
 register_task_class(None, PeftModel)

@@ -12,11 +12,11 @@ import torch
 from torch import Tensor, nn
 from transformers.initialization import no_init_weights
 
-from deltatune import io, saving
+from deltatune import adapters, io, saving
 from deltatune.adapter_model import dispatches_on_task_type, task_class
 from deltatune.arguments import refuse_unknown
 from deltatune.config import AdapterConfig
-from deltatune.errors import UnsupportedArgumentError
+from deltatune.errors import ConfigError, UnsupportedArgumentError
 from deltatune.hub import adapter_dir, push_adapter, write_model_card
 from deltatune.inject import with_task_heads
 from deltatune.layers import AdapterLayer
@@ -37,7 +37,7 @@ class CheckpointMixin:
         extra = get_method(config.peft_type).extra_trainable
         if extra:
             params = dict(self._base.named_parameters())
-            relative.update({n: params[n] for n in extra(self._base, config)})
+            relative.update({n: params[n] for n in extra(self._base, config, adapter_name)})
         if adapter_name in self.shared:
             relative.update({io.SHARED_MARK + k: t for k, t in self.shared[adapter_name].state_dict().items()})
         return io.to_peft_keys(relative, self._module_prefix(config))
@@ -139,7 +139,11 @@ class CheckpointMixin:
     ) -> None:
         """Add the adapter saved in `model_id` (or `model_id/subfolder`) under `adapter_name`; validated fully before
         the model changes. `model_id` is a local folder or a Hub repo id (`revision=` picks its version; read
-        through huggingface_hub's cache). `config` replaces the saved adapter_config.json (same method).
+        through huggingface_hub's cache). `config` replaces the saved adapter_config.json (same method); the model
+        keeps that object, with `inference_mode = not is_trainable`, as peft does. peft's loading keywords:
+        `torch_device` (where the file is read into; the adapter's tensors then live with their base layers),
+        `device_map` (the model's placement; adapters follow their layers), `autocast_adapter_dtype` (as in
+        `add_adapter`) and `low_cpu_mem_usage` (either value: deltatune never builds a random init to overwrite).
 
         Raises:
             ConfigError / UnsupportedFieldError / UnknownMethodError: the config is malformed or asks for more than
@@ -148,19 +152,19 @@ class CheckpointMixin:
             UnsupportedArgumentError: a keyword argument deltatune does not implement.
         """
         revision = kwargs.pop("revision", None)
-        accepted = {"low_cpu_mem_usage": (False,), "autocast_adapter_dtype": (True,), "torch_device": (None,)}
-        refuse_unknown("load_adapter", kwargs, accepted)
+        device, autocast_adapter_dtype = load_options(self._base, kwargs)
         self._check_name(adapter_name, exists=False)
         directory = adapter_dir(model_id, subfolder, revision)
-        config = config or AdapterConfig.from_pretrained(directory)
-        spec = spec_for_config(config)
-        config = config.replace(inference_mode=not is_trainable)
+        given = config or AdapterConfig.from_pretrained(directory)
+        spec = spec_for_config(given)
+        config = given.replace(inference_mode=not is_trainable)
         config = with_task_heads(self._base, spec.complete(config, self._base), self.task_heads)
         self._check_same_method(spec)
-        found = io.from_peft_keys(io.read_tensors(directory), spec.module_key_prefix)
+        found = io.from_peft_keys(io.read_tensors(directory, device), spec.module_key_prefix)
         requires_grad = {n: p.requires_grad for n, p in self._base.named_parameters()}
         with no_init_weights():  # every tensor is overwritten from the file (check_state): skip random inits
             self._inject(adapter_name, config, spec, strict=False)
+        adapters.set_adapter_dtype(self._base, adapter_name, autocast_adapter_dtype)
         self.peft_config[adapter_name] = config
         try:
             expected = io.from_peft_keys(self.adapter_state_dict(adapter_name), spec.module_key_prefix)
@@ -174,6 +178,7 @@ class CheckpointMixin:
             raise
         self._initialize_from_base(adapter_name)  # as at creation (peft does the same), then the saved tensors
         self._copy_state(adapter_name, found, expected)
+        self.peft_config[adapter_name] = given.update_from(config)
         if not self._active:
             self._active = [adapter_name]
         self._apply_active()
@@ -221,3 +226,49 @@ class CheckpointMixin:
 def _in_model(path: str, key: str) -> str:
     """A state key of the wrapper at `path` as a model-level key; top-level keys stay as they are."""
     return key if key.startswith(io.ROOT_MARK) else f"{path}.{key}"
+
+
+def load_options(base: nn.Module, kwargs: dict[str, Any]) -> tuple[torch.device | None, bool]:
+    """peft's `load_adapter` keywords, checked: (the device to read the file into, `autocast_adapter_dtype`). Any
+    other keyword, or a value deltatune cannot honour, is refused by name."""
+    options = dict(kwargs)
+    torch_device = options.pop("torch_device", None)
+    device_map = options.pop("device_map", None)
+    autocast_adapter_dtype = options.pop("autocast_adapter_dtype", True)
+    low_cpu_mem_usage = options.pop("low_cpu_mem_usage", False)
+    for name, value in (("autocast_adapter_dtype", autocast_adapter_dtype), ("low_cpu_mem_usage", low_cpu_mem_usage)):
+        if not isinstance(value, bool):
+            raise ConfigError(f"load_adapter(): {name} must be True or False, got {value!r}.")
+    refuse_unknown("load_adapter", options, {"ephemeral_gpu_offload": (False,), "key_mapping": (None, {})})
+    if device_map is not None:
+        check_device_map(base, device_map)
+    return (None if torch_device is None else available_device(torch_device)), autocast_adapter_dtype
+
+
+def available_device(torch_device: str | torch.device) -> torch.device:
+    """`torch_device` as a device this machine has, else a ConfigError naming it."""
+    try:
+        device = torch.device(torch_device)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        why = f'torch_device={torch_device!r} is not a device ({exc}); use e.g. "cpu" or "cuda:0".'
+        raise ConfigError(why) from exc
+    backend = getattr(torch, device.type, None) if device.type not in ("cpu", "meta") else None
+    if backend is not None and hasattr(backend, "is_available") and not backend.is_available():
+        raise ConfigError(f'torch_device={torch_device!r}: this machine has no {device.type} device; use "cpu".')
+    if device.type == "meta":
+        raise UnsupportedArgumentError("torch_device='meta' would load no values; use the device the model is on.")
+    return device
+
+
+def check_device_map(base: nn.Module, device_map: Any) -> None:
+    """peft uses `device_map` only to re-dispatch a model accelerate offloaded to cpu/disk; on any other model the
+    adapters simply follow their layers. deltatune does not re-dispatch offloaded models, so it refuses those."""
+    if not isinstance(device_map, (str, dict)):
+        raise ConfigError(f'device_map must be a string (e.g. "auto") or a dict; got {device_map!r}.')
+    placed = getattr(base, "hf_device_map", None) or {}
+    offloaded = sorted(k for k, v in placed.items() if v in ("cpu", "disk")) if len(set(placed.values())) > 1 else []
+    if offloaded:
+        raise UnsupportedArgumentError(
+            f"load_adapter(device_map={device_map!r}) on a model accelerate offloaded ({offloaded[:3]} on cpu/disk): "
+            f"deltatune does not re-dispatch offloaded models; load the base model onto one device."
+        )

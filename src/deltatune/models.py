@@ -141,9 +141,10 @@ def find_layer_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 
 def default_lora_targets(model_type: str | None) -> list[str] | str | None:
-    """LoRA's default targets for a family; unknown families get "all-linear" (every linear but the output head)."""
+    """LoRA's default targets for a family (peft's table); None for a family without one: the user picks (never
+    silently "all-linear")."""
     targets = arch_for(model_type).lora_targets
-    return list(targets) if targets else "all-linear"
+    return list(targets) if targets else None
 
 
 _LINEAR_TYPES: list[type[nn.Module]] = [nn.Linear, Conv1D]

@@ -55,7 +55,8 @@ class MethodSpec:
             so specific (e.g. quantized) types come first.
         layer_kwargs: turns (config, module path) into the flat keyword arguments of `add_adapter` for that target.
         param_prefix: prefix of the method's parameter attributes (e.g. "lora_"), used in reports.
-        extra_trainable: optional, (model, config) -> names of base parameters the method also trains (LoRA's bias).
+        extra_trainable: optional, (model, config, adapter name) -> names of base parameters the method also trains
+            with that adapter (LoRA's bias); two adapters may not share one (`PeftModel` refuses the second).
         hooks: optional training hooks.
         make_shared: optional builder of per-adapter tensors shared by all its layers.
     """
@@ -66,7 +67,7 @@ class MethodSpec:
     layers: Mapping[type[nn.Module], type[AdapterLayer]]
     layer_kwargs: Callable[[AdapterConfig, str], dict[str, Any]]
     param_prefix: str
-    extra_trainable: Callable[[nn.Module, AdapterConfig], list[str]] | None = None
+    extra_trainable: Callable[[nn.Module, AdapterConfig, str], list[str]] | None = None
     hooks: MethodHooks | None = None
     default_targets: Callable[[str], list[str] | str | None] = field(default=lambda model_type: None)
     make_shared: Callable[[AdapterConfig, list[nn.Module]], nn.Module] | None = None
@@ -130,8 +131,24 @@ class MethodSpec:
             return config
         targets = self.default_targets(model_type)
         if targets is None:
-            raise ConfigError(f"target_modules is not set and {self.peft_type} has no default for this model; set it.")
+            raise ConfigError(self._no_default_targets(model, model_type))
         return config.replace(target_modules=targets)
+
+    def _no_default_targets(self, model: nn.Module, model_type: str | None) -> str:
+        """The error for a missing `target_modules`, naming what could be chosen on this model."""
+        from deltatune.models import linear_types
+
+        adaptable = tuple(self.layers) or (nn.Module,)
+        names = [n for n, m in model.named_modules() if n and isinstance(m, adaptable)]
+        suffixes = list(dict.fromkeys(n.rsplit(".", 1)[-1] for n in names))
+        has_linear = any(isinstance(m, linear_types()) for m in model.modules())
+        choices = f"module names it can adapt here: {suffixes[:12]}" if suffixes else "no module here it can adapt"
+        return (
+            f"Please specify `target_modules`: {self.peft_type} has no default targets for "
+            f"{model_type or type(model).__name__} models ({choices}"
+            + ('; or "all-linear" for every linear layer but the output head' if has_linear else "")
+            + ")."
+        )
 
     def layer_for(self, module: nn.Module) -> type[AdapterLayer] | None:
         """The wrapper class for `module`, or None if this method cannot adapt its type."""

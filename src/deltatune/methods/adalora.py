@@ -471,8 +471,8 @@ class AdaLoraHooks:
             allocator.load_state_tensors(layers, name, config, own)
 
 
-def adalora_extra_trainable(model: nn.Module, config: AdaLoraConfig) -> list[str]:
-    return bias_parameters(model, config.bias, _SvdLayer)
+def adalora_extra_trainable(model: nn.Module, config: AdaLoraConfig, adapter_name: str) -> list[str]:
+    return bias_parameters(model, config.bias, _SvdLayer, adapter_name)
 
 
 register_method(

@@ -244,7 +244,7 @@ class BottleneckLayer(AdapterLayer):
         raise MergeError("bottleneck adapters are never merged.")
 
 
-def bottleneck_extra_trainable(model: nn.Module, config: BottleneckConfig) -> list[str]:
+def bottleneck_extra_trainable(model: nn.Module, config: BottleneckConfig, adapter_name: str) -> list[str]:
     """`train_layer_norms`: the parameters of the normalization layers the architecture table names."""
     if not config.train_layer_norms:
         return []

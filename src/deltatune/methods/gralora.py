@@ -147,8 +147,8 @@ class GraloraLinear(AdapterLayer):
         return weight - self.delta_weight(name)
 
 
-def gralora_extra_trainable(model: nn.Module, config: GraloraConfig) -> list[str]:
-    return bias_parameters(model, config.bias, GraloraLinear)
+def gralora_extra_trainable(model: nn.Module, config: GraloraConfig, adapter_name: str) -> list[str]:
+    return bias_parameters(model, config.bias, GraloraLinear, adapter_name)
 
 
 register_method(

@@ -190,9 +190,9 @@ def lora_extra_modules(model: nn.Module, adapter_name: str, config: LoraConfig) 
     add_trainable_tokens(model, adapter_name, config)
 
 
-def lora_extra_trainable(model: nn.Module, config: LoraConfig) -> list[str]:
+def lora_extra_trainable(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]:
     """Base biases trained with the adapter when `bias` is "all" or "lora_only"."""
-    return bias_parameters(model, config.bias, _LoraLayer)
+    return bias_parameters(model, config.bias, _LoraLayer, adapter_name)
 
 
 LORA_LAYERS: dict[type[nn.Module], type[AdapterLayer]] = {

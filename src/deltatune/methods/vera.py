@@ -137,8 +137,8 @@ class VeraLinear(AdapterLayer):
         return weight - self.delta_weight(name)
 
 
-def vera_extra_trainable(model: nn.Module, config: VeraConfig) -> list[str]:
-    return bias_parameters(model, config.bias, VeraLinear)
+def vera_extra_trainable(model: nn.Module, config: VeraConfig, adapter_name: str) -> list[str]:
+    return bias_parameters(model, config.bias, VeraLinear, adapter_name)
 
 
 register_method(
