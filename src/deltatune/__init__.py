@@ -47,7 +47,12 @@ from deltatune.quant import (
     quantize_model,
 )
 from deltatune.registry import MethodSpec, get_method, list_methods, register_method
-from deltatune.state_dict import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
+from deltatune.state_dict import (
+    get_base_model_state_dict,
+    get_peft_model_state_dict,
+    load_peft_weights,
+    set_peft_model_state_dict,
+)
 from deltatune.status import get_layer_status, get_model_status
 from deltatune.tasks import (
     PeftModelForCausalLM,
@@ -100,6 +105,7 @@ __all__ = [
     "PeftModelForTokenClassification",
     "PeftType",
     "TaskType",
+    "get_base_model_state_dict",
     "get_peft_model_state_dict",
     "load_peft_weights",
     "set_peft_model_state_dict",

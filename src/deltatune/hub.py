@@ -68,9 +68,10 @@ def push_adapter(
         )
 
 
-def write_model_card(directory: Path, base_model: str | None, peft_type: str) -> None:
+def write_model_card(directory: Path, base_model: str | None, peft_type: str, transformers_model: bool = False) -> None:
     """Create or update `README.md` in an adapter folder: the YAML header the Hub reads (`library_name: peft`, since
-    the files are peft's format; `base_model`; tags) with the body left as it was."""
+    the files are peft's format; `base_model` and its `base_model:adapter:` tag when the base has a name, never an
+    empty one; tags, `transformers` for a transformers base) with the body left as it was."""
     import yaml
 
     from deltatune.io import atomic_write_bytes
@@ -86,7 +87,9 @@ def write_model_card(directory: Path, base_model: str | None, peft_type: str) ->
         else:
             body = "\n" + text
     header["library_name"] = "peft"
+    tags = {*header.get("tags", []), "deltatune", peft_type.lower(), *(["transformers"] if transformers_model else [])}
     if base_model:
         header["base_model"] = base_model
-    header["tags"] = sorted({*header.get("tags", []), "deltatune", peft_type.lower()})
+        tags.add(f"base_model:adapter:{base_model}")  # the Hub links the adapter to its base by this tag
+    header["tags"] = sorted(tags)
     atomic_write_bytes(path, f"---\n{yaml.safe_dump(header, sort_keys=True)}---\n{body}".encode())

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from transformers import PreTrainedModel
 from transformers.initialization import no_init_weights
 
 from deltatune import adapters, io, saving
@@ -87,7 +88,8 @@ class CheckpointMixin:
     def create_or_update_model_card(self, output_dir: str | Path, adapter_name: str | None = None) -> None:
         """Write or update `output_dir/README.md` (the Hub's model card header: library, base model, tags)."""
         config = self.peft_config[adapter_name or self.active_adapter]
-        write_model_card(Path(output_dir), self._base_path(config), config.peft_type)
+        is_transformers = isinstance(self._base, PreTrainedModel)
+        write_model_card(Path(output_dir), self._base_path(config), config.peft_type, is_transformers)
 
     def _base_path(self, config: AdapterConfig) -> str | None:
         """Where the base model lives: the config's `base_model_name_or_path`, else the model config's name."""

@@ -3,6 +3,7 @@
 state = get_peft_model_state_dict(model)            # {"base_model.model.<path>.lora_A.weight": ..., ...}
 set_peft_model_state_dict(model, state)              # checked first: keys and shapes must fit exactly
 state = load_peft_weights("out/")                   # read adapter_model.safetensors (never a pickle)
+base = get_base_model_state_dict(model)             # the base model's own keys, adapters left out
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from deltatune import io
 from deltatune.arguments import refuse_unknown
+from deltatune.layers import AdapterLayer, TrainableCopy
 
 if TYPE_CHECKING:  # model.py uses `module_keys` below
     from deltatune.adapter_model import AdapterModel
@@ -70,3 +72,33 @@ def load_peft_weights(model_id: str | Path, device: str | torch.device | None = 
     """The tensors of `model_id/adapter_model.safetensors` (on `device` when given)."""
     tensors = io.read_tensors(model_id)
     return {k: v.to(device) for k, v in tensors.items()} if device is not None else tensors
+
+
+def get_base_model_state_dict(model: AdapterModel) -> dict[str, Tensor]:
+    """The base model's state dict under its original keys (those of the model before adapters were added): the
+    adapters' tensors left out, the wrappers' infixes (`base_layer`, `original_module`) removed. Merged adapters are
+    part of the weights, as in the live model."""
+    base = model.get_base_model()
+    out = {}
+    for key, value in base.state_dict().items():
+        original = _original_key(base, key)
+        if original is not None:
+            out[original] = value
+    return out
+
+
+def _original_key(base: nn.Module, key: str) -> str | None:
+    """`key` of `base.state_dict()` without wrapper infixes, or None when it is an adapter's tensor. Resolved against
+    the live modules, so a model's own module that happens to be called `base_layer` keeps its name."""
+    kept: list[str] = []
+    module: nn.Module | None = base
+    for part in key.split("."):
+        own = {AdapterLayer: "base_layer", TrainableCopy: "original_module"}
+        wrapped = next((attr for cls, attr in own.items() if isinstance(module, cls)), None)
+        if wrapped is not None:
+            if part != wrapped:
+                return None  # everything in a wrapper but the module it wraps belongs to the adapters
+        else:
+            kept.append(part)
+        module = module._modules.get(part) if module is not None else None
+    return ".".join(kept)
