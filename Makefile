@@ -57,6 +57,8 @@ bench: setup
 	$(PY) benchmarks/classification_methods.py
 	$(PY) benchmarks/plan_vs_measured.py
 	$(PY) benchmarks/roofline.py
+	$(PY) benchmarks/chunked_loss.py
+	$(PY) benchmarks/dora_lean.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

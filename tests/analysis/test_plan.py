@@ -39,6 +39,20 @@ def test_activations_scale_with_the_batch_and_checkpointing_cuts_them():
     assert not plan_memory("llama-7b", "lora", batch=largest + 1, seq=256).fits(40)
 
 
+def test_the_chunked_loss_holds_one_chunk_and_the_hidden_gradient():
+    """llama-3-8b (vocabulary 128,256, hidden 4096), batch 2 x 1024, bf16: the full loss holds several copies of the
+    (2048 x 128,256) logits; the chunked one a 32 MiB-of-fp32 chunk (fp32 + bf16), the hidden states' bf16 gradient
+    and, for full fine-tuning, the head's fp32 gradient."""
+    vocab, hidden, positions = 128_256, 4096, 2 * 1024
+    rows = max(16, 32 * 2**20 // (4 * vocab))
+    lora, full = (plan_memory("llama-3-8b", m, batch=2, seq=1024, chunked_loss=True) for m in ("lora", "full"))
+    assert lora.logits_and_loss == rows * vocab * (4 + 2) + positions * hidden * 2
+    assert full.logits_and_loss == lora.logits_and_loss + vocab * hidden * 4
+    plain = plan_memory("llama-3-8b", "lora", batch=2, seq=1024)
+    assert plain.logits_and_loss > 3 * positions * vocab * 2  # bf16 logits, their fp32 copy, gradient, log-softmax
+    assert plain.peak - lora.peak == plain.logits_and_loss - lora.logits_and_loss
+
+
 def test_any_registered_method_and_bad_input():
     ia3 = plan_memory("llama-7b", "ia3")
     assert ia3.trainable_params == 32 * (4096 + 4096 + 11008)  # k and v outputs, down_proj's input

@@ -8,6 +8,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import deltatune as dt
+from deltatune.functional.lora import dropout_keep_mask
 from deltatune.methods.lora_layer import LoraLinear, lora_layer_kwargs
 from tests.conftest import tiny_mlp
 
@@ -40,13 +41,64 @@ def test_forward_and_gradients_match_the_detached_norm_formula(kind):
     with torch.no_grad():
         base.bias.normal_()
     layer = _dora_layer(base)
-    x = torch.randn(4, 10)
+    x = torch.randn(2, 4, 10, requires_grad=True)
+    layer.base_layer.bias.requires_grad_(True)  # a trained base bias (bias="all") gets its gradient too
     got, want = layer(x), _reference(layer, x)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     params = [layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.lora_magnitude_vector["default"]]
+    params += [x, layer.base_layer.bias]
     g = torch.randn_like(got)
     for ours, theirs in zip(torch.autograd.grad(got, params, g), torch.autograd.grad(want, params, g), strict=True):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_dropout_recomputes_the_base_term_on_the_dropped_input(with_bias):
+    """With dropout (training), y = W0 x + b + (k - 1) W0 x_d + k s B A x_d, k = m / ‖W0 + s B A‖ (peft's form),
+    x_d the dropped input: values and every gradient against that expression written out."""
+    torch.manual_seed(1)
+    layer = _dora_layer(nn.Linear(10, 7, bias=with_bias))
+    layer.dropout_p["default"] = 0.3
+    layer.train()
+    x = torch.randn(3, 5, 10, requires_grad=True)
+    torch.manual_seed(7)
+    got = layer(x)
+    torch.manual_seed(7)  # the same seed, drawn as the layer draws it: the same (hash) mask
+    seed = int(torch.randint(0, 2**31, (1,)).item())
+    dropped = x * dropout_keep_mask(x.shape, 0.3, seed, x.device) / 0.7
+    assert 0.6 < (dropped != 0).float().mean() < 0.8
+    w0, a, b = layer.weight_out_in(), layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    magnitude = layer.lora_magnitude_vector["default"]
+    k = magnitude / (w0 + 2.0 * b @ a).norm(dim=1).detach()
+    want = layer.base_layer(x) + (k - 1) * (dropped @ w0.T) + k * (dropped @ a.T @ b.T * 2.0)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(got)
+    params = [x, a, b, magnitude]
+    for ours, theirs in zip(torch.autograd.grad(got, params, g), torch.autograd.grad(want, params, g), strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_dora_gradients_equal_peft_on_a_model(tmp_path):
+    """peft's DoRA adapter (perturbed), loaded into deltatune: the same loss gives the same gradients."""
+    peft = pytest.importorskip("peft")
+    from tests.conftest import perturb_trainable, tiny_llama
+
+    ids = torch.tensor([[3, 8, 1, 9, 4, 2]])
+    config = peft.LoraConfig(target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True)
+    theirs = peft.get_peft_model(tiny_llama(), config)
+    perturb_trainable(theirs)
+    theirs.save_pretrained(tmp_path)
+    ours = dt.PeftModel.from_pretrained(tiny_llama(), tmp_path, is_trainable=True)
+    grads = {}
+    for name, model in (("deltatune", ours), ("peft", theirs)):
+        model.eval()  # no dropout masks to line up
+        model(input_ids=ids, labels=ids).loss.backward()
+        named = {n.replace("magnitude_vector.default.weight", "magnitude_vector.default"): p  # peft: a module
+                 for n, p in model.named_parameters() if p.requires_grad}  # fmt: skip
+        grads[name] = {n: p.grad for n, p in named.items()}
+    assert sorted(grads["deltatune"]) == sorted(grads["peft"])
+    for name, grad in grads["peft"].items():
+        torch.testing.assert_close(grads["deltatune"][name], grad, rtol=1e-4, atol=1e-6)
 
 
 def test_magnitude_starts_at_the_weight_norm_so_the_output_is_unchanged():

@@ -64,3 +64,24 @@ def test_adalora_allocates_under_transformers_trainer_with_the_callback(tmp_path
     assert seen == list(range(12))
     pattern = model.peft_config["default"].rank_pattern
     assert len(pattern) == 4 and sum(sum(v) for v in pattern.values()) == 2 * 4  # the target budget was reached
+
+
+def test_the_chunked_loss_under_transformers_trainer_trains_the_same(tmp_path):
+    """Same seeds, same batches, gradient accumulation 2 (Trainer passes num_items_in_batch): the chunked loss gives
+    the losses of the model's own loss, step by step."""
+    from deltatune.chunked_loss import enable_chunked_loss
+
+    tokenizer = tiny_tokenizer()
+    losses = {}
+    for chunked in (False, True):
+        torch.manual_seed(0)
+        model = dt.get_peft_model(tiny_causal_lm(len(tokenizer)), dt.LoraConfig(r=4, target_modules=["q_proj"]))
+        handle = enable_chunked_loss(model, chunk_size=16) if chunked else None
+        trainer, _ = _hf_trainer(model, tokenizer, tmp_path / str(chunked))
+        trainer.args.gradient_accumulation_steps, trainer.args.max_steps = 2, 4
+        trainer.train()
+        losses[chunked] = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+        if handle is not None:
+            handle.remove()
+    assert len(losses[True]) == 4
+    torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), rtol=1e-4, atol=1e-4)

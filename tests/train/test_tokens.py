@@ -63,8 +63,12 @@ def test_data_system_prompt_text_and_null():
     assert text[None] == "<|system|>Be a helpful bot<|end|><|user|>hi<|end|><|assistant|>yo<|end|>"
 
 
-def test_head_on_responses_gives_the_full_logits_loss():
-    """The loss from logits at response positions only equals cross-entropy written out over the full logits."""
+@pytest.mark.parametrize("chunked", [False, True])
+def test_head_on_responses_gives_the_full_logits_loss(chunked):
+    """The loss from logits at response positions only (whole, or chunk by chunk through `chunked_loss`) equals
+    cross-entropy written out over the full logits."""
+    from deltatune.chunked_loss import plain_output_head
+
     model = dt.get_peft_model(tiny_causal_lm(40), dt.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     perturb_trainable(model)
     g = torch.Generator().manual_seed(0)
@@ -83,6 +87,7 @@ def test_head_on_responses_gives_the_full_logits_loss():
     objective = CausalLMObjective(load_train_config(None, []))
     assert head_on_responses_supported(model)
     objective.head_on_responses = True
+    objective.chunked_head = plain_output_head(model) if chunked else None
     got = objective.loss_sum(model, batch, "fp32")
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     got.backward()
@@ -150,8 +155,9 @@ def _written_out_loss(model, examples: list[Example]) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
-@pytest.mark.parametrize("head_on_responses", [False, True])
-def test_padding_free_rows_give_each_examples_own_loss_and_gradients(family, head_on_responses):
+@pytest.mark.parametrize("head", ["full", "responses", "chunked"])
+def test_padding_free_rows_give_each_examples_own_loss_and_gradients(family, head):
+    from deltatune.chunked_loss import plain_output_head
     from deltatune.train.padding_free import padding_free_supported
     from tests.conftest import tiny_decoder, tiny_gpt2
 
@@ -166,7 +172,9 @@ def test_padding_free_rows_give_each_examples_own_loss_and_gradients(family, hea
     want_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad()
     objective = CausalLMObjective(load_train_config(None, []))
-    objective.padding_free, objective.head_on_responses = True, head_on_responses
+    objective.padding_free, objective.head_on_responses = True, head != "full"
+    objective.chunked_head = plain_output_head(model) if head == "chunked" else None
+    assert (objective.chunked_head is not None) == (head == "chunked")
     batch = objective.collate(examples, pad_id=0)
     assert batch["input_ids"].shape == (1, 40) and objective.count(batch) == 4 + 10 + 3 + 10
     with objective.training_layout(model):

@@ -14,7 +14,9 @@ Parts of the peak:
                        no formula per family; plus backward's workspace, one block's worth (the gradients of the block
                        being differentiated). With gradient checkpointing: each block's input, plus one block's saved
                        tensors (its recomputation in backward) and its workspace
-    logits and loss    the logits, their fp32 (shifted) copy, the log-softmax the loss saves, and the logits' gradient
+    logits and loss    the logits, their fp32 (shifted) copy, the log-softmax the loss saves, and the logits' gradient;
+                       with `chunked_loss` (`deltatune.chunked_loss`): one chunk's logits (fp32 and compute dtype),
+                       the hidden states' gradient it keeps, and the head weight's fp32 gradient when the head trains
 A peak estimate is the sum: it ignores allocator fragmentation and the CUDA context (~0.3-1 GB), which the GPU-fit
 lines leave room for (a GPU "fits" when the estimate is at most 90% of its memory).
 """
@@ -180,10 +182,12 @@ def plan_memory(
     gradient_checkpointing: bool = False,
     optimizer: str = "adamw",
     method_options: dict[str, Any] | None = None,
+    chunked_loss: bool = False,
 ) -> MemoryPlan:
     """Estimate the peak training memory (see the module doc). `model`: preset, "smollm2", directory, config.json or a
     transformers config; `method`: "full", "lora", "qlora" or any registered peft_type (fields in `method_options`);
-    `rank`: the method's rank where it has one."""
+    `rank`: the method's rank where it has one; `chunked_loss`: the loss as `deltatune train` computes it by default
+    (the head a chunk of positions at a time, never the whole logits)."""
     if dtype not in _BYTES or optimizer not in _OPTIMIZER_BYTES:
         raise ConfigError(f"dtype must be one of {list(_BYTES)} and optimizer one of {list(_OPTIMIZER_BYTES)}.")
     config = model if hasattr(model, "to_dict") else model_config(model)
@@ -202,10 +206,29 @@ def plan_memory(
         per_value = _BYTES[dtype] + (4 if dtype != "fp32" else 0)  # grads, + an fp32 master copy in mixed precision
     state = trainable * (per_value + _OPTIMIZER_BYTES[optimizer])
     activations, loss = _activations(adapted, config, torch_dtype, batch, seq, gradient_checkpointing, method)
+    if chunked_loss:
+        loss = _chunked_loss_bytes(adapted, batch * seq, torch_dtype)
     per_example = (activations + loss) // batch
     return MemoryPlan(method, batch, seq, dtype, int(weights), trainable, int(state), activations, loss,
                       total_params, trainable * 4 if method != "full" else total_params * _BYTES[dtype],
                       per_example)  # fmt: skip
+
+
+def _chunked_loss_bytes(model: nn.Module, positions: int, dtype: torch.dtype) -> int:
+    """What `linear_cross_entropy` holds at its peak: one chunk's logits in the compute dtype and in fp32, the
+    (positions x hidden) gradient it computes in the forward and keeps for backward, and the head weight's fp32
+    gradient when it trains."""
+    from deltatune.chunked_loss import chunk_rows
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    if weight is None:
+        raise ConfigError(f"{type(base).__name__} has no output head: chunked_loss applies to causal LMs.")
+    vocab, hidden = weight.shape
+    size = torch.finfo(dtype).bits // 8
+    chunk = chunk_rows(vocab) * vocab * (4 + size)
+    return chunk + positions * hidden * size + (vocab * hidden * 4 if weight.requires_grad else 0)
 
 
 def _activations(model, config, dtype, batch: int, seq: int, checkpointed: bool, method: str) -> tuple[int, int]:

@@ -191,13 +191,15 @@ def plan(
     grad_checkpointing: Annotated[bool, typer.Option("--grad-checkpointing")] = False,
     optimizer: Annotated[str, typer.Option(help="adamw | adamw_8bit | paged | offload")] = "adamw",
     budget: Annotated[float | None, typer.Option(help="GPU memory in GB: the largest batch that fits")] = None,
+    chunked_loss: Annotated[bool, typer.Option("--chunked-loss", help="head + loss in chunks")] = False,
 ) -> None:
     """Peak training memory from the model's config alone (meta device): weights, trainable state, activations."""
     from deltatune.cli.plan_cmd import plan_command
 
     chosen = method or list(plan_help.DEFAULT_METHODS)
     target_list = targets.split(",") if targets else None
-    plan_command(model, chosen, rank, target_list, batch, seq, dtype, grad_checkpointing, optimizer, budget, console)
+    options = (grad_checkpointing, optimizer, budget, console, chunked_loss)
+    plan_command(model, chosen, rank, target_list, batch, seq, dtype, *options)
 
 
 @app.command()

@@ -11,7 +11,7 @@ from deltatune.analysis.plan import GIB, GPUS, plan_memory
 
 def plan_command(
     model: str, methods: list[str], rank: int, targets: list[str] | None, batch: int, seq: int, dtype: str,
-    gradient_checkpointing: bool, optimizer: str, budget: float | None, console: Console,
+    gradient_checkpointing: bool, optimizer: str, budget: float | None, console: Console, chunked_loss: bool = False,
 ) -> None:  # fmt: skip
     plans = [
         plan_memory(
@@ -24,11 +24,13 @@ def plan_command(
             dtype=dtype,
             gradient_checkpointing=gradient_checkpointing,
             optimizer=optimizer,
+            chunked_loss=chunked_loss,
         )  # fmt: skip
         for m in methods
     ]
     table = Table(title=f"peak training memory, {model}: batch {batch} x {seq} tokens, {dtype}, {optimizer}"
-                  + (", gradient checkpointing" if gradient_checkpointing else ""))  # fmt: skip
+                  + (", gradient checkpointing" if gradient_checkpointing else "")
+                  + (", chunked loss" if chunked_loss else ""))  # fmt: skip
     for col in ("method", "trainable", "base weights", "trainable state", "activations", "logits+loss", "peak",
                 "adapter file"):  # fmt: skip
         table.add_column(col, justify="left" if col == "method" else "right")

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from deltatune.functional.dora import column_norm, dora_merge, dora_unmerge
+from deltatune.functional.dora import column_norm, dora_linear, dora_merge, dora_unmerge
 from deltatune.methods.lora_layer import LoraConv, LoraEmbedding, LoraLinear, _LoraLayer, register_lora_variant
 
 
@@ -98,18 +98,14 @@ class DoraVariant(_Dora):
         return norm
 
     def forward(self, layer: LoraLinear, name: str, x: Tensor, result: Tensor) -> Tensor:
-        a = layer.lora_A[name].weight.to(x.dtype)
-        b = layer.lora_B[name].weight.to(x.dtype)
-        scale = (layer.lora_magnitude_vector[name] / self._norm(layer, name)).to(x.dtype)  # gradient reaches m only
-        p = layer.dropout_p[name]
-        if layer.training and p > 0:
-            x = F.dropout(x, p, training=True)
-            base_out = x @ layer.weight_out_in().to(x.dtype).T
-        else:
-            bias = getattr(layer.base_layer, "bias", None)
-            base_out = result - bias if bias is not None else result
-        lora_out = (x @ a.T) @ b.T * layer.scaling[name]
-        return result + ((scale - 1) * base_out + scale * lora_out).to(result.dtype)
+        """`result` + this adapter's DoRA term, through `dora_linear` (which saves less for backward); the
+        gradient reaches A, B and m, not the norm (§4.3)."""
+        p = layer.dropout_p[name] if layer.training else 0.0
+        weight = layer.weight_out_in() if p > 0 else None  # with dropout the base term is recomputed on x_d
+        bias = getattr(layer.base_layer, "bias", None)
+        a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+        magnitude, norm = layer.lora_magnitude_vector[name], self._norm(layer, name)
+        return dora_linear(x, result, a, b, magnitude, norm, layer.scaling[name], bias, weight, p)
 
 
 class DoraConvVariant(_Dora):

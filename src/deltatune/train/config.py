@@ -87,6 +87,10 @@ class OptimConfig(_Strict):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Autocast precision; adapters stay float32. fp16 needs CUDA."""
     gradient_checkpointing: bool = False
+    chunked_loss: bool = True
+    """Compute the output head and the cross-entropy a chunk of positions at a time, never the whole logits and
+    their gradient (`deltatune.chunked_loss`; same loss and gradients). Used where the head runs on responses only
+    and is a plain linear layer whose outputs are the model's logits (checked once); the full head otherwise."""
     optimizer: Literal["adamw", "adamw_offload", "paged_adamw_8bit", "paged_adamw_32bit"] = "adamw"
     """adamw; adamw_offload keeps the AdamW moments (and an fp32 master copy) in CPU memory and steps there;
     paged_adamw_8bit/32bit are bitsandbytes' paged optimizers (CUDA + bitsandbytes)."""

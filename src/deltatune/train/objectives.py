@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from deltatune.chunked_loss import head_returns_inputs, linear_cross_entropy, plain_output_head
 from deltatune.errors import ConfigError
 from deltatune.registry import MethodSpec
 from deltatune.train.config import TrainConfig
@@ -42,6 +43,9 @@ class CausalLMObjective:
         """Compute the output head only where a response token is predicted (transformers' boolean `logits_to_keep`):
         the head of a small LLM is a fifth of its FLOPs and responses are a fifth of the tokens. Set by the trainer for
         models that take it and methods that add no virtual positions (`head_on_responses_supported`)."""
+        self.chunked_head: nn.Linear | None = None
+        """The output head applied chunk by chunk with the loss (`deltatune.chunked_loss`): set by `prepare` where
+        `optim.chunked_loss` holds, the head runs on responses only, and it is a plain linear layer."""
         self.padding_free = False
         """Collate a micro-batch as one row without padding, each example attending to itself only
         (`train.padding_free`); set by the trainer where `data.padding_free` holds and the model passes the probe."""
@@ -69,6 +73,8 @@ class CausalLMObjective:
             why = "puts virtual tokens before each row" if adds_positions else "reads each row's prompt positions"
             raise ConfigError(f"{spec.peft_type} {why}; set data.packing=false.")
         self.head_on_responses = not adds_positions and head_on_responses_supported(model)
+        chunked = self.head_on_responses and self.cfg.optim.chunked_loss
+        self.chunked_head = plain_output_head(model) if chunked else None
         self.padding_free = self.cfg.data.padding_free and not per_row and padding_free_supported(model)
 
     def collate(self, examples: list[Example], pad_id: int) -> dict[str, Tensor]:
@@ -90,6 +96,8 @@ class CausalLMObjective:
         targets = batch["labels"][:, 1:]
         if self.head_on_responses:
             predicts = nn.functional.pad(targets != IGNORE, (0, 1))  # position t predicts the label at t + 1
+            if self.chunked_head is not None:
+                return self._chunked_loss_sum(model, inputs, predicts, targets[targets != IGNORE], batch, precision)
             with _autocast(batch, precision):
                 logits = model(**inputs, logits_to_keep=predicts).logits
             if logits.shape[:-1] != (int(predicts.sum()),):
@@ -102,6 +110,13 @@ class CausalLMObjective:
         return nn.functional.cross_entropy(
             logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum"
         )
+
+    def _chunked_loss_sum(self, model, inputs, predicts: Tensor, targets: Tensor, batch, precision: str) -> Tensor:
+        head = self.chunked_head
+        with _autocast(batch, precision):
+            with head_returns_inputs(head):
+                hidden = model(**inputs, logits_to_keep=predicts).logits
+            return linear_cross_entropy(hidden, head.weight, targets, head.bias)
 
     @staticmethod
     def count(batch: dict[str, Tensor]) -> int:
