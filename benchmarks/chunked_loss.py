@@ -12,7 +12,6 @@ saves for backward. Writes results/chunked_loss.md.
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,7 +19,16 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import interleaved, provenance, saved_activation_bytes, smollm2_shaped, spread, write_results  # noqa: E402
+from common import (  # noqa: E402
+    interleaved,
+    peak_rss_mb,
+    provenance,
+    round_ratios,
+    saved_activation_bytes,
+    smollm2_shaped,
+    spread,
+    write_results,
+)
 
 import deltatune as dt  # noqa: E402
 from deltatune.chunked_loss import head_returns_inputs, linear_cross_entropy  # noqa: E402
@@ -59,23 +67,12 @@ def quickstart_run(chunked: bool):
     return run, lambda: T._train_step(run, next(steps) % 80)
 
 
-def peak_rss_mb(case: str, chunked: bool, batch: int, seq: int) -> float:
-    """Peak RSS of a fresh process over 2 steps, reset after the model is built and one warm-up step ran."""
-    make = (
-        f"s = b.quickstart_run({chunked})[1]"
-        if case == "quickstart"
-        else (
-            f"m, f = b.long_batch_model({chunked}, {batch}, {seq});"
-            "s = lambda: (f().backward(), m.zero_grad(set_to_none=True))"
-        )
-    )
-    code = (
-        "import sys, re; sys.path.insert(0, 'benchmarks'); import chunked_loss as b;"
-        f"{make}; s(); open('/proc/self/clear_refs', 'w').write('5'); s(); s();"
-        "print(int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)) / 1024)"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
+def case_peak_rss_mb(case: str, chunked: bool, batch: int, seq: int) -> float:
+    """Peak RSS of 3 steps of one case in a fresh process (`common.peak_rss_mb`)."""
+    if case == "quickstart":
+        return peak_rss_mb(f"import chunked_loss as b; s = b.quickstart_run({chunked})[1]", "s()")
+    setup = f"import chunked_loss as b; m, f = b.long_batch_model({chunked}, {batch}, {seq})"
+    return peak_rss_mb(setup, "(f().backward(), m.zero_grad(set_to_none=True))")
 
 
 def main() -> None:
@@ -104,7 +101,7 @@ def main() -> None:
     results["quickstart_step_s"] = interleaved({n: s for n, (_, s) in quick.items()}, args.rounds)
     del quick
     results["peak_rss_mb"] = {
-        f"{case}/{name}": peak_rss_mb(case, name == "chunked", args.batch, args.seq)
+        f"{case}/{name}": case_peak_rss_mb(case, name == "chunked", args.batch, args.seq)
         for case in ("long", "quickstart")
         for name in ("full head", "chunked")
     }
@@ -115,7 +112,6 @@ def write(r: dict) -> None:
     mib = lambda b: f"{b / 2**20:.0f}"  # noqa: E731
     rss = r["peak_rss_mb"]
     long, quick = r["long_step_s"], r["quickstart_step_s"]
-    ratio = lambda t: sorted(c / f for c, f in zip(t["chunked"], t["full head"], strict=True))  # noqa: E731
     lines = [
         "# Chunked output-head loss vs the full head",
         "",
@@ -130,11 +126,10 @@ def write(r: dict) -> None:
     for name in ("full head", "chunked"):
         saved = mib(r["long_saved_bytes"][name])
         lines.append(f"| {name} | {spread(long[name])} | {saved} | {rss['long/' + name]:.0f} |")
-    ratios = ratio(long)
     lines += [
         "",
-        f"chunked / full step time per round: median {ratios[len(ratios) // 2]:.3f} (min {ratios[0]:.3f}, max "
-        f"{ratios[-1]:.3f}); loss full {r['long_loss']['full head']:.6f}, chunked {r['long_loss']['chunked']:.6f}.",
+        f"chunked / full step time per round: median {round_ratios(long['chunked'], long['full head'])}; loss full "
+        f"{r['long_loss']['full head']:.6f}, chunked {r['long_loss']['chunked']:.6f}.",
         "",
         "## The quickstart step (real SmolLM2, bundled data, head on response positions only)",
         "",
@@ -143,12 +138,7 @@ def write(r: dict) -> None:
     ]
     for name in ("full head", "chunked"):
         lines.append(f"| {name} | {spread(quick[name])} | {rss['quickstart/' + name]:.0f} |")
-    ratios = ratio(quick)
-    lines += [
-        "",
-        f"chunked / full step time per round: median {ratios[len(ratios) // 2]:.3f} (min {ratios[0]:.3f}, max "
-        f"{ratios[-1]:.3f}).",
-    ]
+    lines += ["", f"chunked / full step time per round: median {round_ratios(quick['chunked'], quick['full head'])}."]
     write_results("chunked_loss", lines, r)
 
 

@@ -167,3 +167,25 @@ def write_results(name: str, lines: list[str], data: dict) -> Path:
     out.with_suffix(".json").write_text(json.dumps(data, indent=2))
     print(out.read_text())
     return out
+
+
+def round_ratios(a: list[float], b: list[float]) -> str:
+    """a / b per round (both interleaved in the same rounds): "median (min-max)"."""
+    ratios = sorted(x / y for x, y in zip(a, b, strict=True))
+    return f"{ratios[len(ratios) // 2]:.3f} (min {ratios[0]:.3f}, max {ratios[-1]:.3f})"
+
+
+def peak_rss_mb(setup: str, step: str, steps: int = 3) -> float:
+    """Peak RSS (Linux VmHWM, MiB) of a fresh Python process (cwd: the repo, `benchmarks` importable) over `steps`
+    calls of `step` after `setup` ran and one warm-up call; the peak is reset after the warm-up (clear_refs), so
+    building the model does not hide the step."""
+    import subprocess
+    import sys
+
+    code = (
+        f"import sys, re; sys.path.insert(0, 'benchmarks'); {setup}; {step}; "
+        f"open('/proc/self/clear_refs', 'w').write('5'); [{step} for _ in range({steps})]; "
+        "print(int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)) / 1024)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])

@@ -17,18 +17,17 @@ from common import (  # noqa: E402
     interleaved,
     median,
     provenance,
+    round_ratios,
     saved_activation_bytes,
     smollm2_shaped,
     spread,
     verdict,
     write_results,
 )
+from lora_step import BATCH, SEQ, TARGETS, _step_fn, make_variant  # noqa: E402
 
 import deltatune as dt  # noqa: E402
 from deltatune.methods.dora import DoraVariant  # noqa: E402
-
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
-BATCH, SEQ = 4, 128
 
 
 def autograd_forward(self, layer, name, x, result):
@@ -53,12 +52,10 @@ class AutogradDora(DoraVariant):
 
 
 def make(variant: str, dropout: float):
-    ids = torch.randint(0, 49152, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
+    """(model, loss function, optimizer or None); the floor is lora_step's (frozen base, input gradient)."""
     if variant == "floor":
-        floor = smollm2_shaped()
-        floor.requires_grad_(False)
-        embeds = floor.get_input_embeddings()(ids).detach()
-        return floor, lambda: floor(inputs_embeds=embeds.clone().requires_grad_(True), labels=ids).loss, None
+        return make_variant("floor", dropout)
+    ids = torch.randint(0, 49152, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
     config = dt.LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=TARGETS,
                            use_dora=variant != "LoRA")  # fmt: skip
     model = dt.get_peft_model(smollm2_shaped(), config).train()
@@ -69,16 +66,6 @@ def make(variant: str, dropout: float):
                 module._variant_for = lambda flag: reference
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     return model, lambda: model(input_ids=ids, labels=ids).loss, opt
-
-
-def step_fn(loss, opt):
-    def step():
-        loss().backward()
-        if opt is not None:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-    return step
 
 
 VARIANTS = ["floor", "LoRA", "DoRA (autograd expression)", "DoRA lean"]
@@ -104,7 +91,7 @@ def main() -> None:
         ((a - b).abs().max() / b.abs().max().clamp(min=1e-12)).item()
         for a, b in zip(grads["DoRA lean"], grads["DoRA (autograd expression)"], strict=True)
     )
-    times = interleaved({v: step_fn(loss, opt) for v, (_, loss, opt) in built.items()}, args.rounds)
+    times = interleaved({v: _step_fn(loss, opt) for v, (_, loss, opt) in built.items()}, args.rounds)
     write(dict(step_s=times, saved_bytes=saved, rounds=args.rounds, dropout=args.dropout, grad_rel_diff=worst))
 
 
@@ -112,8 +99,7 @@ def write(r: dict) -> None:
     times, saved = r["step_s"], r["saved_bytes"]
     floor_saved = saved["floor"]
     lean, plain = times["DoRA lean"], times["DoRA (autograd expression)"]
-    ratios = sorted(a / b for a, b in zip(lean, plain, strict=True))
-    time_ratio = ratios[len(ratios) // 2]
+    time_ratio = median([a / b for a, b in zip(lean, plain, strict=True)])
     lines = [
         f"# Lean DoRA: SmolLM2-135M shape, batch {BATCH} x {SEQ}, r=8 on q,k,v,o, lora_dropout={r['dropout']}",
         "",
@@ -128,7 +114,7 @@ def write(r: dict) -> None:
     lean_saved = saved["DoRA lean"] / floor_saved
     lines += [
         "",
-        f"Lean / autograd step time, per round: median {time_ratio:.3f} (min {ratios[0]:.3f}, max {ratios[-1]:.3f}); "
+        f"Lean / autograd step time, per round: median {round_ratios(lean, plain)}; "
         f"lean vs LoRA step: {median(lean) / median(times['LoRA']):.3f}x. Gradients, lean vs autograd expression (eval "
         f"mode, no dropout): largest difference {r['grad_rel_diff']:.1e} of the largest gradient entry.",
         "",

@@ -8,7 +8,6 @@ benchmarks/results/lora_step.md. Run: `make bench` (or `python benchmarks/lora_s
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import (  # noqa: E402
     interleaved,
     median,
+    peak_rss_mb,
     provenance,
     saved_activation_bytes,
     smollm2_shaped,
@@ -87,18 +87,10 @@ def inference_latency(rounds: int) -> dict[str, list[float]]:
     return interleaved({"base": fwd(base), "merged": fwd(merged), "unmerged": fwd(unmerged)}, rounds)
 
 
-def peak_rss_mb(variant: str, dropout: float) -> float:
-    """Peak RSS (VmHWM) of a fresh process during 3 training steps of one variant, the peak being reset after the
-    model is built and one warm-up step ran (Linux clear_refs), so model construction does not hide the step."""
-    code = (
-        "import sys, re; sys.path.insert(0, 'benchmarks'); import lora_step as b;"
-        f"m, loss, opt = b.make_variant({variant!r}, {dropout}); step = b._step_fn(loss, opt); step();"
-        "open('/proc/self/clear_refs', 'w').write('5');"
-        "[step() for _ in range(3)];"
-        "print(int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)) / 1024)"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
+def variant_peak_rss_mb(variant: str, dropout: float) -> float:
+    """Peak RSS of 3 training steps of one variant in a fresh process (`common.peak_rss_mb`)."""
+    setup = f"import lora_step as b; m, loss, opt = b.make_variant({variant!r}, {dropout}); s = b._step_fn(loss, opt)"
+    return peak_rss_mb(setup, "s()")
 
 
 def main() -> None:
@@ -114,7 +106,7 @@ def main() -> None:
     times = interleaved({n: _step_fn(loss, opt) for n, (_, loss, opt) in variants.items()}, args.rounds)
     del variants
     latency = inference_latency(args.rounds)
-    rss = {name: peak_rss_mb(name, args.dropout) for name in variant_names()}
+    rss = {name: variant_peak_rss_mb(name, args.dropout) for name in variant_names()}
     results = dict(step_s=times, saved_bytes=saved, latency_s=latency, peak_rss_mb=rss, rounds=args.rounds)
     write_results("lora_step", render(results, args), results)
 
