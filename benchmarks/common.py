@@ -171,8 +171,8 @@ def write_results(name: str, lines: list[str], data: dict) -> Path:
 
 def round_ratios(a: list[float], b: list[float]) -> str:
     """a / b per round (both interleaved in the same rounds): "median (min-max)"."""
-    ratios = sorted(x / y for x, y in zip(a, b, strict=True))
-    return f"{ratios[len(ratios) // 2]:.3f} (min {ratios[0]:.3f}, max {ratios[-1]:.3f})"
+    ratios = [x / y for x, y in zip(a, b, strict=True)]
+    return f"{statistics.median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f})"
 
 
 def peak_rss_mb(setup: str, step: str, steps: int = 3) -> float:
