@@ -119,13 +119,15 @@ def base_tensors_trained(base: nn.Module, adapter_name: str, config: AdapterConf
     return set(extra(base, config, adapter_name)) if extra else set()
 
 
-def refuse_shared_base_tensors(base: nn.Module, adapter_name: str, configs: dict[str, AdapterConfig]) -> None:
-    """Refuse adapter `adapter_name` (config in `configs`) when it would train base tensors another adapter trains
-    too (e.g. two adapters with `bias="all"`): both would write them, and loading one would change the other.
-    Disjoint sets (e.g. `bias="lora_only"` on different targets) are fine."""
-    new = base_tensors_trained(base, adapter_name, configs[adapter_name])
-    for other, config in configs.items():
-        shared = new & base_tensors_trained(base, other, config) if other != adapter_name and new else set()
+def refuse_shared_base_tensors(
+    base: nn.Module, adapter_name: str, config: AdapterConfig, others: dict[str, AdapterConfig]
+) -> None:
+    """Refuse adapter `adapter_name` (`config`) when it would train base tensors one of `others` (the model's other
+    adapters) trains too (e.g. two adapters with `bias="all"`): both would write them, and loading one would change
+    the other. Disjoint sets (e.g. `bias="lora_only"` on different targets) are fine."""
+    new = base_tensors_trained(base, adapter_name, config)
+    for other, other_config in others.items() if new else ():
+        shared = new & base_tensors_trained(base, other, other_config)
         if shared:
             raise ConfigError(
                 f"adapter {adapter_name!r} would train base tensors adapter {other!r} trains and saves too "

@@ -201,7 +201,7 @@ class PeftModel(CheckpointMixin, PretrainedFacade):
         others = {n: c for n, c in self.peft_config.items() if n != adapter_name}
 
         def check() -> None:
-            adapters.refuse_shared_base_tensors(self._base, adapter_name, {**others, adapter_name: config})
+            adapters.refuse_shared_base_tensors(self._base, adapter_name, config, others)
 
         adapters.inject(self._base, self.shared, adapter_name, config, spec, strict, check)
 

@@ -87,14 +87,17 @@ def get_base_model_state_dict(model: AdapterModel) -> dict[str, Tensor]:
     return out
 
 
+_WRAPPED_ATTR = {AdapterLayer: "base_layer", TrainableCopy: "original_module"}
+"""Per wrapper type, the attribute holding the module it wraps (the only part of it that is the base model's)."""
+
+
 def _original_key(base: nn.Module, key: str) -> str | None:
     """`key` of `base.state_dict()` without wrapper infixes, or None when it is an adapter's tensor. Resolved against
     the live modules, so a model's own module that happens to be called `base_layer` keeps its name."""
     kept: list[str] = []
     module: nn.Module | None = base
     for part in key.split("."):
-        own = {AdapterLayer: "base_layer", TrainableCopy: "original_module"}
-        wrapped = next((attr for cls, attr in own.items() if isinstance(module, cls)), None)
+        wrapped = next((attr for cls, attr in _WRAPPED_ATTR.items() if isinstance(module, cls)), None)
         if wrapped is not None:
             if part != wrapped:
                 return None  # everything in a wrapper but the module it wraps belongs to the adapters
