@@ -44,7 +44,7 @@ class _DoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, result, a, b, magnitude, norm, scaling, bias, weight, p, seed):
         k = (magnitude / norm).to(x.dtype)
-        xd = x * dropout_keep_mask(x.shape, p, seed, x.device) * (1.0 / (1.0 - p)) if p > 0 else x
+        xd = x * dropout_keep_mask(x.shape, p, seed, x.device, x.dtype) * (1.0 / (1.0 - p)) if p > 0 else x
         u = xd @ a.to(x.dtype).T
         v = (u @ b.to(x.dtype).T) * scaling
         if p == 0:  # base = result - bias: y = bias + k·(base + v)
@@ -71,7 +71,7 @@ class _DoraLinear(torch.autograd.Function):
         grad_b = gv.flatten(0, -2).T @ u.flatten(0, -2)
         grad_bias = None
         if ctx.p > 0:
-            keep = dropout_keep_mask(x.shape, ctx.p, ctx.seed, x.device)
+            keep = dropout_keep_mask(x.shape, ctx.p, ctx.seed, x.device, x.dtype)
             inverse = 1.0 / (1.0 - ctx.p)
             grad_a = grad_u.flatten(0, -2).T @ (x * keep * inverse).flatten(0, -2)
             grad_x = (grad_u @ a.to(x.dtype) + (g * (k - 1)) @ extra.to(x.dtype)).mul_(keep).mul_(inverse)

@@ -34,6 +34,7 @@ from deltatune.methods.lora_options import (
     lora_relative_to_initial,
 )
 from deltatune.methods.lora_parameter import add_parameter_targets
+from deltatune.methods.lora_shared_input import link_shared_inputs
 from deltatune.methods.trainable_tokens import add_trainable_tokens, tie_saved_copies
 from deltatune.models import default_lora_targets
 from deltatune.quant.linear4bit import Linear4bit
@@ -183,11 +184,13 @@ class LoraConfig(AdapterConfig):
 
 def lora_extra_modules(model: nn.Module, adapter_name: str, config: LoraConfig) -> None:
     """Parameter targets (`target_parameters`), tied whole copies (`ensure_weight_tying` with `modules_to_save`) and
-    trainable token rows (`trainable_token_indices`), after the core has wrapped the target modules."""
+    trainable token rows (`trainable_token_indices`), after the core has wrapped the target modules; then the
+    sibling groups whose down-projections train together (`lora_shared_input`)."""
     add_parameter_targets(model, adapter_name, config)
     if config.ensure_weight_tying and config.modules_to_save:
         tie_saved_copies(model, adapter_name, config)
     add_trainable_tokens(model, adapter_name, config)
+    link_shared_inputs(model, LoraLinear)
 
 
 def lora_extra_trainable(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]:

@@ -30,6 +30,7 @@ from deltatune.functional.lora import (
     lora_branch,
     lora_delta,
     lora_scale,
+    lora_up,
 )
 from deltatune.layers import AdapterLayer, module_device
 from deltatune.methods.lora_options import init_pair, nf4_round_trip
@@ -37,6 +38,7 @@ from deltatune.models import linear_features
 
 if TYPE_CHECKING:
     from deltatune.methods.lora import LoraConfig
+    from deltatune.methods.lora_shared_input import SharedInputGroup
 
 
 def _pattern_value(pattern: dict[str, Any], module_path: str, default: Any) -> Any:
@@ -248,6 +250,7 @@ class LoraLinear(_AdditiveLora):
         self.in_features, self.out_features, self.fan_in_fan_out = linear_features(base_layer)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
+        self.input_group: SharedInputGroup | None = None  # siblings reading the same input (lora_shared_input.py)
 
     def _create_weights(self, name: str, r: int, init_lora_weights: bool | str) -> None:
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=self._device())
@@ -295,11 +298,29 @@ class LoraLinear(_AdditiveLora):
         self.write_base_weight(residual.T if self.fan_in_fan_out else residual)
 
     def lora_output(self, name: str, x: Tensor) -> Tensor:
-        """s·B A dropout(x) (+ s·lora_bias) of adapter `name`."""
+        """s·B A dropout(x) (+ s·lora_bias) of adapter `name`; in training, the down-projection from the sibling
+        group's joint computation when one covers `x`."""
+        return self._lora_term(name, x, self.input_group)
+
+    def shares_down(self, name: str, x: Tensor, dropout: float) -> bool:
+        """Whether this layer's adapter `name` can join a joint down-projection of `x` with dropout `dropout`."""
+        return (
+            self.training
+            and name in self.unmerged_active()
+            and name not in self.variant
+            and self.dropout_p[name] == dropout
+            and self.lora_A[name].weight.device == x.device
+        )
+
+    def _lora_term(self, name: str, x: Tensor, group: SharedInputGroup | None) -> Tensor:
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
         if a.dtype != x.dtype:  # cast the small adapter, never the activation
             a, b = a.to(x.dtype), b.to(x.dtype)
-        branch = lora_branch(x, a, b, self.scaling[name], self.dropout_p[name], self.training)
+        scale, dropout = self.scaling[name], self.dropout_p[name]
+        if group is not None and self.training and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            branch = lora_up(group.down(self, name, x, dropout), b, scale, dropout)
+        else:
+            branch = lora_branch(x, a, b, scale, dropout, self.training)
         if self.lora_B[name].bias is not None:  # lora_bias
             branch = branch + self.scaling[name] * self.lora_B[name].bias.to(branch.dtype)
         return branch
@@ -318,7 +339,8 @@ class LoraLinear(_AdditiveLora):
             if name not in names:
                 continue  # "__base__" rows, or an adapter this layer does not hold
             add = result.index_add_ if not torch.is_grad_enabled() else result.index_add  # in place: no full copy
-            result = add(0, rows, self.lora_output(name, x.index_select(0, rows)).to(result.dtype))
+            term = self._lora_term(name, x.index_select(0, rows), None)  # each row subset is its own tensor
+            result = add(0, rows, term.to(result.dtype))
         return result
 
     def changes_bias(self, name: str) -> bool:
