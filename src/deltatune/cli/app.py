@@ -218,6 +218,25 @@ def recommend(
     recommend_command(examples, data, task, model, budget, seq, console)
 
 
+@app.command()
+@_friendly
+def compare(
+    preset: Annotated[str, typer.Option(help="quick (2-core CPU) | full (3 seeds, lr sweep)")] = "quick",
+    methods: Annotated[str | None, typer.Option(help="comma-separated (default: all); see docs/compare.md")] = None,
+    model: Annotated[str | None, typer.Option(help="replace the tasks' model (HF dir, .gguf)")] = None,
+    data: Annotated[str | None, typer.Option(help="replace the tasks' training data (file or bundled:NAME)")] = None,
+    out: Annotated[Path, typer.Option(help="one folder per task and method, plus the table")] = Path("runs/compare"),
+    force: Annotated[bool, typer.Option("--force", help="redo finished runs (default: read them back)")] = False,
+    task: Annotated[list[str] | None, typer.Option(help="only these tasks: date, classification")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="run-config override for every run")] = None,
+) -> None:
+    """Train every method family and the baselines on the same task and budget; one table of trainable share, size,
+    memory, speed, quality, forgetting and merge cost (docs/compare.md)."""
+    from deltatune.cli.compare_cmd import compare_command
+
+    compare_command(preset, methods, model, data, out, force, task, list(set_ or []), console)
+
+
 export_app = typer.Typer(help="Export adapters and models to other runtimes.", no_args_is_help=True)
 app.add_typer(export_app, name="export")
 

@@ -71,7 +71,8 @@ def padding_free_supported(model: nn.Module) -> bool:
     config = getattr(base, "config", None)
     if config is None or getattr(config, "_attn_implementation", None) not in ("sdpa", "eager") or not _register():
         return False
-    vocab = base.get_input_embeddings().num_embeddings
+    embeddings = base.get_input_embeddings()
+    vocab = getattr(embeddings, "base_layer", embeddings).num_embeddings  # the table itself, when a method wraps it
     g = torch.Generator().manual_seed(0)
     rows = [torch.randint(0, vocab, (1, n), generator=g) for n in (5, 3)]
     device = next(base.parameters()).device
