@@ -42,3 +42,38 @@ def test_two_processes_match_single_process(strategy, tiny_model_dir, tmp_path):
     torch.testing.assert_close(torch.tensor(losses_multi), torch.tensor(losses_single), rtol=1e-5, atol=1e-6)
     saved = load_file(multi / "run" / "adapter" / "adapter_model.safetensors")  # written once, by rank 0
     assert all(torch.equal(saved[k], rank0[k]) for k in saved)
+
+
+HF_WORKER = Path(__file__).with_name("hf_fsdp_worker.py")
+
+
+def test_transformers_trainer_under_accelerate_launch_saves_an_adapter_that_reloads(tiny_model_dir, tmp_path):
+    """`accelerate launch` with 2 CPU processes (gloo; CUDA hidden): Trainer trains a deltatune model data-parallel,
+    both ranks see the same losses, and the adapter rank 0 saves from the accelerator's state dict reloads onto a
+    fresh base and is the trained one. (accelerate turns FSDP on only for accelerator devices: on CPU its
+    `--use_fsdp` runs this same DDP; FSDP2 on CPU is the trainer's own `distributed: fsdp`, tested above.)"""
+    pytest.importorskip("accelerate")
+    import deltatune as dt
+
+    # --multi_gpu is accelerate's multi-process launcher (torchrun); with CUDA hidden each process runs on CPU
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", "0"]  # fmt: skip
+    _run([*launch, str(HF_WORKER), str(tiny_model_dir), str(tmp_path)], tmp_path)
+    losses = [(tmp_path / f"losses-{rank}.txt").read_text().split() for rank in (0, 1)]
+    assert len(losses[0]) == 4 and losses[0] == losses[1]
+    assert all((tmp_path / f"wrapped-{rank}.txt").read_text() == "MULTI_CPU DistributedDataParallel" for rank in (0, 1))
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert saved and all("lora_" in k for k in saved)
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    initial = dt.get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        dt.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    ).adapter_state_dict("default")
+    assert saved.keys() == initial.keys()
+    assert any(not torch.equal(saved[k], initial[k]) for k in saved)  # trained
+    reloaded = dt.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "adapter")
+    for key, value in reloaded.adapter_state_dict("default").items():
+        assert torch.equal(value, saved[key]), key

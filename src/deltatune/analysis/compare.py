@@ -107,6 +107,14 @@ class Preset:
     tasks: tuple[Task, ...]
     seeds: tuple[int, ...]
     sweep: bool
+    methods: tuple[str, ...] | None = None
+    """What runs without --methods (None: the whole catalog)."""
+
+
+QUICK_METHODS = ("lora", "ia3", "bottleneck", "reft", "prompt_tuning", "llama_adapter", "ln_tuning", "bitfit",
+                 "full_ft", "partial_ft", "feature_extraction")  # fmt: skip
+"""What the quick preset runs by default (its time budget): LoRA for the reparameterizations, every additive kind,
+two soft prompts, both selective methods and every baseline; the rest with --methods or in the full preset."""
 
 
 _DATE = ("task=causal_lm", "generate_eval=16", "max_new_tokens=12", "general_max_new_tokens=16", "data.extra_eval={}")
@@ -115,15 +123,16 @@ PRESETS: dict[str, Preset] = {
     "quick": Preset(
         (
             Task("date", (*_DATE, "optim.steps=12", "optim.batch_size=4"), "exact match"),
-            Task("classification", (*_CLASSIFY, "optim.steps=30"), "accuracy"),
+            Task("classification", (*_CLASSIFY, "optim.steps=150"), "accuracy"),
         ),
         seeds=(0,),
         sweep=False,
+        methods=QUICK_METHODS,
     ),
     "full": Preset(
         (
             Task("date", (*_DATE, "generate_eval=64", "optim.steps=80"), "exact match"),
-            Task("classification", (*_CLASSIFY, "optim.steps=150"), "accuracy"),
+            Task("classification", (*_CLASSIFY, "optim.steps=400"), "accuracy"),
         ),
         seeds=(0, 1, 2),
         sweep=True,
@@ -155,6 +164,7 @@ class Row:
     seeds: list[int] = field(default_factory=list)
     trainable: int = 0
     total: int = 0
+    """The base model's parameters (tied ones once): what trainable % is of (copies a method trains are not added)."""
     adapter_mb: float = 0.0
     peak_mb: float = 0.0
     step_s: float = 0.0
@@ -246,6 +256,7 @@ def _train_once(task: Task, candidate: Candidate, lr: float, seed: int, run_dir:
     objective = objective_for(cfg)
     objective.check(read_records(cfg.data.train, "train"), cfg.data.train)  # a classifier's labels, before its head
     model, tokenizer = objective.load_model()
+    base_total = sum(p.numel() for p in model.parameters())  # tied weights once; a classifier's new head included
     memory: dict[str, float] = {}
 
     @contextmanager
@@ -258,7 +269,7 @@ def _train_once(task: Task, candidate: Candidate, lr: float, seed: int, run_dir:
     logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     speeds = [r["tokens_per_s"] for r in logged if "tokens_per_s" in r][1:] or [0.0]  # the first step warms up
     out = {
-        "trainable": result.trainable, "total": result.total, "adapter_mb": result.adapter_bytes / 2**20,
+        "trainable": result.trainable, "total": base_total, "adapter_mb": result.adapter_bytes / 2**20,
         "peak_mb": memory.get("peak_mb", 0.0), "step_s": result.phases["train"] / max(1, result.steps),
         "tokens_per_s": statistics.median(speeds), "metric": result.metric_after,
         "metric_before": result.metric_before, "eval_loss": result.eval_loss,
@@ -266,27 +277,30 @@ def _train_once(task: Task, candidate: Candidate, lr: float, seed: int, run_dir:
     general = result.scores.get("general questions")
     if general is not None:
         out["general_score_before"], out["general_score"] = general
-    out.update(_forgetting_and_overhead(cfg, objective, result.model, tokenizer))
+    base_answers = result.set_samples.get("general questions")
+    out.update(_forgetting_and_overhead(cfg, objective, result.model, tokenizer, base_answers))
     result.model = None
     return out
 
 
-def _forgetting_and_overhead(cfg, objective, model, tokenizer) -> dict[str, float]:
-    """Loss change on the general questions' answers (causal LMs: what the base knew) and the unmerged forward's
-    time over the base's, on a batch of held-out examples."""
+def _forgetting_and_overhead(cfg, objective, model, tokenizer, base_answers: list[dict] | None) -> dict[str, float]:
+    """Forgetting (causal LMs): the mean loss of the base model's own greedy answers to the general questions
+    (`base_answers`: prompt + answer before training: text the base knew by construction) with the adapter, minus
+    without it; and the unmerged forward's time over the base's, on a batch of held-out examples."""
     from deltatune.train.data import collate, read_records
     from deltatune.train.objectives import eval_loss
 
     out: dict[str, float] = {}
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id or 0
-    if cfg.task == "causal_lm" and cfg.data.general_eval:
-        records = [{**r, "response": str(r["response"]).split("|")[0]} for r in read_records(cfg.data.general_eval,
-                                                                                              "test")]  # fmt: skip
-        examples = objective.examples(records, tokenizer, cfg.data.general_eval)
-        tuned = eval_loss(objective, model, examples, pad, cfg.optim.batch_size, device)
-        with model.disable_adapter():
-            base = eval_loss(objective, model, examples, pad, cfg.optim.batch_size, device)
+    if cfg.task == "causal_lm" and base_answers:
+        records = [{cfg.data.prompt_field: s["prompt"], cfg.data.response_field: s["before"]} for s in base_answers
+                   if s["before"].strip()]  # fmt: skip
+        examples = objective.examples(records, tokenizer, "general questions (the base's answers)")
+        with objective.training_layout(model):  # padding-free rows need the layout they were laid out for
+            tuned = eval_loss(objective, model, examples, pad, cfg.optim.batch_size, device)
+            with model.disable_adapter():
+                base = eval_loss(objective, model, examples, pad, cfg.optim.batch_size, device)
         out["general_loss_change"] = tuned - base
     source = cfg.data.eval or cfg.data.train
     split = "test" if source.startswith("bundled:") and not cfg.data.eval else "train"
@@ -352,8 +366,12 @@ def compare_one(name: str, task: Task, preset: Preset, out: Path, extra: list[st
     candidate = CATALOG[name]
     folder = out / task.name / name
     saved = folder / "results.json"
+    spec = {"method": candidate.method, "lrs": list(candidate.lrs), "task": list(task.overrides), "extra": extra,
+            "seeds": list(preset.seeds), "sweep": preset.sweep}  # fmt: skip
     if saved.is_file() and not force:
-        return Row(**{k: v for k, v in json.loads(saved.read_text()).items() if k != "trainable_pct"})
+        stored = json.loads(saved.read_text())
+        if stored.get("spec") == spec:  # the same runs: read back (another budget or config: run again)
+            return Row(**{k: v for k, v in stored.items() if k not in ("trainable_pct", "spec")})
     if folder.exists():
         shutil.rmtree(folder)  # force, or an unfinished run: start the method over
     folder.mkdir(parents=True)
@@ -368,7 +386,7 @@ def compare_one(name: str, task: Task, preset: Preset, out: Path, extra: list[st
         row = Row(name, task.name, candidate.family, status="refused", reason=str(exc))
     except (RuntimeError, ValueError, TypeError) as exc:  # a bug or a crash in one run: recorded, the rest go on
         row = Row(name, task.name, candidate.family, status="failed", reason=f"{type(exc).__name__}: {exc}")
-    saved.write_text(json.dumps({**asdict(row), "trainable_pct": row.trainable_pct}, indent=2))
+    saved.write_text(json.dumps({**asdict(row), "trainable_pct": row.trainable_pct, "spec": spec}, indent=2))
     return row
 
 
@@ -392,8 +410,8 @@ def compare(
     `tasks` to pick the one they fit); `extra` are further `key=value` run-config overrides for every run."""
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose from: {', '.join(PRESETS)}.")
-    chosen = select_methods(methods)
     spec = PRESETS[preset]
+    chosen = select_methods(methods or (list(spec.methods) if spec.methods else None))
     picked = [t for t in spec.tasks if tasks is None or t.name in tasks]
     if tasks is not None and len(picked) != len(set(tasks)):
         raise ConfigError(f"unknown task in {tasks}; the {preset} preset has: {', '.join(t.name for t in spec.tasks)}.")
