@@ -277,25 +277,28 @@ def _train_once(task: Task, candidate: Candidate, lr: float, seed: int, run_dir:
     general = result.scores.get("general questions")
     if general is not None:
         out["general_score_before"], out["general_score"] = general
-    base_answers = result.set_samples.get("general questions")
-    out.update(_forgetting_and_overhead(cfg, objective, result.model, tokenizer, base_answers))
+    out.update(_forgetting_and_overhead(cfg, objective, result.model, tokenizer))
     result.model = None
     return out
 
 
-def _forgetting_and_overhead(cfg, objective, model, tokenizer, base_answers: list[dict] | None) -> dict[str, float]:
-    """Forgetting (causal LMs): the mean loss of the base model's own greedy answers to the general questions
-    (`base_answers`: prompt + answer before training: text the base knew by construction) with the adapter, minus
-    without it; and the unmerged forward's time over the base's, on a batch of held-out examples."""
+def _forgetting_and_overhead(cfg, objective, model, tokenizer) -> dict[str, float]:
+    """Forgetting (causal LMs): the mean loss of the base model's own greedy answers to the general questions (text
+    the base knew by construction; generated with the adapter disabled) with the adapter, minus without it; and the
+    unmerged forward's time over the base's, on a batch of held-out examples."""
     from deltatune.train.data import collate, read_records
+    from deltatune.train.evaluate import generate_for
     from deltatune.train.objectives import eval_loss
 
     out: dict[str, float] = {}
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id or 0
-    if cfg.task == "causal_lm" and base_answers:
-        records = [{cfg.data.prompt_field: s["prompt"], cfg.data.response_field: s["before"]} for s in base_answers
-                   if s["before"].strip()]  # fmt: skip
+    if cfg.task == "causal_lm" and cfg.data.general_eval:
+        questions = read_records(cfg.data.general_eval, "test")
+        with model.disable_adapter():
+            answers = generate_for(model, tokenizer, questions, cfg.data, cfg.general_max_new_tokens, device)
+        field = cfg.data.response_field
+        records = [{**q, field: a} for q, a in zip(questions, answers, strict=True) if a.strip()]
         examples = objective.examples(records, tokenizer, "general questions (the base's answers)")
         with objective.training_layout(model):  # padding-free rows need the layout they were laid out for
             tuned = eval_loss(objective, model, examples, pad, cfg.optim.batch_size, device)
@@ -496,7 +499,8 @@ def write_report(rows: list[Row], out: Path, preset: str, seconds: float, metric
     table = [{**asdict(r), "trainable_pct": r.trainable_pct} for r in rows]
     payload = {"preset": preset, "seconds": seconds, "rows": table, "best": best_per_column(rows)}
     (out / "results.json").write_text(json.dumps(payload, indent=2))
-    header = f"# deltatune compare ({preset} preset, {seconds / 60:.1f} min)\n\n"
+    runs = sum(r.seconds for r in rows) / 60
+    header = f"# deltatune compare ({preset} preset; the runs took {runs:.1f} min, this call {seconds / 60:.1f})\n\n"
     (out / "compare.md").write_text(header + markdown_table(rows, metrics))
     plot_comparison(rows, out / "compare.png", metrics)
 
@@ -514,9 +518,12 @@ def plot_comparison(rows: list[Row], path: Path, metrics: dict[str, str]) -> Non
         done = [r for r in rows if r.task == task and r.status == "ok" and r.metric is not None and r.trainable]
         largest = max((r.peak_mb for r in done), default=1.0) or 1.0
         for r in done:
-            color = f"C{FAMILIES.index(r.family) if r.family in FAMILIES else len(FAMILIES)}"
-            ax.scatter(r.trainable_pct, r.metric, s=40 + 400 * r.peak_mb / largest, alpha=0.6, color=color)
+            size = 40 + 400 * r.peak_mb / largest
+            ax.scatter(r.trainable_pct, r.metric, s=size, alpha=0.6, color=_family_colour(r.family))
             ax.annotate(r.method, (r.trainable_pct, r.metric), fontsize=8, xytext=(4, 4), textcoords="offset points")
+        families = sorted({r.family for r in done}, key=lambda f: FAMILIES.index(f) if f in FAMILIES else 99)
+        handles = [plt.Line2D([], [], marker="o", linestyle="", color=_family_colour(f), label=f) for f in families]
+        ax.legend(handles=handles, fontsize=8, loc="lower right")
         ax.set_xscale("log")
         ax.set_xlabel("trainable parameters (% of the model, log)")
         ax.set_ylabel(metrics.get(task, "held-out metric"))
@@ -525,3 +532,7 @@ def plot_comparison(rows: list[Row], path: Path, metrics: dict[str, str]) -> Non
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _family_colour(family: str) -> str:
+    return f"C{FAMILIES.index(family) if family in FAMILIES else len(FAMILIES)}"
