@@ -20,13 +20,16 @@ from common import provenance, write_results  # noqa: E402
 
 CASES = [  # (name, model source or shape, method, batch, seq)
     ("SmolLM2-135M, LoRA r=8 q/k/v/o", "smollm2", "lora", 4, 256),
+    ("SmolLM2-135M, LoRA r=8 q/k/v/o, chunked loss", "smollm2", "lora+chunked", 4, 256),
+    ("SmolLM2-135M, DoRA r=8 q/k/v/o", "smollm2", "dora", 4, 256),
     ("SmolLM2-135M, full fine-tuning", "smollm2", "full", 2, 128),
     ("random LLaMA d=1024 x 8 layers, LoRA r=16 all-linear", {"hidden_size": 1024, "intermediate_size": 2816,
      "num_hidden_layers": 8, "num_attention_heads": 16, "vocab_size": 32000}, "lora", 4, 512),
     ("random LLaMA d=768 x 12 layers (GQA), IA3", {"hidden_size": 768, "intermediate_size": 2048,
      "num_hidden_layers": 12, "num_attention_heads": 12, "num_key_value_heads": 4, "vocab_size": 16000}, "ia3", 8, 256),
 ]  # fmt: skip
-TARGETS = {"SmolLM2-135M, LoRA r=8 q/k/v/o": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
+TARGETS = {name: QKVO for name, source, *_ in CASES if source == "smollm2" and "full" not in name}
 
 
 def _child(source, method: str, batch: int, seq: int, targets) -> dict:
@@ -49,25 +52,35 @@ def _child(source, method: str, batch: int, seq: int, targets) -> dict:
         config = LlamaConfig(**source)
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config)
+    chunked, method = method.endswith("+chunked"), method.removesuffix("+chunked")
+    options = {"use_dora": True} if method == "dora" else {}
     if method == "full":
         trained = model.train()
     else:
-        spec = {"lora": dt.LoraConfig(r=8 if targets else 16, target_modules=targets or "all-linear"),
-                "ia3": dt.IA3Config()}[method]  # fmt: skip
-        trained = dt.get_peft_model(model, spec).train()
+        lora = dt.LoraConfig(r=8 if targets else 16, target_modules=targets or "all-linear", **options)
+        trained = dt.get_peft_model(model, {"lora": lora, "dora": lora, "ia3": dt.IA3Config()}[method]).train()
+    if chunked:
+        from deltatune.chunked_loss import enable_chunked_loss
+
+        enable_chunked_loss(trained)
     optimizer = torch.optim.AdamW([p for p in trained.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(0, config.vocab_size, (batch, seq))
     assert reset_peak_rss()
     for _ in range(2):
-        logits = trained(input_ids=ids).logits
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+        if chunked:  # the head and loss a chunk of positions at a time: no full logits
+            logits, loss = None, trained(input_ids=ids, labels=ids).loss
+        else:
+            logits = trained(input_ids=ids).logits
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         del logits, loss
     measured = (peak_rss_mib() - baseline) * 2**20
-    plan = plan_memory(config, method, rank=8 if targets else 16, targets=targets or ("all-linear" if method == "lora"
-                       else None), batch=batch, seq=seq, dtype="fp32")  # fmt: skip
+    planned = "lora" if method == "dora" else method
+    plan = plan_memory(config, planned, rank=8 if targets else 16, targets=targets or ("all-linear" if planned == "lora"
+                       else None), batch=batch, seq=seq, dtype="fp32", method_options=options or None,
+                       chunked_loss=chunked)  # fmt: skip
     return {"measured": measured, "estimate": plan.peak, "weights": plan.base_weights, "state": plan.trainable_state,
             "activations": plan.activations, "loss": plan.logits_and_loss}  # fmt: skip
 
