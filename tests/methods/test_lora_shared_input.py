@@ -159,3 +159,14 @@ def test_members_outside_the_joint_computation_compute_their_own():
     assert copied_layers["q_proj"].input_group.members == [copied_layers[n] for n in ("q_proj", "k_proj", "v_proj")]
     assert copied_layers["q_proj"].input_group._last is None
     assert isinstance(copied_layers["q_proj"], LoraLinear)
+
+
+def test_a_replica_sharing_the_group_computes_its_own():
+    """DataParallel's replicas are shallow copies: they share the original's group but are not its members."""
+    model = _adapted()
+    layers = _wrappers(model)
+    replica = layers["k_proj"]._replicate_for_data_parallel()
+    x = torch.randn(3, 6)
+    a, b = replica.lora_A["default"].weight, replica.lora_B["default"].weight
+    want = x @ replica.base_layer.weight.T + replica.base_layer.bias + S * x @ a.T @ b.T
+    torch.testing.assert_close(replica(x), want)
