@@ -172,3 +172,22 @@ def test_prompt_and_lora_adapters_share_a_model_and_apply_together(tmp_path):
     torch.testing.assert_close(loaded.eval()(input_ids=ids, attention_mask=mask).logits, both, rtol=0, atol=0)
     with pytest.raises(ConfigError, match="one layer method and one input method"):
         pm.add_adapter("p2", dt.PrefixTuningConfig(num_virtual_tokens=2))
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        dt.PromptTuningConfig(num_virtual_tokens=64),
+        dt.PrefixTuningConfig(num_virtual_tokens=1000),
+        dt.PromptEncoderConfig(num_virtual_tokens=10**6, encoder_hidden_size=8),
+    ],
+    ids=["prompt", "prefix", "p-tuning"],
+)
+def test_virtual_tokens_that_fill_the_context_are_refused_and_the_model_is_untouched(config):
+    base = tiny_llama()  # max_position_embeddings = 64
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    modules = [type(m) for m in base.modules()]
+    with pytest.raises(ConfigError, match=r"num_virtual_tokens=\d+ leaves no room.*at most 64 positions"):
+        dt.get_peft_model(base, config)
+    assert [type(m) for m in base.modules()] == modules
+    assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())

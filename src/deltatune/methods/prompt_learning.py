@@ -111,6 +111,14 @@ def fill_from_model(config: PromptLearningConfig, model: nn.Module) -> PromptLea
             f"{type(model).__name__} is an encoder-decoder model; deltatune's virtual-token methods support "
             "decoder-only and encoder models. Use LoRA or IA3 for encoder-decoder models."
         )
+    model_config = getattr(model, "config", None)
+    context = getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions", None)
+    if isinstance(context, int) and config.num_virtual_tokens >= context:
+        raise ConfigError(
+            f"num_virtual_tokens={config.num_virtual_tokens} leaves no room for the input: "
+            f"{type(model).__name__} reads at most {context} positions, virtual tokens included. Use fewer virtual "
+            "tokens (tens are usual)."
+        )
     grouped = type(config).kv_width_for_gqa  # peft: key/value sizes (equal to the hidden ones without GQA)
     return config.replace(
         token_dim=config.token_dim or (sizes.head_dim * sizes.kv_heads if grouped else sizes.hidden),
