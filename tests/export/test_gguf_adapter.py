@@ -58,13 +58,16 @@ def test_export_encodes_the_adapter_change_under_llama_cpp_scaling(tmp_path, tin
 def test_export_refuses_what_llama_cpp_cannot_load(tmp_path, tiny_model_dir):
     from deltatune.pretrained import load_causal_lm
 
-    for name, config in {"dora": dt.LoraConfig(r=2, use_dora=True, target_modules=["q_proj"]),
-                         "ia3": dt.IA3Config()}.items():  # fmt: skip
+    configs = {"dora": dt.LoraConfig(r=2, use_dora=True, target_modules=["q_proj"]), "ia3": dt.IA3Config(),
+               "prompt": dt.PromptTuningConfig(num_virtual_tokens=2)}  # fmt: skip
+    for name, config in configs.items():
         dt.get_peft_model(load_causal_lm(tiny_model_dir)[0], config).save_pretrained(tmp_path / name)
     with pytest.raises(dt.ConfigError, match="use_dora is set: DoRA rescales"):
         export_gguf_adapter(tmp_path / "dora", tmp_path / "x.gguf", model=str(tiny_model_dir))
-    with pytest.raises(dt.ConfigError, match="IA3 adapter cannot be a llama.cpp LoRA adapter"):
+    with pytest.raises(dt.ConfigError, match="IA3 adapter cannot be a llama.cpp LoRA adapter; merge it into the model"):
         export_gguf_adapter(tmp_path / "ia3", tmp_path / "x.gguf", model=str(tiny_model_dir))
+    with pytest.raises(dt.ConfigError, match="PROMPT_TUNING adapter cannot be .* it cannot be merged either"):
+        export_gguf_adapter(tmp_path / "prompt", tmp_path / "x.gguf", model=str(tiny_model_dir))
     with pytest.raises(dt.ConfigError, match="outtype"):
         export_gguf_adapter(tmp_path / "ia3", tmp_path / "x.gguf", outtype="q2_k", model=str(tiny_model_dir))
     assert not (tmp_path / "x.gguf").exists()

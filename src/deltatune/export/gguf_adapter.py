@@ -63,8 +63,14 @@ def require_gguf():
 
 def _check_exportable(config: AdapterConfig, tensors: dict[str, torch.Tensor]) -> None:
     if config.peft_type != "LORA":
-        raise ConfigError(f"a {config.peft_type} adapter cannot be a llama.cpp LoRA adapter; merge it into the model "
-                          "instead (merge_and_unload, or deltatune merge).")  # fmt: skip
+        from deltatune.registry import get_method
+
+        fix = (
+            "merge it into the model instead (`deltatune export gguf --merged`, or merge_and_unload)"
+            if get_method(config.peft_type).mergeable
+            else "it cannot be merged either (it is not a change of weights): serve it with deltatune or transformers"
+        )
+        raise ConfigError(f"a {config.peft_type} adapter cannot be a llama.cpp LoRA adapter; {fix}.")
     reasons = {
         "use_dora": "DoRA rescales the weight's columns, which is not B·A",
         "lora_bias": "lora_bias adds a bias llama.cpp adapters cannot carry",
