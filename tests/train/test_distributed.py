@@ -44,7 +44,7 @@ def test_two_processes_match_single_process(strategy, tiny_model_dir, tmp_path):
     assert all(torch.equal(saved[k], rank0[k]) for k in saved)
 
 
-HF_WORKER = Path(__file__).with_name("hf_fsdp_worker.py")
+HF_WORKER = Path(__file__).with_name("hf_accelerate_worker.py")
 
 
 def test_transformers_trainer_under_accelerate_launch_saves_an_adapter_that_reloads(tiny_model_dir, tmp_path):

@@ -10,8 +10,6 @@ reason and the rest still run; a run whose loss diverges is recorded as diverged
 
 from __future__ import annotations
 
-import ctypes
-import gc
 import json
 import math
 import re
@@ -38,9 +36,8 @@ class Candidate:
     family: str
     method: dict[str, Any]
     lrs: tuple[float, ...]
-    tasks: tuple[str, ...] = ("causal_lm", "classification")
     refusal: dict[str, str] = field(default_factory=dict)
-    """task kind -> why the method does not apply to that kind of model (reported, not run)."""
+    """task kind -> why the method does not apply to that kind of model (reported, not run); it applies elsewhere."""
 
 
 _LORA = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "lora_dropout": 0.05}
@@ -67,7 +64,6 @@ CATALOG: dict[str, Candidate] = {
         "soft prompt",
         {"peft_type": "ADAPTION_PROMPT", "adapter_len": 10, "adapter_layers": 8},
         (1e-2, 3e-3, 3e-2),
-        tasks=("causal_lm",),
         refusal={"classification": "LLaMA-Adapter's adaption prompts are decoder attention layers' (LLaMA-style)."},
     ),
     "ln_tuning": Candidate("selective", {"peft_type": "LN_TUNING"}, (1e-2, 3e-3, 3e-2)),
@@ -86,7 +82,6 @@ CATALOG: dict[str, Candidate] = {
         "baseline",
         {"peft_type": "SELECTIVE", "train_parameters": ["bias"], "select_modules": [], "train_output_head": True},
         (1e-2, 3e-3, 3e-2),
-        tasks=("classification",),
         refusal={
             "causal_lm": "feature extraction trains a task head on frozen features; a causal LM's head is its "
             "vocabulary projection, which is the whole model's output (that is partial_ft's job)."
@@ -98,8 +93,14 @@ CATALOG: dict[str, Candidate] = {
 @dataclass(frozen=True)
 class Task:
     name: str
+    kind: str
+    """The run config's `task`: causal_lm or classification."""
     overrides: tuple[str, ...]
     metric: str
+
+    @property
+    def run_overrides(self) -> list[str]:
+        return [f"task={self.kind}", *self.overrides]
 
 
 @dataclass(frozen=True)
@@ -117,13 +118,12 @@ QUICK_METHODS = ("lora", "ia3", "bottleneck", "reft", "prompt_tuning", "llama_ad
 two soft prompts, both selective methods and every baseline; the rest with --methods or in the full preset."""
 
 
-_DATE = ("task=causal_lm", "generate_eval=16", "max_new_tokens=12", "general_max_new_tokens=16", "data.extra_eval={}")
-_CLASSIFY = ("task=classification",)
+_DATE = ("generate_eval=16", "max_new_tokens=12", "general_max_new_tokens=16", "data.extra_eval={}")
 PRESETS: dict[str, Preset] = {
     "quick": Preset(
         (
-            Task("date", (*_DATE, "optim.steps=12", "optim.batch_size=4"), "exact match"),
-            Task("classification", (*_CLASSIFY, "optim.steps=150"), "accuracy"),
+            Task("date", "causal_lm", (*_DATE, "optim.steps=12", "optim.batch_size=4"), "exact match"),
+            Task("classification", "classification", ("optim.steps=150",), "accuracy"),
         ),
         seeds=(0,),
         sweep=False,
@@ -131,8 +131,8 @@ PRESETS: dict[str, Preset] = {
     ),
     "full": Preset(
         (
-            Task("date", (*_DATE, "generate_eval=64", "optim.steps=80"), "exact match"),
-            Task("classification", (*_CLASSIFY, "optim.steps=400"), "accuracy"),
+            Task("date", "causal_lm", (*_DATE, "generate_eval=64", "optim.steps=80"), "exact match"),
+            Task("classification", "classification", ("optim.steps=400",), "accuracy"),
         ),
         seeds=(0, 1, 2),
         sweep=True,
@@ -211,15 +211,6 @@ def peak_memory() -> Iterator[dict[str, float]]:
         out["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _release_memory() -> None:
-    """Hand freed memory back between runs, so one run's peak RSS is not another's leftovers."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def _interleaved_ratio(model, batch: dict[str, torch.Tensor], rounds: int = 5) -> float:
     """Median over rounds of forward time with the adapter over forward time with it disabled (no grad)."""
     ratios = []
@@ -238,7 +229,7 @@ def _interleaved_ratio(model, batch: dict[str, torch.Tensor], rounds: int = 5) -
 def _run_config(task: Task, candidate: Candidate, lr: float, seed: int, run_dir: Path, extra: list[str]):
     from deltatune.train import load_train_config
 
-    overrides = [*task.overrides, *extra, f"method={json.dumps(candidate.method)}", f"optim.lr={lr}",
+    overrides = [*task.run_overrides, *extra, f"method={json.dumps(candidate.method)}", f"optim.lr={lr}",
                  f"seed={seed}", f"output_dir={run_dir}", "log_every=1"]  # fmt: skip
     return load_train_config(None, overrides)
 
@@ -249,9 +240,10 @@ def _train_once(task: Task, candidate: Candidate, lr: float, seed: int, run_dir:
 
     from deltatune.train import train
     from deltatune.train.data import read_records
+    from deltatune.train.host import release_freed_memory
     from deltatune.train.objectives import objective_for
 
-    _release_memory()
+    release_freed_memory()  # one run's peak RSS is not the previous run's leftovers
     cfg = _run_config(task, candidate, lr, seed, run_dir, extra)
     objective = objective_for(cfg)
     objective.check(read_records(cfg.data.train, "train"), cfg.data.train)  # a classifier's labels, before its head
@@ -369,7 +361,7 @@ def compare_one(name: str, task: Task, preset: Preset, out: Path, extra: list[st
     candidate = CATALOG[name]
     folder = out / task.name / name
     saved = folder / "results.json"
-    spec = {"method": candidate.method, "lrs": list(candidate.lrs), "task": list(task.overrides), "extra": extra,
+    spec = {"method": candidate.method, "lrs": list(candidate.lrs), "task": task.run_overrides, "extra": extra,
             "seeds": list(preset.seeds), "sweep": preset.sweep}  # fmt: skip
     if saved.is_file() and not force:
         stored = json.loads(saved.read_text())
@@ -379,9 +371,8 @@ def compare_one(name: str, task: Task, preset: Preset, out: Path, extra: list[st
         shutil.rmtree(folder)  # force, or an unfinished run: start the method over
     folder.mkdir(parents=True)
     try:
-        kind = _task_kind(task)
-        if kind not in candidate.tasks:
-            raise ConfigError(candidate.refusal.get(kind) or f"{name} does not apply to {kind} models.")
+        if task.kind in candidate.refusal:
+            raise ConfigError(candidate.refusal[task.kind])
         row = _measure_method(name, candidate, task, preset, folder, extra)
     except TrainingDiverged as exc:
         row = Row(name, task.name, candidate.family, status="diverged", reason=str(exc))
@@ -391,10 +382,6 @@ def compare_one(name: str, task: Task, preset: Preset, out: Path, extra: list[st
         row = Row(name, task.name, candidate.family, status="failed", reason=f"{type(exc).__name__}: {exc}")
     saved.write_text(json.dumps({**asdict(row), "trainable_pct": row.trainable_pct, "spec": spec}, indent=2))
     return row
-
-
-def _task_kind(task: Task) -> str:
-    return "classification" if "task=classification" in task.overrides else "causal_lm"
 
 
 def compare(

@@ -62,11 +62,9 @@ class SharedInputGroup:
             if entry is not None and entry[2] == layer.lora_A[name].weight._version:
                 return last.h[..., entry[0] : entry[1]]
         self._last = None  # another input (or a stale one): what waited on the last one will not be asked for
-        if not any(m is layer for m in self.members):  # a replica (DataParallel) sharing its original's group
-            return lora_down(x, _weight_as(layer, name, x), dropout)
         members = [m for m in self.members if m is layer or m.shares_down(name, x, dropout)]
-        if len(members) == 1:
-            return lora_down(x, _weight_as(layer, name, x), dropout)
+        if len(members) == 1 or not any(m is layer for m in members):  # alone, or a replica (DataParallel) that
+            return lora_down(x, _weight_as(layer, name, x), dropout)  # shares its original's group: its own
         h = lora_down(x, torch.cat([_weight_as(m, name, x) for m in members]), dropout)
         waiting, start = {}, 0
         for m in members:

@@ -31,15 +31,28 @@ _DEFAULTS = {  # mallopt(3): each defaults to 128 KiB, unless the environment se
 }
 
 
-def _mallopt(option: int, value: int) -> bool:
-    """glibc's mallopt; False where there is none (not Linux, musl)."""
+def _glibc_call(function: str, *args: int) -> int | None:
+    """glibc's `function(*args)`; None where there is none (not Linux, musl)."""
     if not sys.platform.startswith("linux"):
-        return False
+        return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc.mallopt(option, value) == 1
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), function)(*args)
     except (OSError, AttributeError):
-        return False
+        return None
+
+
+def _mallopt(option: int, value: int) -> bool:
+    """glibc's mallopt; False where there is none."""
+    return _glibc_call("mallopt", option, value) == 1
+
+
+def release_freed_memory() -> None:
+    """Collect garbage and hand the heap's free blocks back to the OS (glibc's malloc_trim), so that what one piece
+    of work freed does not count in the next one's resident memory."""
+    import gc
+
+    gc.collect()
+    _glibc_call("malloc_trim", 0)
 
 
 def glibc_defaults() -> dict[int, int]:
