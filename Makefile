@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test test-slow test-export test-gpu lint quickstart bench clean
+.PHONY: setup test test-slow test-export test-gpu peft-suite lint quickstart bench clean
 
 setup: $(STAMP)
 
@@ -39,6 +39,10 @@ LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=O
 test-export: setup
 	$(PY) -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install llama-cpp-python==0.3.36
 	$(PY) -m pytest -q -s -m slow tests/export
+
+# peft's own tests against peft and against deltatune (import shim); writes benchmarks/results/peft_suite.md
+peft-suite: setup
+	bash scripts/peft_suite.sh
 
 # on a CUDA machine: the CUDA tests (they skip elsewhere)
 test-gpu: setup

@@ -33,7 +33,8 @@ from deltatune.methods.ln_tuning import LNTuningConfig
 from deltatune.methods.lora import LoraConfig
 from deltatune.methods.lora_hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
 from deltatune.methods.prefix_tuning import PrefixTuningConfig
-from deltatune.methods.prompt_tuning import PromptEncoderConfig, PromptTuningConfig
+from deltatune.methods.prompt_learning import PromptLearningConfig
+from deltatune.methods.prompt_tuning import PromptEncoder, PromptEncoderConfig, PromptTuningConfig
 from deltatune.methods.reft import ReftConfig
 from deltatune.methods.selective import SelectiveConfig
 from deltatune.methods.vera import VeraConfig
@@ -51,6 +52,7 @@ from deltatune.state_dict import (
     get_base_model_state_dict,
     get_peft_model_state_dict,
     load_peft_weights,
+    set_base_model_state_dict,
     set_peft_model_state_dict,
 )
 from deltatune.status import get_layer_status, get_model_status
@@ -89,6 +91,8 @@ __all__ = [
     "BottleneckConfig",
     "LNTuningConfig",
     "PrefixTuningConfig",
+    "PromptLearningConfig",
+    "PromptEncoder",
     "PromptEncoderConfig",
     "PromptTuningConfig",
     "ReftConfig",
@@ -108,6 +112,7 @@ __all__ = [
     "get_base_model_state_dict",
     "get_peft_model_state_dict",
     "load_peft_weights",
+    "set_base_model_state_dict",
     "set_peft_model_state_dict",
     "TargetNotFoundError",
     "UnknownFieldWarning",

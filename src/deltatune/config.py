@@ -10,7 +10,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
-from deltatune.errors import ConfigError, UnknownFieldWarning, UnsupportedFieldError
+from deltatune.errors import ConfigError, UnknownFieldWarning, UnsupportedArgumentError, UnsupportedFieldError
 
 CONFIG_NAME = "adapter_config.json"
 METADATA_FIELDS = frozenset({"peft_version", "auto_mapping"})
@@ -22,8 +22,27 @@ def _is_unset(value: Any) -> bool:
     return value is None or value is False or value == "none" or (hasattr(value, "__len__") and len(value) == 0)
 
 
+class _ConfigType(type):
+    """Takes peft's `peft_type` keyword (`LoraConfig(**json.load(f))` passes it): the class's own type is accepted,
+    another one refused by name (peft overwrites it silently)."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        given = kwargs.pop("peft_type", None)
+        value = getattr(given, "value", given)
+        if given is not None and cls.peft_type and value != cls.peft_type:
+            raise ConfigError(
+                f"peft_type={value!r} given to {cls.__name__}, whose peft_type is {cls.peft_type!r}: drop the "
+                "argument, or use the config class of that method."
+            )
+        return super().__call__(*args, **kwargs)
+
+
+HUB_KWARGS = ("cache_dir", "token", "local_files_only", "force_download", "revision")
+"""Keywords `from_pretrained` passes to huggingface_hub when `model_id` is a Hub repo."""
+
+
 @dataclass
-class AdapterConfig:
+class AdapterConfig(metaclass=_ConfigType):
     """Fields shared by every method; names and meanings are peft's.
 
     Subclasses set the class attribute `peft_type` and list peft fields they know but do not implement in
@@ -55,6 +74,7 @@ class AdapterConfig:
     """True when the adapter is loaded for inference only (peft writes true on save)."""
 
     def __post_init__(self) -> None:
+        self._check_task_type()
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
         if isinstance(self.modules_to_save, (set, tuple)):
@@ -73,6 +93,15 @@ class AdapterConfig:
             raise ConfigError(f"layers_to_transform holds a negative index: {self.layers_to_transform}.")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ConfigError("layers_pattern is only used with layers_to_transform: set both, or neither.")
+
+    def _check_task_type(self) -> None:
+        from deltatune.peft_types import TaskType
+
+        if self.task_type is not None and self.task_type not in set(TaskType):
+            raise ConfigError(
+                f"Invalid task type: {self.task_type!r}. Must be one of the following task types: "
+                f"{', '.join(TaskType)}. Fix the config's task_type (or leave it unset)."
+            )
 
     def update_from(self, other: AdapterConfig) -> AdapterConfig:
         """Copy every field of `other` (a config of the same class) into this object, and return it: a model keeps the
@@ -125,15 +154,35 @@ class AdapterConfig:
             raise ConfigError(f"invalid {cls.__name__}: {exc}") from exc
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, subfolder: str | None = None) -> AdapterConfig:
-        """Read `adapter_config.json` from `directory` (or `directory/subfolder`). On the base class the saved
-        `peft_type` picks the method's config class (peft's `PeftConfig.from_pretrained`); on a method's class the
-        file must be of that method."""
+    def from_pretrained(cls, directory: str | Path, subfolder: str | None = None, **kwargs: Any) -> AdapterConfig:
+        """Read `adapter_config.json` from `directory` (or `directory/subfolder`), a local folder or a Hub repo id
+        (`revision`, `cache_dir`, `token`, ... go to huggingface_hub). On the base class the saved `peft_type` picks
+        the method's config class (peft's `PeftConfig.from_pretrained`); on a method's class the file must be of that
+        method."""
         from deltatune.registry import get_method
 
-        data = read_config_dict(Path(directory) / subfolder if subfolder else directory)
+        unknown = sorted(set(kwargs) - set(HUB_KWARGS))
+        if unknown:
+            raise UnsupportedArgumentError(
+                f"{cls.__name__}.from_pretrained got {unknown}; it takes subfolder and {', '.join(HUB_KWARGS)}."
+            )
+        data = read_config_dict(config_dir(directory, subfolder, **kwargs))
         target = get_method(data["peft_type"]).config_cls if cls is AdapterConfig else cls
         return target.from_dict(data)
+
+    @classmethod
+    def from_json_file(cls, path_json_file: str | Path) -> dict[str, Any]:
+        """The JSON object in `path_json_file` (peft's helper); `runtime_config`, which peft never means to be
+        saved, is dropped."""
+        path = Path(path_json_file)
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"cannot read {path} as JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a JSON object, got {type(data).__name__}.")
+        data.pop("runtime_config", None)
+        return data
 
     def save(self, directory: str | Path, metadata: dict[str, Any] | None = None) -> None:
         """Write `adapter_config.json` atomically; `metadata` adds fields peft writes beside the config's own
@@ -142,6 +191,14 @@ class AdapterConfig:
 
         payload = json.dumps({**self.to_dict(), **(metadata or {})}, indent=2, sort_keys=True).encode()
         atomic_write_bytes(Path(directory) / CONFIG_NAME, payload)
+
+    def save_pretrained(self, save_directory: str | Path, auto_mapping_dict: dict[str, Any] | None = None) -> None:
+        """peft's name for `save`: `save_directory/adapter_config.json` (the folder is created);
+        `auto_mapping_dict` is written as its `auto_mapping` field."""
+        if Path(save_directory).is_file():
+            raise ConfigError(f"save_directory {save_directory} is a file; give a folder.")
+        Path(save_directory).mkdir(parents=True, exist_ok=True)
+        self.save(save_directory, {"auto_mapping": auto_mapping_dict} if auto_mapping_dict else None)
 
     def for_training(self, context: TrainingContext) -> AdapterConfig:
         """This config for a training run: a method whose settings depend on the run (its length, or statistics
@@ -165,6 +222,27 @@ class TrainingContext:
     """A few of the run's first batches, built on demand (on the model's device)."""
     loss_fn: Callable[[Any, dict[str, Any]], Any] | None = None
     """(model, batch) -> the run's mean loss on that batch."""
+
+
+def config_dir(model_id: str | Path, subfolder: str | None = None, **hub_kwargs: Any) -> Path:
+    """The local folder holding `adapter_config.json`: `model_id[/subfolder]` when it exists, else the Hub cache's
+    snapshot of repo `model_id` (`hub_kwargs`: revision, cache_dir, token, ... as huggingface_hub takes them)."""
+    local = Path(model_id) / subfolder if subfolder else Path(model_id)
+    if local.is_dir():
+        if hub_kwargs.get("revision") not in (None, "main"):
+            raise UnsupportedArgumentError(f"revision={hub_kwargs['revision']!r} given for the local folder {local}.")
+        return local
+    if Path(model_id).is_absolute() or str(model_id).count("/") != 1:
+        raise ConfigError(f"{local} is not a folder, and {str(model_id)!r} is not a Hub repo id (user/name).")
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(hf_hub_download(str(model_id), CONFIG_NAME, subfolder=subfolder, **hub_kwargs)).parent
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
+        raise ConfigError(
+            f"adapter config {model_id!r} is neither a local folder nor in the Hub (cache): {type(exc).__name__}: {exc}"
+        ) from None
 
 
 def _jsonable(value: Any) -> Any:

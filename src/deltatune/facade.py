@@ -7,7 +7,8 @@ Two pieces, both generic (no method is named here):
   peft's. Attribute reads fall through to the model, as peft's tuner does. Calling it runs the model's backbone
   (transformers' `PreTrainedModel.base_model`, e.g. `LlamaModel` under `LlamaForCausalLM`; the model itself when it
   has no head), which is what code that takes our wrapper for a transformers model expects of `model.base_model`:
-  TRL's fused LM head calls it for hidden states.
+  TRL's fused LM head calls it for hidden states. peft's tuner-level calls (`TUNER_API`: `set_adapter`, `merge_adapter`,
+  `peft_config`, ...) are answered by the `PeftModel` it belongs to.
 - `PretrainedFacade` makes `isinstance(model, transformers.PreTrainedModel)` true without being one: every attribute
   `PreTrainedModel` defines is read from (and written to) the wrapped model, except what `nn.Module` defines (moving,
   train/eval act on the wrapper with its adapters) and what `PeftModel` defines itself. transformers' `Trainer` saves a
@@ -22,13 +23,35 @@ from typing import Any
 from torch import nn
 from transformers import PreTrainedModel
 
+TUNER_API = (
+    "set_adapter",
+    "delete_adapter",
+    "merge_adapter",
+    "unmerge_adapter",
+    "merge_and_unload",
+    "unload",
+    "add_weighted_adapter",
+    "active_adapter",
+    "active_adapters",
+    "peft_config",
+    "disable_adapter_layers",
+    "enable_adapter_layers",
+    "set_requires_grad",
+    "update_and_allocate",
+    "get_nb_trainable_parameters",
+)
+"""What peft's tuner (`BaseTuner`) answers itself: the tuner level answers it from its `PeftModel` (the same
+adapters, the same config dict), never from the transformers model's own PEFT integration, which has these names
+too and would refuse to work without peft."""
+
 
 class Tuner(nn.Module):
     """peft's `base_model` level: `.model` is the transformers model with the adapters in it."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, owner: nn.Module | None = None):
         super().__init__()
         self.model = model
+        self.__dict__["_owner"] = owner  # the PeftModel (a plain attribute: not a submodule, no second state dict)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         backbone = getattr(self.model, "base_model", None)
@@ -40,6 +63,9 @@ class Tuner(nn.Module):
         except AttributeError:
             if name.startswith("__") or "_modules" not in self.__dict__ or "model" not in self._modules:
                 raise
+            owner = self.__dict__.get("_owner")
+            if owner is not None and name in TUNER_API:
+                return getattr(owner, name)
             return getattr(self._modules["model"], name)
 
 

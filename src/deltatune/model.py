@@ -48,7 +48,9 @@ class PeftModel(CheckpointMixin, PretrainedFacade):
         low_cpu_mem_usage: bool = False,
     ):
         nn.Module.__init__(self)  # not PreTrainedModel's: the wrapped model keeps the one config
-        self._modules["base_model"] = Tuner(model)  # under the `base_model` property (PreTrainedModel has one)
+        self._modules["base_model"] = Tuner(
+            model, owner=self
+        )  # under the `base_model` property (PreTrainedModel has one)
         self.peft_config: dict[str, AdapterConfig] = {}
         self.shared = nn.ModuleDict()  # per adapter: tensors all its layers share (only for methods that have some)
         self._active: list[str] = []
@@ -349,8 +351,19 @@ class PeftModel(CheckpointMixin, PretrainedFacade):
 
 def inject_adapter_in_model(peft_config: AdapterConfig, model: nn.Module, adapter_name: str = "default") -> nn.Module:
     """Add an adapter's layers to `model` in place, without the PeftModel wrapper (peft's function); the model is
-    returned, its base weights frozen and the adapter active."""
-    return PeftModel(model, peft_config, adapter_name).get_base_model()
+    returned, its base weights frozen and the adapter active, with the configs as `model.peft_config` (as peft
+    does: `get_peft_model_state_dict(model)` reads them). Methods whose state lives outside the layers (tensors all
+    layers share, virtual tokens) need the wrapper and are refused by name before the model changes."""
+    spec = spec_for_config(peft_config)
+    if spec.kind != "layer" or spec.make_shared is not None:
+        raise ConfigError(
+            f"inject_adapter_in_model cannot add {peft_config.peft_type}: its state lives outside the adapted layers "
+            "(shared tensors or virtual tokens). Use get_peft_model instead."
+        )
+    wrapper = PeftModel(model, peft_config, adapter_name)
+    base = wrapper.get_base_model()
+    base.peft_config = wrapper.peft_config
+    return base
 
 
 def get_peft_model(

@@ -22,6 +22,7 @@ from deltatune.hub import adapter_dir, push_adapter, write_model_card
 from deltatune.inject import with_task_heads
 from deltatune.layers import AdapterLayer
 from deltatune.registry import get_method, spec_for_config
+from deltatune.state_dict import LoadResult
 
 
 class CheckpointMixin:
@@ -138,7 +139,7 @@ class CheckpointMixin:
         config: AdapterConfig | None = None,
         subfolder: str | None = None,
         **kwargs: Any,
-    ) -> None:
+    ) -> LoadResult:
         """Add the adapter saved in `model_id` (or `model_id/subfolder`) under `adapter_name`; validated fully before
         the model changes. `model_id` is a local folder or a Hub repo id (`revision=` picks its version; read
         through huggingface_hub's cache). `config` replaces the saved adapter_config.json (same method); the model
@@ -184,6 +185,7 @@ class CheckpointMixin:
         if not self._active:
             self._active = [adapter_name]
         self._apply_active()
+        return LoadResult([], [])  # peft's load result; keys that do not fit were refused above
 
     def _initialize_from_base(self, adapter_name: str) -> None:
         for layer in self._layers():

@@ -35,7 +35,10 @@ def get_peft_model_state_dict(
 ) -> dict[str, Tensor]:
     """Adapter `adapter_name`'s tensors under peft's saved keys (adapter name left out). With `state_dict` (the
     model's own `state_dict()`, e.g. gathered from shards), its tensors are used instead of the live ones."""
-    saved = model.adapter_state_dict(adapter_name)
+    view = as_adapter_model(model)
+    saved = view.adapter_state_dict(adapter_name)
+    if view is not model:  # an injected model: keys relative to it, as peft gives them
+        saved = {_relative(k, view, adapter_name): t for k, t in saved.items()}
     if state_dict is None:
         return saved
     out = {}
@@ -64,8 +67,44 @@ def set_peft_model_state_dict(
     refuse_unknown(
         "set_peft_model_state_dict", kwargs, {"ignore_mismatched_sizes": (False,), "low_cpu_mem_usage": (False,)}
     )
-    model.load_adapter_tensors(adapter_name, peft_model_state_dict)
+    view = as_adapter_model(model)
+    if view is not model:
+        prefix = _prefix(view, adapter_name)
+        peft_model_state_dict = {prefix + k: t for k, t in peft_model_state_dict.items()}
+    view.load_adapter_tensors(adapter_name, peft_model_state_dict)
     return LoadResult([], [])
+
+
+def _prefix(view: AdapterModel, adapter_name: str) -> str:
+    if adapter_name not in view.peft_config:
+        raise KeyError(f"no adapter {adapter_name!r} in this model; it has {sorted(view.peft_config)}.")
+    from deltatune.registry import get_method
+
+    return get_method(view.peft_config[adapter_name].peft_type).module_key_prefix
+
+
+def _relative(key: str, view: AdapterModel, adapter_name: str) -> str:
+    prefix = _prefix(view, adapter_name)
+    return key[len(prefix) :] if key.startswith(prefix) else key
+
+
+def as_adapter_model(model: nn.Module) -> AdapterModel:
+    """`model` itself when it is a PeftModel; for a model `inject_adapter_in_model` adapted (its configs in
+    `model.peft_config`), a PeftModel view of it that adds nothing, so the state-dict helpers work on both, as in
+    peft."""
+    if hasattr(model, "adapter_state_dict"):
+        return model
+    configs = getattr(model, "peft_config", None)
+    if not isinstance(configs, dict) or not configs:
+        raise TypeError(
+            f"{type(model).__name__} holds no deltatune adapter: pass the PeftModel, or a model adapted with "
+            "inject_adapter_in_model."
+        )
+    from deltatune.adapter_model import task_class
+
+    view = task_class(None)(model)  # PeftModel (registered as the default class)
+    view.peft_config.update(configs)
+    return view
 
 
 def load_peft_weights(model_id: str | Path, device: str | torch.device | None = None) -> dict[str, Tensor]:
@@ -85,6 +124,29 @@ def get_base_model_state_dict(model: AdapterModel) -> dict[str, Tensor]:
         if original is not None:
             out[original] = value
     return out
+
+
+def set_base_model_state_dict(model: AdapterModel, state_dict: dict[str, Tensor], strict: bool = True) -> LoadResult:
+    """Load base-model tensors given under their original keys (what `get_base_model_state_dict` returns) into the
+    adapted model, the adapters untouched (peft's inverse of that function). Returns the original keys the dict
+    lacks and those the model does not have; with `strict` either is a `CheckpointError` and nothing changes."""
+    from deltatune.errors import CheckpointError
+
+    base = model.get_base_model()
+    live = {}
+    for key in base.state_dict():
+        original = _original_key(base, key)
+        if original is not None:
+            live[original] = key
+    missing = sorted(set(live) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(live))
+    if strict and (missing or unexpected):
+        raise CheckpointError(
+            f"set_base_model_state_dict: {len(missing)} base keys missing (e.g. {missing[:3]}), {len(unexpected)} "
+            f"unknown (e.g. {unexpected[:3]}); pass strict=False to load the keys that match."
+        )
+    base.load_state_dict({live[k]: v for k, v in state_dict.items() if k in live}, strict=False)
+    return LoadResult(missing, unexpected)
 
 
 _WRAPPED_ATTR = {AdapterLayer: "base_layer", TrainableCopy: "original_module"}

@@ -74,6 +74,8 @@ def test_families_without_separate_projections_in_one_module_are_refused(factory
 
 def test_config_needs_both_sizes_and_no_more_layers_than_the_model():
     with pytest.raises(ConfigError, match="adapter_layers"):
-        dt.AdaptionPromptConfig(adapter_len=2)
+        dt.AdaptionPromptConfig(adapter_len=2, adapter_layers=0)
+    with pytest.raises(ConfigError, match="adapter_layers is not set"):  # None is peft's default: refused on a model
+        dt.get_peft_model(tiny_llama(), dt.AdaptionPromptConfig(adapter_len=2))
     with pytest.raises(ConfigError, match="adapter_layers=5"):
         dt.get_peft_model(tiny_llama(), dt.AdaptionPromptConfig(adapter_len=2, adapter_layers=5))

@@ -99,7 +99,18 @@ def test_module_fields_are_refused_by_name():
     with pytest.raises(ConfigError, match="target_modules"):
         dt.PromptTuningConfig(num_virtual_tokens=2, target_modules=["q_proj"])
     with pytest.raises(ConfigError, match="num_virtual_tokens"):
-        dt.PromptTuningConfig()
+        dt.PromptTuningConfig(num_virtual_tokens=0)
+
+
+def test_an_unset_token_count_is_refused_when_the_adapter_is_added():
+    # peft builds `PromptTuningConfig()` (count None) and needs the count only on a model: so do we, by name
+    config = dt.PromptTuningConfig()
+    model = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=50))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError, match="num_virtual_tokens is not set"):
+        dt.get_peft_model(model, config)
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
 
 
 def _gpt2_medium_on_meta():

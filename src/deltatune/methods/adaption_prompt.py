@@ -42,9 +42,9 @@ class AdaptionPromptConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("adapter_len", "adapter_layers"):
+        for name in ("adapter_len", "adapter_layers"):  # None until the adapter is added, as in peft
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if value is not None and (not isinstance(value, int) or value <= 0):
                 raise ConfigError(f"{name} must be a positive integer (peft has no default), got {value!r}.")
         for name in ("exclude_modules", "layers_to_transform", "layers_pattern"):
             if getattr(self, name) not in (None, []):
@@ -169,6 +169,9 @@ def _has(model: nn.Module, name: str) -> bool:
 
 def adaption_defaults(config: AdaptionPromptConfig, model_type: str | None) -> AdaptionPromptConfig:
     """target_modules: the attention module's name (peft saves it, e.g. "self_attn")."""
+    for name in ("adapter_len", "adapter_layers"):
+        if getattr(config, name) is None:
+            raise ConfigError(f"{name} is not set: give it a positive integer (the paper: adapter_len=10).")
     suffix, _ = _projections(model_type)
     return config if config.target_modules else config.replace(target_modules=suffix)
 

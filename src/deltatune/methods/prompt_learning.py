@@ -44,8 +44,9 @@ class PromptLearningConfig(AdapterConfig):
                     f"chosen modules: remove {name}."
                 )
         super().__post_init__()
-        if not isinstance(self.num_virtual_tokens, int) or self.num_virtual_tokens <= 0:
-            raise ConfigError(f"num_virtual_tokens must be a positive integer, got {self.num_virtual_tokens!r}.")
+        tokens = self.num_virtual_tokens  # None until the adapter is added (`fill_from_model` refuses it), as in peft
+        if tokens is not None and (not isinstance(tokens, int) or isinstance(tokens, bool) or tokens <= 0):
+            raise ConfigError(f"num_virtual_tokens must be a positive integer, got {tokens!r}.")
         if self.num_transformer_submodules not in (None, 1):
             raise ConfigError(
                 f"num_transformer_submodules={self.num_transformer_submodules}: deltatune's virtual tokens work on "
@@ -105,6 +106,8 @@ def model_sizes(model: nn.Module) -> ModelSizes:
 
 def fill_from_model(config: PromptLearningConfig, model: nn.Module) -> PromptLearningConfig:
     """peft's filling of the unset sizes (`MethodSpec.fill_from_model`); encoder-decoder models are refused."""
+    if config.num_virtual_tokens is None:
+        raise ConfigError("num_virtual_tokens is not set: give the number of virtual tokens (e.g. 20).")
     sizes = model_sizes(model)
     if sizes.encoder_decoder:
         raise ConfigError(

@@ -1,0 +1,120 @@
+"""Compare the two runs of peft's tests (scripts/peft_suite.sh) and write the results table.
+
+usage: report.py PEFT_LOG DELTATUNE_LOG OUT.md --commit SHA --versions "..."
+Counts per method and file: tests run (shared methods only), passed under peft, passed under deltatune among
+those, and every deltatune failure of a test peft passes, in one bucket: missing import path, peft-internal
+structure a test inspects, method we do not have, or behavioural difference. Known causes are explained by
+`EXPLAINED` (a pattern on the test id or error, its bucket, why); the rest are bucketed by their error's type.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from collections import Counter, defaultdict
+from pathlib import Path
+
+BUCKETS = ("missing import path", "peft internals", "method we do not have", "behaviour")
+# (regex matched against "<test id> <error>", bucket, explanation): the reviewed causes, most specific first
+EXPLAINED: list[tuple[str, str, str]] = []
+
+
+def _records(path: Path) -> dict[str, dict]:
+    """Per test id, its one record that decides the outcome (a failing setup or teardown counts as failed)."""
+    out: dict[str, dict] = {}
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        if rec["outcome"] == "not_shared":
+            continue
+        prev = out.get(rec["id"])
+        if prev is None or prev["outcome"] == "passed" or rec["outcome"] == "failed":
+            out[rec["id"]] = rec
+    return out
+
+
+def bucket_of(rec: dict) -> tuple[str, str]:
+    text = f"{rec['id']} {rec.get('error', '')}"
+    for pattern, bucket, why in EXPLAINED:
+        if re.search(pattern, text):
+            return bucket, why
+    error = rec.get("error", "")
+    if "without a deltatune counterpart" in error or "No module named 'peft" in error or "ImportError" in error:
+        name = re.search(r"counterpart: ([\w.]+)", error)
+        path = name.group(1) if name else error[:80]
+        if re.search(r"\.\w+(Config|Model|Embedding|Encoder)\b", path) and "Peft" not in path:
+            return "method we do not have", path
+        return "missing import path", path
+    if error.startswith(("AttributeError", "KeyError")) or "has no attribute" in error:
+        return "peft internals", "(unreviewed) " + error[:120]
+    return "behaviour", "(unreviewed) " + error[:160]
+
+
+def _file_of(test_id: str) -> str:
+    return test_id.split("::")[0].rpartition("/")[2]
+
+
+def summarise(peft_log: Path, deltatune_log: Path) -> dict:
+    peft, ours = _records(peft_log), _records(deltatune_log)
+    rows: dict[tuple[str, str], Counter] = defaultdict(Counter)
+    causes: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for test_id, rec in peft.items():
+        key = (rec["method"], _file_of(test_id))
+        rows[key]["run"] += 1
+        if rec["outcome"] != "passed":
+            continue
+        rows[key]["peft"] += 1
+        mine = ours.get(test_id, {"outcome": "failed", "error": "not run under deltatune", "id": test_id})
+        if mine["outcome"] == "passed":
+            rows[key]["deltatune"] += 1
+            continue
+        if mine["outcome"] == "skipped":
+            mine = {**mine, "error": "skipped under deltatune: " + mine.get("error", "")}
+        bucket, why = bucket_of(mine)
+        rows[key][bucket] += 1
+        causes[(bucket, why)].append(test_id)
+    return {"rows": rows, "causes": causes}
+
+
+def render(summary: dict, commit: str, versions: str) -> str:
+    rows, causes = summary["rows"], summary["causes"]
+    total = sum((c for c in rows.values()), Counter())
+    share = 100.0 * total["deltatune"] / max(total["peft"], 1)
+    lines = [
+        "# peft's own tests against deltatune",
+        "",
+        f"commit `{commit}`; {versions}. Made by `make peft-suite` (scripts/peft_suite.sh).",
+        "",
+        f"**{total['deltatune']} of {total['peft']} tests that pass under peft pass under deltatune ({share:.1f} %)**; "
+        f"{total['run']} tests run for the shared methods (the rest of each file is deselected: methods deltatune does "
+        "not implement).",
+        "",
+        "| method | file | run | pass (peft) | pass (deltatune) | " + " | ".join(BUCKETS) + " |",
+        "|---|---|---:|---:|---:|" + "---:|" * len(BUCKETS),
+    ]
+    for (method, file), c in sorted(rows.items(), key=lambda kv: (kv[0][0] or "", kv[0][1])):
+        cells = [method, file, c["run"], c["peft"], c["deltatune"], *(c[b] for b in BUCKETS)]
+        lines.append("| " + " | ".join(str(x) for x in cells) + " |")
+    cells = ["**all**", "", total["run"], total["peft"], total["deltatune"], *(total[b] for b in BUCKETS)]
+    lines += ["| " + " | ".join(str(x) for x in cells) + " |", "", "## Each failure, by cause", ""]
+    for (bucket, why), ids in sorted(causes.items(), key=lambda kv: (BUCKETS.index(kv[0][0]), -len(kv[1]))):
+        example = ids[0].split("::", 1)[1]
+        lines.append(f"- **{bucket}** ({len(ids)} tests, e.g. `{example[:110]}`): {why}")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("peft_log", type=Path)
+    parser.add_argument("deltatune_log", type=Path)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--commit", default="unknown")
+    parser.add_argument("--versions", default="")
+    args = parser.parse_args()
+    text = render(summarise(args.peft_log, args.deltatune_log), args.commit, args.versions)
+    args.out.write_text(text)
+    print(text.split("## Each failure")[0])
+
+
+if __name__ == "__main__":
+    main()

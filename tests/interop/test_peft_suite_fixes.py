@@ -1,0 +1,158 @@
+"""Differences peft's own test suite found (issue 28, benchmarks/results/peft_suite.md), each checked against peft:
+the tuner level (`model.base_model`) answers peft's `BaseTuner` calls itself, configs have peft's helpers, and the
+state-dict helpers return what peft's do."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import deltatune as dt
+from tests.conftest import model_output, perturb_trainable, tiny_llama
+
+peft = pytest.importorskip("peft")
+
+LIBS = {"peft": peft, "deltatune": dt}
+IDS = {"input_ids": torch.tensor([[1, 5, 9, 2, 7]])}
+
+
+def _lora(lib, targets=("q_proj", "v_proj")):
+    return lib.LoraConfig(r=4, lora_alpha=8, target_modules=list(targets))
+
+
+@pytest.fixture
+def two_adapters(tmp_path):
+    """Two saved LoRA adapters (a: q/v, b: v/o), trained-looking, for loading into either library."""
+    source = dt.get_peft_model(tiny_llama(), _lora(dt), adapter_name="a")
+    source.add_adapter("b", _lora(dt, ("v_proj", "o_proj")))
+    perturb_trainable(source)  # only the active adapter is trainable: move b too
+    source.set_adapter("b")
+    perturb_trainable(source, seed=4)
+    source.save_pretrained(tmp_path)  # named adapters under a/ and b/ (peft's layout)
+    return tmp_path
+
+
+def _load(lib, folder):
+    model = lib.PeftModel.from_pretrained(tiny_llama(), folder / "a", adapter_name="a")
+    result = model.load_adapter(folder / "b", adapter_name="b")
+    return model.eval(), result
+
+
+def test_the_tuner_level_answers_basetuner_calls_as_peft_does(two_adapters):
+    outputs, states = {}, {}
+    for name, lib in LIBS.items():
+        model, _ = _load(lib, two_adapters)
+        tuner = model.base_model
+        tuner.set_adapter(["a", "b"])  # peft's documented way to activate several adapters on LoraModel
+        states[name] = [tuner.active_adapters, sorted(tuner.peft_config)]
+        both = model_output(model, IDS)
+        tuner.merge_adapter()
+        merged = model_output(model, IDS)
+        tuner.unmerge_adapter()
+        tuner.delete_adapter("b")
+        states[name].append(sorted(tuner.peft_config))
+        outputs[name] = (both, merged, model_output(model, IDS))
+    assert states["deltatune"] == states["peft"] == [["a", "b"], ["a", "b"], ["a"]]
+    for ours, theirs in zip(outputs["deltatune"], outputs["peft"], strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_the_tuner_level_peft_config_is_the_models(two_adapters):
+    model, _ = _load(dt, two_adapters)
+    assert model.base_model.peft_config is model.peft_config
+    plain = model.base_model.unload()
+    assert not any("lora_" in k for k in plain.state_dict())
+
+
+def test_load_adapter_returns_a_load_result_like_peft(two_adapters):
+    for lib in LIBS.values():
+        _, result = _load(lib, two_adapters)
+        # peft lists the other adapter's keys as missing; none of the loaded adapter's may be
+        assert not [k for k in result.missing_keys if ".b." in k] and list(result.unexpected_keys) == []
+
+
+def test_set_base_model_state_dict_restores_the_base_as_peft_does():
+    restored = {}
+    for name, lib in LIBS.items():
+        model = lib.get_peft_model(tiny_llama(), _lora(lib)).eval()
+        perturb_trainable(model)
+        original = lib.get_base_model_state_dict(model)
+        with torch.no_grad():
+            for p in model.get_base_model().parameters():
+                p.add_(1.0)
+        extra = {**original, "not.a.key": torch.zeros(1)}
+        result = lib.set_base_model_state_dict(model, extra, strict=False)
+        assert list(result.missing_keys) == [] and list(result.unexpected_keys) == ["not.a.key"], name
+        restored[name] = model_output(model, IDS)
+        assert all(torch.equal(v, original[k]) for k, v in lib.get_base_model_state_dict(model).items()), name
+    torch.testing.assert_close(restored["deltatune"], restored["peft"], rtol=1e-5, atol=1e-5)
+
+
+def test_strict_set_base_model_state_dict_refuses_a_partial_dict_and_changes_nothing():
+    model = dt.get_peft_model(tiny_llama(), _lora(dt))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    partial = dict(list(dt.get_base_model_state_dict(model).items())[:2])
+    with pytest.raises(dt.CheckpointError, match="missing"):
+        dt.set_base_model_state_dict(model, {k: v + 1 for k, v in partial.items()})
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+def test_config_helpers_match_peft(tmp_path):
+    for name, lib in LIBS.items():
+        config = lib.LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM")
+        config.save_pretrained(tmp_path / name)
+        saved = lib.LoraConfig.from_json_file(tmp_path / name / "adapter_config.json")
+        assert saved["r"] == 4 and saved["peft_type"] == "LORA"
+        # a saved dict, peft_type included, rebuilds the config (`LoraConfig(**json.load(f))`)
+        assert lib.LoraConfig(**{k: v for k, v in saved.items() if k in ("r", "peft_type", "target_modules")}).r == 4
+        with pytest.raises(ValueError, match="Invalid task type: 'nope'. Must be one of the following task types"):
+            lib.LoraConfig(task_type="nope")
+    # each library reads the other's file
+    assert peft.PeftConfig.from_pretrained(tmp_path / "deltatune").r == 4
+    assert dt.PeftConfig.from_pretrained(tmp_path / "peft").r == 4
+    on_disk = json.loads((tmp_path / "deltatune" / "adapter_config.json").read_text())
+    assert dt.LoraConfig.from_json_file(tmp_path / "deltatune" / "adapter_config.json") == on_disk
+
+
+def test_a_peft_type_of_another_method_is_refused_by_name():
+    # peft overwrites it silently (the config then is not what the caller wrote); deltatune says so
+    with pytest.raises(dt.ConfigError, match="peft_type='IA3' given to LoraConfig"):
+        dt.LoraConfig(peft_type="IA3")
+
+
+def test_prompt_configs_build_without_a_token_count_like_peft():
+    for lib in LIBS.values():
+        assert lib.PromptTuningConfig().num_virtual_tokens is None
+        assert lib.AdaptionPromptConfig().adapter_len is None
+
+
+def test_infer_device_names_an_available_device():
+    import peft.utils
+
+    from deltatune.utils import infer_device
+
+    assert infer_device() == peft.utils.infer_device()
+
+
+def test_state_dict_helpers_work_on_an_injected_model_with_peft_keys():
+    config = {"r": 2, "target_modules": ["q_proj", "v_proj"]}
+    ours = dt.inject_adapter_in_model(dt.LoraConfig(**config), tiny_llama())
+    perturb_trainable(ours)
+    saved = dt.get_peft_model_state_dict(ours)
+    theirs = peft.inject_adapter_in_model(peft.LoraConfig(**config), tiny_llama())
+    assert sorted(saved) == sorted(peft.get_peft_model_state_dict(theirs))  # keys relative to the model, as peft's
+    peft.set_peft_model_state_dict(theirs, saved)
+    torch.testing.assert_close(model_output(theirs, IDS), model_output(ours, IDS), rtol=1e-5, atol=1e-5)
+    again = dt.inject_adapter_in_model(dt.LoraConfig(**config), tiny_llama())
+    dt.set_peft_model_state_dict(again, peft.get_peft_model_state_dict(theirs))
+    torch.testing.assert_close(model_output(again, IDS), model_output(ours, IDS), rtol=1e-5, atol=1e-5)
+
+
+def test_inject_refuses_a_method_with_shared_state_before_the_model_changes():
+    model = tiny_llama()
+    before = dict(model.named_modules())
+    with pytest.raises(dt.ConfigError, match="get_peft_model"):
+        dt.inject_adapter_in_model(dt.VeraConfig(r=2, target_modules=["q_proj"]), model)
+    assert dict(model.named_modules()).keys() == before.keys()
