@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test test-slow test-export test-gpu peft-suite lint quickstart bench clean
+.PHONY: setup test test-slow test-export test-gpu peft-suite fuzz lint quickstart bench clean
 
 setup: $(STAMP)
 
@@ -43,6 +43,11 @@ test-export: setup
 # peft's own tests against peft and against deltatune (import shim); writes benchmarks/results/peft_suite.md
 peft-suite: setup
 	bash scripts/peft_suite.sh
+
+# the fuzz properties of tests/reliability with many random examples (the suite runs a few, derandomized);
+# FUZZ_EXAMPLES sets how many per property
+fuzz: setup
+	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q -n 2 tests/reliability
 
 # on a CUDA machine: the CUDA tests (they skip elsewhere)
 test-gpu: setup

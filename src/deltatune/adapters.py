@@ -63,6 +63,7 @@ def inject(
 ) -> None:
     """Wrap every target and add the adapter to it, then run `check` (it raises to refuse the result); on any
     failure, undo everything this call did."""
+    trainable = [(p, p.requires_grad) for p in base.parameters()]  # wrappers freeze their base: put it back on failure
     undo = spec.prepare_model(base, config) if spec.prepare_model is not None else None
     try:
         targets = target_names(base, config, spec, strict)
@@ -99,6 +100,8 @@ def inject(
         remove(base, shared, adapter_name)
         if undo is not None:
             undo()
+        for p, flag in trainable:
+            p.requires_grad_(flag)
         raise
 
 

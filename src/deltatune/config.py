@@ -10,9 +10,11 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
+from deltatune.config_types import check_field_types, check_regex
 from deltatune.errors import ConfigError, UnknownFieldWarning, UnsupportedArgumentError, UnsupportedFieldError
 
 CONFIG_NAME = "adapter_config.json"
+MAX_CONFIG_BYTES = 16 * 2**20
 METADATA_FIELDS = frozenset({"peft_version", "auto_mapping"})
 """Provenance fields peft writes that say nothing about the adapter's weights."""
 
@@ -74,6 +76,9 @@ class AdapterConfig(metaclass=_ConfigType):
     """True when the adapter is loaded for inference only (peft writes true on save)."""
 
     def __post_init__(self) -> None:
+        check_field_types(self)
+        for name in ("target_modules", "exclude_modules"):
+            check_regex(self, name)
         self._check_task_type()
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
@@ -256,10 +261,17 @@ def read_config_dict(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise ConfigError(f"no {CONFIG_NAME} in {directory}: is this an adapter directory saved by save_pretrained?")
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:  # a config is a few KiB: a huge file is not one, and reading it could exhaust memory
+        raise ConfigError(f"{path} is {size} bytes, more than any adapter config ({MAX_CONFIG_BYTES}); not a config.")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); fix or re-save it.") from None
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}); fix or re-save it.") from exc
+    except RecursionError:
+        raise ConfigError(f"{path} nests its JSON too deeply to be an adapter config; fix or re-save it.") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a JSON object, got {type(data).__name__}.")
     if "peft_type" not in data:

@@ -39,6 +39,7 @@ TUNER_API = (
     "set_requires_grad",
     "update_and_allocate",
     "get_nb_trainable_parameters",
+    "prefix",
 )
 """What peft's tuner (`BaseTuner`) answers itself: the tuner level answers it from its `PeftModel` (the same
 adapters, the same config dict), never from the transformers model's own PEFT integration, which has these names

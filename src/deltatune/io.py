@@ -38,6 +38,7 @@ def atomic_write_bytes(path: str | Path, payload: bytes) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+        _fsync(path.parent)  # the rename itself, so a power cut cannot bring back the old file
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -52,12 +53,24 @@ def atomic_directory(final: Path) -> Iterator[Path]:
     try:
         tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; a plain mkdir would honour the umask
         yield tmp
+        for child in tmp.iterdir():  # on disk before the rename: after a power cut the folder is whole or absent
+            _fsync(child)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+        _fsync(final.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file, or a folder's entries, to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _umask() -> int:
@@ -143,7 +156,7 @@ def from_peft_keys(saved: dict[str, Tensor], module_prefix: str = KEY_PREFIX) ->
 
 
 def check_state(expected: dict[str, Tensor], found: dict[str, Tensor], source: str) -> None:
-    """Raise CheckpointError naming the first missing key, unexpected key or shape/dtype mismatch."""
+    """Raise CheckpointError naming the first missing key, unexpected key, shape/dtype mismatch or non-finite tensor."""
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
     if missing:
@@ -164,3 +177,9 @@ def check_state(expected: dict[str, Tensor], found: dict[str, Tensor], source: s
             )
         if not tensor.is_floating_point():
             raise CheckpointError(f"{source}: {peft_key(key)} has dtype {tensor.dtype}, expected a float tensor.")
+        if not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise CheckpointError(
+                f"{source}: {peft_key(key)} holds {bad} NaN/inf value(s); the run that saved it diverged. Use an "
+                "earlier checkpoint (or retrain with a lower learning rate)."
+            )

@@ -145,6 +145,11 @@ class PeftModel(CheckpointMixin, PretrainedFacade):
         """The method of this model's adapters (one method per model)."""
         return self.peft_config[self._active[0]].peft_type if self._active else None
 
+    @property
+    def prefix(self) -> str:
+        """What the active method's parameter names contain (peft's tuner `prefix`, e.g. "lora_")."""
+        return get_method(self.active_peft_type).param_prefix if self.active_peft_type else ""
+
     def _wrappers(self) -> Iterator[tuple[str, AdapterLayer | TrainableCopy]]:
         return adapters.wrappers(self._base)
 

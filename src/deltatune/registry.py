@@ -217,6 +217,8 @@ def register_layer(peft_type: str, base_type: type[nn.Module], layer_cls: type[A
 def get_method(peft_type: str) -> MethodSpec:
     """The spec for `peft_type`; an unknown type lists the known ones."""
     _ensure_loaded()
+    if not isinstance(peft_type, str):
+        raise UnknownMethodError(f"peft_type must be a method name (a string), got {peft_type!r}.")
     try:
         return _METHODS[peft_type]
     except KeyError:

@@ -3,6 +3,8 @@ ways, exact merge and unmerge (bias included)."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -104,3 +106,50 @@ def test_config_checks():
         from tests.conftest import tiny_mlp
 
         dt.get_peft_model(tiny_mlp(), dt.IA3Config())
+
+
+class _ConvNet(torch.nn.Module):
+    def __init__(self, dims: int) -> None:
+        super().__init__()
+        conv = {1: torch.nn.Conv1d, 2: torch.nn.Conv2d, 3: torch.nn.Conv3d}[dims]
+        self.inner, self.outer = conv(3, 6, 3), conv(6, 4, 1)
+
+    def forward(self, x):
+        return self.outer(torch.relu(self.inner(x)))
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_conv_scales_channels_as_the_formula_says_and_merges_exactly(dims):
+    torch.manual_seed(0)
+    net, x = _ConvNet(dims), torch.randn(2, 3, *(6,) * dims)
+    with torch.no_grad():
+        plain_inner = net.inner(x)
+    config = dt.IA3Config(target_modules=["inner", "outer"], feedforward_modules=["outer"], init_ia3_weights=False)
+    model = dt.get_peft_model(net, config)
+    l_in = model.base_model.model.inner.ia3_l["default"]
+    l_ff = model.base_model.model.outer.ia3_l["default"]
+    assert l_in.shape == (1, 6, *(1,) * dims) and l_ff.shape == (1, 6, *(1,) * dims)  # peft's shapes
+    outer = model.base_model.model.outer.base_layer
+    expected = outer(l_ff * torch.relu(l_in * plain_inner))  # h = l ⊙ (W x + b); feed-forward: W (l ⊙ x) + b
+    out = model(x)
+    torch.testing.assert_close(out, expected)
+    model.merge_adapter()
+    torch.testing.assert_close(model(x), out, rtol=1e-5, atol=1e-6)
+
+
+def test_conv_matches_peft():
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(1)
+    ours_net, x = _ConvNet(2), torch.randn(2, 3, 7, 7)
+    theirs_net = copy.deepcopy(ours_net)
+    kwargs = {"target_modules": ["inner", "outer"], "feedforward_modules": ["outer"], "init_ia3_weights": False}
+    ours = dt.get_peft_model(ours_net, dt.IA3Config(**kwargs))
+    theirs = peft.get_peft_model(theirs_net, peft.IA3Config(**kwargs))
+    peft.set_peft_model_state_dict(theirs, dt.get_peft_model_state_dict(ours))
+    torch.testing.assert_close(ours(x), theirs(x))
+
+
+def test_grouped_conv_feedforward_is_refused_by_name():
+    net = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3, groups=2))
+    with pytest.raises(dt.UnsupportedModuleError, match="grouped"):
+        dt.get_peft_model(net, dt.IA3Config(target_modules=["0"], feedforward_modules=["0"]))

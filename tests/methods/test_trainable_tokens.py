@@ -89,7 +89,7 @@ def test_dict_form_and_refusals():
         )
     with pytest.raises(dt.ConfigError, match="adapted already"):
         dt.get_peft_model(tiny_llama(), dt.LoraConfig(target_modules=["embed_tokens"], trainable_token_indices=[4]))
-    with pytest.raises(dt.ConfigError, match="token ids"):
+    with pytest.raises(dt.ConfigError, match="trainable_token_indices"):
         dt.LoraConfig(trainable_token_indices=["a"])
     with pytest.raises(dt.ConfigError, match="different token"):
         dt.get_peft_model(

@@ -300,6 +300,21 @@ def test_a_corrupt_checkpoint_raises_checkpoint_error_naming_it(tiny_model_dir, 
         train(_cfg(tiny_model_dir, tmp_path, "optim.steps=3", "save_every=2"), resume=True)
 
 
+def test_a_damaged_newest_checkpoint_is_skipped_for_the_previous_one_with_a_warning(tiny_model_dir, tmp_path):
+    from deltatune.train import checkpoint as ckpt
+
+    args = ("optim.steps=4", "save_every=2", "method.lora_dropout=0.0")
+    whole = train(_cfg(tiny_model_dir, tmp_path / "whole", *args))
+    train(_cfg(tiny_model_dir, tmp_path, *args))
+    newest = ckpt.latest_checkpoint(tmp_path / "run")
+    assert newest.name == "step-4"
+    adapter = newest / "adapter.safetensors"
+    adapter.write_bytes(adapter.read_bytes()[:-8] + b"\x00" * 8)  # same size, last values changed: only the hash knows
+    with pytest.warns(UserWarning, match="step-4.*adapter.safetensors.*older step-2"):
+        resumed = train(_cfg(tiny_model_dir, tmp_path, *args), resume=True)
+    assert resumed.losses == whole.losses  # steps 3-4 redone from step-2's state
+
+
 @pytest.mark.parametrize(
     "problem, content, message",
     [

@@ -8,7 +8,8 @@
 
 Mirrors peft's `IA3Config` (peft_type "IA3") and layout: `ia3_l` of shape (d_out, 1), or (1, d_in) for feed-forward
 targets. Default targets per family come from the architecture table (keys, values and the FFN's second linear,
-which is the feed-forward target), as in peft. Layers: nn.Linear, GPT-2 Conv1D.
+which is the feed-forward target), as in peft. Layers: nn.Linear, GPT-2 Conv1D, and nn.Conv1d/2d/3d with one scale
+per channel, `ia3_l` of shape (1, C, 1, ...) as peft stores it (out channels; in channels for feed-forward targets).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from deltatune.config import AdapterConfig
-from deltatune.errors import ConfigError
+from deltatune.config_types import check_regex
+from deltatune.errors import ConfigError, UnsupportedModuleError
 from deltatune.layers import AdapterLayer, module_device
 from deltatune.models import arch_for, linear_features
 from deltatune.registry import MethodSpec, register_method
@@ -44,6 +46,7 @@ class IA3Config(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_regex(self, "feedforward_modules")
         if isinstance(self.feedforward_modules, (set, tuple)):
             self.feedforward_modules = sorted(self.feedforward_modules)
         targets, ff = self.target_modules, self.feedforward_modules
@@ -143,12 +146,50 @@ class IA3Linear(AdapterLayer):
         return bias / self.ia3_l[name].detach().float().flatten()
 
 
+class IA3Conv(IA3Linear):
+    """(IA)³ around nn.Conv1d/2d/3d: one scale per output channel, or per input channel (feed-forward); the scale
+    broadcasts over the spatial dimensions, so merging it into the kernel is exact."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        AdapterLayer.__init__(self, base_layer)
+        self.in_features, self.out_features, self.fan_in_fan_out = (
+            base_layer.in_channels,
+            base_layer.out_channels,
+            False,
+        )
+        self.spatial = (1,) * (base_layer.weight.dim() - 2)
+        self.ia3_l = nn.ParameterDict()
+        self.is_feedforward = {}
+
+    def add_adapter(self, name: str, *, is_feedforward: bool, init_weights: bool = True) -> None:
+        if is_feedforward and self.base_layer.groups != 1:
+            raise UnsupportedModuleError(
+                f"IA3 feed-forward (input-channel) scales on a grouped convolution (groups={self.base_layer.groups}) "
+                "have no exact merge; use it as a non-feed-forward target or exclude it."
+            )
+        channels = self.in_features if is_feedforward else self.out_features
+        scale = torch.ones((1, channels, *self.spatial), device=module_device(self.base_layer))
+        if not init_weights:
+            scale.normal_(mean=1.0, std=0.5)
+        self.ia3_l[name] = nn.Parameter(scale)
+        self.is_feedforward[name] = is_feedforward
+
+    def _product(self, names: list[str], feedforward: bool) -> Tensor | None:
+        out = super()._product(names, feedforward)
+        return None if out is None else out.reshape(1, -1, *self.spatial)  # (1, C, 1, ...) against (N, C, ...)
+
+    def _scale_in_layout(self, name: str) -> Tensor:
+        scale = self.ia3_l[name].detach().float().flatten()  # against a (out, in / groups, *kernel) weight
+        shape = (1, -1) if self.is_feedforward[name] else (-1, 1)
+        return scale.reshape(*shape, *self.spatial)
+
+
 register_method(
     MethodSpec(
         peft_type="IA3",
         config_cls=IA3Config,
         kind="layer",
-        layers={nn.Linear: IA3Linear, Conv1D: IA3Linear},
+        layers={nn.Linear: IA3Linear, Conv1D: IA3Linear, nn.Conv1d: IA3Conv, nn.Conv2d: IA3Conv, nn.Conv3d: IA3Conv},
         layer_kwargs=ia3_layer_kwargs,
         param_prefix="ia3_",
         with_defaults=ia3_defaults,

@@ -124,9 +124,13 @@ class LoraConfig(AdapterConfig):
         tokens = self.trainable_token_indices
         if tokens is not None:
             id_lists = list(tokens.values()) if isinstance(tokens, dict) else [tokens]
-            if not isinstance(tokens, (list, dict)) or not all(
-                isinstance(ids, list) and ids and all(isinstance(i, int) and not isinstance(i, bool) for i in ids)
-                for ids in id_lists
+            if (
+                not isinstance(tokens, (list, dict))
+                or not id_lists
+                or not all(
+                    isinstance(ids, list) and ids and all(isinstance(i, int) and not isinstance(i, bool) for i in ids)
+                    for ids in id_lists
+                )
             ):
                 raise ConfigError(
                     "trainable_token_indices must be a list of token ids or a dict {module name: [token ids]}, got "

@@ -84,6 +84,10 @@ class PromptEncoderConfig(PromptLearningConfig):
             raise ConfigError(
                 f"encoder_reparameterization_type must be MLP or LSTM, got {self.encoder_reparameterization_type!r}."
             )
+        if self.encoder_hidden_size is not None and self.encoder_hidden_size < 1:
+            raise ConfigError(
+                f"encoder_hidden_size must be a positive integer or None, got {self.encoder_hidden_size}."
+            )
         if not isinstance(self.encoder_num_layers, int) or self.encoder_num_layers < 1:
             raise ConfigError(f"encoder_num_layers must be a positive integer, got {self.encoder_num_layers!r}.")
         if not 0.0 <= self.encoder_dropout < 1.0:

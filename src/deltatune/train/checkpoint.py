@@ -1,13 +1,17 @@
 """Resumable training state: adapter + optimizer + scheduler + RNG + step, in safetensors and JSON (no pickles).
 
-Each checkpoint is written to a temporary folder and renamed into place, then `latest` is rewritten atomically, so
-an interrupted save never replaces the last good checkpoint.
+Each checkpoint is written to a temporary folder, flushed to disk and renamed into place, then `latest` is rewritten
+atomically, so an interrupted save (a kill, a full disk, a power cut) never replaces the last good checkpoint.
+`trainer_state.json`, written last, lists every other file's size and SHA-256: a checkpoint whose files do not match
+(damaged after it was written) is skipped on resume, with a warning, for the newest one that does.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -61,25 +65,70 @@ def save_checkpoint(
         save_file(opt_tensors, tmp / "optimizer.safetensors")
         save_file(rng, tmp / "rng.safetensors")
         meta = {"step": step, "optimizer": opt_meta, "scheduler": scheduler.state_dict(), **extra}
-        (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=1))
+        meta["files"] = {f.name: _fingerprint(f) for f in sorted(tmp.iterdir())}
+        (tmp / STATE_NAME).write_text(json.dumps(meta, indent=1))
     io.atomic_write_bytes(root / "latest", final.name.encode())
-    for old in sorted((p for p in root.glob("step-*")), key=lambda p: int(p.name[5:]))[:-KEEP]:
+    for old in _steps(root)[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".step-*"):  # the temporary folders of saves a kill interrupted
+        shutil.rmtree(stale, ignore_errors=True)
     return final
 
 
+STATE_NAME = "trainer_state.json"
+
+
+def _fingerprint(path: Path) -> dict[str, Any]:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def _steps(root: Path) -> list[Path]:
+    """The finished checkpoint folders under `root`, oldest first."""
+    found = [p for p in root.glob("step-*") if p.is_dir() and p.name[5:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def check_checkpoint(path: Path) -> None:
+    """Raise CheckpointError unless every file `trainer_state.json` lists is there with its recorded size and hash."""
+    try:
+        files = json.loads((path / STATE_NAME).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint {path} has no readable {STATE_NAME} ({type(exc).__name__}).") from None
+    for name, expected in files.items():
+        if not (path / name).is_file() or _fingerprint(path / name) != expected:
+            raise CheckpointError(f"checkpoint {path}: {name} is missing or differs from what was written.")
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    pointer = run_dir / "checkpoints" / "latest"
-    if not pointer.is_file():
-        return None
-    path = run_dir / "checkpoints" / pointer.read_text().strip()
-    return path if path.is_dir() else None
+    """The newest intact checkpoint of `run_dir` (None when there is none at all). A damaged newer one is skipped
+    with a warning naming it; when every one is damaged, CheckpointError says why the newest is. (`latest` names
+    the newest for people and tools; a kill between a checkpoint's rename and the pointer's can leave it one behind.)"""
+    root = run_dir / "checkpoints"
+    candidates = list(reversed(_steps(root)))
+    problems = []
+    for path in candidates:
+        try:
+            check_checkpoint(path)
+        except CheckpointError as exc:
+            problems.append(str(exc))
+            continue
+        if problems:
+            warnings.warn(f"{problems[0]} Resuming from the older {path.name} instead.", stacklevel=2)
+        return path
+    if problems:
+        raise CheckpointError(f"{problems[0]} No intact checkpoint is left; delete {root} to start over.")
+    return None
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, torch.Tensor], dict]:
     """(adapter tensors, optimizer state_dict, rng states, trainer metadata)."""
     try:
-        meta = json.loads((path / "trainer_state.json").read_text())
+        meta = json.loads((path / STATE_NAME).read_text())
+        meta.pop("files", None)
         adapter = load_file(path / "adapter.safetensors")
         optimizer = _optimizer_from_files(load_file(path / "optimizer.safetensors"), meta.pop("optimizer"))
         rng = load_file(path / "rng.safetensors")

@@ -221,7 +221,8 @@ def load_train_config(
         _merge(tree, loaded)
     for assignment in [a for a in overrides or [] if a.split("=", 1)[0].strip() == "task"]:
         _apply_override(tree, assignment)  # first: the task decides what the unset fields mean
-    task = tree.get("task") if tree.get("task") in TASK_DEFAULTS else "causal_lm"
+    given_task = tree.get("task")
+    task = given_task if isinstance(given_task, str) and given_task in TASK_DEFAULTS else "causal_lm"
     if tree.get("method") is None:  # so that `--set method.r=16` changes the task's default method
         tree["method"] = dict(TASK_DEFAULTS[task]["method"])
     for assignment in overrides or []:

@@ -23,9 +23,10 @@ import torch.distributed as dist
 from rich.console import Console
 from torch import nn
 
+from deltatune import io
 from deltatune.adapter_model import task_class
 from deltatune.config import TrainingContext
-from deltatune.errors import ConfigError, TrainingDiverged
+from deltatune.errors import CheckpointError, ConfigError, TrainingDiverged
 from deltatune.model import PeftModel, get_peft_model
 from deltatune.registry import get_method
 from deltatune.train import checkpoint as ckpt
@@ -308,6 +309,23 @@ def _resume(run: _Run) -> None:
     run.scheduler.load_state_dict(meta["scheduler"])
     ckpt.restore_rng(rng)
     run.start_step, run.losses = meta["step"], meta["losses"]
+    if run.is_main:
+        _forget_metrics_after(run.run_dir / "metrics.jsonl", run.start_step)
+
+
+def _forget_metrics_after(path: Path, step: int) -> None:
+    """Drop the records of steps after `step` (the interrupted run's, about to be redone), so none is logged twice."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # the line a kill cut short
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line + "\n")
+    io.atomic_write_bytes(path, "".join(kept).encode())
 
 
 def _micro_batches(run: _Run, step: int) -> list[dict[str, torch.Tensor]]:
@@ -352,7 +370,10 @@ def _train_step(run: _Run, step: int) -> tuple[float, int]:
     mean_loss = _all_sum(loss_total, run) / global_tokens
     if not math.isfinite(mean_loss):
         run.optimizer.zero_grad(set_to_none=True)
-        last = ckpt.latest_checkpoint(run.run_dir)
+        try:
+            last = ckpt.latest_checkpoint(run.run_dir)
+        except CheckpointError:
+            last = None
         raise TrainingDiverged(
             f"loss became {mean_loss} at step {step + 1}; no update was applied. Last good "
             f"checkpoint: {last or 'none'}. Lower optim.lr or use precision=fp32."
