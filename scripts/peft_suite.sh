@@ -14,10 +14,11 @@ if [ ! -d "$WORK/peft-$VERSION/tests" ]; then
   touch "$WORK/peft-$VERSION/tests/__init__.py"  # the sdist leaves it out; the files import each other relatively
 fi
 $PY -c "import diffusers" 2>/dev/null || $PY -m pip install -q diffusers  # peft's testing_common imports it
+# PEFT_SUITE_TARGETS="deltatune" reruns one side, keeping the other's last log
 FILES=${PEFT_SUITE_FILES:-"tests/test_custom_models.py tests/test_config.py"}
 ROOT=$PWD
 export HF_HUB_OFFLINE=1 PYTHONPATH="$ROOT/scripts/peft_suite"
-for target in peft deltatune; do
+for target in ${PEFT_SUITE_TARGETS:-peft deltatune}; do
   rm -f "$ROOT/$WORK/$target.jsonl"
   (cd "$WORK/peft-$VERSION" && $ROOT/$PY -m pytest -o addopts= -p no:cacheprovider -p peft_suite_plugin -q -n 2 \
     --peft-suite-target=$target --peft-suite-log="$ROOT/$WORK/$target.jsonl" $FILES > "$ROOT/$WORK/$target.out" 2>&1 || true)

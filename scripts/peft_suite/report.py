@@ -17,7 +17,28 @@ from pathlib import Path
 
 BUCKETS = ("missing import path", "peft internals", "method we do not have", "behaviour")
 # (regex matched against "<test id> <error>", bucket, explanation): the reviewed causes, most specific first
-EXPLAINED: list[tuple[str, str, str]] = []
+EXPLAINED: list[tuple[str, str, str]] = [
+    (r"use_bdlora", "method we do not have", "BD-LoRA (LoraConfig.use_bdlora): a LoRA variant deltatune lacks"),
+    (r"velora_config", "method we do not have", "VeLoRA (LoraConfig.velora_config): a LoRA variant deltatune lacks"),
+    (r"kasa_config", "method we do not have", "KaSA (LoraConfig.kasa_config): a LoRA variant deltatune lacks"),
+    (r"monteclora_config", "method we do not have", "MonteCLoRA (LoraConfig.monteclora_config): not in deltatune"),
+    (r"init_lora_weights='mica'", "method we do not have", "MiCA init (init_lora_weights='mica'): not in deltatune"),
+    (r"safe_serialization=False", "behaviour", "by design: deltatune never writes or reads pickles (.bin)"),
+    (r"is neither a local folder nor in the Hub", "behaviour", "needs a Hub download (offline here)"),
+    (r"matches only modules of type MultiheadAttention", "behaviour", "LoRA on nn.MultiheadAttention: not supported"),
+    (r"grouped convolutions", "behaviour", "LoRA on grouped convolutions: refused by name (no grouped factors)"),
+    (r"lora_bias=True is for linear layers", "behaviour", "lora_bias on convolutions: refused by name"),
+    (r"MlpUsingParameters models", "behaviour", "target_parameters (nn.Parameter targets) need explicit targets"),
+    (r"PEFT_TYPE_TO_TUNER_MAPPING", "peft internals", "peft's tuner class registry (deltatune has deltatune.registry)"),
+    (r"has no attribute '__version__'", "peft internals", "tests monkeypatch peft.config.__version__"),
+    (r"'str' object has no attribute 'value'", "peft internals", "peft_type as peft's enum (deltatune: a string)"),
+    (r"_all_available_adapter_names|has no attribute '_adapters'", "peft internals", "private peft layer fields"),
+    (
+        r"Found dangling attributes after adapter deletion: \['lora_dropout', 'use_dora'\]",
+        "peft internals",
+        "lora_dropout / use_dora are views deltatune builds on access; the test holds an old view",
+    ),
+]
 
 
 def _records(path: Path) -> dict[str, dict]:

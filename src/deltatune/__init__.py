@@ -23,6 +23,7 @@ from deltatune.errors import (
     UnsupportedArgumentError,
     UnsupportedFieldError,
     UnsupportedModuleError,
+    WriteError,
 )
 from deltatune.methods.adalora import AdaLoraConfig
 from deltatune.methods.adaption_prompt import AdaptionPromptConfig
@@ -120,6 +121,7 @@ __all__ = [
     "UnsupportedArgumentError",
     "UnsupportedFieldError",
     "UnsupportedModuleError",
+    "WriteError",
     "get_method",
     "get_layer_status",
     "get_model_status",

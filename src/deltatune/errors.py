@@ -57,3 +57,8 @@ class MergeError(DeltatuneError):
 
 class TrainingDiverged(DeltatuneError):
     """The loss became NaN/inf; training stopped before applying that update (the last checkpoint is intact)."""
+
+
+class WriteError(DeltatuneError, OSError):
+    """Writing a file failed (a full disk, a quota, a read-only folder); the files that were there before are intact
+    and nothing partial is left under the final name. An OSError (with the original errno) as well."""

@@ -31,7 +31,6 @@ TUNER_API = (
     "merge_and_unload",
     "unload",
     "add_weighted_adapter",
-    "active_adapter",
     "active_adapters",
     "peft_config",
     "disable_adapter_layers",
@@ -57,6 +56,15 @@ class Tuner(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         backbone = getattr(self.model, "base_model", None)
         return (backbone if isinstance(backbone, nn.Module) else self.model)(*args, **kwargs)
+
+    @property
+    def active_adapter(self) -> str | list[str] | None:
+        """peft's tuner-level answer: the active adapter's name, or the list of them when several are active."""
+        owner = self.__dict__.get("_owner")
+        if owner is None:
+            return getattr(self._modules["model"], "active_adapter", None)
+        active = owner.active_adapters
+        return active[0] if len(active) == 1 else (list(active) or None)
 
     def __getattr__(self, name: str) -> Any:
         try:

@@ -8,7 +8,9 @@ strings, so adapter or module names that contain "lora" or "weight" cannot confu
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -20,7 +22,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_dumps
 from torch import Tensor
 
-from deltatune.errors import CheckpointError
+from deltatune.errors import CheckpointError, WriteError
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."
@@ -28,40 +30,124 @@ KEY_PREFIX = "base_model.model."
 
 def atomic_write_bytes(path: str | Path, payload: bytes) -> None:
     """Write `payload` to `path` via a temp file in the same folder and a rename: readers see old or new, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with atomic_file(path) as tmp, open(tmp, "wb") as fh:
+        fh.write(payload)
+
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+@contextlib.contextmanager
+def writing(what: Path) -> Iterator[None]:
+    """Turn an OSError raised while writing `what` into a WriteError saying what happened and that nothing
+    already saved changed (the callers write to temporary names only)."""
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a plain write would honour the umask
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(payload)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        _fsync(path.parent)  # the rename itself, so a power cut cannot bring back the old file
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        yield
+    except WriteError:
         raise
+    except (OSError, SafetensorError) as exc:
+        code = getattr(exc, "errno", None)
+        if isinstance(exc, SafetensorError):  # safetensors' writer reports the OS error in its message only
+            found = re.search(r"os error (\d+)", str(exc))
+            if found is None:
+                raise
+            code = int(found.group(1))
+        full = code in NO_SPACE
+        reason = os.strerror(code) if code else str(exc)
+        why = "the disk (or quota) is full: free some space" if full else f"{reason}: fix that"
+        raise WriteError(
+            code or errno.EIO,
+            f"writing {what} failed, {why} and write again. The files already there are unchanged and no partial "
+            "file was left under the final name.",
+        ) from exc
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path` to write a file at; on success it is flushed to disk and renamed over
+    `path` (readers see the old file or the new one), on any error it is removed and `path` is untouched."""
+    path = Path(path)
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        tmp = Path(name)
+        try:
+            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a plain write would honour the umask
+            os.close(fd)
+            yield tmp
+            _fsync(tmp)
+            os.replace(tmp, path)
+            _fsync(path.parent)  # the rename itself, so a power cut cannot bring back the old file
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+
+@contextlib.contextmanager
+def staged_directory(final: Path) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `final` for a writer that makes several files (transformers'
+    `save_pretrained`); once it returns, each file is renamed into `final` (other files there are kept). A failure
+    while writing (a full disk) leaves `final` exactly as it was."""
+    final = Path(final)
+    with writing(final):
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
+        try:
+            yield tmp
+            final.mkdir(exist_ok=True)
+            staged = sorted(p for p in tmp.rglob("*") if p.is_file())
+            for src in staged:
+                _fsync(src)
+            for src in staged:
+                dest = final / src.relative_to(tmp)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(src, dest)
+            _fsync(final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def folder_lock(directory: str | Path, exclusive: bool) -> Iterator[None]:
+    """Hold an advisory lock on `directory` itself (flock on the folder, so no lock file is left in it): writers of
+    an adapter folder take it exclusively, readers shared, so a reader sees one writer's whole set of files. No-op
+    where the folder does not exist or the platform has no flock."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 @contextlib.contextmanager
 def atomic_directory(final: Path) -> Iterator[Path]:
     """Yield a fresh temporary folder beside `final`; on success it replaces `final` in one rename, on any error it
     is removed and `final` is untouched."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
-    try:
-        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; a plain mkdir would honour the umask
-        yield tmp
-        for child in tmp.iterdir():  # on disk before the rename: after a power cut the folder is whole or absent
-            _fsync(child)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync(final.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with writing(final):
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
+        try:
+            tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; a plain mkdir would honour the umask
+            yield tmp
+            for child in tmp.iterdir():  # on disk before the rename: after a power cut the folder is whole or absent
+                _fsync(child)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync(final.parent)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 def _fsync(path: Path) -> None:

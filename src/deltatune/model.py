@@ -146,6 +146,11 @@ class PeftModel(CheckpointMixin, PretrainedFacade):
         return self.peft_config[self._active[0]].peft_type if self._active else None
 
     @property
+    def has_active_enabled_adapter(self) -> bool:
+        """True when an adapter is active and adapters are not turned off (`disable_adapter()`), as peft's."""
+        return bool(self._active) and not any(w.disabled for _, w in self._wrappers())
+
+    @property
     def prefix(self) -> str:
         """What the active method's parameter names contain (peft's tuner `prefix`, e.g. "lora_")."""
         return get_method(self.active_peft_type).param_prefix if self.active_peft_type else ""
@@ -158,12 +163,16 @@ class PeftModel(CheckpointMixin, PretrainedFacade):
 
     def _check_name(self, adapter_name: str, *, exists: bool) -> None:
         if exists and adapter_name not in self.peft_config:
-            raise AdapterError(f"no adapter named {adapter_name!r}; this model has {sorted(self.peft_config)}.")
+            raise AdapterError(  # peft's wording first: code written against peft matches on it
+                f"Adapter {adapter_name} does not exist: this model has {sorted(self.peft_config)}."
+            )
         if not exists:
             if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
                 raise AdapterError(f"adapter name {adapter_name!r} must be a non-empty string without dots.")
             if adapter_name in self.peft_config:
-                raise AdapterError(f"adapter {adapter_name!r} already exists; delete it first or pick another name.")
+                raise AdapterError(  # peft's wording first
+                    f"Adapter with name {adapter_name!r} already exists; delete it first or pick another name."
+                )
 
     def add_adapter(
         self,
@@ -258,7 +267,10 @@ class PeftModel(CheckpointMixin, PretrainedFacade):
         """Remove an adapter; modules left without adapters become their original selves again."""
         self._check_name(adapter_name, exists=True)
         if any(adapter_name in layer.merged_adapters for layer in self._layers()):
-            raise AdapterError(f"adapter {adapter_name!r} is merged; call unmerge_adapter() before deleting it.")
+            raise AdapterError(
+                f"Cannot delete adapter(s) {[adapter_name]} while they are merged. Please unmerge them first "
+                "(unmerge_adapter())."
+            )
         self._remove_from_modules(adapter_name)
         del self.peft_config[adapter_name]
         self._active = [n for n in self._active if n != adapter_name] or list(self.peft_config)[:1]

@@ -90,7 +90,9 @@ class CheckpointMixin:
         """Write or update `output_dir/README.md` (the Hub's model card header: library, base model, tags)."""
         config = self.peft_config[adapter_name or self.active_adapter]
         is_transformers = isinstance(self._base, PreTrainedModel)
-        write_model_card(Path(output_dir), self._base_path(config), config.peft_type, is_transformers)
+        # a Hub base model only for a base that has a model config (as peft): a custom module's name is no repo id
+        base = self._base_path(config) if getattr(self._base, "config", None) is not None else None
+        write_model_card(Path(output_dir), base, config.peft_type, is_transformers)
 
     def _base_path(self, config: AdapterConfig) -> str | None:
         """Where the base model lives: the config's `base_model_name_or_path`, else the model config's name."""
@@ -120,14 +122,14 @@ class CheckpointMixin:
         inference (`is_trainable=False`) in eval mode, nothing trainable; `is_trainable=True`: training mode, adapter
         trainable. `config` replaces the directory's adapter_config.json; `subfolder` reads `model_id/subfolder`.
         """
-        if config is None:  # read once here: its task_type picks the class, and load_adapter takes it as given
-            config = AdapterConfig.from_pretrained(
-                adapter_dir(model_id, kwargs.get("subfolder"), kwargs.get("revision"))
-            )
-        if dispatches_on_task_type(cls):  # PeftModel: peft returns the class of the adapter's task_type
-            cls = task_class(config.task_type)
-        peft_model = cls(model)
-        peft_model.load_adapter(model_id, adapter_name, is_trainable=is_trainable, config=config, **kwargs)
+        directory = adapter_dir(model_id, kwargs.get("subfolder"), kwargs.get("revision"))
+        with io.folder_lock(directory, exclusive=False):  # the config and the weights of one save (see saving.py)
+            if config is None:  # read once here: its task_type picks the class, and load_adapter takes it as given
+                config = AdapterConfig.from_pretrained(directory)
+            if dispatches_on_task_type(cls):  # PeftModel: peft returns the class of the adapter's task_type
+                cls = task_class(config.task_type)
+            peft_model = cls(model)
+            peft_model.load_adapter(model_id, adapter_name, is_trainable=is_trainable, config=config, **kwargs)
         peft_model.train(is_trainable)
         return peft_model
 
@@ -158,12 +160,13 @@ class CheckpointMixin:
         device, autocast_adapter_dtype = load_options(self._base, kwargs)
         self._check_name(adapter_name, exists=False)
         directory = adapter_dir(model_id, subfolder, revision)
-        given = config or AdapterConfig.from_pretrained(directory)
-        spec = spec_for_config(given)
-        config = given.replace(inference_mode=not is_trainable)
-        config = with_task_heads(self._base, spec.complete(config, self._base), self.task_heads)
-        self._check_same_method(spec)
-        found = io.from_peft_keys(io.read_tensors(directory, device), spec.module_key_prefix)
+        with io.folder_lock(directory, exclusive=False):  # the config and the weights of one save (see saving.py)
+            given = config or AdapterConfig.from_pretrained(directory)
+            spec = spec_for_config(given)
+            config = given.replace(inference_mode=not is_trainable)
+            config = with_task_heads(self._base, spec.complete(config, self._base), self.task_heads)
+            self._check_same_method(spec)
+            found = io.from_peft_keys(io.read_tensors(directory, device), spec.module_key_prefix)
         requires_grad = {n: p.requires_grad for n, p in self._base.named_parameters()}
         with no_init_weights():  # every tensor is overwritten from the file (check_state): skip random inits
             self._inject(adapter_name, config, spec, strict=False)

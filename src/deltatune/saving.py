@@ -62,12 +62,16 @@ def save_adapters(
         config, tensors = model.peft_config[name], adapter_tensors(model, name, state_dict)
         if initial_dir is not None:
             config, tensors = relative_to_initial(config, tensors, Path(initial_dir))
-        # weights first, then the config: a crash between the two leaves the old config beside new weights of
-        # the same shapes at worst, never a half-written file.
-        io.atomic_write_bytes(target / io.WEIGHTS_NAME, io.dump_tensors(tensors))
         metadata = {} if config.task_type else {"auto_mapping": auto_mapping(model.get_base_model())}
-        config.replace(base_model_name_or_path=model._base_path(config), inference_mode=True).save(target, metadata)
-        model.create_or_update_model_card(target, name)
+        saved_config = config.replace(base_model_name_or_path=model._base_path(config), inference_mode=True)
+        payload = io.dump_tensors(tensors)
+        target.mkdir(parents=True, exist_ok=True)
+        # the folder's lock: two processes saving here at once write one after the other, and a deltatune reader
+        # (shared lock) sees one whole adapter, never one writer's config beside the other's weights
+        with io.folder_lock(target, exclusive=True):
+            io.atomic_write_bytes(target / io.WEIGHTS_NAME, payload)
+            saved_config.save(target, metadata)
+            model.create_or_update_model_card(target, name)
     if TRAINER_CHECKPOINT.match(directory.name):
         write_trainer_weights(model, directory, names, state_dict)
 

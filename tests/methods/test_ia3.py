@@ -149,7 +149,16 @@ def test_conv_matches_peft():
     torch.testing.assert_close(ours(x), theirs(x))
 
 
-def test_grouped_conv_feedforward_is_refused_by_name():
-    net = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3, groups=2))
-    with pytest.raises(dt.UnsupportedModuleError, match="grouped"):
-        dt.get_peft_model(net, dt.IA3Config(target_modules=["0"], feedforward_modules=["0"]))
+@pytest.mark.parametrize("feedforward", [True, False])
+def test_grouped_conv_scales_merge_exactly(feedforward):
+    torch.manual_seed(2)
+    net, x = torch.nn.Sequential(torch.nn.Conv2d(4, 6, 3, groups=2)), torch.randn(2, 4, 5, 5)
+    feedforward_modules = ["0"] if feedforward else []
+    config = dt.IA3Config(target_modules=["0"], feedforward_modules=feedforward_modules, init_ia3_weights=False)
+    model = dt.get_peft_model(net, config)
+    scale = model.base_model.model[0].ia3_l["default"]
+    conv = model.base_model.model[0].base_layer
+    expected = conv(x * scale) if feedforward else conv(x) * scale  # the formula, on the grouped base conv
+    torch.testing.assert_close(model(x), expected)
+    model.merge_adapter()
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)

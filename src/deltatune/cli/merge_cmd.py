@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from deltatune.errors import ConfigError
+from deltatune.io import staged_directory
 from deltatune.model import PeftModel
 from deltatune.pretrained import load_causal_lm
 
@@ -15,9 +16,15 @@ def merge_to_dir(model: str, adapter: Path, out: Path) -> Path:
     """Load, merge (float32), and save with safetensors; the tokenizer is saved beside it."""
     base, tokenizer = load_causal_lm(model)
     merged = PeftModel.from_pretrained(base, adapter).merge_and_unload(safe_merge=True)
-    merged.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    save_model_dir(merged, tokenizer, out)
     return out
+
+
+def save_model_dir(model: Any, tokenizer: Any, out: Path) -> None:
+    """The model and tokenizer into `out`, staged beside it first: a full disk leaves `out` as it was."""
+    with staged_directory(Path(out)) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
 
 
 def combine_to_dir(model: str, adapters: list[Path], weights: list[float], out: Path, merged: bool,
@@ -36,9 +43,7 @@ def combine_to_dir(model: str, adapters: list[Path], weights: list[float], out: 
     if merged:
         for name in names:
             peft_model.delete_adapter(name)
-        result = peft_model.merge_and_unload(safe_merge=True)
-        result.save_pretrained(out)
-        tokenizer.save_pretrained(out)
+        save_model_dir(peft_model.merge_and_unload(safe_merge=True), tokenizer, out)
         return out
     peft_model.save_pretrained(out, selected_adapters=["default"])
     return out

@@ -23,6 +23,7 @@ import torch
 from deltatune import io
 from deltatune.config import AdapterConfig
 from deltatune.errors import ConfigError
+from deltatune.export.gguf_file import write_gguf
 from deltatune.methods.lora_layer import base_rewriting_init, lora_module_scale
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
@@ -133,10 +134,7 @@ def export_gguf_adapter(
         b = gguf_row_order(b, module, family, base)
         for suffix, value in ((".lora_a", a), (".lora_b", b)):
             _add(writer, target + suffix, value, outtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_gguf(writer, out)
     return out
 
 

@@ -17,7 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from deltatune import io
 from deltatune.errors import ConfigError
+from deltatune.export.gguf_file import write_gguf
 
 MERGED_OUTTYPES = ("source", "f32", "f16", "bf16", "q8_0")
 
@@ -101,9 +103,7 @@ def export_gguf_merged(gguf_path: str | Path, adapter_dir: str | Path, out: str 
 
 def finish_model_file(writer, out: Path) -> Path:
     """Write the GGUF `writer` holds to `out`, and an Ollama `Modelfile` beside it (`FROM ./<file>`)."""
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    (out.parent / "Modelfile").write_text(f"FROM ./{out.name}\n# the chat template is read from the GGUF's metadata\n")
+    write_gguf(writer, out)
+    modelfile = f"FROM ./{out.name}\n# the chat template is read from the GGUF's metadata\n"
+    io.atomic_write_bytes(out.parent / "Modelfile", modelfile.encode())
     return out

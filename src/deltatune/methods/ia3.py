@@ -24,7 +24,7 @@ from transformers.pytorch_utils import Conv1D
 
 from deltatune.config import AdapterConfig
 from deltatune.config_types import check_regex
-from deltatune.errors import ConfigError, UnsupportedModuleError
+from deltatune.errors import ConfigError
 from deltatune.layers import AdapterLayer, module_device
 from deltatune.models import arch_for, linear_features
 from deltatune.registry import MethodSpec, register_method
@@ -162,11 +162,6 @@ class IA3Conv(IA3Linear):
         self.is_feedforward = {}
 
     def add_adapter(self, name: str, *, is_feedforward: bool, init_weights: bool = True) -> None:
-        if is_feedforward and self.base_layer.groups != 1:
-            raise UnsupportedModuleError(
-                f"IA3 feed-forward (input-channel) scales on a grouped convolution (groups={self.base_layer.groups}) "
-                "have no exact merge; use it as a non-feed-forward target or exclude it."
-            )
         channels = self.in_features if is_feedforward else self.out_features
         scale = torch.ones((1, channels, *self.spatial), device=module_device(self.base_layer))
         if not init_weights:
@@ -180,8 +175,14 @@ class IA3Conv(IA3Linear):
 
     def _scale_in_layout(self, name: str) -> Tensor:
         scale = self.ia3_l[name].detach().float().flatten()  # against a (out, in / groups, *kernel) weight
-        shape = (1, -1) if self.is_feedforward[name] else (-1, 1)
-        return scale.reshape(*shape, *self.spatial)
+        if not self.is_feedforward[name]:
+            return scale.reshape(-1, 1, *self.spatial)
+        groups = self.base_layer.groups
+        if groups == 1:
+            return scale.reshape(1, -1, *self.spatial)
+        # grouped: output channel o sees the inputs of its group only, so row o takes that group's slice of l
+        per_group = scale.reshape(groups, -1).repeat_interleave(self.out_features // groups, dim=0)
+        return per_group.reshape(self.out_features, -1, *self.spatial)
 
 
 register_method(

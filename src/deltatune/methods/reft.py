@@ -240,6 +240,20 @@ def reft_call_positions(model: nn.Module, args: tuple, kwargs: dict[str, Any], g
             block.pending = None
 
 
+def reft_check_positions(config: ReftConfig, model: nn.Module) -> ReftConfig:
+    """Refuse `positions` that ask for more first (or last) tokens than the model ever reads: such a count can never
+    mean what it says (shorter prompts simply have fewer positions to edit, as in pyreft)."""
+    model_config = getattr(model, "config", None)
+    context = getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions", None)
+    first, last = parse_positions(config.positions)
+    if isinstance(context, int) and max(first, last) > context:
+        raise ConfigError(
+            f"positions={config.positions!r} asks for {max(first, last)} tokens, but {type(model).__name__} reads at "
+            f"most {context} positions; use counts below that (a few are usual, e.g. 'f7+l7')."
+        )
+    return config
+
+
 def reft_layer_kwargs(config: ReftConfig, module_path: str) -> dict[str, Any]:
     return {
         "r": config.r,
@@ -262,6 +276,7 @@ register_method(
         layer_kwargs=reft_layer_kwargs,
         param_prefix="reft_",
         with_defaults=reft_defaults,
+        fill_from_model=reft_check_positions,
         input_context=reft_call_positions,
         input_names=("prompt_lengths",),
     )

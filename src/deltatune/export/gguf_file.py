@@ -1,0 +1,42 @@
+"""Writing a GGUF file whole or not at all (used by every exporter)."""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+
+from deltatune import io
+from deltatune.errors import WriteError
+
+
+def write_gguf(writer, out: Path) -> None:
+    """Write the GGUF `writer` holds to a temporary file renamed over `out` when whole: a full disk or a kill
+    mid-export never leaves a truncated GGUF under `out` (llama.cpp would fail on it far from here)."""
+    count = sum(len(tensors) for tensors in writer.tensors)
+    with io.atomic_file(out) as tmp:
+        try:
+            writer.write_header_to_file(path=tmp)
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
+        _check_written(tmp, count, out)
+
+
+def _check_written(path: Path, count: int, out: Path) -> None:
+    """Read the written GGUF back: numpy's `tofile`, which gguf writes tensors with, can lose a failed write (a
+    full disk) without an error, so a short file is caught here, before it is renamed to `out`."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+        whole = len(reader.tensors) == count and all(t.data.nbytes == int(t.n_bytes) for t in reader.tensors)
+    except (ValueError, OSError, IndexError, KeyError):
+        whole = False
+    if not whole:
+        raise WriteError(
+            errno.ENOSPC,
+            f"writing {out} failed: the file came out shorter than its contents (is the disk full?). Free some space "
+            "and export again. The files already there are unchanged and no partial file was left under the final "
+            "name.",
+        )
