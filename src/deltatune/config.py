@@ -24,9 +24,28 @@ def _is_unset(value: Any) -> bool:
     return value is None or value is False or value == "none" or (hasattr(value, "__len__") and len(value) == 0)
 
 
+class MethodName(str):
+    """A method's `peft_type`: a plain string that also answers `.value` and `.name`, as peft's `PeftType` member
+    does (code written for peft reads `config.peft_type.value`)."""
+
+    @property
+    def value(self) -> str:
+        return str(self)
+
+    @property
+    def name(self) -> str:
+        return str(self)
+
+
 class _ConfigType(type):
     """Takes peft's `peft_type` keyword (`LoraConfig(**json.load(f))` passes it): the class's own type is accepted,
-    another one refused by name (peft overwrites it silently)."""
+    another one refused by name (peft overwrites it silently). A class's `peft_type` becomes a `MethodName`."""
+
+    def __init__(cls, name: str, bases: tuple, namespace: dict) -> None:
+        super().__init__(name, bases, namespace)
+        own = namespace.get("peft_type")
+        if isinstance(own, str) and not isinstance(own, MethodName):
+            cls.peft_type = MethodName(own)
 
     def __call__(cls, *args: Any, **kwargs: Any) -> Any:
         given = kwargs.pop("peft_type", None)
@@ -126,7 +145,7 @@ class AdapterConfig(metaclass=_ConfigType):
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict with peft's keys, `peft_type` included."""
         out = {f.name: _jsonable(getattr(self, f.name)) for f in fields(self)}
-        out["peft_type"] = self.peft_type
+        out["peft_type"] = str(self.peft_type)  # a plain str: yaml and other encoders refuse str subclasses
         return out
 
     @classmethod

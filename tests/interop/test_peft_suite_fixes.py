@@ -156,3 +156,23 @@ def test_inject_refuses_a_method_with_shared_state_before_the_model_changes():
     with pytest.raises(dt.ConfigError, match="get_peft_model"):
         dt.inject_adapter_in_model(dt.VeraConfig(r=2, target_modules=["q_proj"]), model)
     assert dict(model.named_modules()).keys() == before.keys()
+
+
+def test_peft_type_answers_value_and_name_like_peft_s_enum_and_stays_a_plain_string_in_dicts():
+    import yaml
+
+    ours, theirs = dt.LoraConfig(), peft.LoraConfig()
+    assert ours.peft_type.value == theirs.peft_type.value == "LORA" and ours.peft_type.name == theirs.peft_type.name
+    assert ours.peft_type == "LORA" and type(ours.to_dict()["peft_type"]) is str
+    yaml.safe_dump(ours.to_dict())  # safe_dump refuses str subclasses
+
+
+def test_tuner_level_active_adapter_lists_several_active_adapters():
+    model = dt.get_peft_model(tiny_llama(), dt.LoraConfig(target_modules=["q_proj"]))
+    model.add_adapter("other", dt.LoraConfig(target_modules=["q_proj"]))
+    assert model.base_model.active_adapter == "default"
+    model.base_model.set_adapter(["default", "other"])
+    assert model.base_model.active_adapter == ["default", "other"] and model.active_adapters == ["default", "other"]
+    assert model.has_active_enabled_adapter
+    with model.disable_adapter():
+        assert not model.has_active_enabled_adapter
