@@ -86,8 +86,8 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
 @contextlib.contextmanager
 def staged_directory(final: Path) -> Iterator[Path]:
     """Yield an empty temporary folder beside `final` for a writer that makes several files (transformers'
-    `save_pretrained`); once it returns, each file is renamed into `final` (other files there are kept). A failure
-    while writing (a full disk) leaves `final` exactly as it was."""
+    `save_pretrained`); once it returns, each file gets the umask's permissions and is renamed into `final` (other
+    files there are kept). A failure while writing (a full disk) leaves `final` exactly as it was."""
     final = Path(final)
     with writing(final):
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -96,7 +96,9 @@ def staged_directory(final: Path) -> Iterator[Path]:
             yield tmp
             final.mkdir(exist_ok=True)
             staged = sorted(p for p in tmp.rglob("*") if p.is_file())
+            mode = 0o666 & ~_umask()
             for src in staged:
+                os.chmod(src, mode)  # what a plain write gives (transformers writes its weights via a 0600 temp file)
                 _fsync(src)
             for src in staged:
                 dest = final / src.relative_to(tmp)

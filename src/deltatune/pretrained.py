@@ -82,6 +82,9 @@ def load_sequence_classifier(
 def _load_gguf(gguf: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from deltatune.export.gguf_file import check_gguf
+
+    check_gguf(gguf)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     return model, tokenizer

@@ -146,3 +146,27 @@ def test_cli_export_and_training_from_a_4bit_checkpoint(tmp_path):
     pm = dt.get_peft_model(model, dt.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
     pm(input_ids=torch.randint(1, 50, (2, 6))).logits.float().pow(2).mean().backward()
     assert all(p.grad is not None for p in pm.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize(
+    "lie, message",
+    [
+        ({"shape": [10**6, 10**6]}, "needs"),  # a trillion values declared over a few KiB of bytes
+        ({"blocksize": 0}, "blocksize"),
+        ({"blocksize": 48}, "blocksize"),
+        ({"shape": "big"}, "unreadable"),
+    ],
+)
+def test_a_bitsandbytes_file_with_a_lying_size_is_refused_before_decoding(tmp_path, lie, message):
+    source = _tiny_dir(tmp_path / "fp")
+    saved = tmp_path / "bnb"
+    transformers.AutoModelForCausalLM.from_pretrained(
+        source, quantization_config=_bnb_config(), device_map="cpu"
+    ).save_pretrained(saved)
+    tensors = load_file(saved / "model.safetensors")
+    key = next(k for k in tensors if ".quant_state.bitsandbytes__" in k)
+    blob = {**json.loads(bytes(tensors[key].tolist()).decode()), **lie}
+    tensors[key] = torch.tensor(list(json.dumps(blob).encode()), dtype=torch.uint8)
+    save_file(tensors, saved / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=message):
+        load_bnb_4bit_causal_lm(saved)

@@ -104,6 +104,9 @@ def test_a_merge_on_a_full_disk_leaves_the_output_folder_as_it_was(tmp_path, tin
     _refused_and_intact(out, lambda: save_model_dir(merged, tokenizer, out))
     save_model_dir(merged, tokenizer, out)  # with room, it works, and keeps what else is in the folder
     assert (out / "model.safetensors").is_file() and (out / "notes.txt").read_text() == "kept"
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}["model.safetensors"] == 0o666 & ~umask
 
 
 @pytest.fixture

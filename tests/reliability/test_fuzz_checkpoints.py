@@ -160,3 +160,30 @@ def test_a_lying_header_length_is_refused(saved_adapters, tmp_path):
     (tmp_path / WEIGHTS).write_bytes(struct.pack("<Q", 2**40) + raw[8:])
     with pytest.raises(dt.CheckpointError, match="truncated"):
         dt.PeftModel.from_pretrained(tiny_llama(), tmp_path)
+
+
+def _small_gguf(path):
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tensor("token_embd.weight", np.ones((64, 32), dtype=np.float32))
+    writer.add_tensor("output.weight", np.ones((64, 32), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.99, 0.02])
+def test_a_truncated_gguf_is_refused_before_transformers_reads_it(tmp_path, keep):
+    from deltatune.export.gguf_file import check_gguf
+    from deltatune.pretrained import load_causal_lm
+
+    path = _small_gguf(tmp_path / "m.gguf")
+    check_gguf(path)  # whole: accepted
+    raw = path.read_bytes()
+    path.write_bytes(raw[: int(len(raw) * keep)])
+    with pytest.raises(dt.CheckpointError, match="truncated|not a readable GGUF"):
+        load_causal_lm(path)

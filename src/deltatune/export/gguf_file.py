@@ -1,4 +1,4 @@
-"""Writing a GGUF file whole or not at all (used by every exporter)."""
+"""GGUF files whole: written whole or not at all (every exporter), and checked whole before one is loaded."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import errno
 from pathlib import Path
 
 from deltatune import io
-from deltatune.errors import WriteError
+from deltatune.errors import CheckpointError, WriteError
 
 
 def write_gguf(writer, out: Path) -> None:
@@ -40,3 +40,19 @@ def _check_written(path: Path, count: int, out: Path) -> None:
             "and export again. The files already there are unchanged and no partial file was left under the final "
             "name.",
         )
+
+
+def check_gguf(path: Path) -> None:
+    """Refuse (CheckpointError) a GGUF whose header does not parse or whose tensors declare more bytes than the file
+    holds (truncated, or a lying size), before transformers allocates anything for it. The check memory-maps the
+    file: nothing is read into memory."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+        short = next((t.name for t in reader.tensors if t.data.nbytes != int(t.n_bytes)), None)
+    except (ValueError, OSError, IndexError, KeyError, OverflowError) as exc:
+        why = f"{type(exc).__name__}: {exc}"
+        raise CheckpointError(f"{path} is not a readable GGUF file ({why}); re-download or re-export it.") from None
+    if short is not None:
+        raise CheckpointError(f"{path}: tensor {short} declares more bytes than the file holds; it is truncated.")

@@ -16,6 +16,7 @@ loaded model's weights equal bitsandbytes' dequantization bit for bit; encoding 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -69,8 +70,9 @@ def state_from_tensors(prefix: str, tensors: dict[str, Tensor]) -> tuple[QuantSt
     blob_key = next((k for k in tensors if k.startswith(f"{prefix}.{STATE_KEY}")), None)
     if blob_key is None:
         raise CheckpointError(f"{prefix}: no {STATE_KEY}<type> entry: not a bitsandbytes 4-bit weight.")
-    blob = json.loads(bytes(tensors[blob_key].tolist()).decode())
+    blob = _quant_blob(prefix, tensors[blob_key])
     quant_type = blob["quant_type"]
+    _check_sizes(prefix, blob, tensors)
     if quant_type not in ("nf4", "fp4") or not torch.equal(
         tensors[f"{prefix}.quant_map"].float(), codebook(quant_type)
     ):
@@ -87,6 +89,34 @@ def state_from_tensors(prefix: str, tensors: dict[str, Tensor]) -> tuple[QuantSt
     else:
         state.absmax = tensors[f"{prefix}.absmax"].float()
     return state, blob.get("dtype", "float32")
+
+
+def _quant_blob(prefix: str, raw: Tensor) -> dict:
+    """The JSON record bitsandbytes stores beside a 4-bit weight, with its fields checked."""
+    try:
+        blob = json.loads(bytes(raw.tolist()).decode())
+        shape, blocksize = [int(d) for d in blob["shape"]], int(blob["blocksize"])
+        blob["quant_type"]  # noqa: B018 (presence)
+    except (ValueError, TypeError, KeyError, UnicodeDecodeError) as exc:
+        why = f"{type(exc).__name__}: {exc}"
+        raise CheckpointError(f"{prefix}: its quant state record is unreadable ({why}).") from None
+    if not shape or min(shape) <= 0 or blocksize <= 0 or blocksize & (blocksize - 1):
+        raise CheckpointError(f"{prefix}: quant state shape {shape} / blocksize {blocksize} are not a 4-bit layout.")
+    return {**blob, "shape": shape, "blocksize": blocksize}
+
+
+def _check_sizes(prefix: str, blob: dict, tensors: dict[str, Tensor]) -> None:
+    """Refuse a record whose shape does not match the stored bytes (a lying size), before anything is decoded."""
+    numel = math.prod(blob["shape"])
+    needed = {prefix: (numel + 1) // 2, f"{prefix}.absmax": -(-numel // blob["blocksize"])}
+    for key, count in needed.items():
+        if key not in tensors:
+            raise CheckpointError(f"{prefix}: {key} is missing; the file is not a whole bitsandbytes 4-bit weight.")
+        if tensors[key].numel() != count:
+            raise CheckpointError(
+                f"{prefix}: {key} holds {tensors[key].numel()} values, but shape {blob['shape']} with blocksize "
+                f"{blob['blocksize']} needs {count}; the file's sizes do not agree (damaged or hand-edited)."
+            )
 
 
 @torch.no_grad()
