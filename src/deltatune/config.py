@@ -99,10 +99,6 @@ class AdapterConfig(metaclass=_ConfigType):
         for name in ("target_modules", "exclude_modules"):
             check_regex(self, name)
         self._check_task_type()
-        if isinstance(self.target_modules, (set, tuple)):
-            self.target_modules = sorted(self.target_modules)
-        if isinstance(self.modules_to_save, (set, tuple)):
-            self.modules_to_save = list(self.modules_to_save)
         if isinstance(self.target_modules, list):
             if not self.target_modules and self.needs_target_modules():
                 raise ConfigError(

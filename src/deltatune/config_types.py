@@ -62,11 +62,12 @@ def check_field_types(config: Any) -> None:
     cls = type(config)
     for name, (adapter, expected) in _field_adapters(cls).items():
         value = getattr(config, name)
+        plain = _as_lists(value)
         if isinstance(value, (set, frozenset, tuple)):
-            value = _as_lists(value)
+            value = plain
             object.__setattr__(config, name, value)
         try:
-            adapter.validate_python(_as_lists(value), strict=True)
+            adapter.validate_python(plain, strict=True)
         except ValidationError as exc:
             problem = exc.errors()[0]["msg"]
             raise ConfigError(

@@ -64,7 +64,7 @@ class Tuner(nn.Module):
         if owner is None:
             return getattr(self._modules["model"], "active_adapter", None)
         active = owner.active_adapters
-        return active[0] if len(active) == 1 else (list(active) or None)
+        return active[0] if len(active) == 1 else (active or None)
 
     def __getattr__(self, name: str) -> Any:
         try:

@@ -117,6 +117,13 @@ def model_type_of(model: nn.Module) -> str | None:
     return getattr(config, "model_type", None)
 
 
+def context_length(model: nn.Module) -> int | None:
+    """The most positions the model reads (its config's `max_position_embeddings` / `n_positions`), if it says."""
+    config = getattr(model, "config", None)
+    length = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return length if isinstance(length, int) else None
+
+
 def output_head_name(model: nn.Module) -> str | None:
     """Module name of the model's output head (transformers' `get_output_embeddings`), or None."""
     get_head = getattr(model, "get_output_embeddings", None)

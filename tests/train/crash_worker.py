@@ -31,18 +31,18 @@ def _install(fault: str) -> None:
         trainer._train_step = step
     elif kind in ("save", "pointer"):
         saves = {"n": 0}
-        real_save, real_write, target = checkpoint.save_checkpoint, checkpoint.io.atomic_write_bytes, int(rest[0])
+        real_save, real_save_file = checkpoint.save_checkpoint, checkpoint.save_file
+        real_write, target = checkpoint.io.atomic_write_bytes, int(rest[0])
 
         def save(*args, **kwargs):
             saves["n"] += 1
             return real_save(*args, **kwargs)
 
         def save_file(tensors, path, *args, **kwargs):
-            checkpoint.real_save_file(tensors, path, *args, **kwargs)
+            real_save_file(tensors, path, *args, **kwargs)
             if kind == "save" and saves["n"] == target and str(path).endswith(rest[1]):
-                size = os.path.getsize(path)
                 with open(path, "r+b") as fh:
-                    fh.truncate(size // 2)
+                    fh.truncate(os.path.getsize(path) // 2)
                 _die()
 
         def write(path, payload):
@@ -50,9 +50,7 @@ def _install(fault: str) -> None:
                 _die()
             return real_write(path, payload)
 
-        checkpoint.real_save_file = checkpoint.save_file
         checkpoint.save_checkpoint, checkpoint.save_file, checkpoint.io.atomic_write_bytes = save, save_file, write
-        trainer.ckpt = checkpoint
 
 
 if __name__ == "__main__":

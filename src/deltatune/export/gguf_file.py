@@ -26,14 +26,7 @@ def write_gguf(writer, out: Path) -> None:
 def _check_written(path: Path, count: int, out: Path) -> None:
     """Read the written GGUF back: numpy's `tofile`, which gguf writes tensors with, can lose a failed write (a
     full disk) without an error, so a short file is caught here, before it is renamed to `out`."""
-    import gguf
-
-    try:
-        reader = gguf.GGUFReader(str(path))
-        whole = len(reader.tensors) == count and all(t.data.nbytes == int(t.n_bytes) for t in reader.tensors)
-    except (ValueError, OSError, IndexError, KeyError):
-        whole = False
-    if not whole:
+    if _problem(path, count) is not None:
         raise WriteError(
             errno.ENOSPC,
             f"writing {out} failed: the file came out shorter than its contents (is the disk full?). Free some space "
@@ -46,13 +39,23 @@ def check_gguf(path: Path) -> None:
     """Refuse (CheckpointError) a GGUF whose header does not parse or whose tensors declare more bytes than the file
     holds (truncated, or a lying size), before transformers allocates anything for it. The check memory-maps the
     file: nothing is read into memory."""
+    problem = _problem(path)
+    if problem is not None:
+        raise CheckpointError(f"{path}: {problem}; re-download or re-export it.")
+
+
+def _problem(path: Path, count: int | None = None) -> str | None:
+    """Why the GGUF at `path` is not whole (unparsable header, a tensor shorter than it declares, or not `count`
+    tensors), or None."""
     import gguf
 
     try:
         reader = gguf.GGUFReader(str(path))
-        short = next((t.name for t in reader.tensors if t.data.nbytes != int(t.n_bytes)), None)
     except (ValueError, OSError, IndexError, KeyError, OverflowError) as exc:
-        why = f"{type(exc).__name__}: {exc}"
-        raise CheckpointError(f"{path} is not a readable GGUF file ({why}); re-download or re-export it.") from None
+        return f"not a readable GGUF file ({type(exc).__name__}: {exc})"
+    short = next((t.name for t in reader.tensors if t.data.nbytes != int(t.n_bytes)), None)
     if short is not None:
-        raise CheckpointError(f"{path}: tensor {short} declares more bytes than the file holds; it is truncated.")
+        return f"tensor {short} declares more bytes than the file holds; it is truncated"
+    if count is not None and len(reader.tensors) != count:
+        return f"{len(reader.tensors)} tensors, {count} written"
+    return None

@@ -47,8 +47,6 @@ class IA3Config(AdapterConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_regex(self, "feedforward_modules")
-        if isinstance(self.feedforward_modules, (set, tuple)):
-            self.feedforward_modules = sorted(self.feedforward_modules)
         targets, ff = self.target_modules, self.feedforward_modules
         if isinstance(targets, list) and isinstance(ff, list) and not set(ff) <= set(targets):
             raise ConfigError(

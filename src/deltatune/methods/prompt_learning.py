@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from deltatune import io
 from deltatune.config import AdapterConfig
 from deltatune.errors import ConfigError
+from deltatune.models import context_length
 
 SAVED_KEY = "prompt_embeddings"
 """peft's one key for these methods' tensors, at the top of the file."""
@@ -114,9 +115,8 @@ def fill_from_model(config: PromptLearningConfig, model: nn.Module) -> PromptLea
             f"{type(model).__name__} is an encoder-decoder model; deltatune's virtual-token methods support "
             "decoder-only and encoder models. Use LoRA or IA3 for encoder-decoder models."
         )
-    model_config = getattr(model, "config", None)
-    context = getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions", None)
-    if isinstance(context, int) and config.num_virtual_tokens >= context:
+    context = context_length(model)
+    if context is not None and config.num_virtual_tokens >= context:
         raise ConfigError(
             f"num_virtual_tokens={config.num_virtual_tokens} leaves no room for the input: "
             f"{type(model).__name__} reads at most {context} positions, virtual tokens included. Use fewer virtual "

@@ -34,7 +34,7 @@ from deltatune.config import AdapterConfig
 from deltatune.errors import AdapterError, ConfigError
 from deltatune.functional.reft import direft, loreft, orthonormal_rows, parse_positions, position_masks
 from deltatune.layers import AdapterLayer, Unmergeable, module_device
-from deltatune.models import arch_for, last_linear_width
+from deltatune.models import arch_for, context_length, last_linear_width
 from deltatune.registry import MethodSpec, register_method
 
 _ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh, "silu": F.silu}
@@ -243,10 +243,9 @@ def reft_call_positions(model: nn.Module, args: tuple, kwargs: dict[str, Any], g
 def reft_check_positions(config: ReftConfig, model: nn.Module) -> ReftConfig:
     """Refuse `positions` that ask for more first (or last) tokens than the model ever reads: such a count can never
     mean what it says (shorter prompts simply have fewer positions to edit, as in pyreft)."""
-    model_config = getattr(model, "config", None)
-    context = getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions", None)
+    context = context_length(model)
     first, last = parse_positions(config.positions)
-    if isinstance(context, int) and max(first, last) > context:
+    if context is not None and max(first, last) > context:
         raise ConfigError(
             f"positions={config.positions!r} asks for {max(first, last)} tokens, but {type(model).__name__} reads at "
             f"most {context} positions; use counts below that (a few are usual, e.g. 'f7+l7')."
