@@ -9,8 +9,9 @@ Useful FLOPs of a step, counted from its batch (padding counts for nothing):
   gradient of each layer's input; frozen weights get none);
 - LoRA, per adapted module of d_in -> d_out: 2·r·(d_in + d_out) forward, twice that backward (input and weight
   gradients);
-- attention scores and weighted values, causal: 2·t·d per token per layer forward (t = the row's length, on
-  average half of it attended), twice that backward;
+- attention scores and weighted values: 4·d per (query, key) pair per layer forward, twice that backward; causal
+  over an example's own n tokens, after the p shared prompt tokens it opens with: n·p + n²/2 pairs (a padded row
+  of t tokens: t²/2);
 - output head (d x V, tied to the embedding): 2·d·V forward + 2·d·V backward at each position that predicts a
   response token (the trainer computes it nowhere else).
 Writes benchmarks/results/roofline.md. Run: `python benchmarks/roofline.py --rounds 6`.
@@ -30,7 +31,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import median, provenance, spread, verdict, write_results  # noqa: E402
 
 from deltatune.train import load_train_config  # noqa: E402
-from deltatune.train.data import IGNORE  # noqa: E402
 from deltatune.train.trainer import _micro_batches, _setup, _train_step  # noqa: E402
 
 TARGET = 0.70
@@ -47,7 +47,7 @@ def matmul_flops_per_s() -> float:
 
 
 def step_flops(run, step: int) -> tuple[float, int, int, dict[str, float]]:
-    """(useful FLOPs, real tokens, padded tokens) of optimizer step `step`, and the FLOPs by part."""
+    """(useful FLOPs, tokens computed, padded tokens) of optimizer step `step`, and the FLOPs by part."""
     base = run.model.get_base_model()
     cfg = base.config
     layers, d, vocab = cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size
@@ -57,14 +57,15 @@ def step_flops(run, step: int) -> tuple[float, int, int, dict[str, float]]:
     parts = dict.fromkeys(("base body", "LoRA", "attention", "output head"), 0.0)
     real = padded = 0
     for batch in _micro_batches(run, step):
-        # a padding-free micro-batch is one row of examples, each attending to itself: its lengths are the examples'
-        lengths = batch.get("segment_lengths", batch["attention_mask"].sum(1))
-        tokens = int(lengths.sum())
+        # a padding-free micro-batch is one row: each example's own tokens, after the shared ones it opens with
+        own = batch.get("segment_lengths", batch["attention_mask"].sum(1)).float()
+        shared = batch.get("prefix_lengths", torch.zeros_like(own)).float()
+        tokens = int(batch["attention_mask"].sum())
         real, padded = real + tokens, padded + batch["attention_mask"].numel()
         parts["base body"] += 4 * body * tokens
         parts["LoRA"] += 6 * lora * tokens
-        parts["attention"] += 6 * layers * d * float((lengths.float() ** 2).sum())
-        parts["output head"] += 4 * d * vocab * int((batch["labels"][:, 1:] != IGNORE).sum())
+        parts["attention"] += 12 * layers * d * float((own * shared + own**2 / 2).sum())
+        parts["output head"] += 4 * d * vocab * run.objective.count(batch)
     return sum(parts.values()), real, padded, parts
 
 

@@ -111,6 +111,46 @@ def test_generation_in_length_sorted_batches_answers_in_the_prompts_order():
     assert generate_answers(model, tok, prompts, 6, "cpu", batch_size=2) == alone
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+def test_a_shared_prefill_generates_as_each_prompt_prefilled_alone(family):
+    from deltatune.train.padding_free import SharedPrefill, padding_free_supported, shared_prefill_supported
+    from tests.conftest import tiny_decoder, tiny_gpt2
+
+    base = tiny_gpt2() if family == "gpt2" else tiny_decoder(family)
+    targets = ["c_attn"] if family == "gpt2" else ["q_proj", "v_proj"]
+    model = dt.get_peft_model(base, dt.LoraConfig(r=4, target_modules=targets)).eval()
+    perturb_trainable(model)  # the adapter's own keys and values are in the cache
+    assert padding_free_supported(model) and shared_prefill_supported(model)
+    head, tail = [5, 6, 7, 8, 9], torch.randint(10, 97, (30,), generator=torch.Generator().manual_seed(3)).tolist()
+    prompts = [head + tail[:4], head + tail[4:7], head + tail[:4], head[:2], head + tail[:6], tail[8:20], head[:3]]
+    shared = SharedPrefill(model, prompts, "cpu")
+    assert sum(len(rows) for rows in shared.rows) == sum(len(p) - 1 for p in prompts)  # each prompt's all but last
+    assert shared.layers[0][0].shape[2] < sum(len(p) - 1 for p in prompts)  # fewer computed: the prefixes shared
+    calls = dict(max_new_tokens=5, do_sample=False, output_scores=True, return_dict_in_generate=True, pad_token_id=0)
+    batch = [0, 2, 3, 4, 6]  # a batch of them, left-padded, with an identical pair and a 2-token prompt
+    width = max(len(prompts[i]) for i in batch)
+    ids = torch.zeros(len(batch), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, i in enumerate(batch):
+        ids[row, width - len(prompts[i]) :], mask[row, width - len(prompts[i]) :] = torch.tensor(prompts[i]), 1
+    with torch.no_grad():
+        got = model.generate(input_ids=ids, attention_mask=mask, **calls, **shared.cache_for(batch, width - 1))
+        for row, i in enumerate(batch):
+            alone = model.generate(input_ids=torch.tensor([prompts[i]]), **calls)
+            assert got.sequences[row, width:].tolist() == alone.sequences[0, len(prompts[i]) :].tolist()
+            for step_got, step_alone in zip(got.scores, alone.scores, strict=True):
+                torch.testing.assert_close(step_got[row], step_alone[0], rtol=1e-4, atol=1e-5)
+
+
+def test_scoring_with_shared_prefixes_answers_as_without():
+    tok = tiny_tokenizer()
+    model = tiny_causal_lm(len(tok))
+    records = [{"prompt": f"Convert this date: {d}", "response": "x"} for d in ("1 May", "2 June", "3 July", "1 Mayo")]
+    prompts = [render_chat(tok, [{"role": "user", "content": r["prompt"]}], True) for r in records]
+    plain = generate_answers(model, tok, prompts, 6, "cpu", batch_size=3)
+    assert generate_answers(model, tok, prompts, 6, "cpu", batch_size=3, share_prefixes=True) == plain
+
+
 def test_a_run_reports_its_time_per_phase_and_an_estimate(tiny_model_dir, tmp_path, capsys):
     from rich.console import Console
 
@@ -176,7 +216,9 @@ def test_padding_free_rows_give_each_examples_own_loss_and_gradients(family, hea
     objective.chunked_head = plain_output_head(model) if head == "chunked" else None
     assert (objective.chunked_head is not None) == (head == "chunked")
     batch = objective.collate(examples, pad_id=0)
-    assert batch["input_ids"].shape == (1, 40) and objective.count(batch) == 4 + 10 + 3 + 10
+    # 40 tokens, less each example's last (it predicts nothing); random prompts share no prefix: segments
+    assert batch["input_ids"].shape == (1, 36) and objective.count(batch) == 4 + 10 + 3 + 10
+    assert batch["segment_lengths"].tolist() == [8, 13, 5, 10]
     with objective.training_layout(model):
         got = objective.loss_sum(model, batch, "fp32")
         got.backward()
@@ -185,6 +227,66 @@ def test_padding_free_rows_give_each_examples_own_loss_and_gradients(family, hea
         if param.requires_grad:
             torch.testing.assert_close(param.grad, want_grads[name], rtol=1e-4, atol=1e-6)
     assert model.get_base_model().config._attn_implementation == "sdpa"  # restored after the run's steps
+
+
+PROMPT = [5, 6, 7, 8]
+SHARING = [  # (input_ids, first label index), IGNORE before it; and the tokens each adds to the row
+    (PROMPT + [9, 10, 11, 12, 13], 6),  # all 8 of its positions that feed a prediction
+    (PROMPT + [9, 10, 20, 21], 6),  # the same prompt, another answer: positions 5-6 (0-4 are the first's)
+    (PROMPT + [30, 31, 32, 33], 5),  # shares PROMPT: positions 4-6
+    ([40, 41, 42, 43, 44], 2),  # shares nothing: positions 0-3
+    ([5, 6, 50, 51, 52, 53, 54, 55], 3),  # shares [5, 6]: positions 2-6
+]
+
+
+def _sharing_examples() -> list[Example]:
+    out = [Example(ids, [IGNORE] * first + ids[first:]) for ids, first in SHARING]
+    out[-1].labels[4:6] = [IGNORE, IGNORE]  # two answers with a prompt between them: that prompt follows an answer
+    return out
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("head", ["full", "responses"])
+def test_a_shared_prompt_prefix_is_computed_once_with_each_examples_own_loss_and_gradients(family, head):
+    from deltatune.train.padding_free import padding_free_supported
+    from tests.conftest import tiny_decoder, tiny_gpt2
+
+    base = tiny_gpt2() if family == "gpt2" else tiny_decoder(family)
+    targets = ["c_attn"] if family == "gpt2" else ["q_proj", "v_proj"]
+    model = dt.get_peft_model(base, dt.LoraConfig(r=4, target_modules=targets)).eval()
+    perturb_trainable(model)
+    assert padding_free_supported(model)
+    examples = _sharing_examples()
+    want = _written_out_loss(model, examples)
+    want.backward()
+    want_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    objective = CausalLMObjective(load_train_config(None, []))
+    objective.padding_free, objective.head_on_responses = True, head != "full"
+    batch = objective.collate(examples, pad_id=0)
+    assert batch["input_ids"].shape == (1, 8 + 2 + 3 + 4 + 5)
+    assert batch["position_ids"][0].tolist() == [*range(8), 5, 6, 4, 5, 6, *range(4), *range(2, 7)]
+    assert objective.count(batch) == 3 + 2 + 3 + 3 + 3
+    with objective.training_layout(model):
+        got = objective.loss_sum(model, batch, "fp32")
+        got.backward()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(param.grad, want_grads[name], rtol=1e-4, atol=1e-6)
+
+
+def test_each_example_attends_to_the_shared_rows_it_opens_with_then_to_its_own():
+    from deltatune.train.padding_free import collate_flat
+
+    batch = collate_flat(_sharing_examples(), IGNORE)
+    # rows: the first example's positions 0-7 (rows 0-7), the second's 5-6 (8-9) after rows 0-4, the third's 4-6
+    # (10-12) after rows 0-3, the fourth's 0-3 (13-16), the fifth's 2-6 (17-21) after rows 0-1
+    assert batch["segment_lengths"].tolist() == [8, 2, 3, 4, 5]
+    assert batch["prefix_lengths"].tolist() == [0, 5, 4, 0, 2]
+    assert batch["prefix_rows"].tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 3, 0, 1]
+    flat = collate_flat(_sharing_examples(), IGNORE, share_prefixes=False)
+    assert flat["segment_lengths"].tolist() == [8, 7, 7, 4, 7] and "prefix_rows" not in flat
 
 
 def test_a_model_whose_attention_ignores_segments_keeps_padded_rows():

@@ -11,6 +11,7 @@ from torch import nn
 
 from deltatune.train.config import DataConfig
 from deltatune.train.data import render_chat, to_messages
+from deltatune.train.padding_free import SharedPrefill, shared_prefill_supported
 
 
 def normalized(text: str) -> Any:
@@ -66,22 +67,39 @@ class GenerationSet:
 
 
 def generate_for(
-    model: nn.Module, tokenizer, records: list[dict[str, Any]], cfg: DataConfig, max_new_tokens: int, device
+    model: nn.Module,
+    tokenizer,
+    records: list[dict[str, Any]],
+    cfg: DataConfig,
+    max_new_tokens: int,
+    device,
+    share_prefixes: bool = False,
 ) -> list[str]:
     """Greedy answers to the records' prompts (their last assistant turn left out)."""
     template_system = cfg.system_prompt is None
     prompts = [render_chat(tokenizer, to_messages(r, cfg)[:-1], True, template_system) for r in records]
-    return generate_answers(model, tokenizer, prompts, max_new_tokens, device)
+    return generate_answers(model, tokenizer, prompts, max_new_tokens, device, share_prefixes=share_prefixes)
 
 
 @torch.no_grad()
 def generate_answers(
-    model: nn.Module, tokenizer, prompts: list[list[int]], max_new_tokens: int, device, batch_size: int = 32
+    model: nn.Module,
+    tokenizer,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    device,
+    batch_size: int = 32,
+    share_prefixes: bool = False,
 ) -> list[str]:
     """Greedy completions of already-rendered prompts, in their order: left-padded batches of prompts of similar
-    length (so padding costs little), with the KV cache; a row stops at the end-of-turn token."""
+    length (so padding costs little), with the KV cache; a row stops at the end-of-turn token. `share_prefixes`, for
+    a model that passed `padding_free_supported`: the prompts' cache is computed over their prefix tree, each shared
+    prefix once (`SharedPrefill`; the same answers, from half the quickstart's prompt tokens)."""
     model.eval()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    shared = None
+    if share_prefixes and all(len(p) > 1 for p in prompts) and shared_prefill_supported(model):
+        shared = SharedPrefill(model, prompts, device)
     by_length = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers: dict[int, str] = {}
     for start in range(0, len(by_length), batch_size):
@@ -99,6 +117,7 @@ def generate_answers(
             do_sample=False,
             use_cache=True,
             pad_token_id=pad,
+            **(shared.cache_for(rows, width - 1) if shared is not None else {}),
         )
         answers.update(zip(rows, tokenizer.batch_decode(out[:, width:], skip_special_tokens=True), strict=True))
     return [answers[i] for i in range(len(prompts))]

@@ -20,7 +20,7 @@ from deltatune.errors import ConfigError
 from deltatune.registry import MethodSpec
 from deltatune.train.config import TrainConfig
 from deltatune.train.data import IGNORE, Example, build_examples, check_records, collate
-from deltatune.train.padding_free import collate_flat, padding_free_supported, segment_attention
+from deltatune.train.padding_free import collate_flat, model_inputs, padding_free_supported, segment_attention
 
 
 def _autocast(batch: dict[str, Tensor], precision: str):
@@ -79,7 +79,7 @@ class CausalLMObjective:
 
     def collate(self, examples: list[Example], pad_id: int) -> dict[str, Tensor]:
         if self.padding_free:
-            return collate_flat(examples, IGNORE)
+            return collate_flat(examples, IGNORE, share_prefixes=self.cfg.data.share_prefixes)
         batch = collate(examples, pad_id)
         if "prompt_lengths" in self.extra_inputs:
             firsts = [next(i for i, label in enumerate(e.labels) if label != IGNORE) for e in examples]
@@ -89,26 +89,26 @@ class CausalLMObjective:
     def loss_sum(self, model: nn.Module, batch: dict[str, Tensor], precision: str) -> Tensor:
         """Sum of next-token cross-entropies over response tokens (float32)."""
         extra = {name: batch[name] for name in self.extra_inputs if name in batch}
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], **extra}
-        if "segment_lengths" in batch:  # one padding-free row: positions restart and attention stays per example
-            inputs.update(attention_mask=None, position_ids=batch["position_ids"])
-            inputs["segment_lengths"] = batch["segment_lengths"]
-        targets = batch["labels"][:, 1:]
+        if "next_targets" in batch:  # one padding-free row: positions restart and attention stays per example
+            inputs = {**model_inputs(batch), **extra}
+        else:
+            inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], **extra}
+        targets = next_targets(batch)
         if self.head_on_responses:
-            predicts = nn.functional.pad(targets != IGNORE, (0, 1))  # position t predicts the label at t + 1
+            predicts = targets != IGNORE
             if self.chunked_head is not None:
-                return self._chunked_loss_sum(model, inputs, predicts, targets[targets != IGNORE], batch, precision)
+                return self._chunked_loss_sum(model, inputs, predicts, targets[predicts], batch, precision)
             with _autocast(batch, precision):
                 logits = model(**inputs, logits_to_keep=predicts).logits
             if logits.shape[:-1] != (int(predicts.sum()),):
                 shape = tuple(logits.shape)
                 raise RuntimeError(f"the model ignored a boolean logits_to_keep (logits of shape {shape})")
-            return nn.functional.cross_entropy(logits.float(), targets[targets != IGNORE], reduction="sum")
+            return nn.functional.cross_entropy(logits.float(), targets[predicts], reduction="sum")
         with _autocast(batch, precision):
             logits = model(**inputs).logits
-        logits = logits[:, -batch["labels"].shape[1] :]  # a model may put virtual positions first (peft's outputs)
+        logits = logits[:, -targets.shape[1] :]  # a model may put virtual positions first (peft's outputs)
         return nn.functional.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum"
+            logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum"
         )
 
     def _chunked_loss_sum(self, model, inputs, predicts: Tensor, targets: Tensor, batch, precision: str) -> Tensor:
@@ -120,11 +120,19 @@ class CausalLMObjective:
 
     @staticmethod
     def count(batch: dict[str, Tensor]) -> int:
-        return int((batch["labels"][:, 1:] != IGNORE).sum())
+        return int((next_targets(batch) != IGNORE).sum())
 
     def training_layout(self, model: nn.Module) -> contextlib.AbstractContextManager:
         """The context the loss is computed in: per-example attention for padding-free rows."""
         return segment_attention(model.get_base_model()) if self.padding_free else contextlib.nullcontext()
+
+
+def next_targets(batch: dict[str, Tensor]) -> Tensor:
+    """The label each position predicts (IGNORE where none): a one-row layout carries them; a padded batch's are its
+    labels shifted by one (position t predicts the label at t + 1)."""
+    if "next_targets" in batch:
+        return batch["next_targets"]
+    return nn.functional.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE)
 
 
 def head_on_responses_supported(model: nn.Module) -> bool:

@@ -35,9 +35,10 @@ def generation_sets(cfg: TrainConfig, eval_records: list) -> list[GenerationSet]
 
 def score_all(run: _Run, when: str) -> None:
     """Generate answers for every generation set, stored as its `before` or `after`."""
+    share = getattr(run.objective, "padding_free", False) and run.cfg.data.share_prefixes  # its layout's probe passed
     for gen_set in run.generation_sets:
         budget = gen_set.max_new_tokens
-        answers = generate_for(run.model, run.tokenizer, gen_set.records, run.cfg.data, budget, run.device)
+        answers = generate_for(run.model, run.tokenizer, gen_set.records, run.cfg.data, budget, run.device, share)
         setattr(gen_set, when, answers)
     if run.objective.scores_predictions and run.eval_set:
         pad = run.tokenizer.pad_token_id or 0
