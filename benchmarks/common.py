@@ -118,10 +118,12 @@ def provenance(rounds: int, what: str) -> list[str]:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
+    note = os.environ.get("DELTATUNE_MACHINE_NOTE")  # set by scripts/slow_machine.sh
     return [
         f"- commit {commit}{dirty}, {datetime.date.today().isoformat()}; regenerate with `make bench`",
         f"- {', '.join(versions)}; Python {platform.python_version()}",
-        f"- machine: {cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}",
+        f"- machine: {cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
+        + (f"; **{note}**" if note else ""),
         f"- {what}: {rounds} rounds, the variants' order rotated every round; spread = min-max over rounds",
     ]
 

@@ -14,7 +14,8 @@ Useful FLOPs of a step, counted from its batch (padding counts for nothing):
   of t tokens: t²/2);
 - output head (d x V, tied to the embedding): 2·d·V forward + 2·d·V backward at each position that predicts a
   response token (the trainer computes it nowhere else).
-Writes benchmarks/results/roofline.md. Run: `python benchmarks/roofline.py --rounds 6`.
+Writes benchmarks/results/roofline.md (`--name`: another results name, e.g. for a run under
+scripts/slow_machine.sh). Run: `python benchmarks/roofline.py --rounds 6`.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import median, provenance, spread, verdict, write_results  # noqa: E402
 
 from deltatune.train import load_train_config  # noqa: E402
+from deltatune.train.data import step_indices  # noqa: E402
 from deltatune.train.trainer import _micro_batches, _setup, _train_step  # noqa: E402
 
 TARGET = 0.70
@@ -72,12 +74,13 @@ def step_flops(run, step: int) -> tuple[float, int, int, dict[str, float]]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--name", default="roofline")
     args = parser.parse_args()
     cfg = load_train_config(None, ["output_dir=runs/roofline-bench", "generate_eval=0"])
     run = _setup(cfg, False, None, None)
     run.model.train()
     _train_step(run, 0)  # warm-up (allocator, first-call costs)
-    peaks, steps, shares, tok_s = [], [], [], []
+    peaks, steps, shares, tok_s, seconds_per_step = [], [], [], [], []
     for r in range(args.rounds):
         step = 1 + r
         flops, real, _, _ = step_flops(run, step)
@@ -89,6 +92,7 @@ def main() -> None:
         seconds = time.perf_counter() - t
         if r % 2 == 1:
             peaks.append(matmul_flops_per_s())
+        seconds_per_step.append(seconds)
         steps.append(flops / seconds)
         tok_s.append(real / seconds)
         shares.append(steps[-1] / peaks[-1])
@@ -99,13 +103,22 @@ def main() -> None:
         step_flops_per_s=steps,
         share=shares,
         tokens_per_s=tok_s,
+        step_seconds=seconds_per_step,
+        tokens_unshared_step2=unshared_tokens(run, 1),
         flops_by_part_step2=parts,
         tokens_step2={"real": real, "padded": padded},
         cpu_capability=torch.backends.cpu.get_cpu_capability(),
         padding_free=run.objective.padding_free,
         head_on_responses=run.objective.head_on_responses,
     )
-    write_results("roofline", render(results), results)
+    write_results(args.name, render(results), results)
+
+
+def unshared_tokens(run, step: int) -> int:
+    """Tokens optimizer step `step` would compute with each example whole (no shared prefixes, nothing left out)."""
+    local = run.cfg.optim.batch_size * run.cfg.optim.grad_accum
+    indices = step_indices(len(run.train_set), local, step, run.cfg.seed)
+    return sum(len(run.train_set[i].input_ids) for i in indices)
 
 
 def render(results: dict) -> list[str]:
@@ -129,9 +142,11 @@ def render(results: dict) -> list[str]:
         f"| quickstart step, useful GFLOP/s | {spread([s / 1e9 for s in steps], '{:.1f}')} |",
         f"| share of peak, per round | {spread(shares, '{:.2f}')} |",
         f"| quickstart training tokens/s | {spread(tok_s, '{:.0f}')} |",
+        f"| seconds per optimizer step | {spread(results['step_seconds'], '{:.2f}')} |",
         "",
-        f"FLOPs of one step (step 2: {real} tokens in the batch, {padded - real} of padding; linear weights of "
-        f"the body N_body = {body / 1e6:.1f}M):",
+        f"FLOPs of one step (step 2: {real} tokens computed, {results['tokens_unshared_step2']} in its examples "
+        f"whole: shared prompt prefixes are computed once and tokens that predict nothing are left out; "
+        f"{padded - real} of padding; linear weights of the body N_body = {body / 1e6:.1f}M):",
         "",
         "| part | GFLOP | share |",
         "|---|---|---|",

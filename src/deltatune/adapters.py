@@ -96,13 +96,34 @@ def inject(
             spec.adapt_extra_modules(base, adapter_name, config)
         if check is not None:
             check()
-    except BaseException:
+    except BaseException as exc:
         remove(base, shared, adapter_name)
         if undo is not None:
             undo()
         for p, flag in trainable:
             p.requires_grad_(flag)
+        if _allocation_failed(exc):
+            sizes = [f"{k}={v}" for k, v in config.to_dict().items() if _large_int(v)]
+            raise ConfigError(
+                f"the {spec.peft_type} adapter {adapter_name!r} does not fit in memory ({str(exc).splitlines()[0]})"
+                f"{'; its size fields: ' + ', '.join(sizes) if sizes else ''}. Use smaller sizes (a rank of 4-64 is "
+                "usual)."
+            ) from None
         raise
+
+
+def _allocation_failed(exc: BaseException) -> bool:
+    """Whether `exc` is torch refusing a tensor's size: out of memory, a size past int64, a storage size overflow."""
+    if isinstance(exc, MemoryError):
+        return True
+    message = str(exc)
+    if isinstance(exc, RuntimeError):
+        return any(s in message for s in ("can't allocate memory", "out of memory", "size calculation overflowed"))
+    return isinstance(exc, TypeError) and "Overflow when unpacking long" in message
+
+
+def _large_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2**16
 
 
 def remove(base: nn.Module, shared: nn.ModuleDict, adapter_name: str) -> None:

@@ -123,6 +123,25 @@ CASES = {
         dt.ConfigError,
         "trainable_token_indices",
     ),
+    # ranks whose tensors cannot exist: torch's allocator refusal (a RuntimeError) becomes a typed error by name
+    "LoRA rank past the machine's memory": (
+        tiny_llama,
+        _get(dt.LoraConfig(r=2**40, target_modules=["q_proj"])),
+        dt.ConfigError,
+        "r=1099511627776",
+    ),
+    "AdaLoRA init_r past int64": (
+        tiny_llama,
+        _get(dt.AdaLoraConfig(init_r=2**70, target_r=2, total_step=10, target_modules=["q_proj"])),
+        dt.ConfigError,
+        "does not fit in memory",
+    ),
+    "VeRA rank whose storage size overflows": (
+        tiny_llama,
+        _get(dt.VeraConfig(r=2**62, target_modules=["q_proj"])),
+        dt.ConfigError,
+        "VERA",
+    ),
     "mixed batch: adapter_names of the wrong length": (
         lambda: _lora(),
         _mixed_batch(["a"]),
