@@ -194,6 +194,20 @@ def _written_out_loss(model, examples: list[Example]) -> torch.Tensor:
     return total
 
 
+def _assert_the_row_gives_each_examples_own_loss_and_gradients(model, objective, examples, batch) -> None:
+    want = _written_out_loss(model, examples)
+    want.backward()
+    want_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    with objective.training_layout(model):
+        got = objective.loss_sum(model, batch, "fp32")
+        got.backward()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(param.grad, want_grads[name], rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
 @pytest.mark.parametrize("head", ["full", "responses", "chunked"])
 def test_padding_free_rows_give_each_examples_own_loss_and_gradients(family, head):
@@ -207,10 +221,6 @@ def test_padding_free_rows_give_each_examples_own_loss_and_gradients(family, hea
     perturb_trainable(model)
     assert padding_free_supported(model)
     examples = _examples(97, [(9, 5), (14, 4), (6, 3), (11, 1)])
-    want = _written_out_loss(model, examples)
-    want.backward()
-    want_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    model.zero_grad()
     objective = CausalLMObjective(load_train_config(None, []))
     objective.padding_free, objective.head_on_responses = True, head != "full"
     objective.chunked_head = plain_output_head(model) if head == "chunked" else None
@@ -219,13 +229,7 @@ def test_padding_free_rows_give_each_examples_own_loss_and_gradients(family, hea
     # 40 tokens, less each example's last (it predicts nothing); random prompts share no prefix: segments
     assert batch["input_ids"].shape == (1, 36) and objective.count(batch) == 4 + 10 + 3 + 10
     assert batch["segment_lengths"].tolist() == [8, 13, 5, 10]
-    with objective.training_layout(model):
-        got = objective.loss_sum(model, batch, "fp32")
-        got.backward()
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            torch.testing.assert_close(param.grad, want_grads[name], rtol=1e-4, atol=1e-6)
+    _assert_the_row_gives_each_examples_own_loss_and_gradients(model, objective, examples, batch)
     assert model.get_base_model().config._attn_implementation == "sdpa"  # restored after the run's steps
 
 
@@ -257,23 +261,13 @@ def test_a_shared_prompt_prefix_is_computed_once_with_each_examples_own_loss_and
     perturb_trainable(model)
     assert padding_free_supported(model)
     examples = _sharing_examples()
-    want = _written_out_loss(model, examples)
-    want.backward()
-    want_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    model.zero_grad()
     objective = CausalLMObjective(load_train_config(None, []))
     objective.padding_free, objective.head_on_responses = True, head != "full"
     batch = objective.collate(examples, pad_id=0)
     assert batch["input_ids"].shape == (1, 8 + 2 + 3 + 4 + 5)
     assert batch["position_ids"][0].tolist() == [*range(8), 5, 6, 4, 5, 6, *range(4), *range(2, 7)]
     assert objective.count(batch) == 3 + 2 + 3 + 3 + 3
-    with objective.training_layout(model):
-        got = objective.loss_sum(model, batch, "fp32")
-        got.backward()
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            torch.testing.assert_close(param.grad, want_grads[name], rtol=1e-4, atol=1e-6)
+    _assert_the_row_gives_each_examples_own_loss_and_gradients(model, objective, examples, batch)
 
 
 def test_each_example_attends_to_the_shared_rows_it_opens_with_then_to_its_own():
