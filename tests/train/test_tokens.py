@@ -142,6 +142,15 @@ def test_a_shared_prefill_generates_as_each_prompt_prefilled_alone(family):
                 torch.testing.assert_close(step_got[row], step_alone[0], rtol=1e-4, atol=1e-5)
 
 
+def test_generation_batches_hold_at_most_their_prompts_and_tokens(monkeypatch):
+    from deltatune.train import evaluate
+
+    monkeypatch.setattr(evaluate, "BATCH_TOKENS", 10)
+    prompts = [[1] * n for n in (4, 4, 3, 9, 12, 1, 1, 1)]
+    batches = evaluate._batches(list(range(8)), prompts, size=3)
+    assert batches == [[0, 1], [2], [3], [4], [5, 6, 7]]  # 4+4+3 > 10; a 12-token prompt still gets its own batch
+
+
 def test_scoring_with_shared_prefixes_answers_as_without():
     tok = tiny_tokenizer()
     model = tiny_causal_lm(len(tok))

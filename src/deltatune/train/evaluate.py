@@ -81,6 +81,27 @@ def generate_for(
     return generate_answers(model, tokenizer, prompts, max_new_tokens, device, share_prefixes=share_prefixes)
 
 
+PLAIN_BATCH = 32
+"""Prompts a batch holds by default (left padding is computed, so batches are of similar lengths)."""
+SHARED_BATCH = 128
+"""Prompts a batch holds by default when their prefixes are shared."""
+BATCH_TOKENS = 16_384
+"""Most prompt tokens in one batch: the shared prefill computes its tree in one row."""
+
+
+def _batches(order: list[int], prompts: list[list[int]], size: int) -> list[list[int]]:
+    """`order` cut into batches of at most `size` prompts and `BATCH_TOKENS` prompt tokens (at least one prompt)."""
+    out: list[list[int]] = []
+    tokens = 0
+    for i in order:
+        if not out or len(out[-1]) == size or tokens + len(prompts[i]) > BATCH_TOKENS:
+            out.append([])
+            tokens = 0
+        out[-1].append(i)
+        tokens += len(prompts[i])
+    return out
+
+
 @torch.no_grad()
 def generate_answers(
     model: nn.Module,
@@ -88,28 +109,33 @@ def generate_answers(
     prompts: list[list[int]],
     max_new_tokens: int,
     device,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     share_prefixes: bool = False,
 ) -> list[str]:
     """Greedy completions of already-rendered prompts, in their order: left-padded batches of prompts of similar
     length (so padding costs little), with the KV cache; a row stops at the end-of-turn token. `share_prefixes`, for
     a model that passed `padding_free_supported`: the prompts' cache is computed over their prefix tree, each shared
-    prefix once (`SharedPrefill`; the same answers, from half the quickstart's prompt tokens)."""
+    prefix once (`SharedPrefill`; the same answers, from half the quickstart's prompt tokens). `batch_size` unset: 32
+    prompts, or `SHARED_BATCH` with shared prefixes (padding then costs no prefill, and fewer batches are fewer
+    decoding steps); a batch never holds more than `BATCH_TOKENS` prompt tokens."""
     model.eval()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    shared = None
-    if share_prefixes and all(len(p) > 1 for p in prompts) and shared_prefill_supported(model):
-        shared = SharedPrefill(model, prompts, device)
+    shared = share_prefixes and all(len(p) > 1 for p in prompts) and shared_prefill_supported(model)
     by_length = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers: dict[int, str] = {}
-    for start in range(0, len(by_length), batch_size):
-        rows = by_length[start : start + batch_size]
+    size = batch_size or (SHARED_BATCH if shared else PLAIN_BATCH)
+    for rows in _batches(by_length, prompts, size):
         width = max(len(prompts[i]) for i in rows)
         ids = torch.full((len(rows), width), pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for row, i in enumerate(rows):
             ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
             mask[row, width - len(prompts[i]) :] = 1
+        cache = (
+            SharedPrefill(model, [prompts[i] for i in rows], device).cache_for(range(len(rows)), width - 1)
+            if shared
+            else {}
+        )
         out = model.generate(
             input_ids=ids.to(device),
             attention_mask=mask.to(device),
@@ -117,7 +143,7 @@ def generate_answers(
             do_sample=False,
             use_cache=True,
             pad_token_id=pad,
-            **(shared.cache_for(rows, width - 1) if shared is not None else {}),
+            **cache,
         )
         answers.update(zip(rows, tokenizer.batch_decode(out[:, width:], skip_special_tokens=True), strict=True))
     return [answers[i] for i in range(len(prompts))]
