@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import json
 import warnings
 from collections.abc import Callable
@@ -15,8 +16,48 @@ from deltatune.errors import ConfigError, UnknownFieldWarning, UnsupportedArgume
 
 CONFIG_NAME = "adapter_config.json"
 MAX_CONFIG_BYTES = 16 * 2**20
-METADATA_FIELDS = frozenset({"peft_version", "auto_mapping"})
+METADATA_FIELDS = frozenset({"auto_mapping"})
 """Provenance fields peft writes that say nothing about the adapter's weights."""
+
+
+def _library_version() -> str:
+    try:
+        return importlib.metadata.version("deltatune")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+__version__ = f"{_library_version()}+deltatune"
+"""What a new config records as `peft_version` (peft's provenance field): the writer is deltatune, at this version
+(a PEP 440 local label, so tools that parse the field still can)."""
+
+
+def _get_commit_hash(package: str) -> str | None:
+    """The git commit a development install of `package` was built from, where its metadata records one."""
+    try:
+        url = importlib.metadata.distribution(package).read_text("direct_url.json")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    if not url:
+        return None
+    try:
+        return json.loads(url).get("vcs_info", {}).get("commit_id")
+    except (json.JSONDecodeError, AttributeError):
+        return None
+
+
+def writer_version() -> str:
+    """`__version__`, with the commit hash for a development version (ambiguous alone), "@UNKNOWN" when that cannot
+    be found (a lookup failure warns and never breaks building a config)."""
+    version = __version__
+    if "dev" not in version:
+        return version
+    try:
+        commit = _get_commit_hash("deltatune") or "UNKNOWN"
+    except Exception:  # provenance must never stop a config from being built
+        warnings.warn("could not determine the commit of this development version of deltatune", stacklevel=3)
+        commit = "UNKNOWN"
+    return f"{version}@{commit}"
 
 
 def _is_unset(value: Any) -> bool:
@@ -93,9 +134,14 @@ class AdapterConfig(metaclass=_ConfigType):
     revision: str | None = None
     inference_mode: bool = False
     """True when the adapter is loaded for inference only (peft writes true on save)."""
+    peft_version: str | None = None
+    """Which library version wrote the config (peft's provenance field): filled in when unset ("0.1.0+deltatune"),
+    kept as read from a file."""
 
     def __post_init__(self) -> None:
         check_field_types(self)
+        if self.peft_version is None:
+            self.peft_version = writer_version()
         for name in ("target_modules", "exclude_modules"):
             check_regex(self, name)
         self._check_task_type()

@@ -123,6 +123,20 @@ class AdapterLayer(nn.Module, metaclass=abc.ABCMeta):
         return self.active_adapters[0] if len(self.active_adapters) == 1 else list(self.active_adapters)
 
     @property
+    def adapter_layer_names(self) -> tuple[str, ...]:
+        """peft's name for `adapter_param_names`."""
+        return self.adapter_param_names
+
+    def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
+        """peft's per-layer switch: `adapter_names` become this layer's active adapters, their tensors trainable
+        (frozen with `inference_mode`), every other adapter's frozen. The model's `set_adapter` is the usual way."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for name in self.adapter_names:
+            for param in self.adapter_parameters(name):
+                param.requires_grad_(name in names and not inference_mode)
+        self.set_active(names)
+
+    @property
     def disable_adapters(self) -> bool:
         """True while the adapters are off (peft's flag)."""
         return self.disabled

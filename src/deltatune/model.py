@@ -268,8 +268,8 @@ class PeftModel(CheckpointMixin, PretrainedFacade):
         self._check_name(adapter_name, exists=True)
         if any(adapter_name in layer.merged_adapters for layer in self._layers()):
             raise AdapterError(
-                f"Cannot delete adapter(s) {[adapter_name]} while they are merged. Please unmerge them first "
-                "(unmerge_adapter())."
+                f"Cannot delete adapter(s) {[adapter_name]} while they are merged. Please unmerge them first. "
+                "(unmerge_adapter() does, then delete it.)"
             )
         self._remove_from_modules(adapter_name)
         del self.peft_config[adapter_name]

@@ -61,6 +61,7 @@ def test_deltatune_adapter_loads_into_peft(case, tmp_path):
 
 
 def test_keys_shapes_and_config_fields_match_peft_exactly(tmp_path):
+    import importlib.metadata
     import json
 
     from safetensors.torch import load_file
@@ -78,6 +79,9 @@ def test_keys_shapes_and_config_fields_match_peft_exactly(tmp_path):
     # refuse when it is set (so a file that sets it cannot load silently wrong)
     for config in (their_config, our_config):  # peft writes a set, in any order
         config["target_modules"] = sorted(config["target_modules"])
+    # provenance: each library records itself as the writer
+    assert their_config.pop("peft_version") == peft.__version__
+    assert our_config.pop("peft_version") == f"{importlib.metadata.version('deltatune')}+deltatune"
     assert our_config == {k: their_config[k] for k in our_config}
     known = set(dt.LoraConfig.unsupported_fields) | set(dt.LoraConfig.inert_fields) | {"peft_version", "auto_mapping"}
     assert set(their_config) - set(our_config) <= known

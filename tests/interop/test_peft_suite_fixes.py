@@ -176,3 +176,41 @@ def test_tuner_level_active_adapter_lists_several_active_adapters():
     assert model.has_active_enabled_adapter
     with model.disable_adapter():
         assert not model.has_active_enabled_adapter
+
+
+def test_a_layers_own_set_adapter_switches_and_freezes_as_peft_s_does(two_adapters):
+    flags, outputs = {}, {}
+    for name, lib in LIBS.items():
+        model, _ = _load(lib, two_adapters)
+        model.train()
+        for module in model.modules():  # peft's per-layer switch, as custom training loops call it
+            if hasattr(module, "adapter_layer_names") and hasattr(module, "set_adapter"):
+                assert "lora_A" in module.adapter_layer_names
+                module.set_adapter(["a", "b"] if "v_proj" in str(module.base_layer) else "b")
+        flags[name] = {n: p.requires_grad for n, p in model.named_parameters() if "lora_" in n}
+        outputs[name] = model_output(model.eval(), IDS)
+    assert flags["deltatune"] == flags["peft"] and any(flags["peft"].values())
+    torch.testing.assert_close(outputs["deltatune"], outputs["peft"], rtol=1e-5, atol=1e-6)
+
+
+def test_deleting_a_merged_adapter_is_refused_in_peft_s_words(two_adapters):
+    for lib in LIBS.values():
+        model, _ = _load(lib, two_adapters)
+        model.set_adapter("a")
+        model.merge_adapter()
+        with pytest.raises(ValueError, match=r"Cannot delete adapter\(s\) \['a'\] while they are merged\. Please "):
+            model.delete_adapter("a")
+
+
+def test_configs_record_their_writer_in_peft_version(tmp_path, monkeypatch):
+    from deltatune import config as config_module
+
+    assert dt.LoraConfig().peft_version == config_module.__version__ and "+deltatune" in config_module.__version__
+    monkeypatch.setattr(config_module, "__version__", "0.2.0.dev1")
+    monkeypatch.setattr(config_module, "_get_commit_hash", lambda package: "abc123")
+    made = dt.LoraConfig(target_modules=["q_proj"])
+    assert made.peft_version == "0.2.0.dev1@abc123"  # a development version names its commit, as peft's does
+    made.save_pretrained(tmp_path)
+    monkeypatch.setattr(config_module, "__version__", "9.9.9")
+    assert dt.LoraConfig.from_pretrained(tmp_path).peft_version == "0.2.0.dev1@abc123"  # kept as written
+    assert peft.LoraConfig.from_pretrained(tmp_path).peft_version == "0.2.0.dev1@abc123"  # and peft reads it
