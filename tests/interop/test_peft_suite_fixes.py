@@ -214,3 +214,63 @@ def test_configs_record_their_writer_in_peft_version(tmp_path, monkeypatch):
     monkeypatch.setattr(config_module, "__version__", "9.9.9")
     assert dt.LoraConfig.from_pretrained(tmp_path).peft_version == "0.2.0.dev1@abc123"  # kept as written
     assert peft.LoraConfig.from_pretrained(tmp_path).peft_version == "0.2.0.dev1@abc123"  # and peft reads it
+
+
+@pytest.mark.parametrize("targets", [["conv"], ["conv1d"], ["conv", "conv1d", "lin0"]])
+def test_lora_bias_on_convolutions_matches_peft_both_ways_and_merges(tmp_path, targets):
+    from tests.conftest import tiny_mlp
+
+    ids = torch.tensor([[1, 5, 9, 2, 7]])
+    config = dict(r=2, lora_alpha=4, target_modules=targets, lora_bias=True)
+    ours = dt.get_peft_model(tiny_mlp(), dt.LoraConfig(**config)).eval()
+    perturb_trainable(ours)  # B and its bias non-zero
+    assert all(ours.get_base_model().get_submodule(t).lora_B["default"].bias.abs().sum() > 0 for t in targets)
+    ours.save_pretrained(tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(tiny_mlp(), tmp_path / "ours").eval()
+    torch.testing.assert_close(ours(ids), theirs(ids), rtol=1e-5, atol=1e-6)
+    theirs.save_pretrained(tmp_path / "theirs")  # and back: peft's file into deltatune
+    back = dt.PeftModel.from_pretrained(tiny_mlp(), tmp_path / "theirs").eval()
+    torch.testing.assert_close(back(ids), theirs(ids), rtol=1e-5, atol=1e-6)
+    unmerged = ours(ids)
+    torch.testing.assert_close(ours.merge_and_unload()(ids), unmerged, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(theirs.merge_and_unload()(ids), unmerged, rtol=1e-5, atol=1e-5)
+
+
+class _GroupedConvs(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, 8, 3, padding=1, groups=2)
+        self.conv1d = torch.nn.Conv1d(6, 6, 3, padding=1, groups=3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)  # (b, 8, 5, 5)
+        return self.conv1d(h.flatten(2)[:, :6])
+
+
+def test_lora_on_grouped_convolutions_matches_peft_both_ways_and_refuses_to_merge(tmp_path):
+    x = torch.randn(2, 4, 5, 5, generator=torch.Generator().manual_seed(0))
+    config = dict(r=6, lora_alpha=6, target_modules=["conv", "conv1d"])
+    torch.manual_seed(0)
+    ours = dt.get_peft_model(_GroupedConvs(), dt.LoraConfig(**config)).eval()
+    perturb_trainable(ours)
+    layer = ours.get_base_model().conv
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    assert b.shape == (8, 3, 1, 1)  # B grouped (6 / 2 input channels per group), A dense over all 4 input channels
+    want = layer.base_layer(x) + torch.nn.functional.conv2d(torch.nn.functional.conv2d(x, a, padding=1), b, groups=2)
+    torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-6)
+    ours.save_pretrained(tmp_path / "ours")
+    torch.manual_seed(0)
+    theirs = peft.PeftModel.from_pretrained(_GroupedConvs(), tmp_path / "ours").eval()
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-6)
+    theirs.save_pretrained(tmp_path / "theirs")
+    torch.manual_seed(0)
+    back = dt.PeftModel.from_pretrained(_GroupedConvs(), tmp_path / "theirs").eval()
+    torch.testing.assert_close(back(x), theirs(x), rtol=1e-5, atol=1e-6)
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    with pytest.raises(dt.MergeError, match="groups=2"):
+        ours.merge_adapter()
+    assert all(torch.equal(v, before[k]) for k, v in ours.state_dict().items())  # nothing merged halfway
+    with pytest.raises(dt.UnsupportedModuleError, match="divisible by 2"):
+        dt.get_peft_model(_GroupedConvs(), dt.LoraConfig(r=3, target_modules=["conv"]))
+    with pytest.raises(dt.UnsupportedModuleError, match="use_dora"):
+        dt.get_peft_model(_GroupedConvs(), dt.LoraConfig(r=4, target_modules=["conv"], use_dora=True))

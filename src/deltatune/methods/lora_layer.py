@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from deltatune.errors import ConfigError, UnsupportedModuleError
+from deltatune.errors import ConfigError, MergeError, UnsupportedModuleError
 from deltatune.functional.init import (
     loftq_factors,
     olora_factors,
@@ -204,13 +204,15 @@ class _LoraLayer(AdapterLayer):
                 f"init_lora_weights={rewriting!r} is for linear layers, not {type(self.base_layer).__name__}; "
                 "exclude those modules (exclude_modules) or use another init."
             )
-        if lora_bias and not isinstance(self, LoraLinear):
+        if lora_bias and not isinstance(self, _BiasedUp):
             raise UnsupportedModuleError(
-                f"lora_bias=True is for linear layers, not {type(self.base_layer).__name__}; exclude those modules."
+                f"lora_bias=True is for linear and convolution layers, not {type(self.base_layer).__name__}; exclude "
+                "those modules."
             )
         self._create_weights(name, r, True if rewriting else init_lora_weights)
         if lora_bias:
-            self.lora_B[name].bias = nn.Parameter(torch.zeros(self.out_features, device=self._device()))
+            out_features = self.lora_B[name].weight.shape[0]
+            self.lora_B[name].bias = nn.Parameter(torch.zeros(out_features, device=self._device()))
         if rewriting:
             self.init_from_base[name] = rewriting
         self._init_variant(name, variant)
@@ -242,7 +244,24 @@ class _AdditiveLora(_LoraLayer):
         return result
 
 
-class LoraLinear(_AdditiveLora):
+class _BiasedUp:
+    """`lora_bias`: B (a module: a linear layer or a 1x1 conv) has a bias, added as s·bias and merged into the base's
+    bias."""
+
+    lora_B: nn.ModuleDict
+    scaling: dict[str, float]
+
+    def changes_bias(self, name: str) -> bool:
+        return self.lora_B[name].bias is not None
+
+    def compose_bias(self, name: str, bias: Tensor) -> Tensor:
+        return bias + self.scaling[name] * self.lora_B[name].bias.detach().float()
+
+    def decompose_bias(self, name: str, bias: Tensor) -> Tensor:
+        return bias - self.scaling[name] * self.lora_B[name].bias.detach().float()
+
+
+class LoraLinear(_BiasedUp, _AdditiveLora):
     """LoRA around nn.Linear or GPT-2's Conv1D (which computes x W + b with W stored (d_in, d_out))."""
 
     def __init__(self, base_layer: nn.Module) -> None:
@@ -343,29 +362,21 @@ class LoraLinear(_AdditiveLora):
             result = add(0, rows, term.to(result.dtype))
         return result
 
-    def changes_bias(self, name: str) -> bool:
-        return self.lora_B[name].bias is not None  # lora_bias
-
-    def compose_bias(self, name: str, bias: Tensor) -> Tensor:
-        return bias + self.scaling[name] * self.lora_B[name].bias.detach().float()
-
-    def decompose_bias(self, name: str, bias: Tensor) -> Tensor:
-        return bias - self.scaling[name] * self.lora_B[name].bias.detach().float()
-
     def delta_weight(self, name: str) -> Tensor:
         """s · B A in the base weight's layout, float32."""
         a, b = self.lora_A[name].weight.float(), self.lora_B[name].weight.float()
         return lora_delta(a, b, self.scaling[name], self.fan_in_fan_out)
 
 
-class LoraConv(_AdditiveLora):
-    """LoRA around nn.Conv1d/2d/3d: A is a conv with the base's kernel, stride and padding; B is a 1x1 conv."""
+class LoraConv(_BiasedUp, _AdditiveLora):
+    """LoRA around nn.Conv1d/2d/3d: A is a conv with the base's kernel, stride and padding; B is a 1x1 conv (with a
+    bias under `lora_bias`, which the conv adds before the scale: s·(B A x + b)).
+
+    On a grouped convolution (groups g > 1) B is grouped too, as in peft (r must be a multiple of g), while A reads
+    every input channel: the adapter's change is dense, which the grouped weight cannot hold, so it is never merged
+    (refused by name) and DoRA, which needs that merged weight's norm, is refused on such layers."""
 
     def __init__(self, base_layer: nn.modules.conv._ConvNd) -> None:
-        if base_layer.groups != 1:
-            raise UnsupportedModuleError(
-                f"LoRA on grouped convolutions (groups={base_layer.groups}) is not supported; exclude this module."
-            )
         super().__init__(base_layer)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
@@ -373,6 +384,11 @@ class LoraConv(_AdditiveLora):
     def _create_weights(self, name: str, r: int, init_lora_weights: bool | str) -> None:
         base, conv_cls = self.base_layer, type(self.base_layer)
         ones = (1,) * len(base.kernel_size)
+        if r % base.groups:
+            raise UnsupportedModuleError(
+                f"LoRA on a {type(base).__name__} with groups={base.groups} needs a rank divisible by {base.groups}, "
+                f"got r={r}; choose such a rank (rank_pattern can set it for this module) or exclude the module."
+            )
         self.lora_A[name] = conv_cls(
             base.in_channels,
             r,
@@ -384,8 +400,18 @@ class LoraConv(_AdditiveLora):
             padding_mode=base.padding_mode,
             device=self._device(),
         )
-        self.lora_B[name] = conv_cls(r, base.out_channels, ones, ones, bias=False, device=self._device())
+        self.lora_B[name] = conv_cls(
+            r, base.out_channels, ones, ones, groups=base.groups, bias=False, device=self._device()
+        )
         init_pair(self.lora_A[name].weight, self.lora_B[name].weight, init_lora_weights, r)
+
+    def _init_variant(self, name: str, flag: str | None) -> None:
+        if flag is not None and self.base_layer.groups > 1:
+            raise UnsupportedModuleError(
+                f"{flag}=True on a grouped {type(self.base_layer).__name__} (groups={self.base_layer.groups}) is not "
+                f"supported: its weight cannot hold the adapter's dense change. Exclude the module or set {flag}=False."
+            )
+        super()._init_variant(name, flag)
 
     def lora_output(self, name: str, x: Tensor) -> Tensor:
         xd = F.dropout(x, self.dropout_p[name], self.training)
@@ -393,6 +419,11 @@ class LoraConv(_AdditiveLora):
         return lora_b(lora_a(xd.to(lora_a.weight.dtype))) * self.scaling[name]
 
     def delta_weight(self, name: str) -> Tensor:
+        if self.base_layer.groups > 1:
+            raise MergeError(
+                f"adapter {name!r} on a grouped {type(self.base_layer).__name__} (groups={self.base_layer.groups}) "
+                "changes it densely, which its grouped weight cannot hold: it is not merged. Keep it unmerged."
+            )
         a, b = self.lora_A[name].weight.float(), self.lora_B[name].weight.float()
         return lora_delta(a, b, self.scaling[name])
 
