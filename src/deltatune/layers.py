@@ -125,7 +125,12 @@ class AdapterLayer(nn.Module, metaclass=abc.ABCMeta):
     @property
     def adapter_layer_names(self) -> tuple[str, ...]:
         """peft's name for `adapter_param_names`."""
-        return self.adapter_param_names
+        return tuple(self.adapter_param_names)
+
+    @property
+    def other_param_names(self) -> tuple[str, ...]:
+        """peft's name for `adapter_other_names` (per-adapter plain values: rank, scale, ...)."""
+        return tuple(self.adapter_other_names)
 
     def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
         """peft's per-layer switch: `adapter_names` become this layer's active adapters, their tensors trainable

@@ -185,7 +185,8 @@ def test_a_layers_own_set_adapter_switches_and_freezes_as_peft_s_does(two_adapte
         model.train()
         for module in model.modules():  # peft's per-layer switch, as custom training loops call it
             if hasattr(module, "adapter_layer_names") and hasattr(module, "set_adapter"):
-                assert "lora_A" in module.adapter_layer_names
+                assert "lora_A" in module.adapter_layer_names and "scaling" in module.other_param_names
+                assert isinstance(module.adapter_layer_names + module.other_param_names, tuple)  # peft adds them
                 module.set_adapter(["a", "b"] if "v_proj" in str(module.base_layer) else "b")
         flags[name] = {n: p.requires_grad for n, p in model.named_parameters() if "lora_" in n}
         outputs[name] = model_output(model.eval(), IDS)
