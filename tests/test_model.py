@@ -139,6 +139,25 @@ def test_disable_adapter_unmerges_and_reenables():
     torch.testing.assert_close(model_output(pm, IDS), with_adapter, rtol=1e-5, atol=1e-5)
 
 
+def test_disable_adapter_gives_each_layer_back_its_own_state_when_some_were_off():
+    base_output = model_output(tiny_llama(), IDS)
+    pm = dt.get_peft_model(tiny_llama(), _lora(init_lora_weights=False))
+    layers = [m for m in pm.modules() if isinstance(m, AdapterLayer)]
+    layers[0].enable_adapters(False)  # one layer off by hand (peft's layer switch), the others on
+    before = model_output(pm, IDS)
+    flags = {n: p.requires_grad for n, p in pm.named_parameters()}
+    with pm.disable_adapter():
+        torch.testing.assert_close(model_output(pm, IDS), base_output, rtol=0, atol=0)
+        assert not any(p.requires_grad for n, p in pm.named_parameters() if "lora_" in n)
+    assert [layer.disabled for layer in layers] == [True] + [False] * (len(layers) - 1)
+    assert {n: p.requires_grad for n, p in pm.named_parameters()} == flags
+    torch.testing.assert_close(model_output(pm, IDS), before, rtol=0, atol=0)
+    pm.disable_adapter_layers()  # all off before the block: all off after it, tensors still frozen
+    with pm.disable_adapter():
+        pass
+    assert all(layer.disabled for layer in layers) and not any(p.requires_grad for p in pm.parameters())
+
+
 def test_attribute_passthrough_to_base_model():
     pm = dt.get_peft_model(tiny_llama(), _lora())
     assert pm.config.model_type == "llama"

@@ -307,14 +307,22 @@ class PeftModel(CheckpointMixin, PretrainedFacade):
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Run the plain base model inside the block (merged adapters are unmerged first); the adapters' tensors do
-        not train inside it. Adapters disabled before the block stay disabled after it."""
-        was_enabled = not any(w.disabled for _, w in self._wrappers())
+        not train inside it. After it, every layer is on or off as it was before, layer by layer (peft turns every
+        layer on when some were off, with a warning)."""
+        states = [(wrapper, wrapper.disabled) for _, wrapper in self._wrappers()]
+        had_record = "_grad_while_enabled" in self.__dict__
         self.disable_adapter_layers()
         try:
             yield
         finally:
-            if was_enabled:
+            if not any(disabled for _, disabled in states):
                 self.enable_adapter_layers()
+            else:
+                for wrapper, disabled in states:
+                    wrapper.disabled = disabled
+                if not had_record:  # this block froze the adapters' tensors: give each its flag back
+                    for param, requires_grad in self.__dict__.pop("_grad_while_enabled", None) or []:
+                        param.requires_grad_(requires_grad)
 
     # -- merging ------------------------------------------------------------------------------------------------------
     def merge_adapter(
