@@ -39,17 +39,27 @@ def target_names(base: nn.Module, config: AdapterConfig, spec: MethodSpec, stric
         return spec.select_targets(base, config)
     if config.target_modules == []:
         return []
-    return find_targets(
-        visible_module_types(base),
-        target_modules=config.target_modules,
-        supported=tuple(spec.layers),
-        exclude_modules=config.exclude_modules,
-        layers_to_transform=config.layers_to_transform,
-        layers_pattern=config.layers_pattern,
-        output_head=output_head_name(base),
-        strict=strict,
-        linear_types=linear_types(),
-    )
+
+    def find(target_modules, strict: bool) -> list[str]:
+        return find_targets(
+            visible_module_types(base),
+            target_modules=target_modules,
+            supported=tuple(spec.layers),
+            exclude_modules=config.exclude_modules,
+            layers_to_transform=config.layers_to_transform,
+            layers_pattern=config.layers_pattern,
+            output_head=output_head_name(base),
+            strict=strict,
+            linear_types=linear_types(),
+        )
+
+    targets, saved = config.target_modules, set(config.modules_to_save or ())
+    if not (strict and isinstance(targets, list) and saved & set(targets)):
+        return find(targets, strict)
+    # an entry also trained whole is never wrapped (modules_to_save wins), so it need not match: once an adapter
+    # trains it, it is a trainable copy, and a second adapter with the same config must still apply
+    named = [t for t in targets if t not in saved]
+    return find(named, strict=True) if named else []
 
 
 def inject(

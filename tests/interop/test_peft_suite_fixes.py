@@ -275,3 +275,29 @@ def test_lora_on_grouped_convolutions_matches_peft_both_ways_and_refuses_to_merg
         dt.get_peft_model(_GroupedConvs(), dt.LoraConfig(r=3, target_modules=["conv"]))
     with pytest.raises(dt.UnsupportedModuleError, match="use_dora"):
         dt.get_peft_model(_GroupedConvs(), dt.LoraConfig(r=4, target_modules=["conv"], use_dora=True))
+
+
+class _TwoLinears(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin0, self.lin1 = torch.nn.Linear(10, 20), torch.nn.Linear(20, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin1(self.lin0(x))
+
+
+@pytest.mark.parametrize("method", ["LoraConfig", "GraloraConfig"])
+def test_a_second_adapter_whose_targets_include_a_module_to_save_applies_as_in_peft(tmp_path, method):
+    from safetensors.torch import load_file
+
+    config = dict(target_modules=["lin0", "lin1"], modules_to_save=["lin1"])
+    keys = {}
+    for name, lib in LIBS.items():
+        torch.manual_seed(0)
+        model = lib.get_peft_model(_TwoLinears(), getattr(lib, method)(**config))
+        model.add_adapter("other", getattr(lib, method)(**config))  # lin1 is a trainable copy by now
+        model.save_pretrained(tmp_path / name, selected_adapters=["other"])
+        keys[name] = sorted(load_file(tmp_path / name / "other" / "adapter_model.safetensors"))
+    assert keys["deltatune"] == keys["peft"] and any("lin1" in k for k in keys["peft"])
+    with pytest.raises(dt.TargetNotFoundError, match="lin7"):  # a real typo next to a saved module is still named
+        dt.get_peft_model(_TwoLinears(), dt.LoraConfig(target_modules=["lin0", "lin7"], modules_to_save=["lin1"]))
