@@ -132,3 +132,13 @@ def test_scale_api_matches_peft_layer_for_layer(tmp_path):
     mine.merge()
     with pytest.raises(dt.MergeError, match="unmerge"):
         mine.scale_layer(2.0)
+
+
+def test_per_adapter_views_held_across_a_delete_forget_the_adapter():
+    model = dt.get_peft_model(tiny_llama(), dt.LoraConfig(r=2, target_modules=["q_proj"]), adapter_name="a")
+    model.add_adapter("b", dt.LoraConfig(r=2, target_modules=["q_proj"], lora_dropout=0.2))
+    layer = model.get_base_model().model.layers[0].self_attn.q_proj
+    dropout, dora = layer.lora_dropout, layer.use_dora  # held, as code that inspects layers holds them
+    assert "b" in dropout and dropout["b"].p == 0.2 and dict(dora) == {"a": False, "b": False}
+    model.delete_adapter("b")
+    assert "b" not in dropout and "b" not in dora and list(dropout) == ["a"]

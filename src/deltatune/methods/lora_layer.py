@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import re
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
@@ -115,6 +116,26 @@ def _variant_param_names() -> list[str]:
     return sorted({v.param_name for table in LORA_VARIANTS.values() for v in table.values()})
 
 
+class _LiveView(Mapping):
+    """A read-only mapping computed from the layer's state at each access, so one held across `delete_adapter` (or
+    any change) never shows an adapter the layer no longer has."""
+
+    def __init__(self, compute: Callable[[], dict]) -> None:
+        self._compute = compute
+
+    def __getitem__(self, key: str) -> Any:
+        return self._compute()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._compute())
+
+    def __len__(self) -> int:
+        return len(self._compute())
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._compute()!r})"
+
+
 class _LoraLayer(AdapterLayer):
     """Shared bookkeeping of the LoRA wrappers: per-adapter rank, scale, dropout and variant (e.g. DoRA)."""
 
@@ -141,14 +162,14 @@ class _LoraLayer(AdapterLayer):
         return list(getattr(self, self.lora_param_names[0]).keys())
 
     @property
-    def use_dora(self) -> dict[str, bool]:
-        """peft's per-adapter flag: does the adapter use DoRA."""
-        return {name: self.variant.get(name) == "use_dora" for name in self.adapter_names}
+    def use_dora(self) -> Mapping[str, bool]:
+        """peft's per-adapter flag: does the adapter use DoRA (a live view of `variant`)."""
+        return _LiveView(lambda: {name: self.variant.get(name) == "use_dora" for name in self.adapter_names})
 
     @property
-    def lora_dropout(self) -> nn.ModuleDict:
-        """peft's per-adapter dropout modules (a view: the rate lives in `dropout_p`)."""
-        return nn.ModuleDict({n: nn.Dropout(p) if p > 0 else nn.Identity() for n, p in self.dropout_p.items()})
+    def lora_dropout(self) -> Mapping[str, nn.Module]:
+        """peft's per-adapter dropout modules (a live view: the rate lives in `dropout_p`)."""
+        return _LiveView(lambda: {n: nn.Dropout(p) if p > 0 else nn.Identity() for n, p in self.dropout_p.items()})
 
     @property
     def adapter_other_names(self) -> tuple[str, ...]:
