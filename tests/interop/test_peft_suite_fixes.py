@@ -301,3 +301,17 @@ def test_a_second_adapter_whose_targets_include_a_module_to_save_applies_as_in_p
     assert keys["deltatune"] == keys["peft"] and any("lin1" in k for k in keys["peft"])
     with pytest.raises(dt.TargetNotFoundError, match="lin7"):  # a real typo next to a saved module is still named
         dt.get_peft_model(_TwoLinears(), dt.LoraConfig(target_modules=["lin0", "lin7"], modules_to_save=["lin1"]))
+
+
+def test_every_layer_exposes_in_and_out_features_as_peft_s_do():
+    from tests.conftest import tiny_mlp
+
+    sizes = {}
+    for name, lib in LIBS.items():
+        model = lib.get_peft_model(tiny_mlp(), lib.LoraConfig(target_modules=["emb", "conv", "conv1d", "lin0"]))
+        sizes[name] = {
+            n.split(".")[-1]: (m.in_features, m.out_features)
+            for n, m in model.named_modules()
+            if n.endswith(("emb", "conv", "conv1d", "lin0")) and hasattr(m, "base_layer")
+        }
+    assert sizes["deltatune"] == sizes["peft"] and len(sizes["peft"]) == 4

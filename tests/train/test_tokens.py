@@ -259,8 +259,9 @@ def _sharing_examples() -> list[Example]:
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-@pytest.mark.parametrize("head", ["full", "responses"])
+@pytest.mark.parametrize("head", ["full", "responses", "chunked"])
 def test_a_shared_prompt_prefix_is_computed_once_with_each_examples_own_loss_and_gradients(family, head):
+    from deltatune.chunked_loss import plain_output_head
     from deltatune.train.padding_free import padding_free_supported
     from tests.conftest import tiny_decoder, tiny_gpt2
 
@@ -272,6 +273,7 @@ def test_a_shared_prompt_prefix_is_computed_once_with_each_examples_own_loss_and
     examples = _sharing_examples()
     objective = CausalLMObjective(load_train_config(None, []))
     objective.padding_free, objective.head_on_responses = True, head != "full"
+    objective.chunked_head = plain_output_head(model) if head == "chunked" else None
     batch = objective.collate(examples, pad_id=0)
     assert batch["input_ids"].shape == (1, 8 + 2 + 3 + 4 + 5)
     assert batch["position_ids"][0].tolist() == [*range(8), 5, 6, 4, 5, 6, *range(4), *range(2, 7)]

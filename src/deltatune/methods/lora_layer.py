@@ -399,6 +399,7 @@ class LoraConv(_BiasedUp, _AdditiveLora):
 
     def __init__(self, base_layer: nn.modules.conv._ConvNd) -> None:
         super().__init__(base_layer)
+        self.in_features, self.out_features = base_layer.in_channels, base_layer.out_channels  # peft's names
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
 
@@ -457,6 +458,7 @@ class LoraEmbedding(_AdditiveLora):
 
     def __init__(self, base_layer: nn.Embedding) -> None:
         super().__init__(base_layer)
+        self.in_features, self.out_features = base_layer.num_embeddings, base_layer.embedding_dim  # peft's names
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
 

@@ -35,6 +35,10 @@ class TrainableTokensLayer(AdapterLayer):
                 f"{type(base_layer).__name__}; name the embedding module."
             )
         super().__init__(base_layer)
+        if isinstance(base_layer, nn.Embedding):  # peft's names for the layer's sizes
+            self.in_features, self.out_features = base_layer.num_embeddings, base_layer.embedding_dim
+        else:
+            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self.token_adapter = nn.Module()
         self.token_adapter.trainable_tokens_delta = nn.ParameterDict()
         self.token_indices: dict[str, list[int]] = {}
