@@ -232,6 +232,14 @@ class PeftModel(CheckpointMixin, PretrainedFacade):
             raise AdapterError("set_adapter needs at least one adapter name.")
         for name in names:
             self._check_name(name, exists=True)
+        for path, wrapper in self._wrappers():
+            owners = [n for n in names if isinstance(wrapper, TrainableCopy) and n in wrapper.modules_to_save]
+            if len(owners) > 1:  # a copy trained whole replaces the module: two cannot add up, one would be ignored
+                raise AdapterError(
+                    f"Only one adapter can be set at a time for ModulesToSaveWrapper: {path} is trained whole "
+                    f"(modules_to_save) by {owners}, and such copies do not add up. Activate one of them, or give "
+                    "the adapters different modules_to_save."
+                )
         if any(layer.merged for layer in self._layers()):
             self.unmerge_adapter()
         if inference_mode is not None:

@@ -315,3 +315,15 @@ def test_every_layer_exposes_in_and_out_features_as_peft_s_do():
             if n.endswith(("emb", "conv", "conv1d", "lin0")) and hasattr(m, "base_layer")
         }
     assert sizes["deltatune"] == sizes["peft"] and len(sizes["peft"]) == 4
+
+
+def test_two_active_adapters_training_one_module_whole_are_refused_as_in_peft():
+    config = dict(target_modules=["lin0"], modules_to_save=["lin1"])
+    for lib in LIBS.values():
+        model = lib.get_peft_model(_TwoLinears(), lib.LoraConfig(**config))
+        model.add_adapter("other", lib.LoraConfig(**config))  # adding is fine
+        with pytest.raises(ValueError, match="Only one adapter can be set at a time for ModulesToSaveWrapper"):
+            model.base_model.set_adapter(["default", "other"])
+    assert model.active_adapters == ["default"]  # deltatune's (the last) refused before changing anything
+    model.set_adapter("other")
+    assert model.get_base_model().lin1.active_adapters == ["other"]
