@@ -232,8 +232,9 @@ class PeftModel(CheckpointMixin, PretrainedFacade):
             raise AdapterError("set_adapter needs at least one adapter name.")
         for name in names:
             self._check_name(name, exists=True)
-        for path, wrapper in self._wrappers():
-            owners = [n for n in names if isinstance(wrapper, TrainableCopy) and n in wrapper.modules_to_save]
+        copies = ((path, w) for path, w in self._wrappers() if isinstance(w, TrainableCopy))
+        for path, wrapper in copies:
+            owners = [n for n in names if n in wrapper.modules_to_save]
             if len(owners) > 1:  # a copy trained whole replaces the module: two cannot add up, one would be ignored
                 raise AdapterError(
                     f"Only one adapter can be set at a time for ModulesToSaveWrapper: {path} is trained whole "

@@ -232,8 +232,7 @@ class _LoraLayer(AdapterLayer):
             )
         self._create_weights(name, r, True if rewriting else init_lora_weights)
         if lora_bias:
-            out_features = self.lora_B[name].weight.shape[0]
-            self.lora_B[name].bias = nn.Parameter(torch.zeros(out_features, device=self._device()))
+            self.lora_B[name].bias = nn.Parameter(torch.zeros(self.out_features, device=self._device()))
         if rewriting:
             self.init_from_base[name] = rewriting
         self._init_variant(name, variant)

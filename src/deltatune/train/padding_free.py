@@ -23,6 +23,7 @@ prefix) equal the per-example ones (`padding_free_supported`).
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Iterator
 
 import torch
@@ -182,8 +183,8 @@ def collate_flat(examples: list[Example], ignore: int, share_prefixes: bool = Tr
         "position_ids": torch.tensor([positions]),
         "next_targets": torch.tensor([targets]),
         "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+        "segment_lengths": torch.tensor(lengths),
     }
-    batch["segment_lengths"] = torch.tensor(lengths)
     if shared:
         batch["prefix_lengths"] = torch.tensor([len(c) for c in chains])
         batch["prefix_rows"] = torch.tensor([row for c in chains for row in c], dtype=torch.long)
@@ -233,7 +234,7 @@ class SharedPrefill:
             model(**inputs, **{_cache_keyword(): cache}, use_cache=True, logits_to_keep=1)
         self.layers = [(layer.keys, layer.values) for layer in cache.layers]
         own = batch["segment_lengths"].tolist()
-        starts = [sum(own[:i]) for i in range(len(own))]
+        starts = [0, *itertools.accumulate(own)][:-1]
         shared = batch.get("prefix_lengths", torch.zeros(len(own), dtype=torch.long)).tolist()
         chains = (
             batch["prefix_rows"].split(shared)
