@@ -80,6 +80,26 @@ def tiny_bert() -> nn.Module:
     return BertForSequenceClassification(cfg).eval()
 
 
+def tiny_seq2seq(family: str = "t5", decoder_layers: int | None = None) -> nn.Module:
+    """A 3-layer encoder-decoder ("t5": relative positions, T5's d_kv; "bart": learned positions, scaled embeddings),
+    initialised wide enough that greedy decoding varies from token to token."""
+    import transformers
+
+    torch.manual_seed(0)
+    if family == "t5":
+        cfg = transformers.T5Config(
+            vocab_size=61, d_model=16, d_kv=8, d_ff=32, num_layers=3, num_decoder_layers=decoder_layers,
+            num_heads=2, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, initializer_factor=3.0,
+        )  # fmt: skip
+        return transformers.T5ForConditionalGeneration(cfg).eval()
+    cfg = transformers.BartConfig(
+        vocab_size=61, d_model=16, encoder_layers=3, decoder_layers=decoder_layers or 3, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=64,
+        scale_embedding=True, init_std=0.5, eos_token_id=1, forced_eos_token_id=None,
+    )  # fmt: skip
+    return transformers.BartForConditionalGeneration(cfg).eval()
+
+
 class TinyMLP(nn.Module):
     """A custom (non-transformers) model with every layer type LoRA supports."""
 

@@ -126,14 +126,6 @@ def test_beam_search_and_several_returned_sequences():
     assert out.shape == (4, 8) and torch.equal(out[::2, :5], ids)
 
 
-def test_encoder_decoder_models_are_refused():
-    from transformers import T5Config, T5ForConditionalGeneration
-
-    model = T5ForConditionalGeneration(T5Config(vocab_size=50, d_model=16, d_ff=32, num_layers=1, num_heads=2))
-    with pytest.raises(ConfigError, match="encoder-decoder"):
-        dt.get_peft_model(model, dt.PrefixTuningConfig(num_virtual_tokens=2))
-
-
 @pytest.mark.parametrize("family", ["mistral", "qwen2"])
 def test_real_token_prefix_on_other_decoder_families(family):
     base = tiny_decoder(family)

@@ -10,6 +10,13 @@ as peft saves it; a loaded adapter is the table.
 
 Positions: the input's tokens come after the n prefix positions (the cache's length), as in peft. In `generate()`, n
 placeholder ids stand for the cached prefix (the model skips cached positions) and are dropped from the output.
+
+Encoder-decoder models (T5, BART) get the prefixes where peft puts them: in the decoder's self-attention, through an
+`EncoderDecoderCache` whose cross-attention part starts empty (computed from the encoder's output as usual). peft
+reads its table for decoder layer i from the table's layer block (2i mod L) (it lays two copies of the table side by
+side and cuts them four blocks per layer, self then cross attention, then drops the cross-attention blocks); deltatune
+reads the same blocks, so a file trained by either library gives the same outputs in the other. The encoder gets no
+prefix (peft's layout has none for it). In `generate()`, n placeholder decoder ids stand for the prefix.
 """
 
 from __future__ import annotations
@@ -19,13 +26,14 @@ from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
-from transformers import DynamicCache
+from transformers import DynamicCache, EncoderDecoderCache
 
 from deltatune.errors import AdapterError, ConfigError
 from deltatune.input_adapter import (
     InputAdapter,
     cache_argument,
     call_rows,
+    count_in_lengths,
     extend_mask,
     input_call,
     input_embedding_target,
@@ -36,6 +44,7 @@ from deltatune.methods.prompt_learning import (
     PromptLearningConfig,
     TrainedTable,
     fill_from_model,
+    is_encoder_decoder,
     loaded_table,
     model_sizes,
     saved_table,
@@ -121,6 +130,9 @@ class KeyValuePrefixes(InputAdapter):
             if call.get("inputs_embeds") is not None:
                 raise AdapterError("generate() with key/value prefixes needs input_ids (not inputs_embeds).")
             batch *= _expansion(call, model)
+        if is_encoder_decoder(model):
+            call[cache_argument(model)] = decoder_prefix_cache(table, batch, self.prefix_shape[name], model)
+            return _prepend_decoder_prefix(call, n, generating, model)
         call[cache_argument(model)] = prefix_cache(table, batch, self.prefix_shape[name], model)
         if call.get("position_ids") is not None:
             call["position_ids"] = call["position_ids"] + n  # the input comes after the prefix (peft's positions)
@@ -140,13 +152,59 @@ def _expansion(call: dict[str, Any], model: nn.Module) -> int:
     return max(beams, returned)
 
 
+def _prepend_decoder_prefix(call: dict[str, Any], n: int, generating: bool, model: nn.Module) -> int:
+    """The decoder's side of n cached prefix positions: its attention mask (if given) attends to them; in
+    `generate()`, n placeholder decoder ids stand for them (returned: the output's columns to drop)."""
+    mask = call.get("decoder_attention_mask")
+    if mask is not None:
+        call["decoder_attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], n), mask], dim=1)
+    if not generating:
+        return 0
+    start = call.get("decoder_input_ids")
+    if start is None:
+        config = call.get("generation_config") or getattr(model, "generation_config", None)
+        token = getattr(config, "decoder_start_token_id", None)
+        token = token if token is not None else getattr(model.config, "decoder_start_token_id", None)
+        if token is None:
+            raise AdapterError(
+                f"{type(model).__name__} has no decoder_start_token_id: pass decoder_input_ids to generate()."
+            )
+        batch, device = call_rows(call)
+        start = torch.full((batch, 1), int(token), dtype=torch.long, device=device)
+    # the placeholders are the start token: generate() puts one in front of decoder ids that do not begin with it
+    call["decoder_input_ids"] = torch.cat([start[:, :1].expand(-1, n), start], dim=1)
+    if mask is None:  # a mask as long as the ids tells generate() that the cache holds their first n positions
+        call["decoder_attention_mask"] = torch.ones_like(call["decoder_input_ids"])
+    count_in_lengths(call, n, model)
+    return n
+
+
+def _table_by_layer(table: Tensor, shape: tuple[int, int, int], dtype: torch.dtype) -> Tensor:
+    """(2·layers, heads, n, head_dim): the table's key and value blocks, layer by layer."""
+    layers, heads, head_dim = shape
+    return table.to(dtype).view(table.shape[0], 2 * layers, heads, head_dim).permute(1, 2, 0, 3)
+
+
+def decoder_prefix_cache(
+    table: Tensor, batch: int, shape: tuple[int, int, int], model: nn.Module
+) -> EncoderDecoderCache:
+    """An EncoderDecoderCache with the prefixes in the decoder's self-attention, peft's layout: decoder layer i reads
+    the table's layer block (2i mod layers); the cross-attention cache starts empty."""
+    layers = shape[0]
+    per_layer = _table_by_layer(table, shape, getattr(model, "dtype", table.dtype))
+    decoder = DynamicCache(config=model.config)
+    for layer in range(layers):
+        block = (2 * layer) % layers
+        key, value = (per_layer[2 * block + i].unsqueeze(0).expand(batch, -1, -1, -1) for i in (0, 1))
+        decoder.update(key, value, layer)
+    return EncoderDecoderCache(decoder, DynamicCache(config=model.config))
+
+
 def prefix_cache(table: Tensor, batch: int, shape: tuple[int, int, int], model: nn.Module) -> DynamicCache:
     """A DynamicCache holding the prefixes: layer i's keys and values are the table's columns [2i·w, (2i+1)·w) and
     [(2i+1)·w, (2i+2)·w), as (batch, heads, n, head_dim), in the model's dtype."""
-    layers, heads, head_dim = shape
-    n = table.shape[0]
-    dtype = getattr(model, "dtype", table.dtype)
-    per_layer = table.to(dtype).view(n, 2 * layers, heads, head_dim).permute(1, 2, 0, 3)
+    layers = shape[0]
+    per_layer = _table_by_layer(table, shape, getattr(model, "dtype", table.dtype))
     cache = DynamicCache(config=model.config)
     for layer in range(layers):
         key, value = (per_layer[2 * layer + i].unsqueeze(0).expand(batch, -1, -1, -1) for i in (0, 1))
@@ -159,11 +217,15 @@ def prefix_kwargs(config: PrefixTuningConfig, module_path: str) -> dict[str, Any
 
 
 def _fill(config: PrefixTuningConfig, model: nn.Module) -> PrefixTuningConfig:
-    config = fill_from_model(config, model)
-    if config.num_layers != model_sizes(model).layers:
+    config, sizes = fill_from_model(config, model), model_sizes(model)
+    if config.num_layers != sizes.layers:
         raise ConfigError(
-            f"num_layers={config.num_layers} but the model has {model_sizes(model).layers} layers: every layer "
-            "needs its prefix."
+            f"num_layers={config.num_layers} but the model has {sizes.layers} layers: every layer needs its prefix."
+        )
+    if sizes.decoder_layers != sizes.layers:  # peft's layout gives decoder layer i the table's block (2i mod layers)
+        raise ConfigError(
+            f"{type(model).__name__} has {sizes.layers} encoder and {sizes.decoder_layers} decoder layers; prefix "
+            "tuning (peft's table layout) needs as many of each. Use prompt tuning or LoRA on this model."
         )
     return config
 

@@ -31,7 +31,7 @@ class PromptLearningConfig(AdapterConfig):
     """n: how many virtual tokens the adapter adds."""
     token_dim: int | None = None
     num_transformer_submodules: int | None = None
-    """1 for decoder-only and encoder models (2, encoder-decoder, is not supported)."""
+    """1 for decoder-only and encoder models, 2 for encoder-decoder models (peft's field; read from the model)."""
     num_attention_heads: int | None = None
     num_layers: int | None = None
     kv_width_for_gqa: ClassVar[bool] = False
@@ -48,10 +48,10 @@ class PromptLearningConfig(AdapterConfig):
         tokens = self.num_virtual_tokens  # None until the adapter is added (`fill_from_model` refuses it), as in peft
         if tokens is not None and (not isinstance(tokens, int) or isinstance(tokens, bool) or tokens <= 0):
             raise ConfigError(f"num_virtual_tokens must be a positive integer, got {tokens!r}.")
-        if self.num_transformer_submodules not in (None, 1):
+        if self.num_transformer_submodules not in (None, 1, 2):
             raise ConfigError(
-                f"num_transformer_submodules={self.num_transformer_submodules}: deltatune's virtual tokens work on "
-                "decoder-only and encoder models (1); encoder-decoder models (2) are not supported."
+                f"num_transformer_submodules must be 1 (decoder-only and encoder models), 2 (encoder-decoder models) "
+                f"or None (read from the model), got {self.num_transformer_submodules!r}."
             )
         for name in ("token_dim", "num_attention_heads", "num_layers"):
             value = getattr(self, name)
@@ -76,6 +76,8 @@ class ModelSizes:
     kv_heads: int
     head_dim: int
     encoder_decoder: bool
+    decoder_layers: int
+    """The decoder's layers (equal to `layers` but in encoder-decoder models, where they may differ)."""
 
 
 def model_sizes(model: nn.Module) -> ModelSizes:
@@ -100,20 +102,24 @@ def model_sizes(model: nn.Module) -> ModelSizes:
         layers=layers,
         heads=heads,
         kv_heads=first("num_key_value_heads") or heads,
-        head_dim=first("head_dim") or hidden // heads,
+        head_dim=first("head_dim", "d_kv") or hidden // heads,  # T5's d_kv: mT5's heads x d_kv is not d_model
         encoder_decoder=bool(getattr(config, "is_encoder_decoder", False)),
+        decoder_layers=first("num_decoder_layers", "decoder_layers") or layers,
     )
 
 
 def fill_from_model(config: PromptLearningConfig, model: nn.Module) -> PromptLearningConfig:
-    """peft's filling of the unset sizes (`MethodSpec.fill_from_model`); encoder-decoder models are refused."""
+    """peft's filling of the unset sizes (`MethodSpec.fill_from_model`), with `num_transformer_submodules` 2 on an
+    encoder-decoder model and 1 otherwise (a value that contradicts the model is refused)."""
     if config.num_virtual_tokens is None:
         raise ConfigError("num_virtual_tokens is not set: give the number of virtual tokens (e.g. 20).")
     sizes = model_sizes(model)
-    if sizes.encoder_decoder:
+    submodules = 2 if sizes.encoder_decoder else 1
+    if config.num_transformer_submodules not in (None, submodules):
+        kind = "an encoder-decoder" if sizes.encoder_decoder else "a decoder-only or encoder"
         raise ConfigError(
-            f"{type(model).__name__} is an encoder-decoder model; deltatune's virtual-token methods support "
-            "decoder-only and encoder models. Use LoRA or IA3 for encoder-decoder models."
+            f"num_transformer_submodules={config.num_transformer_submodules}, but {type(model).__name__} is {kind} "
+            f"model ({submodules}): leave it unset (read from the model) or set {submodules}."
         )
     context = context_length(model)
     if context is not None and config.num_virtual_tokens >= context:
@@ -127,8 +133,14 @@ def fill_from_model(config: PromptLearningConfig, model: nn.Module) -> PromptLea
         token_dim=config.token_dim or (sizes.head_dim * sizes.kv_heads if grouped else sizes.hidden),
         num_attention_heads=config.num_attention_heads or (sizes.kv_heads if grouped else sizes.heads),
         num_layers=config.num_layers or sizes.layers,
-        num_transformer_submodules=1,
+        num_transformer_submodules=submodules,
     )
+
+
+def is_encoder_decoder(model: nn.Module) -> bool:
+    """Whether `model` (a transformers model) has an encoder and a decoder (T5, BART): virtual tokens then go in
+    front of the encoder's input, prefixes into the decoder's cache."""
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
 
 
 class TrainedTable(nn.Module):

@@ -9,6 +9,11 @@ peft saves it), so a loaded P-tuning adapter is that table and trains, if asked 
 Both sit on the model's input embedding (`deltatune.input_adapter`): forward and `generate()` see ordinary tokens,
 with the attention mask, labels (ignored at virtual positions), token types and positions extended by n. Outputs
 then have n more positions in front (logits too), as in peft.
+
+On an encoder-decoder model (T5, BART: peft's `num_transformer_submodules=2`) the table has 2n rows, as peft's, and
+the first n go in front of the encoder's input (its embeddings, with its attention mask); the decoder, its labels and
+its outputs are unchanged. peft keeps the other n rows unused (a P-tuning LSTM still reads all 2n): so does deltatune,
+so that files move both ways.
 """
 
 from __future__ import annotations
@@ -21,13 +26,20 @@ import torch
 from torch import Tensor, nn
 
 from deltatune.errors import ConfigError
-from deltatune.input_adapter import InputAdapter, input_call, input_embedding_target, prepend_virtual_tokens
+from deltatune.input_adapter import (
+    InputAdapter,
+    input_call,
+    input_embedding_target,
+    prepend_encoder_tokens,
+    prepend_virtual_tokens,
+)
 from deltatune.layers import module_device
 from deltatune.methods.prompt_learning import (
     SAVED_KEY,
     PromptLearningConfig,
     TrainedTable,
     fill_from_model,
+    is_encoder_decoder,
     loaded_table,
     saved_table,
 )
@@ -126,13 +138,17 @@ class VirtualTokens(InputAdapter):
     """The input embedding; per adapter, the module giving its (n, d) virtual token embeddings."""
 
     adapter_param_names = ("prompt_embeddings",)
+    adapter_other_names = ("virtual_tokens",)
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.prompt_embeddings = nn.ModuleDict()
+        self.virtual_tokens: dict[str, int] = {}
+        """Per adapter: n, the virtual tokens one input gets (the table has 2n rows on encoder-decoder models)."""
 
-    def add_adapter(self, name: str, *, source: Any) -> None:
+    def add_adapter(self, name: str, *, source: Any, num_virtual_tokens: int) -> None:
         self.prompt_embeddings[name] = source(self.base_layer, module_device(self.base_layer))
+        self.virtual_tokens[name] = num_virtual_tokens
 
     def adapter_state(self, name: str) -> dict[str, Tensor]:
         return saved_table(self.prompt_embeddings[name]) if name in self.prompt_embeddings else {}
@@ -141,7 +157,10 @@ class VirtualTokens(InputAdapter):
         self.prompt_embeddings[name] = loaded_table(tensors, self.prompt_embeddings[name])
 
     def prepare(self, name: str, call: dict[str, Any], generating: bool, model: nn.Module) -> int:
-        rows = self.prompt_embeddings[name]()
+        rows = self.prompt_embeddings[name]()[: self.virtual_tokens[name]]
+        if is_encoder_decoder(model):
+            prepend_encoder_tokens(call, rows, self.base_layer)
+            return 0
         placeholders = prepend_virtual_tokens(call, rows, generating, model)
         if placeholders:
             self.pending_rows = rows
@@ -155,8 +174,13 @@ def _check_width(embedding: nn.Module, config: PromptLearningConfig) -> int:
     return width
 
 
+def table_rows(config: PromptLearningConfig) -> int:
+    """Rows of the virtual-token table: n per transformer submodule (2n on encoder-decoder models), as peft's."""
+    return config.num_virtual_tokens * (config.num_transformer_submodules or 1)
+
+
 def _initial_rows(config: PromptTuningConfig, embedding: nn.Module, device) -> Tensor:
-    n, d = config.num_virtual_tokens, _check_width(embedding, config)
+    n, d = table_rows(config), _check_width(embedding, config)
     if config.inference_mode or config.prompt_tuning_init == "RANDOM":  # a loaded adapter's rows come from its file
         return torch.randn(n, d, device=device)
     if config.prompt_tuning_init == "SAMPLE_VOCAB":
@@ -173,14 +197,17 @@ def _initial_rows(config: PromptTuningConfig, embedding: nn.Module, device) -> T
 
 
 def prompt_tuning_kwargs(config: PromptTuningConfig, module_path: str) -> dict[str, Any]:
-    return {"source": lambda embedding, device: TrainedTable(_initial_rows(config, embedding, device))}
+    return {
+        "source": lambda embedding, device: TrainedTable(_initial_rows(config, embedding, device)),
+        "num_virtual_tokens": config.num_virtual_tokens,
+    }
 
 
 def p_tuning_kwargs(config: PromptEncoderConfig, module_path: str) -> dict[str, Any]:
     def source(embedding: nn.Module, device) -> nn.Module:
         d = _check_width(embedding, config)
         return PromptEncoder(
-            config.num_virtual_tokens,
+            table_rows(config),
             d,
             config.encoder_reparameterization_type,
             config.encoder_hidden_size or d,
@@ -189,7 +216,7 @@ def p_tuning_kwargs(config: PromptEncoderConfig, module_path: str) -> dict[str, 
             device,
         )
 
-    return {"source": source}
+    return {"source": source, "num_virtual_tokens": config.num_virtual_tokens}
 
 
 for _peft_type, _config_cls, _kwargs in [
