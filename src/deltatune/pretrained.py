@@ -79,6 +79,25 @@ def load_sequence_classifier(
     return classifier.eval(), tokenizer
 
 
+def load_seq2seq_lm(model: str | Path, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object]:
+    """(encoder-decoder model, tokenizer) from a HF model directory (T5, BART, ...; safetensors weights only)."""
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    path = Path(model)
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"{path} is not a model directory (no config.json); pass a T5- or BART-style HF model dir.")
+    if not getattr(AutoConfig.from_pretrained(str(path)), "is_encoder_decoder", False):
+        raise ConfigError(
+            f"{path} holds a decoder-only or encoder model, not an encoder-decoder one; task=seq2seq needs T5, BART "
+            "or a model like them (use task=causal_lm for a decoder-only model)."
+        )
+    lm = AutoModelForSeq2SeqLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return lm.eval(), tokenizer
+
+
 def _load_gguf(gguf: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

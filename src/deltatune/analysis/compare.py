@@ -241,7 +241,7 @@ def _train_once(task: Task, candidate: Candidate, lr: float, seed: int, run_dir:
     from deltatune.train import train
     from deltatune.train.data import read_records
     from deltatune.train.host import release_freed_memory
-    from deltatune.train.objectives import objective_for
+    from deltatune.train.seq2seq import objective_for
 
     release_freed_memory()  # one run's peak RSS is not the previous run's leftovers
     cfg = _run_config(task, candidate, lr, seed, run_dir, extra)

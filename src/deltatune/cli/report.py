@@ -33,7 +33,7 @@ def print_train_report(result: TrainResult, console: Console, samples: int = 5) 
         for col in ("set", "examples", "before", "after"):
             scores.add_column(col, justify="left" if col == "set" else "right")
         for name, (before, after) in result.scores.items():
-            count = len(result.set_samples.get(name, []))
+            count = len(result.set_samples.get(name, result.samples))  # scores of one set share its samples
             scores.add_row(name, str(count), f"{100 * before:.1f}%", f"[bold]{100 * after:.1f}%[/]")
         console.print(scores)
     for name, rows in result.set_samples.items():

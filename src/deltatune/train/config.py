@@ -27,6 +27,12 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
         "steps": 150,
     },
 }
+TASK_DEFAULTS["seq2seq"] = {
+    "model": None,  # no encoder-decoder model is bundled: the run names one
+    "train": BUNDLED,
+    "method": {**DEFAULT_CLASSIFICATION_METHOD, "task_type": "SEQ_2_SEQ_LM"},  # LoRA on the family's targets
+    "steps": 80,
+}
 """What `model`, `data.train`, `method` and `optim.steps` mean when unset, per task: the bundled model, data and
 method, and a run length that learns that data."""
 
@@ -73,12 +79,12 @@ class DataConfig(_Strict):
     general_eval: str | None = "bundled:general"
     """Questions outside the task, scored before/after by generation (a record may say `"match": "contains"`:
     right when the answer contains one of the response's "|"-separated words), to show what the adapter costs
-    elsewhere; null to skip. Only with generate_eval > 0."""
+    elsewhere; null to skip. Only with generate_eval > 0, in causal_lm runs."""
 
 
 class OptimConfig(_Strict):
     steps: int | None = Field(None, gt=0)
-    """Optimizer steps; unset: the task's (80 for causal_lm, 150 for classification)."""
+    """Optimizer steps; unset: the task's (80 for causal_lm and seq2seq, 150 for classification)."""
     batch_size: int = Field(8, gt=0)
     """Examples per optimizer step per process (before gradient accumulation)."""
     grad_accum: int = Field(1, gt=0)
@@ -102,9 +108,11 @@ class OptimConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    task: Literal["causal_lm", "classification"] = "causal_lm"
+    task: Literal["causal_lm", "classification", "seq2seq"] = "causal_lm"
     """causal_lm: learn the responses of prompt/response or chat records; classification: one label per text
-    through a new classification head (method task_type SEQ_CLS), scored by accuracy before/after."""
+    through a new classification head (method task_type SEQ_CLS), scored by accuracy before/after; seq2seq: an
+    encoder-decoder model (`model` must name one) learns each record's response from its prompt (method task_type
+    SEQ_2_SEQ_LM), the first generate_eval held-out examples scored by exact match and ROUGE-L."""
     model: str | None = None
     """A HF model directory, a .gguf file, "smollm2" (the bundled SmolLM2-135M-Instruct) or "minilm" (the bundled
     all-MiniLM-L6-v2 encoder); unset: smollm2 for causal_lm, minilm for classification."""
@@ -144,6 +152,8 @@ class TrainConfig(_Strict):
     @model_validator(mode="after")
     def _task_defaults(self) -> TrainConfig:
         defaults = TASK_DEFAULTS[self.task]
+        if self.task == "seq2seq" and not self.model:
+            raise ValueError("task=seq2seq needs model: an encoder-decoder model directory (none is bundled)")
         self.model = self.model or defaults["model"]
         self.data.train = self.data.train or defaults["train"]
         self.optim.steps = self.optim.steps or defaults["steps"]
@@ -157,6 +167,15 @@ class TrainConfig(_Strict):
             refused = [name for name, value in given.items() if value]
             if refused:
                 raise ValueError(f"{refused[0]} is for causal_lm runs; a classification run scores by accuracy")
+        if self.task == "seq2seq":
+            task_type = str(self.method.setdefault("task_type", "SEQ_2_SEQ_LM")).upper()
+            if task_type != "SEQ_2_SEQ_LM":
+                raise ValueError(f"method.task_type is {task_type} but task=seq2seq trains SEQ_2_SEQ_LM adapters")
+            given = {"quantize": self.quantize, "data.packing": self.data.packing,
+                     "data.extra_eval": self.data.extra_eval}  # fmt: skip
+            refused = [name for name, value in given.items() if value]
+            if refused:
+                raise ValueError(f"{refused[0]} is for causal_lm runs; a seq2seq run reads prompt and response apart")
         adapter_config(self.method)  # raises a ConfigError naming the bad field
         return self
 

@@ -1,4 +1,5 @@
-"""What a run learns: next-token prediction on responses (`causal_lm`) or one label per text (`classification`).
+"""What a run learns: next-token prediction on responses (`causal_lm`), one label per text (`classification`), or
+an encoder-decoder's response to each prompt (`seq2seq`, in `train.seq2seq`).
 
 An objective owns the task's side of the loop: checking and encoding records, loading the model, collating, the
 summed loss and the number of terms it sums (the trainer divides by the global count, so gradient accumulation and
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +25,8 @@ from deltatune.train.data import IGNORE, Example, build_examples, check_records,
 from deltatune.train.padding_free import collate_flat, model_inputs, padding_free_supported, segment_attention
 
 
-def _autocast(batch: dict[str, Tensor], precision: str):
+def autocast_for(batch: dict[str, Tensor], precision: str):
+    """The autocast context of `optim.precision` on the batch's device (none for fp32)."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     device_type = batch["input_ids"].device.type
     return torch.autocast(device_type, dtype=dtype) if dtype else contextlib.nullcontext()
@@ -98,13 +101,13 @@ class CausalLMObjective:
             predicts = targets != IGNORE
             if self.chunked_head is not None:
                 return self._chunked_loss_sum(model, inputs, predicts, targets[predicts], batch, precision)
-            with _autocast(batch, precision):
+            with autocast_for(batch, precision):
                 logits = model(**inputs, logits_to_keep=predicts).logits
             if logits.shape[:-1] != (int(predicts.sum()),):
                 shape = tuple(logits.shape)
                 raise RuntimeError(f"the model ignored a boolean logits_to_keep (logits of shape {shape})")
             return nn.functional.cross_entropy(logits.float(), targets[predicts], reduction="sum")
-        with _autocast(batch, precision):
+        with autocast_for(batch, precision):
             logits = model(**inputs).logits
         logits = logits[:, -targets.shape[1] :]  # a model may put virtual positions first (peft's outputs)
         return nn.functional.cross_entropy(
@@ -113,7 +116,7 @@ class CausalLMObjective:
 
     def _chunked_loss_sum(self, model, inputs, predicts: Tensor, targets: Tensor, batch, precision: str) -> Tensor:
         head = self.chunked_head
-        with _autocast(batch, precision):
+        with autocast_for(batch, precision):
             with head_returns_inputs(head):
                 hidden = model(**inputs, logits_to_keep=predicts).logits
             return linear_cross_entropy(hidden, head.weight, targets, head.bias)
@@ -202,7 +205,7 @@ class ClassificationObjective:
         return batch
 
     def loss_sum(self, model: nn.Module, batch: dict[str, Tensor], precision: str) -> Tensor:
-        with _autocast(batch, precision):
+        with autocast_for(batch, precision):
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         return nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="sum")
 
@@ -212,6 +215,25 @@ class ClassificationObjective:
 
     def training_layout(self, model: nn.Module) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
+
+    def score_predictions(
+        self, records: list[dict[str, Any]], before: list[str], after: list[str]
+    ) -> tuple[dict[str, tuple[float, float]], list[dict[str, Any]], str]:
+        """(held-out accuracy before and after; each example's predictions; how they were scored)."""
+        data = self.cfg.data
+        references = [str(r[data.label_field]) for r in records]
+        accuracy = [
+            sum(p == r for p, r in zip(preds, references, strict=True)) / len(references) for preds in (before, after)
+        ]
+        samples = [
+            {"prompt": str(record[data.text_field]), "reference": ref, "before": b, "after": a, "right": a == ref}
+            for record, ref, b, a in zip(records, references, before, after, strict=True)
+        ]
+        return {"held-out accuracy": (accuracy[0], accuracy[1])}, samples, "predicted label"
+
+    def adapter_files(self) -> dict[str, str]:
+        """Files saved beside the adapter: which output of the head is which label."""
+        return {"labels.json": json.dumps(self.labels)}
 
     @torch.no_grad()
     def predict(self, model: nn.Module, examples: list[Example], pad_id: int, batch_size: int, device) -> list[str]:
@@ -223,10 +245,6 @@ class ClassificationObjective:
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             out += [self.labels[i] for i in logits.argmax(-1).tolist()]
         return out
-
-
-def objective_for(cfg: TrainConfig) -> CausalLMObjective | ClassificationObjective:
-    return ClassificationObjective(cfg) if cfg.task == "classification" else CausalLMObjective(cfg)
 
 
 @torch.no_grad()

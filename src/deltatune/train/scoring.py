@@ -53,27 +53,21 @@ def report_scores(run: _Run, result: TrainResult) -> None:
     for gen_set in run.generation_sets:
         result.scores[gen_set.name] = (gen_set.score(gen_set.before, data), gen_set.score(gen_set.after, data))
         result.set_samples[gen_set.name] = gen_set.samples(data)
-    if run.predictions:
-        _report_accuracy(run, result)
+    if run.predictions.get("before"):  # none when a seq2seq run scores no generations (generate_eval=0)
+        _report_predictions(run, result)
     if run.eval_records and run.generation_sets:
         main = run.generation_sets[0]
         result.metric_before, result.metric_after = result.scores[main.name]
         result.samples = result.set_samples[main.name]
 
 
-def _report_accuracy(run: _Run, result: TrainResult) -> None:
-    """classification: held-out accuracy before -> after, and each example's predictions."""
-    data = run.cfg.data
-    references = [str(r[data.label_field]) for r in run.eval_records]
-    before, after = run.predictions["before"], run.predictions["after"]
-    accuracy = [
-        sum(p == r for p, r in zip(preds, references, strict=True)) / len(references) for preds in (before, after)
-    ]
-    result.metric_before, result.metric_after = accuracy
-    result.scores["held-out accuracy"] = (accuracy[0], accuracy[1])
-    result.scored_by = "predicted label"
-    result.samples = [
-        {"prompt": str(record[data.text_field]), "reference": ref, "before": b, "after": a, "right": a == ref}
-        for record, ref, b, a in zip(run.eval_records, references, before, after, strict=True)
-    ]
-    result.set_samples["held-out accuracy"] = result.samples
+def _report_predictions(run: _Run, result: TrainResult) -> None:
+    """The objective's own scores of its held-out predictions (classification: accuracy; seq2seq: exact match and
+    ROUGE-L); the first is the run's main metric."""
+    scores, samples, scored_by = run.objective.score_predictions(
+        run.eval_records, run.predictions["before"], run.predictions["after"]
+    )
+    result.scores.update(scores)
+    result.metric_before, result.metric_after = next(iter(scores.values()))
+    result.scored_by, result.samples = scored_by, samples
+    result.set_samples[next(iter(scores))] = samples  # one table of samples, whatever the number of scores

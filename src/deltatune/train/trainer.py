@@ -36,11 +36,11 @@ from deltatune.train.objectives import (
     CausalLMObjective,
     ClassificationObjective,
     eval_loss,
-    objective_for,
 )
 from deltatune.train.optim import build_optimizer, build_scheduler
 from deltatune.train.progress import TrainProgress, plot_losses
 from deltatune.train.scoring import generation_sets, report_scores, score_all
+from deltatune.train.seq2seq import objective_for
 
 
 @dataclass
@@ -150,7 +150,8 @@ def _read_inputs(cfg: TrainConfig, objective: CausalLMObjective | Classification
         objective.check(eval_records, eval_source)
     if rank == 0:
         _check_output_dir(Path(cfg.output_dir))
-    scored = generation_sets(cfg, eval_records) if rank == 0 else []
+    # objectives that score their own predictions (classification, seq2seq) have no chat-generation sets
+    scored = generation_sets(cfg, eval_records) if rank == 0 and not objective.scores_predictions else []
     return _Inputs(train_records, eval_source, eval_records, scored)
 
 
@@ -487,8 +488,9 @@ def train(
     state = _full_adapter_state(run)
     if run.is_main:
         run.model.save_pretrained(result.adapter_dir, state_dict=state, selected_adapters=[run.model.active_adapter])
-        if run.objective.scores_predictions:  # which output of the head is which label
-            (result.adapter_dir / "labels.json").write_text(json.dumps(run.objective.labels))
+        if run.objective.scores_predictions:  # e.g. which output of a classification head is which label
+            for name, text in run.objective.adapter_files().items():
+                (result.adapter_dir / name).write_text(text)
         result.adapter_bytes = (result.adapter_dir / "adapter_model.safetensors").stat().st_size
         plot_losses(run.losses, run.run_dir / "loss.png")
     phases["save"] = time.perf_counter() - t_save
