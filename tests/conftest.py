@@ -100,6 +100,22 @@ def tiny_seq2seq(family: str = "t5", decoder_layers: int | None = None) -> nn.Mo
     return transformers.BartForConditionalGeneration(cfg).eval()
 
 
+def plus_minus_texts(n: int, seed: int, extra: str = "") -> list[tuple[str, str]]:
+    """(text, label) pairs: a shuffled string of '+' and '-' (and `extra`), labelled "up" when it holds more '+'
+    than '-', else "down" (never equal)."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        plus = rng.randint(0, 6)
+        minus = rng.choice([m for m in range(7) if m != plus])
+        chars = list("+" * plus + "-" * minus + extra)
+        rng.shuffle(chars)
+        rows.append(("".join(chars), "up" if plus > minus else "down"))
+    return rows
+
+
 class TinyMLP(nn.Module):
     """A custom (non-transformers) model with every layer type LoRA supports."""
 

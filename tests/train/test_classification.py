@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ import deltatune as dt
 from deltatune.train import load_train_config, train
 from deltatune.train.data import read_records
 from deltatune.train.objectives import ClassificationObjective
-from tests.conftest import tiny_tokenizer
+from tests.conftest import plus_minus_texts, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -33,14 +32,7 @@ def tiny_encoder_dir(tmp_path_factory):
 
 def _data(path, n: int, seed: int):
     """Label "up" when the text holds more '+' than '-' characters, else "down"."""
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        plus = rng.randint(0, 6)
-        minus = rng.choice([m for m in range(7) if m != plus])
-        chars = list("+" * plus + "-" * minus + "ab")
-        rng.shuffle(chars)
-        rows.append({"text": "".join(chars), "label": "up" if plus > minus else "down"})
+    rows = [{"text": text, "label": label} for text, label in plus_minus_texts(n, seed, extra="ab")]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 

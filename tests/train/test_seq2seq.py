@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ import deltatune as dt
 from deltatune.errors import ConfigError
 from deltatune.train import load_train_config, train
 from deltatune.train.seq2seq import Seq2SeqObjective, rouge_l
-from tests.conftest import tiny_tokenizer
+from tests.conftest import plus_minus_texts, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -35,14 +34,7 @@ def tiny_t5_dir(tmp_path_factory):
 
 def _data(path, n: int, seed: int):
     """input: a string of '+' and '-'; target "up" when it holds more '+', else "down"."""
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        plus = rng.randint(0, 5)
-        minus = rng.choice([m for m in range(6) if m != plus])
-        chars = list("+" * plus + "-" * minus)
-        rng.shuffle(chars)
-        rows.append({"input": "".join(chars), "target": "up" if plus > minus else "down"})
+    rows = [{"input": text, "target": label} for text, label in plus_minus_texts(n, seed)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
