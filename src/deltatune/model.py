@@ -224,14 +224,20 @@ class PeftModel(CheckpointMixin, PretrainedFacade):
     def _remove_from_modules(self, adapter_name: str) -> None:
         adapters.remove(self._base, self.shared, adapter_name)
 
-    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool | None = None) -> None:
+    def set_adapter(
+        self, adapter_name: str | list[str], inference_mode: bool | None = None, weights: list[float] | None = None
+    ) -> None:
         """Make one adapter, or several (their terms add up), active; merged weights are unmerged. They train unless
-        loaded for inference; `inference_mode=True` freezes them, `False` makes them trainable."""
+        loaded for inference; `inference_mode=True` freezes them, `False` makes them trainable. `weights` (one per
+        adapter; LoRA-family methods): each adapter's scale becomes weight x its configured scale, as diffusers'
+        `set_adapters(names, adapter_weights)` mixes styles; without `weights` the scales stay as they are."""
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         if not names:
             raise AdapterError("set_adapter needs at least one adapter name.")
         for name in names:
             self._check_name(name, exists=True)
+        if weights is not None and len(weights) != len(names):
+            raise AdapterError(f"set_adapter got {len(weights)} weights for {len(names)} adapters {names}.")
         copies = ((path, w) for path, w in self._wrappers() if isinstance(w, TrainableCopy))
         for path, wrapper in copies:
             owners = [n for n in names if n in wrapper.modules_to_save]
@@ -248,6 +254,10 @@ class PeftModel(CheckpointMixin, PretrainedFacade):
                 self.peft_config[name].inference_mode = inference_mode  # in the user's object, as peft does
         self._active = names
         self._apply_active()
+        if weights is not None:
+            for layer in self._layers():
+                for name, weight in zip(names, weights, strict=True):
+                    layer.set_scale(name, float(weight))
 
     def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
         """Make the given adapters' tensors trainable or frozen, whether active or not."""
