@@ -70,6 +70,13 @@ def input_embedding_target(model: nn.Module, config: Any) -> list[str]:
         raise ConfigError(
             f"{type(model).__name__} has no input embedding (get_input_embeddings): virtual tokens need one."
         )
+    weight = getattr(embedding, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ConfigError(
+            f"{type(model).__name__}'s input embedding is a {type(embedding).__name__}, not a table of token "
+            "embeddings: virtual tokens go in front of token ids, and this model reads none (an image model's "
+            "patches). Use LoRA (with modules_to_save for a new head) on such a model."
+        )
     return [name]
 
 

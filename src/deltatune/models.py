@@ -92,6 +92,18 @@ ARCHS: dict[str, ArchSpec] = {
         lora_targets=("q", "v"),
         norms=("layer_norm", "final_layer_norm"),
     ),
+    "vit": ArchSpec(  # transformers >= 5 names (peft's table still says query / value, the 4.x names)
+        embeddings="vit.embeddings",
+        layers="vit.layers",
+        attn_q="attention.q_proj",
+        attn_k="attention.k_proj",
+        attn_v="attention.v_proj",
+        attn_o="attention.o_proj",
+        mlp_up="mlp.fc1",
+        mlp_down="mlp.fc2",
+        lora_targets=("q_proj", "v_proj"),
+        norms=("layernorm_before", "layernorm_after", "layernorm"),
+    ),
 }
 
 GENERIC = ArchSpec(

@@ -147,6 +147,11 @@ def _projections(model_type: str | None) -> tuple[str, tuple[str, str, str, str]
 
 def adapted_attention_targets(model: nn.Module, config: AdaptionPromptConfig) -> list[str]:
     """The attention modules of the top `adapter_layers` layers (peft: the last matches of `target_modules`)."""
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        raise ConfigError(
+            f"{type(model).__name__} is an encoder-decoder model; adaption prompts sit in a decoder-only model's "
+            "self-attention (LLaMA-style). Use prompt tuning or prefix tuning on encoder-decoder models."
+        )
     suffix, _ = _projections(model_type_of(model))
     suffix = config.target_modules if isinstance(config.target_modules, str) else suffix
     layer_list, layers = find_layer_list(model)

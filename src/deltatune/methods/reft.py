@@ -223,7 +223,12 @@ def reft_call_positions(model: nn.Module, args: tuple, kwargs: dict[str, Any], g
         yield
         return
     ids = kwargs.get("input_ids", args[0] if args else None)
-    tokens = ids if ids is not None else kwargs["inputs_embeds"]
+    tokens = ids if ids is not None else kwargs.get("inputs_embeds")
+    if tokens is None:
+        raise AdapterError(
+            f"ReFT edits token positions, and this call has neither input_ids nor inputs_embeds (it passes "
+            f"{sorted(kwargs)}): a model without token inputs (an image model's pixel_values) has none to pick."
+        )
     mask = kwargs.get("attention_mask")
     if mask is None:
         mask = torch.ones(tokens.shape[:2], dtype=torch.long, device=tokens.device)
@@ -243,6 +248,11 @@ def reft_call_positions(model: nn.Module, args: tuple, kwargs: dict[str, Any], g
 def reft_check_positions(config: ReftConfig, model: nn.Module) -> ReftConfig:
     """Refuse `positions` that ask for more first (or last) tokens than the model ever reads: such a count can never
     mean what it says (shorter prompts simply have fewer positions to edit, as in pyreft)."""
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        raise ConfigError(
+            f"{type(model).__name__} is an encoder-decoder model; ReFT edits the token positions of one stack "
+            "(decoder-only or encoder models). Use LoRA, IA3 or prompt tuning on encoder-decoder models."
+        )
     context = context_length(model)
     first, last = parse_positions(config.positions)
     if context is not None and max(first, last) > context:
