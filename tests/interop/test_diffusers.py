@@ -113,6 +113,18 @@ def test_our_file_loads_in_diffusers_with_equal_outputs(tmp_path):
     torch.testing.assert_close(_out(unet, _unet_inputs()), _out(ours, _unet_inputs()), rtol=1e-5, atol=1e-5)
 
 
+def test_an_sd3_transformer_lora_round_trips_through_diffusers_transformer_prefix(tmp_path):
+    targets = [*ATTENTION, "add_k_proj", "add_v_proj"]
+    ours = _perturbed(dt.get_peft_model(tiny_sd3(), dt.LoraConfig(r=4, lora_alpha=8, target_modules=targets)), 4)
+    path = save_diffusers_lora(ours, tmp_path, prefix="transformer")
+    theirs = tiny_sd3()
+    theirs.load_lora_adapter(str(tmp_path), weight_name=path.name, prefix="transformer", adapter_name="x")
+    want = _out(theirs, _sd3_inputs())
+    torch.testing.assert_close(_out(ours.eval(), _sd3_inputs()), want, rtol=1e-5, atol=1e-5)
+    back = load_lora_file(tiny_sd3(), path, adapter_name="x", prefix="transformer")
+    torch.testing.assert_close(_out(back, _sd3_inputs()), want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("layout", ["pipeline", "model"])
 def test_a_diffusers_file_loads_here_with_equal_outputs(tmp_path, layout):
     from peft.utils import get_peft_model_state_dict
