@@ -344,3 +344,18 @@ def test_unwritable_output_dir_is_refused_before_the_model_loads(tmp_path, monke
     cfg = load_train_config(None, [f"output_dir={blocker / 'run'}"])
     with pytest.raises(dt.ConfigError, match="output_dir .* is not writable"):
         train(cfg)
+
+
+def test_base_answers_stand_for_before_only_where_the_adapter_starts_as_the_identity(tiny_model_dir, tmp_path):
+    """`train(base_answers=...)` (what `compare` passes on): a LoRA run takes them as its "before" answers, since
+    B = 0 leaves the outputs unchanged; a prompt-tuning run (virtual tokens change the outputs) generates its own."""
+    args = ["optim.steps=1", "generate_eval=3", "max_new_tokens=4", "general_max_new_tokens=4"]
+    first = train(_cfg(tiny_model_dir, tmp_path / "first", *args))
+    assert first.starts_as_identity is True and set(first.answers_before) == set(first.scores)
+    stand_ins = {name: [f"stand-in {i}" for i in range(len(a))] for name, a in first.answers_before.items()}
+    lora = train(_cfg(tiny_model_dir, tmp_path / "lora", *args), base_answers=stand_ins)
+    assert lora.answers_before == stand_ins
+    prompt = ["method={peft_type: PROMPT_TUNING, num_virtual_tokens: 2}"]
+    tuned = train(_cfg(tiny_model_dir, tmp_path / "prompt", *args, *prompt), base_answers=stand_ins)
+    assert tuned.starts_as_identity is False
+    assert all(not a.startswith("stand-in") for answers in tuned.answers_before.values() for a in answers)

@@ -53,6 +53,7 @@ def report_scores(run: _Run, result: TrainResult) -> None:
     for gen_set in run.generation_sets:
         result.scores[gen_set.name] = (gen_set.score(gen_set.before, data), gen_set.score(gen_set.after, data))
         result.set_samples[gen_set.name] = gen_set.samples(data)
+        result.answers_before[gen_set.name] = list(gen_set.before)
     if run.predictions.get("before"):  # none when a seq2seq run scores no generations (generate_eval=0)
         _report_predictions(run, result)
     if run.eval_records and run.generation_sets:

@@ -61,6 +61,11 @@ class TrainResult:
     scored_by: str = "generation (greedy)"
     """How `scores` were scored: "generation (greedy)" or "predicted label"."""
     set_samples: dict[str, list[dict[str, str]]] = field(default_factory=dict)
+    answers_before: dict[str, list[str]] = field(default_factory=dict)
+    """Each generation set's answers before training, in record order."""
+    starts_as_identity: bool | None = None
+    """Whether the fresh adapter left the model's outputs unchanged (checked when there are generation sets): then
+    `answers_before` are the base model's, what `train(base_answers=...)` takes."""
     trainable: int = 0
     total: int = 0
     adapter_bytes: int = 0
@@ -442,6 +447,37 @@ def _eval_loss(run: _Run) -> float:
     return value
 
 
+def _score_before(run: _Run, base_answers: dict[str, list[str]] | None) -> bool | None:
+    """The generation sets' answers before training: the given base answers where they cover every set and the
+    adapter starts as the identity, else generated. Returns whether it starts as the identity (None: no sets)."""
+    sets = run.generation_sets
+    identity = _starts_as_identity(run) if sets else None
+    known = base_answers is not None and all(len(base_answers.get(s.name, [])) == len(s.records) for s in sets)
+    if identity and known:
+        for gen_set in sets:
+            gen_set.before = list(base_answers[gen_set.name])
+        return identity
+    score_all(run, "before")
+    return identity
+
+
+@torch.no_grad()
+def _starts_as_identity(run: _Run) -> bool:
+    """Whether the fresh adapter leaves the loss of (up to 8) held-out examples as the base model gives it (exactly,
+    up to float noise): then the model's greedy answers are the base's. Methods that add virtual tokens or start
+    from a random edit do not."""
+    examples = (run.eval_set or run.train_set)[:8]
+    if not examples:
+        return False
+    pad = run.tokenizer.pad_token_id or 0
+    with run.objective.training_layout(run.model):
+        adapted = eval_loss(run.objective, run.model, examples, pad, len(examples), run.device)
+        with run.model.disable_adapter():
+            base = eval_loss(run.objective, run.model, examples, pad, len(examples), run.device)
+    run.model.train()
+    return abs(adapted - base) <= 1e-6 * max(1.0, abs(base))
+
+
 def _timed(fn: Callable[..., Any], *args: Any) -> float:
     t0 = time.perf_counter()
     fn(*args)
@@ -460,12 +496,16 @@ def train(
     model: nn.Module | None = None,
     tokenizer: Any = None,
     around_loop: Callable[[], contextlib.AbstractContextManager] | None = None,
+    base_answers: dict[str, list[str]] | None = None,
 ) -> TrainResult:
     """Fine-tune `cfg.model` (or the given model/tokenizer) with the adapter `cfg.method`; see TrainConfig.
 
     `around_loop` (optional) makes a context entered around the training steps only, after the model is loaded:
     the command line uses it for process-wide host tuning (`train.host.freed_memory_kept`), which a library call
-    never applies by itself."""
+    never applies by itself. `base_answers` (optional): the base model's answers to this run's generation sets (a
+    previous run's `answers_before` on the same model and sets); used as the "before" answers when the fresh
+    adapter leaves the model's outputs unchanged (checked on held-out examples), so a comparison of many methods
+    generates them once."""
     console = console or Console()
     started = time.perf_counter()
     run = _setup(cfg, resume, model, tokenizer)
@@ -477,7 +517,9 @@ def train(
     result.trainable, result.total = run.model.get_nb_trainable_parameters()
     phases = result.phases
     phases["setup"] = time.perf_counter() - started
-    phases["score before"] = _timed(score_all, run, "before")
+    t_before = time.perf_counter()
+    result.starts_as_identity = _score_before(run, base_answers)
+    phases["score before"] = time.perf_counter() - t_before
     with around_loop() if around_loop else contextlib.nullcontext(), run.objective.training_layout(run.model):
         phases["train"] = _timed(_loop, run, console, phases["score before"])
         if run.eval_set:
