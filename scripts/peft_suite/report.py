@@ -25,7 +25,6 @@ EXPLAINED: list[tuple[str, str, str]] = [
     (r"init_lora_weights='mica'", "method we do not have", "MiCA init (init_lora_weights='mica'): not in deltatune"),
     (r"safe_serialization=False", "behaviour", "by design: deltatune never writes or reads pickles (.bin)"),
     (r"is neither a local folder nor in the Hub", "behaviour", "needs a Hub download (offline here)"),
-    (r"matches only modules of type MultiheadAttention", "behaviour", "LoRA on nn.MultiheadAttention: not supported"),
     (
         r"use_dora=True on a grouped",
         "behaviour",

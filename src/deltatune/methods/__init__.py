@@ -10,6 +10,7 @@ from deltatune.methods import (
     ln_tuning,  # noqa: F401
     lora,  # noqa: F401
     lora_combine,  # noqa: F401
+    lora_mha,  # noqa: F401
     prefix_tuning,  # noqa: F401
     prompt_tuning,  # noqa: F401
     reft,  # noqa: F401
