@@ -24,6 +24,12 @@ EXPLAINED: list[tuple[str, str, str]] = [
     (r"monteclora_config", "method we do not have", "MonteCLoRA (LoraConfig.monteclora_config): not in deltatune"),
     (r"init_lora_weights='mica'", "method we do not have", "MiCA init (init_lora_weights='mica'): not in deltatune"),
     (r"safe_serialization=False", "behaviour", "by design: deltatune never writes or reads pickles (.bin)"),
+    (
+        r"is not supported for LoRA on nn.MultiheadAttention",
+        "behaviour",
+        "on purpose: lora_dropout on nn.MultiheadAttention is refused by name (peft ignores it there: the LoRA changes "
+        "the attention's weights, so there is no input to drop)",
+    ),
     (r"is neither a local folder nor in the Hub", "behaviour", "needs a Hub download (offline here)"),
     (
         r"use_dora=True on a grouped",

@@ -4,16 +4,17 @@ The attention keeps its packed query/key/value projection as a bare parameter (`
 its output projection's weight directly, never calling that module's forward; so no wrapper around a submodule can
 add a term. This wrapper holds a LoRA pair for the packed projection and puts a `LoraLinear` on `out_proj` (peft's
 keys: `<mha>.lora_A/B.weight` and `<mha>.base_layer.out_proj.lora_A/B.weight`), and its forward runs the attention
-with the effective weights, base + s·B·A of every active unmerged adapter, swapped in for that one call
-(`torch.func.functional_call`): differentiable, nothing written to the base (peft merges and unmerges the weights
-around each forward). Merging folds each pair into its weight like any LoRA layer.
+with the effective weights, base + s·B·A of every active unmerged adapter, in place of the base's for that one call
+(the attention's own forward run on a shallow view of it that holds them): differentiable, nothing written to the
+base (peft merges and unmerges the weights around each forward), and it holds when FSDP has turned the parameters
+into plain tensors. Merging folds each pair into its weight like any LoRA layer.
 """
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from deltatune.errors import UnsupportedModuleError
@@ -36,6 +37,7 @@ class LoraMultiheadAttention(_LoraLayer):
             )
         super().__init__(base_layer)
         self.embed_dim = base_layer.embed_dim
+        self.in_features, self.out_features = self.embed_dim, 3 * self.embed_dim  # the packed projection's (peft's)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         if not isinstance(base_layer.out_proj, LoraLinear):
@@ -99,15 +101,18 @@ class LoraMultiheadAttention(_LoraLayer):
         inner, outer = self.unmerged_active(), self.out_proj.unmerged_active()
         if not inner and not outer:
             return self.base_layer(query, *args, **kwargs)
-        swapped: dict[str, Tensor] = {}
+        base = self.base_layer
+        view = object.__new__(type(base))  # the attention's state, shared, with the two weights replaced
+        view.__dict__.update(base.__dict__, _parameters=dict(base._parameters), _modules=dict(base._modules))
         if inner:
             weight = self.base_weight
-            swapped["in_proj_weight"] = weight + sum(self.delta_weight(n) for n in inner).to(weight.dtype)
+            del view._parameters["in_proj_weight"]
+            view.__dict__["in_proj_weight"] = weight + sum(self.delta_weight(n) for n in inner).to(weight.dtype)
         if outer:
             weight = self.out_proj.base_weight
             delta = sum(self.out_proj.delta_weight(n) for n in outer).to(weight.dtype)
-            swapped["out_proj.base_layer.weight"] = weight + delta
-        return torch.func.functional_call(self.base_layer, swapped, (query, *args), kwargs)
+            view._modules["out_proj"] = SimpleNamespace(weight=weight + delta, bias=self.out_proj.bias)
+        return type(base).forward(view, query, *args, **kwargs)
 
 
 register_layer("LORA", nn.MultiheadAttention, LoraMultiheadAttention)
