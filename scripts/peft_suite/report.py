@@ -25,6 +25,17 @@ EXPLAINED: list[tuple[str, str, str]] = [
     (r"init_lora_weights='mica'", "method we do not have", "MiCA init (init_lora_weights='mica'): not in deltatune"),
     (r"safe_serialization=False", "behaviour", "by design: deltatune never writes or reads pickles (.bin)"),
     (
+        r"has no attribute '_restore_weights'",
+        "peft internals",
+        "peft's MHA wrapper re-registers the weights it deletes while merging (_restore_weights); deltatune never "
+        "deletes them",
+    ),
+    (
+        r"test_mixed_adapter_batches_mha_raises",
+        "behaviour",
+        "wording: mixed batches in nn.MultiheadAttention are refused with a TypeError as in peft, in deltatune's words",
+    ),
+    (
         r"is not supported for LoRA on nn.MultiheadAttention",
         "behaviour",
         "on purpose: lora_dropout on nn.MultiheadAttention is refused by name (peft ignores it there: the LoRA changes "
