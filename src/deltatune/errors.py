@@ -47,6 +47,11 @@ class AdapterError(DeltatuneError, KeyError, ValueError):
         return str(self.args[0]) if self.args else ""
 
 
+class MixedBatchError(AdapterError, TypeError):
+    """`adapter_names=` (one adapter per row) given to a layer that cannot split a batch's rows. An AdapterError, and
+    a TypeError as peft raises for such layers."""
+
+
 class CheckpointError(DeltatuneError):
     """A saved adapter is unreadable or does not fit the model (missing/unexpected keys, wrong shapes)."""
 

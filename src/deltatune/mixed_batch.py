@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from deltatune.errors import AdapterError, UnsupportedArgumentError
+from deltatune.errors import AdapterError, MixedBatchError
 
 BASE = "__base__"  # peft's name for "no adapter" in adapter_names
 
@@ -39,7 +39,7 @@ def split_rows(forward: Callable[..., Tensor]) -> Callable[..., Tensor]:
         if names is None:
             return forward(self, *args, **kwargs)
         if not getattr(self, "rows_independent", True):
-            raise UnsupportedArgumentError(  # a TypeError, as peft's refusal for such layers
+            raise MixedBatchError(
                 f"{type(self).__name__} does not support mixed adapter batches: adapter_names= cannot split the rows "
                 "of a batch inside it. Run one adapter per call (set_adapter) instead."
             )
