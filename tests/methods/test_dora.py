@@ -227,3 +227,48 @@ def test_moving_the_model_drops_the_cached_norm():
     assert got.dtype == torch.float64
     torch.testing.assert_close(got, _reference(layer, x.double()), rtol=1e-6, atol=1e-6)
     assert layer.adapter_cache["default"][1].dtype == torch.float32  # recomputed from the moved tensors
+
+
+class _Three(nn.Module):
+    """One embedding, one conv and one linear layer, each the target of several adapters at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 8)
+        self.conv = nn.Conv1d(8, 8, 3, padding=1)
+        self.lin = nn.Linear(8, 6)
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        return self.lin(self.conv(h.transpose(1, 2)).transpose(1, 2))
+
+
+@pytest.mark.parametrize("target", ["emb", "conv", "lin"])
+def test_several_active_dora_adapters_merge_to_their_forward_which_is_peft_s(target):
+    """Each DoRA adapter normalises by the unmerged base's norm ‖W0 + ΔW‖_c in the forward; merged in turn (a
+    plain LoRA among them, merged in place), each must use that norm too, not the weight's that already holds the
+    earlier ones. The forward is peft's on the same tensors."""
+    peft = pytest.importorskip("peft")
+    from peft.utils import set_peft_model_state_dict
+
+    ids = torch.randint(0, 20, (2, 5), generator=torch.Generator().manual_seed(1))
+    models = {}
+    for lib in (dt, peft):
+        torch.manual_seed(0)
+        model = lib.get_peft_model(_Three().eval(), lib.LoraConfig(target_modules=[target], init_lora_weights=False,
+                                                                   use_dora=True), adapter_name="a0")  # fmt: skip
+        model.add_adapter("plain", lib.LoraConfig(target_modules=[target], init_lora_weights=False))
+        model.add_adapter("a1", lib.LoraConfig(target_modules=[target], init_lora_weights=False, use_dora=True))
+        (model.base_model if lib is peft else model).set_adapter(["a0", "plain", "a1"])
+        models[lib] = model.eval()
+    ours, theirs = models[dt], models[peft]
+    for name in ("a0", "plain", "a1"):
+        state = {k.removeprefix("base_model.model."): v for k, v in ours.adapter_state_dict(name).items()}
+        set_peft_model_state_dict(theirs, state, adapter_name=name)
+    with torch.no_grad():
+        want = ours(ids)
+        torch.testing.assert_close(want, theirs(ids), rtol=1e-5, atol=1e-5)
+        ours.merge_adapter()
+        torch.testing.assert_close(ours(ids), want, rtol=1e-5, atol=1e-5)
+        ours.unmerge_adapter()
+        torch.testing.assert_close(ours(ids), want, rtol=0, atol=0)

@@ -59,7 +59,12 @@ class _Dora(abc.ABC):
     def compose(self, layer: _LoraLayer, name: str, weight: Tensor) -> Tensor:
         magnitude = layer.lora_magnitude_vector[name].float().reshape(-1)
         delta = self.oriented(layer, layer.delta_weight(name))
-        merged, norm = dora_merge(self.oriented(layer, weight), delta, magnitude)
+        # the forward's norm, ‖W0 + ΔW‖_c on the unmerged base, even when `weight` holds adapters merged before
+        unmerged = weight
+        for earlier in reversed(layer.merged_adapters):
+            unmerged = layer.decompose(earlier, unmerged)
+        norm = column_norm(self.oriented(layer, unmerged) + delta)
+        merged, norm = dora_merge(self.oriented(layer, weight), delta, magnitude, norm)
         layer.merge_state.setdefault(name, {})["dora_norm"] = norm  # unmerge divides by the same norm
         return self.oriented(layer, merged)
 
