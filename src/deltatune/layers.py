@@ -18,6 +18,22 @@ from torch import Tensor, nn
 from deltatune.errors import AdapterError, MergeError
 from deltatune.mixed_batch import split_rows
 
+_SIZE_ATTRS = {
+    "in_features": ("in_features", "in_channels", "num_embeddings", "embed_dim", "normalized_shape", "num_features"),
+    "out_features": ("out_features", "out_channels", "embedding_dim", "embed_dim", "normalized_shape", "num_features"),
+}
+"""peft's size attributes of a tuner layer, and where each base module type keeps them."""
+
+
+def _base_size(module: nn.Module, names: tuple[str, ...]) -> int | None:
+    for attr in names:
+        value = getattr(module, attr, None)
+        if isinstance(value, (tuple, list, torch.Size)) and value:
+            value = value[-1]  # a norm's normalized_shape: the features it normalizes
+        if isinstance(value, int):
+            return value
+    return None
+
 
 class AdapterLayer(nn.Module, metaclass=abc.ABCMeta):
     """Base of every layer-method wrapper. `base_layer` is frozen and never replaced.
@@ -101,6 +117,16 @@ class AdapterLayer(nn.Module, metaclass=abc.ABCMeta):
         return [p for attr in self.adapter_param_names if name in (c := getattr(self, attr)) for p in _params(c[name])]
 
     # -- peft's layer API (what quantization code, other libraries and user loops touch) ------------------------------
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in _SIZE_ATTRS:  # peft's layers all answer these; wrappers that do not set them read the base's
+                size = _base_size(self.get_base_layer(), _SIZE_ATTRS[name])
+                if size is not None:
+                    return size
+            raise
+
     def get_base_layer(self) -> nn.Module:
         """The original module this wrapper (and any wrapper inside it) adapts."""
         base = self.base_layer

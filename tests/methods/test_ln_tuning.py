@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 import deltatune as dt
+from deltatune.methods.ln_tuning import LNTuningLayer
 from tests.conftest import model_output, perturb_trainable, tiny_bert, tiny_gpt2, tiny_llama
 
 IDS = {"input_ids": torch.randint(0, 97, (2, 6), generator=torch.Generator().manual_seed(0))}
@@ -56,3 +58,18 @@ def test_merge_unmerge_exact_and_one_adapter_at_a_time():
     model.add_adapter("other", dt.LNTuningConfig())
     with pytest.raises(dt.AdapterError, match="one adapter at a time"):
         model.set_adapter(["default", "other"])
+
+
+def test_a_half_precision_base_runs_and_every_wrapper_tells_its_sizes():
+    """peft's checks on every tuner layer: a float16 base runs (the trained copy is float32: the input is cast to it
+    and the output back) and each wrapper exposes in_features / out_features (here read from the base)."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 2)).half()
+    x = torch.randn(3, 4).half()
+    want = base(x)
+    model = dt.get_peft_model(base, dt.LNTuningConfig(target_modules=["0", "1"]))
+    out = model(x)
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out, want, rtol=1e-2, atol=1e-2)  # the copies start as the base: float16 rounding only
+    sizes = [(m.in_features, m.out_features) for m in model.modules() if isinstance(m, LNTuningLayer)]
+    assert sizes == [(4, 6), (6, 6)]

@@ -17,9 +17,7 @@ def column_norm(weight: Tensor) -> Tensor:
     return weight.flatten(1).norm(dim=1)
 
 
-def dora_merge(
-    weight: Tensor, delta: Tensor, magnitude: Tensor, norm: Tensor | None = None
-) -> tuple[Tensor, Tensor]:
+def dora_merge(weight: Tensor, delta: Tensor, magnitude: Tensor, norm: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(W', norm): W' = m / ‖W + ΔW‖_c · (W + ΔW); the norm is returned so the merge can be undone exactly. A given
     `norm` is used instead of ‖W + ΔW‖_c: merging onto a weight that already holds other adapters, the norm is the
     unmerged base's, ‖W0 + ΔW‖_c, as the forward computes it."""

@@ -61,8 +61,11 @@ class LNTuningLayer(AdapterLayer):
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         names = self.unmerged_active()
-        module = self.ln_tuning_layers[names[0]] if names else self.base_layer
-        return module(x, *args, **kwargs)
+        if not names:
+            return self.base_layer(x, *args, **kwargs)
+        module = self.ln_tuning_layers[names[0]]
+        dtype = next((p.dtype for p in module.parameters()), x.dtype)  # a float32 copy over a half-precision base
+        return module(x.to(dtype), *args, **kwargs).to(x.dtype)
 
     def compose(self, name: str, weight: Tensor) -> Tensor:
         return self.ln_tuning_layers[name].weight.detach().float().clone()
