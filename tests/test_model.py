@@ -298,3 +298,25 @@ def test_unsupported_keyword_arguments_are_refused_by_name(call, tmp_path):
         UnsupportedArgumentError, match=r"safe_serialization|save_embedding|max_shard|torch_device|ephem"
     ):
         call(pm, tmp_path)
+
+
+def test_an_adapter_loaded_trainable_trains_whether_active_or_not(tmp_path):
+    """peft's rule for loaded adapters: `is_trainable` decides, not activation. An adapter added with add_adapter
+    trains only while active."""
+    source = dt.get_peft_model(tiny_llama(), dt.LoraConfig(r=2, target_modules=["q_proj"]))
+    source.save_pretrained(tmp_path)
+    model = dt.PeftModel.from_pretrained(tiny_llama(), tmp_path)  # for inference: frozen
+    model.load_adapter(tmp_path, adapter_name="more", is_trainable=True)  # not activated
+
+    def trains(name: str) -> bool:
+        flags = {p.requires_grad for n, p in model.named_parameters() if f".{name}." in n}
+        assert len(flags) == 1, flags
+        return flags.pop()
+
+    assert model.active_adapters == ["default"] and not trains("default") and trains("more")
+    model.add_adapter("added", dt.LoraConfig(r=2, target_modules=["q_proj"]))
+    model.set_adapter("default")  # recomputed: "more" still trains, "added" (inactive) does not
+    assert trains("more") and not trains("added") and not trains("default")
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
+    model.delete_adapter("more")
+    assert not any(p.requires_grad for p in model.parameters())

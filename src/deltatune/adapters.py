@@ -6,7 +6,7 @@ and never importing it; methods reach them only as `MethodSpec` data.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -188,16 +188,19 @@ def set_adapter_dtype(base: nn.Module, adapter_name: str, autocast_adapter_dtype
                 p.data = p.data.to(dtype)
 
 
-def set_active(base: nn.Module, active: list[str], configs: dict[str, AdapterConfig]) -> None:
-    """Activate `active` in every wrapper; only their tensors (and what their method adds, e.g. biases) train, unless
-    loaded for inference; the base is frozen."""
+def set_active(
+    base: nn.Module, active: list[str], configs: dict[str, AdapterConfig], also_train: Iterable[str] = ()
+) -> None:
+    """Activate `active` in every wrapper; only their tensors (and what their method adds, e.g. biases) train, and
+    those of `also_train` (adapters loaded with is_trainable=True, active or not, as in peft), unless loaded for
+    inference; the base is frozen."""
     found = [w for _, w in wrappers(base)]
     for wrapper in found:
         wrapper.set_active(active)
     for p in base.parameters():
         p.requires_grad_(False)
     params = None
-    for name in active:
+    for name in dict.fromkeys([*active, *also_train]):
         config = configs[name]
         if config.inference_mode:
             continue

@@ -54,6 +54,8 @@ class PeftModel(CheckpointMixin, PretrainedFacade):
         self.peft_config: dict[str, AdapterConfig] = {}
         self.shared = nn.ModuleDict()  # per adapter: tensors all its layers share (only for methods that have some)
         self._active: list[str] = []
+        self._loaded_trainable: set[str] = set()
+        """Adapters loaded with is_trainable=True: they train whether active or not (peft's rule)."""
         if peft_config is not None:
             self.add_adapter(adapter_name, peft_config, autocast_adapter_dtype, low_cpu_mem_usage)
 
@@ -273,7 +275,8 @@ class PeftModel(CheckpointMixin, PretrainedFacade):
         return getattr(self._base, "dtype", None)
 
     def _apply_active(self) -> None:
-        adapters.set_active(self._base, self._active, self.peft_config)
+        also = [n for n in self.peft_config if n in self._loaded_trainable]
+        adapters.set_active(self._base, self._active, self.peft_config, also)
 
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str, **kw: Any) -> None:
         """A new adapter combining `adapters` with `weights` (peft's signature; its method's `combine` builds it)."""
@@ -292,6 +295,7 @@ class PeftModel(CheckpointMixin, PretrainedFacade):
             )
         self._remove_from_modules(adapter_name)
         del self.peft_config[adapter_name]
+        self._loaded_trainable.discard(adapter_name)
         self._active = [n for n in self._active if n != adapter_name] or list(self.peft_config)[:1]
         self._apply_active()
 

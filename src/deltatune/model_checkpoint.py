@@ -185,6 +185,8 @@ class CheckpointMixin:
         self._initialize_from_base(adapter_name)  # as at creation (peft does the same), then the saved tensors
         self._copy_state(adapter_name, found, expected)
         self.peft_config[adapter_name] = given.update_from(config)
+        if is_trainable:  # trains from now on, active or not (peft's rule for loaded adapters)
+            self._loaded_trainable.add(adapter_name)
         if not self._active:
             self._active = [adapter_name]
         self._apply_active()
