@@ -223,7 +223,10 @@ def merge(base: nn.Module, names: list[str], safe_merge: bool = False, progressb
                 with torch.no_grad():
                     finite = torch.isfinite(layer.compose_unrecorded(name, layer.base_weight.float())).all()
                 if not finite:
-                    raise MergeError(f"adapter {name!r} has non-finite weights; nothing was merged.")
+                    raise MergeError(
+                        f"NaNs detected in the merged weights: adapter {name!r} gives non-finite values; nothing was "
+                        "merged."
+                    )
     if progressbar:
         from tqdm.auto import tqdm
 

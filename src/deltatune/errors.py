@@ -23,6 +23,10 @@ class UnknownFieldWarning(UserWarning):
     """An adapter config holds a field deltatune does not know (e.g. from a newer peft); it was not applied."""
 
 
+class PeftWarning(UserWarning):
+    """A setting that works but limits what the adapter can do later (peft's warning class, same name)."""
+
+
 class UnknownMethodError(ConfigError):
     """A `peft_type` that no registered method provides."""
 
@@ -56,8 +60,9 @@ class CheckpointError(DeltatuneError):
     """A saved adapter is unreadable or does not fit the model (missing/unexpected keys, wrong shapes)."""
 
 
-class MergeError(DeltatuneError):
-    """Merging would write non-finite values into the base weights; nothing was changed."""
+class MergeError(DeltatuneError, RuntimeError, ValueError):
+    """A merge that cannot be done (non-finite results, a bias with nowhere to go, a layer that cannot hold the
+    change); nothing was changed. A RuntimeError and a ValueError: what peft raises for these."""
 
 
 class TrainingDiverged(DeltatuneError):

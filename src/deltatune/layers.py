@@ -296,7 +296,10 @@ class AdapterLayer(nn.Module, metaclass=abc.ABCMeta):
             before = self.base_weight.detach()
             new = self.compose(name, before.float())
             if safe_merge and not torch.isfinite(new).all():
-                raise MergeError(f"merging adapter {name!r} gives non-finite weights; the base was left unchanged.")
+                raise MergeError(
+                    f"NaNs detected in the merged weights: merging adapter {name!r} gives non-finite values; the base "
+                    "was left unchanged."
+                )
             new_bias = self._merged_bias(name, safe_merge)
             if self._base_stored_otherwise:
                 self.merge_state.setdefault(name, {}).update(self.base_layer.weight_state())
@@ -337,7 +340,10 @@ class AdapterLayer(nn.Module, metaclass=abc.ABCMeta):
             )
         new_bias = self.compose_bias(name, bias.detach().float())
         if safe_merge and not torch.isfinite(new_bias).all():
-            raise MergeError(f"merging adapter {name!r} gives a non-finite bias; the base was left unchanged.")
+            raise MergeError(
+                f"NaNs detected in the merged bias: merging adapter {name!r} gives non-finite values; the base was "
+                "left unchanged."
+            )
         return new_bias.to(bias.dtype)
 
     @torch.no_grad()

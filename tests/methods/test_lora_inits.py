@@ -175,9 +175,12 @@ def test_lora_bias_adds_scaled_bias_merges_into_the_base_bias_and_unmerges_exact
     assert torch.equal(layer.base_layer.bias, original_bias)
     with pytest.raises(dt.UnsupportedModuleError, match="lora_bias"):
         dt.get_peft_model(tiny_bert(), dt.LoraConfig(target_modules=["word_embeddings"], lora_bias=True))
-    no_bias = dt.get_peft_model(tiny_llama(), dt.LoraConfig(r=2, target_modules=["q_proj"], lora_bias=True))
-    with pytest.raises(dt.MergeError, match="bias"):
+    with pytest.warns(dt.PeftWarning, match="`lora_bias=True` was passed but the targeted layer of type Linear"):
+        no_bias = dt.get_peft_model(tiny_llama(), dt.LoraConfig(r=2, target_modules=["q_proj"], lora_bias=True))
+    weight = no_bias.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight.detach().clone()
+    with pytest.raises(RuntimeError, match="bias"):  # a MergeError, and a RuntimeError as peft raises here
         no_bias.merge_adapter()
+    assert torch.equal(no_bias.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight, weight)
 
 
 def _nf4(weight):

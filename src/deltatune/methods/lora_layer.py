@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import re
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from deltatune.errors import ConfigError, MergeError, UnsupportedModuleError
+from deltatune.errors import ConfigError, MergeError, PeftWarning, UnsupportedModuleError
 from deltatune.functional.init import (
     loftq_factors,
     olora_factors,
@@ -229,6 +230,13 @@ class _LoraLayer(AdapterLayer):
             raise UnsupportedModuleError(
                 f"lora_bias=True is for linear and convolution layers, not {type(self.base_layer).__name__}; exclude "
                 "those modules."
+            )
+        if lora_bias and getattr(self.base_layer, "bias", None) is None:
+            warnings.warn(  # peft's warning: it trains, but merging has no bias to fold s·b into
+                f"`lora_bias=True` was passed but the targeted layer of type {type(self.base_layer).__name__} has no "
+                f"bias: adapter {name!r} trains, but cannot be merged.",
+                PeftWarning,
+                stacklevel=2,
             )
         self._create_weights(name, r, True if rewriting else init_lora_weights)
         if lora_bias:
