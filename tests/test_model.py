@@ -4,6 +4,7 @@ import re
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import deltatune as dt
 from deltatune.errors import AdapterError, MergeError, TargetNotFoundError, UnsupportedArgumentError
@@ -286,7 +287,7 @@ def test_is_main_process_false_writes_nothing(tmp_path):
     "call",
     [
         lambda pm, d: pm.save_pretrained(d, safe_serialization=False),
-        lambda pm, d: pm.save_pretrained(d, save_embedding_layers=True),
+        lambda pm, d: pm.save_pretrained(d, save_embedding_layers="yes"),
         lambda pm, d: pm.save_pretrained(d, max_shard_size="1GB"),
         lambda pm, d: dt.PeftModel.from_pretrained(tiny_llama(), _saved(d), torch_device="meta"),
         lambda pm, d: pm.load_adapter(_saved(d), adapter_name="x", ephemeral_gpu_offload=True),
@@ -320,3 +321,29 @@ def test_an_adapter_loaded_trainable_trains_whether_active_or_not(tmp_path):
     assert not any(p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
     model.delete_adapter("more")
     assert not any(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("setting", ["auto", True, False])
+def test_save_embedding_layers_writes_the_tables_peft_writes_and_they_load_back(setting, tmp_path):
+    """peft's `save_embedding_layers`: True, or "auto" when target_modules names embed_tokens / lm_head, saves the
+    embedding tables (e.g. a vocabulary resized for new tokens) beside the adapter; loading writes them back."""
+    model = dt.get_peft_model(tiny_llama(), dt.LoraConfig(r=2, target_modules=["q_proj", "embed_tokens"]))
+    table = model.get_base_model().model.embed_tokens.base_layer.weight
+    with torch.no_grad():
+        table.add_(1.0)  # the trained model's table differs from a fresh base's
+    if setting == "auto":
+        with pytest.warns(UserWarning, match="Setting `save_embedding_layers` to `True`"):
+            model.save_pretrained(tmp_path, save_embedding_layers=setting)
+    else:
+        model.save_pretrained(tmp_path, save_embedding_layers=setting)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    key = "base_model.model.model.embed_tokens.base_layer.weight"
+    assert (key in saved) == (setting is not False)
+    loaded = dt.PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    got = loaded.get_base_model().model.embed_tokens.base_layer.weight
+    assert torch.equal(got, table) == (setting is not False)
+    plain = dt.get_peft_model(tiny_llama(), dt.LoraConfig(r=2, target_modules=["q_proj"]))
+    plain.save_pretrained(tmp_path / "plain", save_embedding_layers=True)  # not targeted, saved when asked
+    assert set(load_file(tmp_path / "plain" / "adapter_model.safetensors")) >= {
+        "base_model.model.model.embed_tokens.weight", "base_model.model.lm_head.weight"}  # fmt: skip
+    dt.PeftModel.from_pretrained(tiny_llama(), tmp_path / "plain")

@@ -5,6 +5,7 @@ Like the model, it knows methods only through the registry and wrappers only thr
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,9 @@ from deltatune.inject import with_task_heads
 from deltatune.layers import AdapterLayer
 from deltatune.registry import get_method, spec_for_config
 from deltatune.state_dict import LoadResult
+
+EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
+"""Target names that make `save_embedding_layers="auto"` save the embedding tables (peft's list)."""
 
 
 class CheckpointMixin:
@@ -68,7 +72,13 @@ class CheckpointMixin:
             UnsupportedArgumentError: `safe_serialization=False` (deltatune writes safetensors only) or a keyword
                 argument deltatune does not implement.
         """
-        refuse_unknown("save_pretrained", kwargs, {"save_embedding_layers": ("auto", False)})
+        embedding_setting = kwargs.pop("save_embedding_layers", "auto")
+        refuse_unknown("save_pretrained", kwargs, {})
+        if embedding_setting not in ("auto", True, False):
+            raise UnsupportedArgumentError(
+                f"save_embedding_layers={embedding_setting!r}: use 'auto' (when target_modules names embed_tokens or "
+                "lm_head), True or False."
+            )
         if not safe_serialization:
             raise UnsupportedArgumentError(
                 "safe_serialization=False asks for a pickled adapter_model.bin; deltatune writes safetensors only "
@@ -79,7 +89,43 @@ class CheckpointMixin:
             self._check_name(name, exists=True)
         if is_main_process:
             initial = path_initial_model_for_weight_conversion
-            saving.save_adapters(self, Path(save_directory), names, state_dict, initial)
+            embeddings = {name: self._embedding_tensors(name, embedding_setting) for name in names}
+            saving.save_adapters(self, Path(save_directory), names, state_dict, initial, embeddings)
+
+    def _embedding_tensors(self, adapter_name: str, setting: bool | str) -> dict[str, Tensor]:
+        """The model's input / output embedding weights saved beside adapter `adapter_name` (peft's
+        `save_embedding_layers`): with True, or with "auto" when its target_modules name an embedding layer (e.g.
+        after resizing the vocabulary for new tokens: the adapter then carries the table it was trained with)."""
+        targets = self.peft_config[adapter_name].target_modules or []
+        named = any(k in targets for k in EMBEDDING_LAYER_NAMES)  # peft's test: an entry, or a substring of a regex
+        if setting is False or (setting == "auto" and not named):
+            return {}
+        if setting == "auto":
+            warnings.warn(
+                "Setting `save_embedding_layers` to `True` as embedding layers found in `target_modules`: the full "
+                "embedding table is saved with the adapter (save_embedding_layers=False leaves it out).",
+                stacklevel=3,
+            )
+        return io.to_peft_keys(self._embedding_weights(), self._module_prefix(self.peft_config[adapter_name]))
+
+    def _embedding_weights(self) -> dict[str, Tensor]:
+        """The model's input and output embedding weights under their state keys (`<path>.base_layer.weight` when
+        an adapter wraps the layer); none, with a warning, for a model that does not say which they are."""
+        if not callable(getattr(self._base, "get_input_embeddings", None)):
+            warnings.warn(
+                "Could not identify embedding layer(s) because the model is not a 🤗 transformers model. "
+                "(It has no get_input_embeddings): nothing beyond the adapter is saved.",
+                stacklevel=4,
+            )
+            return {}
+        layers = _embedding_layers(self._base)
+        found = {}
+        for path, module in self._base.named_modules():
+            inner = module.base_layer if isinstance(module, AdapterLayer) else module
+            if any(inner is layer for layer in layers if layer is not None) and path:
+                key = f"{path}.base_layer.weight" if isinstance(module, AdapterLayer) else f"{path}.weight"
+                found.setdefault(key, inner.weight.detach())
+        return found
 
     @property
     def _keys_to_ignore_on_save(self) -> list[str]:
@@ -197,10 +243,24 @@ class CheckpointMixin:
             layer.initialize_from_base(adapter_name)
 
     def _saved_base_weights(self, found: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Base weights of adapted layers that peft stores beside the adapter (an adapted embedding's full table,
-        `<path>.base_layer.weight`, e.g. after resizing the vocabulary): loaded into the base like peft does."""
+        """Base weights that peft stores beside the adapter (`save_embedding_layers`: an adapted embedding's full
+        table, `<path>.base_layer.weight`, or a plain embedding's `<path>.weight`, e.g. after resizing the
+        vocabulary): loaded into the base like peft does."""
         layers = {f"{path}.base_layer.weight": w for path, w in self._wrappers() if isinstance(w, AdapterLayer)}
-        return {k: layers[k].base_weight for k in found if k in layers}
+        out = {k: layers[k].get_base_layer().weight for k in found if k in layers}
+        if any(k.endswith(".weight") and k not in layers for k in found):
+            plain = self._live_embedding_weights()
+            out.update({k: plain[k] for k in found if k in plain})
+        return out
+
+    def _live_embedding_weights(self) -> dict[str, Tensor]:
+        """The input / output embeddings that no adapter wraps: their weight parameters under `<path>.weight`."""
+        layers = _embedding_layers(self._base)
+        return {
+            f"{path}.weight": module.weight
+            for path, module in self._base.named_modules()
+            if path and not isinstance(module, AdapterLayer) and any(module is layer for layer in layers)
+        }
 
     def load_adapter_tensors(self, adapter_name: str, tensors: dict[str, Tensor]) -> None:
         """Overwrite an existing adapter's tensors from a peft-keyed dict (e.g. a training checkpoint); checked
@@ -281,3 +341,19 @@ def check_device_map(base: nn.Module, device_map: Any) -> None:
             f"load_adapter(device_map={device_map!r}) on a model accelerate offloaded ({offloaded[:3]} on cpu/disk): "
             f"deltatune does not re-dispatch offloaded models; load the base model onto one device."
         )
+
+
+def _embedding_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's input and output embedding modules that hold a weight table (behind any adapter wrapper); none
+    where the model does not say (a model without the getters, or whose getter raises, e.g. an image model)."""
+    layers = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        try:
+            layer = getattr(model, getter)() if callable(getattr(model, getter, None)) else None
+        except NotImplementedError:
+            layer = None
+        layer = layer.get_base_layer() if isinstance(layer, AdapterLayer) else layer
+        weight = getattr(layer, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+            layers.append(layer)
+    return layers

@@ -51,8 +51,10 @@ def save_adapters(
     names: list[str],
     state_dict: dict[str, Tensor] | None,
     initial_dir: str | Path | None = None,
+    extra: dict[str, dict[str, Tensor]] | None = None,
 ) -> None:
-    """Write each adapter's two files ("default" in `directory`, others in `directory/<name>`), atomically."""
+    """Write each adapter's two files ("default" in `directory`, others in `directory/<name>`), atomically; `extra`:
+    per adapter, base tensors saved beside it (embedding tables, `save_embedding_layers`)."""
     if state_dict is not None and len(names) != 1 and set(state_dict) == set(model.adapter_state_dict(names[0])):
         raise AdapterError(f"peft-keyed state_dict given for {len(names)} adapters; pass selected_adapters=[one].")
     if initial_dir is not None and len(names) != 1:
@@ -62,6 +64,7 @@ def save_adapters(
         config, tensors = model.peft_config[name], adapter_tensors(model, name, state_dict)
         if initial_dir is not None:
             config, tensors = relative_to_initial(config, tensors, Path(initial_dir))
+        tensors = {**tensors, **(extra or {}).get(name, {})}
         metadata = {} if config.task_type else {"auto_mapping": auto_mapping(model.get_base_model())}
         saved_config = config.replace(base_model_name_or_path=model._base_path(config), inference_mode=True)
         payload = io.dump_tensors(tensors)
