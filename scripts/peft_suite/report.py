@@ -25,6 +25,12 @@ EXPLAINED: list[tuple[str, str, str]] = [
     (r"init_lora_weights='mica'", "method we do not have", "MiCA init (init_lora_weights='mica'): not in deltatune"),
     (r"safe_serialization=False", "behaviour", "by design: deltatune never writes or reads pickles (.bin)"),
     (
+        r"test_set_adapter_non_overlapping_modules",
+        "behaviour",
+        "on purpose: a layer lists only the active adapters it holds (peft lists the model's active names, held or "
+        "not)",
+    ),
+    (
         r"has no attribute '_restore_weights'",
         "peft internals",
         "peft's MHA wrapper re-registers the weights it deletes while merging (_restore_weights); deltatune never "
