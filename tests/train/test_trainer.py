@@ -350,8 +350,11 @@ def test_base_answers_stand_for_before_only_where_the_adapter_starts_as_the_iden
     """`train(base_answers=...)` (what `compare` passes on): a LoRA run takes them as its "before" answers, since
     B = 0 leaves the outputs unchanged; a prompt-tuning run (virtual tokens change the outputs) generates its own."""
     args = ["optim.steps=1", "generate_eval=3", "max_new_tokens=4", "general_max_new_tokens=4"]
-    first = train(_cfg(tiny_model_dir, tmp_path / "first", *args))
+    alone = train(_cfg(tiny_model_dir, tmp_path / "alone", *args))
+    assert alone.starts_as_identity is None  # a run on its own pays for no check
+    first = train(_cfg(tiny_model_dir, tmp_path / "first", *args), base_answers={})
     assert first.starts_as_identity is True and set(first.answers_before) == set(first.scores)
+    assert first.answers_before == alone.answers_before
     stand_ins = {name: [f"stand-in {i}" for i in range(len(a))] for name, a in first.answers_before.items()}
     lora = train(_cfg(tiny_model_dir, tmp_path / "lora", *args), base_answers=stand_ins)
     assert lora.answers_before == stand_ins

@@ -270,7 +270,7 @@ def _train_once(task: Task, candidate: Candidate, lr: float, seed: int, run_dir:
 
     key = _base_key(cfg, "scored")
     result = train(cfg, console=Console(quiet=True), model=model, tokenizer=tokenizer, around_loop=measured,
-                   base_answers=_BASE_ANSWERS.get(key))  # fmt: skip
+                   base_answers=_BASE_ANSWERS.get(key, {}))  # fmt: skip
     if result.starts_as_identity and key not in _BASE_ANSWERS:
         _BASE_ANSWERS[key] = result.answers_before
     logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]

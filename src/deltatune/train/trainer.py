@@ -64,8 +64,9 @@ class TrainResult:
     answers_before: dict[str, list[str]] = field(default_factory=dict)
     """Each generation set's answers before training, in record order."""
     starts_as_identity: bool | None = None
-    """Whether the fresh adapter left the model's outputs unchanged (checked when there are generation sets): then
-    `answers_before` are the base model's, what `train(base_answers=...)` takes."""
+    """Whether the fresh adapter left the model's outputs unchanged (checked when `train(base_answers=...)` is given
+    and there are generation sets; None otherwise): then `answers_before` are the base model's, what
+    `train(base_answers=...)` takes."""
     trainable: int = 0
     total: int = 0
     adapter_bytes: int = 0
@@ -451,6 +452,9 @@ def _score_before(run: _Run, base_answers: dict[str, list[str]] | None) -> bool 
     """The generation sets' answers before training: the given base answers where they cover every set and the
     adapter starts as the identity, else generated. Returns whether it starts as the identity (None: no sets)."""
     sets = run.generation_sets
+    if base_answers is None:  # a run on its own: nothing to reuse, no check to pay for
+        score_all(run, "before")
+        return None
     identity = _starts_as_identity(run) if sets else None
     known = base_answers is not None and all(len(base_answers.get(s.name, [])) == len(s.records) for s in sets)
     if identity and known:
@@ -505,7 +509,8 @@ def train(
     never applies by itself. `base_answers` (optional): the base model's answers to this run's generation sets (a
     previous run's `answers_before` on the same model and sets); used as the "before" answers when the fresh
     adapter leaves the model's outputs unchanged (checked on held-out examples), so a comparison of many methods
-    generates them once."""
+    generates them once. An empty dict asks for the check only (`TrainResult.starts_as_identity`), None for
+    neither."""
     console = console or Console()
     started = time.perf_counter()
     run = _setup(cfg, resume, model, tokenizer)
