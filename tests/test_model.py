@@ -347,3 +347,21 @@ def test_save_embedding_layers_writes_the_tables_peft_writes_and_they_load_back(
     assert set(load_file(tmp_path / "plain" / "adapter_model.safetensors")) >= {
         "base_model.model.model.embed_tokens.weight", "base_model.model.lm_head.weight"}  # fmt: skip
     dt.PeftModel.from_pretrained(tiny_llama(), tmp_path / "plain")
+
+
+def test_merge_follows_the_adapters_active_on_each_layer():
+    """peft's layer-level activation (`layer.set_adapter([...])`, what code written against peft's layers does):
+    merge_adapter() folds in what each layer has active, so the merged model gives the same outputs."""
+
+    def config():  # DoRA: its term depends on what is merged already, so merging a subset would show
+        return dt.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False, use_dora=True)
+
+    model = dt.get_peft_model(tiny_llama(), config())
+    model.add_adapter("b", config())
+    for module in model.modules():
+        if isinstance(module, AdapterLayer):
+            module.set_adapter(["default", "b"])
+    ids = torch.randint(0, 97, (2, 6), generator=torch.Generator().manual_seed(0))
+    both = model_output(model, {"input_ids": ids})
+    model.merge_adapter()
+    torch.testing.assert_close(model_output(model, {"input_ids": ids}), both, rtol=1e-5, atol=1e-5)

@@ -213,13 +213,16 @@ def set_active(
             params[pname].requires_grad_(True)
 
 
-def merge(base: nn.Module, names: list[str], safe_merge: bool = False, progressbar: bool = False) -> None:
-    """Fold `names` into the base weights; with `safe_merge`, every merged weight is checked for NaN/inf first."""
+def merge(base: nn.Module, names: list[str] | None, safe_merge: bool = False, progressbar: bool = False) -> None:
+    """Fold `names` (None: each layer's own active adapters, as peft merges) into the base weights; with
+    `safe_merge`, every merged weight is checked for NaN/inf first."""
     layers = list(adapted_layers(base))
-    _warn_already_merged(layers, names)
+    chosen = {id(layer): [n for n in (layer.active_adapters if names is None else names) if n in layer.adapter_names]
+              for layer in layers}  # fmt: skip
+    _warn_already_merged(layers, list(dict.fromkeys(n for picked in chosen.values() for n in picked)))
     if safe_merge:
         for layer in layers:
-            for name in [n for n in names if n in layer.adapter_names and n not in layer.merged_adapters]:
+            for name in [n for n in chosen[id(layer)] if n not in layer.merged_adapters]:
                 with torch.no_grad():
                     finite = torch.isfinite(layer.compose_unrecorded(name, layer.base_weight.float())).all()
                 if not finite:
@@ -232,7 +235,7 @@ def merge(base: nn.Module, names: list[str], safe_merge: bool = False, progressb
 
         layers = tqdm(layers, desc="merging")
     for layer in layers:
-        layer.merge(adapter_names=[n for n in names if n in layer.adapter_names])
+        layer.merge(adapter_names=chosen[id(layer)])
 
 
 def _warn_already_merged(layers: list[AdapterLayer], names: list[str]) -> None:

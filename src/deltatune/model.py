@@ -351,12 +351,13 @@ class PeftModel(CheckpointMixin, PretrainedFacade):
     def merge_adapter(
         self, adapter_names: list[str] | None = None, safe_merge: bool = False, progressbar: bool = False
     ) -> None:
-        """Fold adapters (default: the active ones) into the base weights; `unmerge_adapter` undoes it exactly.
+        """Fold adapters (default: each layer's active ones, which are the model's unless a layer's were set on
+        it directly, as peft merges) into the base weights; `unmerge_adapter` undoes it exactly.
 
         With `safe_merge`, every layer's merged weight is computed and checked for NaN/inf before any is written.
         """
-        names = self._active if adapter_names is None else list(adapter_names)
-        for name in names:
+        names = None if adapter_names is None else list(adapter_names)
+        for name in names or []:
             self._check_name(name, exists=True)
         adapters.merge(self._base, names, safe_merge, progressbar)
 
