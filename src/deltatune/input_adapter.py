@@ -158,13 +158,10 @@ def prepend_encoder_tokens(call: dict[str, Any], rows: Tensor, embedding: nn.Mod
     """Put the (n, d) `rows` in front of an encoder-decoder call's encoder input, as embeddings (peft's way: the ids
     are embedded by the model's input embedding, `embedding`), with n ones in front of its attention mask. The
     decoder's inputs, labels and outputs are left as they are."""
+    extend_mask(call, rows.shape[0])  # first: the mask is sized from the ids, which may leave the call below
     embeds = call.get("inputs_embeds")
     if embeds is None:
-        key = "inputs" if call.get("inputs") is not None else "input_ids"
-        extend_mask(call, rows.shape[0])  # before the ids leave the call: the mask is sized from them
-        embeds = embedding(call.pop(key))
-    else:
-        extend_mask(call, rows.shape[0])
+        embeds = embedding(call.pop("inputs" if call.get("inputs") is not None else "input_ids"))
     call["inputs_embeds"] = torch.cat([rows.to(embeds.dtype).expand(embeds.shape[0], -1, -1), embeds], dim=1)
 
 

@@ -118,13 +118,18 @@ class CheckpointMixin:
                 stacklevel=4,
             )
             return {}
+        return {key: weight.detach() for key, weight in self._embedding_params().items()}
+
+    def _embedding_params(self) -> dict[str, Tensor]:
+        """The input / output embeddings' weight parameters under their state keys: `<path>.base_layer.weight`
+        where an adapter wraps the layer, `<path>.weight` where none does."""
         layers = _embedding_layers(self._base)
         found = {}
         for path, module in self._base.named_modules():
-            inner = module.base_layer if isinstance(module, AdapterLayer) else module
-            if any(inner is layer for layer in layers if layer is not None) and path:
-                key = f"{path}.base_layer.weight" if isinstance(module, AdapterLayer) else f"{path}.weight"
-                found.setdefault(key, inner.weight.detach())
+            wrapped = isinstance(module, AdapterLayer)
+            inner = module.get_base_layer() if wrapped else module
+            if path and any(inner is layer for layer in layers):
+                found.setdefault(f"{path}.base_layer.weight" if wrapped else f"{path}.weight", inner.weight)
         return found
 
     @property
@@ -249,18 +254,9 @@ class CheckpointMixin:
         layers = {f"{path}.base_layer.weight": w for path, w in self._wrappers() if isinstance(w, AdapterLayer)}
         out = {k: layers[k].get_base_layer().weight for k in found if k in layers}
         if any(k.endswith(".weight") and k not in layers for k in found):
-            plain = self._live_embedding_weights()
-            out.update({k: plain[k] for k in found if k in plain})
+            plain = self._embedding_params()  # a table saved for a layer no adapter wraps
+            out.update({k: plain[k] for k in found if k in plain and k not in out})
         return out
-
-    def _live_embedding_weights(self) -> dict[str, Tensor]:
-        """The input / output embeddings that no adapter wraps: their weight parameters under `<path>.weight`."""
-        layers = _embedding_layers(self._base)
-        return {
-            f"{path}.weight": module.weight
-            for path, module in self._base.named_modules()
-            if path and not isinstance(module, AdapterLayer) and any(module is layer for layer in layers)
-        }
 
     def load_adapter_tensors(self, adapter_name: str, tensors: dict[str, Tensor]) -> None:
         """Overwrite an existing adapter's tensors from a peft-keyed dict (e.g. a training checkpoint); checked

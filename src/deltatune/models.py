@@ -129,6 +129,11 @@ def model_type_of(model: nn.Module) -> str | None:
     return getattr(config, "model_type", None)
 
 
+def is_encoder_decoder(model: nn.Module) -> bool:
+    """Whether `model` (a transformers model) has an encoder and a decoder (T5, BART)."""
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
 def context_length(model: nn.Module) -> int | None:
     """The most positions the model reads (its config's `max_position_embeddings` / `n_positions`), if it says."""
     config = getattr(model, "config", None)

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from deltatune.config import AdapterConfig
 from deltatune.errors import ConfigError
 from deltatune.layers import AdapterLayer, Unmergeable, module_device
-from deltatune.models import arch_for, find_layer_list, model_type_of
+from deltatune.models import arch_for, find_layer_list, is_encoder_decoder, model_type_of
 from deltatune.registry import MethodSpec, register_method
 
 
@@ -147,7 +147,7 @@ def _projections(model_type: str | None) -> tuple[str, tuple[str, str, str, str]
 
 def adapted_attention_targets(model: nn.Module, config: AdaptionPromptConfig) -> list[str]:
     """The attention modules of the top `adapter_layers` layers (peft: the last matches of `target_modules`)."""
-    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+    if is_encoder_decoder(model):
         raise ConfigError(
             f"{type(model).__name__} is an encoder-decoder model; adaption prompts sit in a decoder-only model's "
             "self-attention (LLaMA-style). Use prompt tuning or prefix tuning on encoder-decoder models."

@@ -21,6 +21,7 @@ prefix (peft's layout has none for it). In `generate()`, n placeholder decoder i
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -44,11 +45,11 @@ from deltatune.methods.prompt_learning import (
     PromptLearningConfig,
     TrainedTable,
     fill_from_model,
-    is_encoder_decoder,
     loaded_table,
     model_sizes,
     saved_table,
 )
+from deltatune.models import is_encoder_decoder
 from deltatune.registry import MethodSpec, register_method
 
 
@@ -179,35 +180,28 @@ def _prepend_decoder_prefix(call: dict[str, Any], n: int, generating: bool, mode
     return n
 
 
-def _table_by_layer(table: Tensor, shape: tuple[int, int, int], dtype: torch.dtype) -> Tensor:
-    """(2·layers, heads, n, head_dim): the table's key and value blocks, layer by layer."""
-    layers, heads, head_dim = shape
-    return table.to(dtype).view(table.shape[0], 2 * layers, heads, head_dim).permute(1, 2, 0, 3)
-
-
 def decoder_prefix_cache(
     table: Tensor, batch: int, shape: tuple[int, int, int], model: nn.Module
 ) -> EncoderDecoderCache:
     """An EncoderDecoderCache with the prefixes in the decoder's self-attention, peft's layout: decoder layer i reads
     the table's layer block (2i mod layers); the cross-attention cache starts empty."""
     layers = shape[0]
-    per_layer = _table_by_layer(table, shape, getattr(model, "dtype", table.dtype))
-    decoder = DynamicCache(config=model.config)
-    for layer in range(layers):
-        block = (2 * layer) % layers
-        key, value = (per_layer[2 * block + i].unsqueeze(0).expand(batch, -1, -1, -1) for i in (0, 1))
-        decoder.update(key, value, layer)
+    decoder = prefix_cache(table, batch, shape, model, block=lambda layer: (2 * layer) % layers)
     return EncoderDecoderCache(decoder, DynamicCache(config=model.config))
 
 
-def prefix_cache(table: Tensor, batch: int, shape: tuple[int, int, int], model: nn.Module) -> DynamicCache:
-    """A DynamicCache holding the prefixes: layer i's keys and values are the table's columns [2i·w, (2i+1)·w) and
-    [(2i+1)·w, (2i+2)·w), as (batch, heads, n, head_dim), in the model's dtype."""
-    layers = shape[0]
-    per_layer = _table_by_layer(table, shape, getattr(model, "dtype", table.dtype))
+def prefix_cache(
+    table: Tensor, batch: int, shape: tuple[int, int, int], model: nn.Module, block: Callable[[int], int] = int
+) -> DynamicCache:
+    """A DynamicCache holding the prefixes: layer i's keys and values are the columns [2j·w, (2j+1)·w) and
+    [(2j+1)·w, (2j+2)·w) of the table, j = `block(i)` (i itself but in peft's encoder-decoder layout), as
+    (batch, heads, n, head_dim), in the model's dtype."""
+    layers, heads, head_dim = shape
+    dtype = getattr(model, "dtype", table.dtype)
+    per_layer = table.to(dtype).view(table.shape[0], 2 * layers, heads, head_dim).permute(1, 2, 0, 3)
     cache = DynamicCache(config=model.config)
     for layer in range(layers):
-        key, value = (per_layer[2 * layer + i].unsqueeze(0).expand(batch, -1, -1, -1) for i in (0, 1))
+        key, value = (per_layer[2 * block(layer) + i].unsqueeze(0).expand(batch, -1, -1, -1) for i in (0, 1))
         cache.update(key, value, layer)
     return cache
 

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from deltatune import io
 from deltatune.config import AdapterConfig
 from deltatune.errors import ConfigError
-from deltatune.models import context_length
+from deltatune.models import context_length, is_encoder_decoder
 
 SAVED_KEY = "prompt_embeddings"
 """peft's one key for these methods' tensors, at the top of the file."""
@@ -103,7 +103,7 @@ def model_sizes(model: nn.Module) -> ModelSizes:
         heads=heads,
         kv_heads=first("num_key_value_heads") or heads,
         head_dim=first("head_dim", "d_kv") or hidden // heads,  # T5's d_kv: mT5's heads x d_kv is not d_model
-        encoder_decoder=bool(getattr(config, "is_encoder_decoder", False)),
+        encoder_decoder=is_encoder_decoder(model),
         decoder_layers=first("num_decoder_layers", "decoder_layers") or layers,
     )
 
@@ -135,12 +135,6 @@ def fill_from_model(config: PromptLearningConfig, model: nn.Module) -> PromptLea
         num_layers=config.num_layers or sizes.layers,
         num_transformer_submodules=submodules,
     )
-
-
-def is_encoder_decoder(model: nn.Module) -> bool:
-    """Whether `model` (a transformers model) has an encoder and a decoder (T5, BART): virtual tokens then go in
-    front of the encoder's input, prefixes into the decoder's cache."""
-    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
 
 
 class TrainedTable(nn.Module):

@@ -39,10 +39,10 @@ from deltatune.methods.prompt_learning import (
     PromptLearningConfig,
     TrainedTable,
     fill_from_model,
-    is_encoder_decoder,
     loaded_table,
     saved_table,
 )
+from deltatune.models import is_encoder_decoder
 from deltatune.registry import MethodSpec, register_method
 
 

@@ -34,7 +34,7 @@ from deltatune.config import AdapterConfig
 from deltatune.errors import AdapterError, ConfigError
 from deltatune.functional.reft import direft, loreft, orthonormal_rows, parse_positions, position_masks
 from deltatune.layers import AdapterLayer, Unmergeable, module_device
-from deltatune.models import arch_for, context_length, last_linear_width
+from deltatune.models import arch_for, context_length, is_encoder_decoder, last_linear_width
 from deltatune.registry import MethodSpec, register_method
 
 _ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh, "silu": F.silu}
@@ -248,7 +248,7 @@ def reft_call_positions(model: nn.Module, args: tuple, kwargs: dict[str, Any], g
 def reft_check_positions(config: ReftConfig, model: nn.Module) -> ReftConfig:
     """Refuse `positions` that ask for more first (or last) tokens than the model ever reads: such a count can never
     mean what it says (shorter prompts simply have fewer positions to edit, as in pyreft)."""
-    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+    if is_encoder_decoder(model):
         raise ConfigError(
             f"{type(model).__name__} is an encoder-decoder model; ReFT edits the token positions of one stack "
             "(decoder-only or encoder models). Use LoRA, IA3 or prompt tuning on encoder-decoder models."

@@ -456,7 +456,7 @@ def _score_before(run: _Run, base_answers: dict[str, list[str]] | None) -> bool 
         score_all(run, "before")
         return None
     identity = _starts_as_identity(run) if sets else None
-    known = base_answers is not None and all(len(base_answers.get(s.name, [])) == len(s.records) for s in sets)
+    known = all(len(base_answers.get(s.name, [])) == len(s.records) for s in sets)
     if identity and known:
         for gen_set in sets:
             gen_set.before = list(base_answers[gen_set.name])
