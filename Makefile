@@ -68,6 +68,7 @@ bench: setup
 	$(PY) benchmarks/roofline.py
 	$(PY) benchmarks/chunked_loss.py
 	$(PY) benchmarks/dora_lean.py
+	$(PY) benchmarks/velora_memory.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -40,6 +40,7 @@ from deltatune.methods.prompt_learning import PromptLearningConfig
 from deltatune.methods.prompt_tuning import PromptEncoder, PromptEncoderConfig, PromptTuningConfig
 from deltatune.methods.reft import ReftConfig
 from deltatune.methods.selective import SelectiveConfig
+from deltatune.methods.velora import VeloraConfig
 from deltatune.methods.vera import VeraConfig
 from deltatune.model import PeftModel, get_peft_model, inject_adapter_in_model, load_config
 from deltatune.peft_types import PeftType, TaskType
@@ -89,6 +90,7 @@ __all__ = [
     "DeltatuneError",
     "GraloraConfig",
     "LoraConfig",
+    "VeloraConfig",
     "hotswap_adapter",
     "prepare_model_for_compiled_hotswap",
     "VeraConfig",

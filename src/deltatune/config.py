@@ -7,7 +7,7 @@ import importlib.metadata
 import json
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -312,6 +312,8 @@ def config_dir(model_id: str | Path, subfolder: str | None = None, **hub_kwargs:
 
 
 def _jsonable(value: Any) -> Any:
+    if is_dataclass(value) and not isinstance(value, type):  # a method's sub-config (e.g. VeloraConfig)
+        return asdict(value)
     if isinstance(value, (set, tuple)):
         return sorted(value) if isinstance(value, set) else list(value)
     return value

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import abc
 import copy
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -474,8 +474,36 @@ class TrainableCopy(nn.Module):
 _OWN_ATTRS = frozenset({"original_module", "modules_to_save", "active_adapters", "disabled"})
 
 
-def _params(value: nn.Module | nn.Parameter) -> list[nn.Parameter]:
-    return list(value.parameters()) if isinstance(value, nn.Module) else [value]
+def _params(value: nn.Module | Tensor) -> list[nn.Parameter]:
+    if isinstance(value, nn.Module):
+        return list(value.parameters())
+    return [value] if isinstance(value, nn.Parameter) else []  # a BufferDict's state is not trained
+
+
+class BufferDict(nn.Module):
+    """Per-adapter tensors that are state, not parameters (e.g. VeLoRA's projection): saved with the adapter and moved
+    with the layer, never trained. Keyed by adapter name like a ParameterDict (`layer.attr[name]`)."""
+
+    def __getitem__(self, name: str) -> Tensor:
+        return self._buffers[name]
+
+    def __setitem__(self, name: str, value: Tensor) -> None:
+        self.register_buffer(name, value, persistent=True)
+
+    def __delitem__(self, name: str) -> None:
+        del self._buffers[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._buffers
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._buffers)
+
+    def __len__(self) -> int:
+        return len(self._buffers)
+
+    def keys(self) -> list[str]:
+        return list(self._buffers)
 
 
 def module_device(module: nn.Module) -> torch.device:

@@ -158,7 +158,7 @@ def test_dora_on_an_unsupported_layer_is_a_typed_error_and_changes_nothing():
     variants = dict(LORA_VARIANTS["use_dora"])
     del LORA_VARIANTS["use_dora"][LoraLinear]
     try:
-        with pytest.raises(dt.UnsupportedModuleError, match="use_dora=True is not supported on Linear"):
+        with pytest.raises(dt.UnsupportedModuleError, match="use_dora is not supported on Linear"):
             dt.get_peft_model(model, dt.LoraConfig(r=2, target_modules=["0"], use_dora=True))
     finally:
         LORA_VARIANTS["use_dora"] = variants

@@ -15,6 +15,7 @@ from deltatune.methods import (
     prompt_tuning,  # noqa: F401
     reft,  # noqa: F401
     selective,  # noqa: F401
+    velora,  # noqa: F401
     vera,  # noqa: F401
 )
 

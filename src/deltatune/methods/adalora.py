@@ -61,6 +61,7 @@ class AdaLoraConfig(AdapterConfig):
         "target_parameters",
         "use_dora",
         "use_rslora",
+        "velora_config",
         "alpha_pattern",
     )
     inert_fields = LoraConfig.inert_fields

@@ -15,6 +15,7 @@ saved as (1, c_out, 1, ...)) and nn.Embedding (magnitude per embedding dim, the 
 from __future__ import annotations
 
 import abc
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,9 @@ class _Dora(abc.ABC):
 
     param_name = "lora_magnitude_vector"
 
+    def container(self) -> nn.Module:
+        return nn.ParameterDict()
+
     def oriented(self, layer: _LoraLayer, weight: Tensor) -> Tensor:
         return weight
 
@@ -41,7 +45,7 @@ class _Dora(abc.ABC):
     def forward(self, layer: _LoraLayer, name: str, x: Tensor, result: Tensor) -> Tensor:
         """`result` (the base output plus earlier adapters) with this adapter's DoRA term applied."""
 
-    def init(self, layer: _LoraLayer, name: str) -> None:
+    def init(self, layer: _LoraLayer, name: str, options: dict[str, Any]) -> None:
         with torch.no_grad():
             norm = column_norm(self._combined(layer, name))
         layer.lora_magnitude_vector[name] = nn.Parameter(norm.reshape(self.magnitude_shape(layer)))

@@ -11,8 +11,8 @@ nn.Embedding.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
 
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -36,6 +36,7 @@ from deltatune.methods.lora_options import (
 from deltatune.methods.lora_parameter import add_parameter_targets
 from deltatune.methods.lora_shared_input import link_shared_inputs
 from deltatune.methods.trainable_tokens import add_trainable_tokens, tie_saved_copies
+from deltatune.methods.velora import VeloraConfig
 from deltatune.models import default_lora_targets
 from deltatune.quant.linear4bit import Linear4bit
 from deltatune.registry import MethodSpec, register_method
@@ -58,7 +59,6 @@ class LoraConfig(AdapterConfig):
         "lora_ga_config",
         "monteclora_config",
         "use_bdlora",
-        "velora_config",
     )
     inert_fields = ("megatron_core", "qalora_group_size")
 
@@ -100,6 +100,9 @@ class LoraConfig(AdapterConfig):
     position gets its own adapter), e.g. [[0, 4], [2, 5]] (deltatune.methods.layer_replication)."""
     loftq_config: dict[str, int] = field(default_factory=dict)
     """With init_lora_weights="loftq": {"loftq_bits": 4, "loftq_iter": N} (peft's LoftQConfig fields)."""
+    velora_config: VeloraConfig | dict[str, Any] | None = None
+    """VeLoRA (deltatune.methods.velora): A's down-projection keeps num_groups numbers per token for its gradient
+    instead of the token, e.g. VeloraConfig(num_groups=64) or the same fields as a dict. Linear layers."""
     lora_bias: bool = False
     """B gets a trainable bias (zero at start; saved as `lora_B.bias`): the update becomes s·(B A x + b). Linear
     layers; merging adds s·b to the base bias, so the base layer needs one."""
@@ -136,6 +139,16 @@ class LoraConfig(AdapterConfig):
                     "trainable_token_indices must be a list of token ids or a dict {module name: [token ids]}, got "
                     f"{tokens!r}."
                 )
+        if isinstance(self.velora_config, dict):
+            unknown = set(self.velora_config) - {f.name for f in fields(VeloraConfig)}
+            if unknown:
+                raise ConfigError(
+                    f"velora_config has unknown fields {sorted(unknown)}; VeloraConfig takes num_groups, scale and "
+                    "init_type."
+                )
+            self.velora_config = VeloraConfig(**self.velora_config)
+        if self.velora_config is not None and self.use_dora:
+            raise UnsupportedFieldError("velora_config with use_dora=True is not supported; use one of the two.")
         if self.lora_bias and self.use_dora:
             raise UnsupportedFieldError("lora_bias=True with use_dora=True is not supported; use one of the two.")
         if base_rewriting_init(self) and self.use_dora:

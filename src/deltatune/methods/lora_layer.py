@@ -10,6 +10,7 @@ else it trains live in `lora_options.py`, `lora_parameter.py` and `trainable_tok
 from __future__ import annotations
 
 import abc
+import dataclasses
 import re
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -65,6 +66,8 @@ def base_rewriting_init(config: LoraConfig) -> str | None:
 
 def lora_layer_kwargs(config: LoraConfig, module_path: str) -> dict[str, Any]:
     """Flat arguments for one target's `add_adapter` (rank/alpha patterns resolved here, not in the layer)."""
+    variant = next((flag for flag in LORA_VARIANTS if getattr(config, flag, None)), None)
+    value = getattr(config, variant) if variant else None
     if config.rank_pattern == "auto":
         raise ConfigError(
             'rank_pattern="auto" is resolved when a training run starts (config.for_training(...), which '
@@ -81,7 +84,8 @@ def lora_layer_kwargs(config: LoraConfig, module_path: str) -> dict[str, Any]:
             else config.init_lora_weights
         ),
         "lora_bias": bool(config.lora_bias),
-        "variant": next((flag for flag in LORA_VARIANTS if getattr(config, flag, False)), None),
+        "variant": variant,
+        "variant_options": dataclasses.asdict(value) if dataclasses.is_dataclass(value) else None,
     }
 
 
@@ -91,12 +95,14 @@ def lora_module_scale(config: LoraConfig, module_path: str) -> float:
 
 
 class LoraVariant(Protocol):
-    """A LoRA variant (e.g. DoRA) selected by a config flag, for one wrapper type; it owns one extra per-adapter
-    parameter."""
+    """A LoRA variant (e.g. DoRA, VeLoRA) selected by a config field, for one wrapper type; it owns one extra
+    per-adapter tensor, held in a `container()` (a ParameterDict for a trained tensor, a BufferDict for a state)."""
 
     param_name: str
 
-    def init(self, layer: _LoraLayer, name: str) -> None: ...
+    def container(self) -> nn.Module: ...
+
+    def init(self, layer: _LoraLayer, name: str, options: dict[str, Any]) -> None: ...
 
     def forward(self, layer: _LoraLayer, name: str, x: Tensor, result: Tensor) -> Tensor: ...
 
@@ -106,15 +112,21 @@ class LoraVariant(Protocol):
 
 
 LORA_VARIANTS: dict[str, dict[type[nn.Module], LoraVariant]] = {}
-"""Config flag (e.g. "use_dora") -> wrapper class -> variant; variant modules register themselves here."""
+"""Config field (e.g. "use_dora", "velora_config") -> wrapper class -> variant; variant modules register themselves
+here. A flag turns its variant on when set (True, or a sub-config); a sub-config's fields reach `init` as options."""
 
 
 def register_lora_variant(flag: str, layer_cls: type[nn.Module], variant: LoraVariant) -> None:
     LORA_VARIANTS.setdefault(flag, {})[layer_cls] = variant
 
 
+def _variant_containers() -> dict[str, LoraVariant]:
+    """The variants' tensor attribute names, each with one variant that builds its container."""
+    return {v.param_name: v for _, table in sorted(LORA_VARIANTS.items()) for v in table.values()}
+
+
 def _variant_param_names() -> list[str]:
-    return sorted({v.param_name for table in LORA_VARIANTS.values() for v in table.values()})
+    return sorted(_variant_containers())
 
 
 class _LiveView(Mapping):
@@ -151,8 +163,9 @@ class _LoraLayer(AdapterLayer):
         self.dropout_p: dict[str, float] = {}
         self.variant: dict[str, str] = {}  # adapter name -> variant flag, for adapters that use one
         self.init_from_base: dict[str, str] = {}  # adapter name -> pending base-rewriting init (PiSSA, OLoRA)
-        for param_name in _variant_param_names():
-            setattr(self, param_name, nn.ParameterDict())
+        self.variant_options: dict[str, dict[str, Any]] = {}  # adapter name -> its variant's sub-config fields
+        for param_name, variant in _variant_containers().items():
+            setattr(self, param_name, variant.container())
 
     @property
     def adapter_param_names(self) -> tuple[str, ...]:
@@ -174,18 +187,19 @@ class _LoraLayer(AdapterLayer):
 
     @property
     def adapter_other_names(self) -> tuple[str, ...]:
-        return ("r", "lora_alpha", "scaling", "dropout_p", "variant", "init_from_base")
+        return ("r", "lora_alpha", "scaling", "dropout_p", "variant", "variant_options", "init_from_base")
 
-    def _init_variant(self, name: str, flag: str | None) -> None:
+    def _init_variant(self, name: str, flag: str | None, options: dict[str, Any] | None = None) -> None:
         if flag is None:
             return
         if self._variant_for(flag) is None:
             raise UnsupportedModuleError(
-                f"{flag}=True is not supported on {type(self.base_layer).__name__} layers; exclude those modules "
-                f"(exclude_modules) or set {flag}=False."
+                f"{flag} is not supported on {type(self.base_layer).__name__} layers; exclude those modules "
+                f"(exclude_modules) or turn {flag} off."
             )
         self.variant[name] = flag
-        self._variant_for(flag).init(self, name)
+        self.variant_options[name] = dict(options or {})
+        self._variant_for(flag).init(self, name, self.variant_options[name])
 
     def _variant_for(self, flag: str) -> LoraVariant | None:
         return next((v for cls, v in LORA_VARIANTS.get(flag, {}).items() if isinstance(self, cls)), None)
@@ -212,6 +226,7 @@ class _LoraLayer(AdapterLayer):
         use_rslora: bool = False,
         init_lora_weights: bool | str = True,
         variant: str | None = None,
+        variant_options: dict[str, Any] | None = None,
         lora_bias: bool = False,
     ) -> None:
         self.r[name], self.lora_alpha[name], self.dropout_p[name] = r, lora_alpha, lora_dropout
@@ -243,7 +258,7 @@ class _LoraLayer(AdapterLayer):
             self.lora_B[name].bias = nn.Parameter(torch.zeros(self.out_features, device=self._device()))
         if rewriting:
             self.init_from_base[name] = rewriting
-        self._init_variant(name, variant)
+        self._init_variant(name, variant, variant_options)
 
     @abc.abstractmethod
     def _create_weights(self, name: str, r: int, init_lora_weights: bool | str) -> None:
@@ -434,13 +449,13 @@ class LoraConv(_BiasedUp, _AdditiveLora):
         )
         init_pair(self.lora_A[name].weight, self.lora_B[name].weight, init_lora_weights, r)
 
-    def _init_variant(self, name: str, flag: str | None) -> None:
+    def _init_variant(self, name: str, flag: str | None, options: dict[str, Any] | None = None) -> None:
         if flag is not None and self.base_layer.groups > 1:
             raise UnsupportedModuleError(
                 f"{flag}=True on a grouped {type(self.base_layer).__name__} (groups={self.base_layer.groups}) is not "
                 f"supported: its weight cannot hold the adapter's dense change. Exclude the module or set {flag}=False."
             )
-        super()._init_variant(name, flag)
+        super()._init_variant(name, flag, options)
 
     def lora_output(self, name: str, x: Tensor) -> Tensor:
         xd = F.dropout(x, self.dropout_p[name], self.training)

@@ -70,7 +70,7 @@ class LoraMultiheadAttention(_LoraLayer):
         """The pair on the packed projection, and the same adapter on `out_proj` (peft adapts both together)."""
         refused = {
             "lora_dropout": "dropout acts on a layer's input, and this LoRA changes the attention's weights instead",
-            "variant": "DoRA needs per-output norms of one weight, and this layer has two",
+            "variant": "the LoRA variants (DoRA, VeLoRA) act on one linear weight; this layer packs several",
             "lora_bias": "the packed projection has no LoRA bias in peft's layout",
         }
         for key, why in refused.items():

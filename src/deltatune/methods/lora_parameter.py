@@ -67,7 +67,7 @@ class LoraParameter(_LoraLayer):
                 "dropped for it alone), as in peft."
             )
         if kwargs.get("variant"):
-            raise UnsupportedModuleError(f"{kwargs['variant']}=True does not apply to target_parameters.")
+            raise UnsupportedModuleError(f"{kwargs['variant']} does not apply to target_parameters; turn it off.")
         super().add_adapter(name, **kwargs)
 
     def _create_weights(self, name: str, r: int, init_lora_weights: bool | str) -> None:
