@@ -205,7 +205,7 @@ def set_active(
         if config.inference_mode:
             continue
         for wrapper in found:
-            for p in wrapper.adapter_parameters(name):
+            for p in wrapper.trainable_parameters(name):
                 p.requires_grad_(True)
         extra = get_method(config.peft_type).extra_trainable
         for pname in extra(base, config, name) if extra else []:

@@ -71,6 +71,8 @@ class AdapterLayer(nn.Module, metaclass=abc.ABCMeta):
         deleted or the layer moves (`.to()`, `.double()`, ...), so nothing derived outlives what it came from."""
         self.merge_state: dict[str, dict[str, Tensor]] = {}
         """Per merged adapter: what `unmerge` needs to restore the base exactly; moves with the layer."""
+        self.frozen_params: dict[str, tuple[str, ...]] = {}
+        """Per adapter: attributes (of `adapter_param_names`) saved with it but never trained."""
         for p in base_layer.parameters():
             p.requires_grad_(False)
 
@@ -102,6 +104,7 @@ class AdapterLayer(nn.Module, metaclass=abc.ABCMeta):
             if name in container:
                 del container[name]
         self.adapter_cache.pop(name, None)
+        self.frozen_params.pop(name, None)
         self.__dict__.get("configured_scaling", {}).pop(name, None)
         self.active_adapters = [n for n in self.active_adapters if n != name]
 
@@ -115,6 +118,17 @@ class AdapterLayer(nn.Module, metaclass=abc.ABCMeta):
 
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
         return [p for attr in self.adapter_param_names if name in (c := getattr(self, attr)) for p in _params(c[name])]
+
+    def trainable_parameters(self, name: str) -> list[nn.Parameter]:
+        """The parameters of adapter `name` that train when it does: all but those its method keeps fixed
+        (`frozen_params`, e.g. MiCA's B)."""
+        frozen = self.frozen_params.get(name, ())
+        return [
+            p
+            for attr in self.adapter_param_names
+            if attr not in frozen and name in (c := getattr(self, attr))
+            for p in _params(c[name])
+        ]
 
     # -- peft's layer API (what quantization code, other libraries and user loops touch) ------------------------------
     def __getattr__(self, name: str) -> Any:
@@ -164,6 +178,8 @@ class AdapterLayer(nn.Module, metaclass=abc.ABCMeta):
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         for name in self.adapter_names:
             for param in self.adapter_parameters(name):
+                param.requires_grad_(False)
+            for param in self.trainable_parameters(name):
                 param.requires_grad_(name in names and not inference_mode)
         self.set_active(names)
 
@@ -445,6 +461,8 @@ class TrainableCopy(nn.Module):
 
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
         return list(self.modules_to_save[name].parameters()) if name in self.modules_to_save else []
+
+    trainable_parameters = adapter_parameters
 
     load_adapter_state = AdapterLayer.load_adapter_state
 

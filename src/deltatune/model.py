@@ -267,7 +267,7 @@ class PeftModel(CheckpointMixin, PretrainedFacade):
         for name in names:
             self._check_name(name, exists=True)
             for _, wrapper in self._wrappers():
-                for p in wrapper.adapter_parameters(name):
+                for p in wrapper.trainable_parameters(name):
                     p.requires_grad_(requires_grad)
 
     @property

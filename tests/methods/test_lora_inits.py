@@ -3,11 +3,13 @@ base-rewriting adapter relative to the original base, and lora_bias; peft as the
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 import deltatune as dt
-from deltatune.functional.init import olora_factors, orthogonal_factors, pissa_factors
+from deltatune.functional.init import mica_factors, olora_factors, orthogonal_factors, pissa_factors
 from deltatune.functional.lora import relative_to_initial
 from tests.conftest import model_output, tiny_bert, tiny_llama
 
@@ -233,3 +235,57 @@ def test_loftq_model_starts_closer_to_the_base_than_plain_nf4_and_the_base_requa
     quantized = dt.quantize_model(tiny_llama())
     with pytest.raises(dt.UnsupportedModuleError, match="full-precision"):
         dt.get_peft_model(quantized, dt.LoraConfig(target_modules=["q_proj"], init_lora_weights="loftq"))
+
+
+def test_mica_factors_span_the_minor_output_directions():
+    weight, r = _weight(), 3
+    lora_a, lora_b = mica_factors(weight, r)
+    assert torch.equal(lora_a, torch.zeros(r, weight.shape[1]))
+    torch.testing.assert_close(lora_b.T @ lora_b, torch.eye(r), rtol=1e-5, atol=1e-5)  # orthonormal columns
+    # the columns' energy under Wᵀ is exactly the r smallest singular values' (a subspace property, sign-free)
+    smallest = torch.linalg.svdvals(weight)[-r:]
+    torch.testing.assert_close((weight.T @ lora_b).square().sum(), smallest.square().sum(), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="r <= min"):
+        mica_factors(weight, 10)
+
+
+def test_mica_trains_only_a_matches_peft_and_keeps_b_fixed_through_switches(tmp_path):
+    peft = pytest.importorskip("peft")
+    base = tiny_llama()
+    targets = ["q_proj", "down_proj", "embed_tokens"]
+    ours = dt.get_peft_model(copy.deepcopy(base), dt.LoraConfig(r=4, target_modules=targets, init_lora_weights="mica"))
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, target_modules=targets,
+                                                                       init_lora_weights="mica"))  # fmt: skip
+    ours_saved = {k: v.clone() for k, v in dt.get_peft_model_state_dict(ours).items()}
+    theirs_saved = {k: v for k, v in peft.get_peft_model_state_dict(theirs).items() if "lora_" in k}
+    assert ours_saved.keys() == theirs_saved.keys()
+    for key in ours_saved:
+        torch.testing.assert_close(ours_saved[key], theirs_saved[key], rtol=1e-5, atol=1e-6)
+    trainable = {n for n, p in ours.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, p in theirs.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_A" in n or "lora_embedding_A" in n for n in trainable)
+    ours.set_adapter("default")
+    ours.set_requires_grad("default")
+    with ours.disable_adapter():
+        pass
+    assert {n for n, p in ours.named_parameters() if p.requires_grad} == trainable
+    torch.testing.assert_close(model_output(ours, IDS), model_output(base, IDS))  # A = 0: the base's output
+    opt = torch.optim.SGD([p for p in ours.parameters() if p.requires_grad], lr=0.1)
+    ours(**IDS, labels=IDS["input_ids"]).loss.backward()
+    opt.step()
+    after = dt.get_peft_model_state_dict(ours)
+    assert all(torch.equal(after[k], ours_saved[k]) for k in after if "lora_B" in k or "lora_embedding_B" in k)
+    assert any(not torch.equal(after[k], ours_saved[k]) for k in after if "lora_A" in k)
+    ours.save_pretrained(tmp_path)
+    reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    torch.testing.assert_close(model_output(reloaded, IDS), model_output(ours.eval(), IDS), rtol=1e-5, atol=1e-5)
+
+
+def test_mica_refuses_layers_and_ranks_it_cannot_serve():
+    conv = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3))
+    with pytest.raises(dt.UnsupportedModuleError, match="linear and embedding"):
+        dt.get_peft_model(conv, dt.LoraConfig(r=2, target_modules=["0"], init_lora_weights="mica"))
+    small = torch.nn.Sequential(torch.nn.Linear(3, 5))
+    with pytest.raises(dt.UnsupportedModuleError, match="r <= min"):
+        dt.get_peft_model(small, dt.LoraConfig(r=4, target_modules=["0"], init_lora_weights="mica"))
+    assert type(small[0]) is torch.nn.Linear

@@ -42,6 +42,17 @@ def pissa_factors(weight: Tensor, r: int, scale: float, niter: int | None = None
 
 
 @torch.no_grad()
+def mica_factors(weight: Tensor, r: int) -> tuple[Tensor, Tensor]:
+    """MiCA (arXiv:2604.01694): with W = U S Vᵀ (weight (d_out, d_in), float32), B = the r left singular vectors of the
+    smallest singular values, U[:, -r:] (d_out, r), kept fixed; A = 0 (r, d_in) is what trains, so the update starts
+    at zero and moves only within W's minor output directions. Needs r <= min(d_out, d_in)."""
+    if r > min(weight.shape):
+        raise ValueError(f"MiCA needs r <= min(d_out, d_in) = {min(weight.shape)}, got r={r}")
+    u, _, _ = torch.linalg.svd(weight, full_matrices=False)
+    return weight.new_zeros(r, weight.shape[1]), u[:, -r:].contiguous()
+
+
+@torch.no_grad()
 def olora_factors(weight: Tensor, r: int) -> tuple[Tensor, Tensor]:
     """OLoRA (Büyükakyüz 2024, arXiv:2406.01775): W = Q R (weight (d_out, d_in), float32); A = R[:r] (r, d_in),
     B = Q[:, :r] (d_out, r): orthonormal columns in B; the base keeps W - s·B A."""

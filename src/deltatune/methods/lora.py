@@ -78,7 +78,8 @@ class LoraConfig(AdapterConfig):
     """True: kaiming-uniform A, zero B. "gaussian": A ~ N(0, 1/r), zero B. "orthogonal" (even r): both non-zero,
     B A = 0. "pissa" / "pissa_niter_N" / "olora": the adapter takes W's principal (SVD) / QR components and the base
     keeps the residual (Linear layers; the base weights change: save with `path_initial_model_for_weight_conversion`
-    for a plain LoRA on the original base). False: both random (for tests)."""
+    for a plain LoRA on the original base). "mica": B = W's r minor left singular vectors, kept fixed, A = 0 trains
+    (Linear and Embedding layers; the base is unchanged). False: both random (for tests)."""
     rank_pattern: dict[str, int] | Literal["auto"] = field(default_factory=dict)
     """Per-module ranks: regex (matched as a name suffix) -> r, e.g. {"down_proj": 16}. "auto": allocated from
     gradient sensitivity at the parameter count of uniform rank r when a training run starts (`for_training`)."""

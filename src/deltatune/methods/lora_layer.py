@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from deltatune.errors import ConfigError, MergeError, PeftWarning, UnsupportedModuleError
 from deltatune.functional.init import (
     loftq_factors,
+    mica_factors,
     olora_factors,
     orthogonal_factors,
     pissa_factors,
@@ -52,7 +53,7 @@ def _pattern_value(pattern: dict[str, Any], module_path: str, default: Any) -> A
     return default
 
 
-INIT_STARTS = ("gaussian", "orthogonal")
+INIT_STARTS = ("gaussian", "orthogonal", "mica")
 """Initialisations of the adapter alone (besides True/False); base-rewriting ones are `base_rewriting_init`'s."""
 
 
@@ -127,6 +128,16 @@ def _variant_containers() -> dict[str, LoraVariant]:
 
 def _variant_param_names() -> list[str]:
     return sorted(_variant_containers())
+
+
+def _mica(weight: Tensor, r: int, base: nn.Module) -> tuple[Tensor, Tensor]:
+    try:
+        return mica_factors(weight, r)
+    except ValueError as exc:
+        raise UnsupportedModuleError(
+            f"init_lora_weights='mica' on this {type(base).__name__}: {exc}; lower r for it (rank_pattern) or exclude "
+            "it (exclude_modules)."
+        ) from None
 
 
 class _LiveView(Mapping):
@@ -317,8 +328,12 @@ class LoraLinear(_BiasedUp, _AdditiveLora):
     def _create_weights(self, name: str, r: int, init_lora_weights: bool | str) -> None:
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=self._device())
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=self._device())
-        if init_lora_weights == "orthogonal":
-            lora_a, lora_b = orthogonal_factors(self.in_features, self.out_features, r)
+        if init_lora_weights in ("orthogonal", "mica"):
+            if init_lora_weights == "mica":
+                lora_a, lora_b = _mica(self.weight_out_in(), r, self.base_layer)
+                self.frozen_params[name] = ("lora_B",)
+            else:
+                lora_a, lora_b = orthogonal_factors(self.in_features, self.out_features, r)
             with torch.no_grad():
                 self.lora_A[name].weight.copy_(lora_a)
                 self.lora_B[name].weight.copy_(lora_b)
@@ -488,7 +503,10 @@ class LoraEmbedding(_AdditiveLora):
         num, dim = self.base_layer.weight.shape
         a = torch.randn(r, num, device=self._device())
         b = torch.randn(dim, r, device=self._device())
-        if init_lora_weights is not False:  # reversed w.r.t. Linear, as in peft: A = 0, B ~ N(0, 1)
+        if init_lora_weights == "mica":  # the table read as a (dim, num) projection
+            a, b = _mica(self.base_layer.weight.detach().float().T, r, self.base_layer)
+            self.frozen_params[name] = ("lora_embedding_B",)
+        elif init_lora_weights is not False:  # reversed w.r.t. Linear, as in peft: A = 0, B ~ N(0, 1)
             a.zero_()
         self.lora_embedding_A[name] = nn.Parameter(a)
         self.lora_embedding_B[name] = nn.Parameter(b)

@@ -26,9 +26,10 @@ def nf4_round_trip(weight: Tensor) -> Tensor:
 
 
 def init_pair(lora_a: Tensor, lora_b: Tensor, init: bool | str, r: int) -> None:
-    if init == "orthogonal":
+    if init in ("orthogonal", "mica"):
+        layers = "linear layers" if init == "orthogonal" else "linear and embedding layers"
         raise UnsupportedModuleError(
-            'init_lora_weights="orthogonal" is for linear layers; exclude the others (exclude_modules).'
+            f"init_lora_weights={init!r} is for {layers}; exclude the others (exclude_modules)."
         )
     if init == "gaussian":
         gaussian_a_zero_b(lora_a, lora_b, r)
