@@ -32,6 +32,7 @@ from deltatune.methods.adaption_prompt import AdaptionPromptConfig
 from deltatune.methods.bottleneck import BottleneckConfig
 from deltatune.methods.gralora import GraloraConfig
 from deltatune.methods.ia3 import IA3Config
+from deltatune.methods.kasa import KasaConfig, kasa_loss
 from deltatune.methods.ln_tuning import LNTuningConfig
 from deltatune.methods.lora import LoraConfig
 from deltatune.methods.lora_hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
@@ -90,6 +91,8 @@ __all__ = [
     "DeltatuneError",
     "GraloraConfig",
     "LoraConfig",
+    "KasaConfig",
+    "kasa_loss",
     "VeloraConfig",
     "hotswap_adapter",
     "prepare_model_for_compiled_hotswap",

@@ -74,6 +74,8 @@ def _check_exportable(config: AdapterConfig, tensors: dict[str, torch.Tensor]) -
         raise ConfigError(f"a {config.peft_type} adapter cannot be a llama.cpp LoRA adapter; {fix}.")
     reasons = {
         "use_dora": "DoRA rescales the weight's columns, which is not B·A",
+        "kasa_config": "KaSA's update is B·diag·A on a base it truncated, which a llama.cpp adapter on the original "
+        "weights cannot express",
         "lora_bias": "lora_bias adds a bias llama.cpp adapters cannot carry",
         "modules_to_save": "modules_to_save trains whole modules llama.cpp adapters cannot carry",
         "trainable_token_indices": "trainable tokens replace embedding rows llama.cpp adapters cannot carry",

@@ -7,6 +7,7 @@ from deltatune.methods import (
     dora,  # noqa: F401
     gralora,  # noqa: F401
     ia3,  # noqa: F401
+    kasa,  # noqa: F401
     ln_tuning,  # noqa: F401
     lora,  # noqa: F401
     lora_combine,  # noqa: F401

@@ -62,6 +62,7 @@ class AdaLoraConfig(AdapterConfig):
         "use_dora",
         "use_rslora",
         "velora_config",
+        "kasa_config",
         "alpha_pattern",
     )
     inert_fields = LoraConfig.inert_fields

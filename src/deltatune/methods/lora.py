@@ -20,6 +20,7 @@ from transformers.pytorch_utils import Conv1D
 from deltatune.config import AdapterConfig, TrainingContext
 from deltatune.errors import ConfigError, UnsupportedFieldError
 from deltatune.layers import AdapterLayer, bias_parameters
+from deltatune.methods.kasa import KasaConfig
 from deltatune.methods.lora_layer import (
     INIT_STARTS,
     LoraConv,
@@ -55,7 +56,6 @@ class LoraConfig(AdapterConfig):
         "corda_config",
         "alora_invocation_tokens",
         "arrow_config",
-        "kasa_config",
         "lora_ga_config",
         "monteclora_config",
         "use_bdlora",
@@ -104,6 +104,9 @@ class LoraConfig(AdapterConfig):
     velora_config: VeloraConfig | dict[str, Any] | None = None
     """VeLoRA (deltatune.methods.velora): A's down-projection keeps num_groups numbers per token for its gradient
     instead of the token, e.g. VeloraConfig(num_groups=64) or the same fields as a dict. Linear layers."""
+    kasa_config: KasaConfig | dict[str, Any] | None = None
+    """KaSA (deltatune.methods.kasa): the base loses its r smallest singular components (in place) and the update
+    is s·B diag(ΔΣ) A with ΔΣ learned; the regularizer weights beta, gamma are read by `kasa_loss`. nn.Linear only."""
     lora_bias: bool = False
     """B gets a trainable bias (zero at start; saved as `lora_B.bias`): the update becomes s·(B A x + b). Linear
     layers; merging adds s·b to the base bias, so the base layer needs one."""
@@ -140,16 +143,14 @@ class LoraConfig(AdapterConfig):
                     "trainable_token_indices must be a list of token ids or a dict {module name: [token ids]}, got "
                     f"{tokens!r}."
                 )
-        if isinstance(self.velora_config, dict):
-            unknown = set(self.velora_config) - {f.name for f in fields(VeloraConfig)}
-            if unknown:
-                raise ConfigError(
-                    f"velora_config has unknown fields {sorted(unknown)}; VeloraConfig takes num_groups, scale and "
-                    "init_type."
-                )
-            self.velora_config = VeloraConfig(**self.velora_config)
-        if self.velora_config is not None and self.use_dora:
-            raise UnsupportedFieldError("velora_config with use_dora=True is not supported; use one of the two.")
+        self.velora_config = _sub_config(self.velora_config, VeloraConfig, "velora_config")
+        self.kasa_config = _sub_config(self.kasa_config, KasaConfig, "kasa_config")
+        # one variant per adapter; MiCA fixes B (another variant in peft), KaSA rewrites the base as PiSSA & co do
+        chosen = [f for f in ("use_dora", "velora_config", "kasa_config") if getattr(self, f) not in (None, False)]
+        if self.init_lora_weights == "mica" or (self.kasa_config is not None and base_rewriting_init(self)):
+            chosen.append(f"init_lora_weights={self.init_lora_weights!r}")
+        if len(chosen) > 1:
+            raise UnsupportedFieldError(f"{' with '.join(chosen)} is not supported; use one of them.")
         if self.lora_bias and self.use_dora:
             raise UnsupportedFieldError("lora_bias=True with use_dora=True is not supported; use one of the two.")
         if base_rewriting_init(self) and self.use_dora:
@@ -198,6 +199,17 @@ class LoraConfig(AdapterConfig):
             context.model, context.calibration_batches(), self.target_modules, r=self.r, loss_fn=context.loss_fn
         )
         return self.replace(rank_pattern=pattern)
+
+
+def _sub_config(value: Any, cls: type, field_name: str) -> Any:
+    """A variant's settings given as a dict (as read from a file) become its config class; unknown keys are refused."""
+    if not isinstance(value, dict):
+        return value
+    unknown = set(value) - {f.name for f in fields(cls)}
+    if unknown:
+        known = ", ".join(f.name for f in fields(cls))
+        raise ConfigError(f"{field_name} has unknown fields {sorted(unknown)}; {cls.__name__} takes {known}.")
+    return cls(**value)
 
 
 def lora_extra_modules(model: nn.Module, adapter_name: str, config: LoraConfig) -> None:

@@ -66,8 +66,10 @@ def _check(model: Any, adapters: list[str], weights: list[float], name: str, kin
         if config.modules_to_save:
             raise ConfigError(f"adapter {a!r} has modules_to_save {config.modules_to_save}: whole modules have no "
                               "weighted combination; combine adapters without them.")  # fmt: skip
-        if kind in FACTOR_TYPES and (getattr(config, "use_dora", False) or getattr(config, "lora_bias", False)):
-            raise ConfigError(f"adapter {a!r} uses {'DoRA' if config.use_dora else 'lora_bias'}: its change is not "
+        forms = {"use_dora": "DoRA", "kasa_config": "KaSA", "lora_bias": "lora_bias"}
+        other_form = next((label for f, label in forms.items() if getattr(config, f, None)), None)
+        if kind in FACTOR_TYPES and other_form:
+            raise ConfigError(f"adapter {a!r} uses {other_form}: its change is not "
                               f"B·A, so {kind!r} would be wrong; use an svd type (e.g. 'svd'), which combines the "
                               "changes themselves into plain LoRA.")  # fmt: skip
 

@@ -212,6 +212,18 @@ class _LoraLayer(AdapterLayer):
         self.variant_options[name] = dict(options or {})
         self._variant_for(flag).init(self, name, self.variant_options[name])
 
+    def _check_variant_mix(self, name: str, flag: str | None) -> None:
+        """A variant that rewrites the base (`changes_base`, KaSA) shares a layer only with adapters of its kind:
+        the others would train against a base it changed."""
+        others = {self.variant.get(n) for n in self.adapter_names if n != name}
+        for kind in {flag, *others}:
+            if kind is not None and getattr(self._variant_for(kind), "changes_base", False) and others - {flag}:
+                raise UnsupportedModuleError(
+                    f"adapter {name!r} ({flag or 'plain LoRA'}) cannot join this layer's adapters "
+                    f"({', '.join(sorted(o or 'plain LoRA' for o in others))}): {kind} rewrites the base weights, so "
+                    "adapters of another kind would see a different base. Use a separate model for each kind."
+                )
+
     def _variant_for(self, flag: str) -> LoraVariant | None:
         return next((v for cls, v in LORA_VARIANTS.get(flag, {}).items() if isinstance(self, cls)), None)
 
@@ -240,6 +252,7 @@ class _LoraLayer(AdapterLayer):
         variant_options: dict[str, Any] | None = None,
         lora_bias: bool = False,
     ) -> None:
+        self._check_variant_mix(name, variant)
         self.r[name], self.lora_alpha[name], self.dropout_p[name] = r, lora_alpha, lora_dropout
         self.scaling[name] = lora_scale(lora_alpha, r, use_rslora)
         rewriting = (
@@ -353,6 +366,9 @@ class LoraLinear(_BiasedUp, _AdditiveLora):
         init = self.init_from_base.pop(name, None)
         if init is None:
             return
+        if init == "variant":  # a variant that rewrites the base (KaSA)
+            self.variant_of(name).initialize_from_base(self, name)
+            return
         weight, scale, r = self.weight_out_in(), self.scaling[name], self.r[name]
         if init.startswith("loftq"):
             if self._base_stored_otherwise:
@@ -421,7 +437,11 @@ class LoraLinear(_BiasedUp, _AdditiveLora):
         return result
 
     def delta_weight(self, name: str) -> Tensor:
-        """s · B A in the base weight's layout, float32."""
+        """s · B A in the base weight's layout, float32 (a variant with another update form, e.g. KaSA's
+        s · B diag(ΔΣ) A, gives its own)."""
+        own = getattr(self.variant_of(name), "delta_weight", None)
+        if own is not None:
+            return own(self, name)
         a, b = self.lora_A[name].weight.float(), self.lora_B[name].weight.float()
         return lora_delta(a, b, self.scaling[name], self.fan_in_fan_out)
 
