@@ -37,11 +37,12 @@ def _child(source, method: str, batch: int, seq: int, targets) -> dict:
     import torch
     from common import peak_rss_mib, reset_peak_rss
 
-    baseline = _rss_mib()
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     import deltatune as dt
     from deltatune.analysis.plan import plan_memory
+
+    baseline = _rss_mib()  # after every import: the libraries' own memory is not training memory
 
     if source == "smollm2":
         from deltatune.pretrained import load_causal_lm
