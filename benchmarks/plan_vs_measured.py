@@ -36,7 +36,6 @@ def _child(source, method: str, batch: int, seq: int, targets) -> dict:
     """Runs in its own process: build, reset the peak, two steps; returns the measured and estimated bytes."""
     import torch
     from common import peak_rss_mib, reset_peak_rss
-
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     import deltatune as dt

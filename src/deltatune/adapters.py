@@ -37,7 +37,7 @@ def target_names(base: nn.Module, config: AdapterConfig, spec: MethodSpec, stric
     resolved by `find_targets`."""
     if spec.select_targets is not None:
         return spec.select_targets(base, config)
-    if config.target_modules == []:
+    if not config.target_modules and not config.needs_target_modules():  # e.g. only LoRA's target_parameters
         return []
 
     def find(target_modules, strict: bool) -> list[str]:

@@ -130,6 +130,8 @@ class MethodSpec:
         if config.target_modules is not None:
             return config
         targets = self.default_targets(model_type)
+        if targets is None and not config.needs_target_modules():  # e.g. LoRA on target_parameters alone (peft)
+            return config
         if targets is None:
             raise ConfigError(self._no_default_targets(model, model_type))
         return config.replace(target_modules=targets)

@@ -84,3 +84,31 @@ def test_refusals():
         dt.get_peft_model(_mixtral(), dt.LoraConfig(target_modules=[], target_parameters=TARGETS, lora_dropout=0.1))
     with pytest.raises(dt.ConfigError, match="empty list"):
         dt.LoraConfig(target_modules=[])
+
+
+def test_target_parameters_alone_on_a_model_without_default_targets(tmp_path):
+    """target_modules left unset: a family with no default targets adapts the named parameters only (peft's rule;
+    a known family adds its default modules), and the file keeps target_modules unset."""
+
+    class Scaled(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(6, 4))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x @ self.weight.T
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(Scaled(), torch.nn.ReLU())
+    x = torch.randn(3, 4)
+    plain = base(x)
+    model = dt.get_peft_model(base, dt.LoraConfig(r=2, target_parameters=["0.weight"], init_lora_weights=False))
+    assert model.peft_config["default"].target_modules is None
+    assert sorted(dt.get_peft_model_state_dict(model)) == ["base_model.model.0.lora_A.weight",
+                                                            "base_model.model.0.lora_B.weight"]  # fmt: skip
+    assert not torch.allclose(model(x), plain)
+    model.save_pretrained(tmp_path)
+    assert '"target_modules": null' in (tmp_path / "adapter_config.json").read_text()
+    torch.manual_seed(0)
+    again = dt.PeftModel.from_pretrained(torch.nn.Sequential(Scaled(), torch.nn.ReLU()), tmp_path)
+    torch.testing.assert_close(again(x), model(x))
