@@ -29,6 +29,7 @@ from deltatune.errors import (
 )
 from deltatune.methods.adalora import AdaLoraConfig
 from deltatune.methods.adaption_prompt import AdaptionPromptConfig
+from deltatune.methods.bdlora import BdLoraConfig
 from deltatune.methods.bottleneck import BottleneckConfig
 from deltatune.methods.gralora import GraloraConfig
 from deltatune.methods.ia3 import IA3Config
@@ -92,6 +93,7 @@ __all__ = [
     "GraloraConfig",
     "LoraConfig",
     "KasaConfig",
+    "BdLoraConfig",
     "kasa_loss",
     "VeloraConfig",
     "hotswap_adapter",

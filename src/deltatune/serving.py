@@ -42,6 +42,9 @@ def _common(config: AdapterConfig, tensors: dict) -> list[Check]:
         Check("LoRA", lora, "" if lora else f"a {config.peft_type} adapter: servers load LoRA only; {instead}"),
         Check("no DoRA", not getattr(config, "use_dora", False), "DoRA's magnitude rescaling is not served"),
         Check("no KaSA", not getattr(config, "kasa_config", None), "KaSA's truncated base and B·diag·A are not served"),
+        Check(
+            "no BD-LoRA", not getattr(config, "use_bdlora", None), "block-diagonal factors are saved as their blocks"
+        ),
         Check("no lora_bias", not getattr(config, "lora_bias", False), "a LoRA bias term is not served"),
         Check(
             "no trainable tokens",

@@ -77,6 +77,7 @@ def _check_exportable(config: AdapterConfig, tensors: dict[str, torch.Tensor]) -
         "kasa_config": "KaSA's update is B·diag·A on a base it truncated, which a llama.cpp adapter on the original "
         "weights cannot express",
         "lora_bias": "lora_bias adds a bias llama.cpp adapters cannot carry",
+        "use_bdlora": "BD-LoRA saves block-diagonal factors as their blocks, which llama.cpp reads as dense ones",
         "modules_to_save": "modules_to_save trains whole modules llama.cpp adapters cannot carry",
         "trainable_token_indices": "trainable tokens replace embedding rows llama.cpp adapters cannot carry",
     }

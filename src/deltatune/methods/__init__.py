@@ -3,6 +3,7 @@
 from deltatune.methods import (
     adalora,  # noqa: F401
     adaption_prompt,  # noqa: F401
+    bdlora,  # noqa: F401
     bottleneck,  # noqa: F401
     dora,  # noqa: F401
     gralora,  # noqa: F401

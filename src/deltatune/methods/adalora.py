@@ -63,6 +63,7 @@ class AdaLoraConfig(AdapterConfig):
         "use_rslora",
         "velora_config",
         "kasa_config",
+        "use_bdlora",
         "alpha_pattern",
     )
     inert_fields = LoraConfig.inert_fields

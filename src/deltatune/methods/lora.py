@@ -20,6 +20,7 @@ from transformers.pytorch_utils import Conv1D
 from deltatune.config import AdapterConfig, TrainingContext
 from deltatune.errors import ConfigError, UnsupportedFieldError
 from deltatune.layers import AdapterLayer, bias_parameters
+from deltatune.methods.bdlora import BdLoraConfig
 from deltatune.methods.kasa import KasaConfig
 from deltatune.methods.lora_layer import (
     INIT_STARTS,
@@ -58,7 +59,6 @@ class LoraConfig(AdapterConfig):
         "arrow_config",
         "lora_ga_config",
         "monteclora_config",
-        "use_bdlora",
     )
     inert_fields = ("megatron_core", "qalora_group_size")
 
@@ -107,6 +107,9 @@ class LoraConfig(AdapterConfig):
     kasa_config: KasaConfig | dict[str, Any] | None = None
     """KaSA (deltatune.methods.kasa): the base loses its r smallest singular components (in place) and the update
     is s·B diag(ΔΣ) A with ΔΣ learned; the regularizer weights beta, gamma are read by `kasa_loss`. nn.Linear only."""
+    use_bdlora: BdLoraConfig | dict[str, Any] | None = None
+    """BD-LoRA (deltatune.methods.bdlora): A or B block-diagonal on the targets its lists name, for sharded serving,
+    e.g. BdLoraConfig(target_modules_bd_a=["o_proj", "down_proj"], target_modules_bd_b=["q_proj", ...], nblocks=2)."""
     lora_bias: bool = False
     """B gets a trainable bias (zero at start; saved as `lora_B.bias`): the update becomes s·(B A x + b). Linear
     layers; merging adds s·b to the base bias, so the base layer needs one."""
@@ -145,8 +148,10 @@ class LoraConfig(AdapterConfig):
                 )
         self.velora_config = _sub_config(self.velora_config, VeloraConfig, "velora_config")
         self.kasa_config = _sub_config(self.kasa_config, KasaConfig, "kasa_config")
+        self.use_bdlora = _sub_config(self.use_bdlora, BdLoraConfig, "use_bdlora")
         # one variant per adapter; MiCA fixes B (another variant in peft), KaSA rewrites the base as PiSSA & co do
-        chosen = [f for f in ("use_dora", "velora_config", "kasa_config") if getattr(self, f) not in (None, False)]
+        variants = ("use_dora", "velora_config", "kasa_config", "use_bdlora")
+        chosen = [f for f in variants if getattr(self, f) not in (None, False)]
         if self.init_lora_weights == "mica" or (self.kasa_config is not None and base_rewriting_init(self)):
             chosen.append(f"init_lora_weights={self.init_lora_weights!r}")
         if len(chosen) > 1:

@@ -66,7 +66,7 @@ def _check(model: Any, adapters: list[str], weights: list[float], name: str, kin
         if config.modules_to_save:
             raise ConfigError(f"adapter {a!r} has modules_to_save {config.modules_to_save}: whole modules have no "
                               "weighted combination; combine adapters without them.")  # fmt: skip
-        forms = {"use_dora": "DoRA", "kasa_config": "KaSA", "lora_bias": "lora_bias"}
+        forms = {"use_dora": "DoRA", "kasa_config": "KaSA", "use_bdlora": "BD-LoRA", "lora_bias": "lora_bias"}
         other_form = next((label for f, label in forms.items() if getattr(config, f, None)), None)
         if kind in FACTOR_TYPES and other_form:
             raise ConfigError(f"adapter {a!r} uses {other_form}: its change is not "

@@ -90,7 +90,7 @@ def hotswap_adapter(
     if config.kasa_config is not None or slot_config.kasa_config is not None:
         raise ConfigError("KaSA adapters are not hot-swapped: each truncates the base weights for its own ranks; load "
                           "the new one into a fresh model.")  # fmt: skip
-    for flag in ("use_dora", "lora_bias", "velora_config"):
+    for flag in ("use_dora", "lora_bias", "velora_config", "use_bdlora"):
         if bool(getattr(config, flag)) != bool(getattr(slot_config, flag)):
             raise ConfigError(f"{directory}: {flag}={getattr(config, flag)} but the slot has "
                               f"{getattr(slot_config, flag)}; swap only adapters of the same kind.")  # fmt: skip

@@ -86,7 +86,9 @@ def lora_layer_kwargs(config: LoraConfig, module_path: str) -> dict[str, Any]:
         ),
         "lora_bias": bool(config.lora_bias),
         "variant": variant,
-        "variant_options": dataclasses.asdict(value) if dataclasses.is_dataclass(value) else None,
+        "variant_options": (
+            {**dataclasses.asdict(value), "target_name": module_path} if dataclasses.is_dataclass(value) else None
+        ),
     }
 
 
@@ -96,10 +98,11 @@ def lora_module_scale(config: LoraConfig, module_path: str) -> float:
 
 
 class LoraVariant(Protocol):
-    """A LoRA variant (e.g. DoRA, VeLoRA) selected by a config field, for one wrapper type; it owns one extra
-    per-adapter tensor, held in a `container()` (a ParameterDict for a trained tensor, a BufferDict for a state)."""
+    """A LoRA variant (e.g. DoRA, VeLoRA) selected by a config field, for one wrapper type; it may own one extra
+    per-adapter tensor (`param_name`, else None), held in a `container()` (a ParameterDict for a trained tensor, a
+    BufferDict for a state). Its sub-config's fields and the target's module path ("target_name") reach `init`."""
 
-    param_name: str
+    param_name: str | None
 
     def container(self) -> nn.Module: ...
 
@@ -123,7 +126,7 @@ def register_lora_variant(flag: str, layer_cls: type[nn.Module], variant: LoraVa
 
 def _variant_containers() -> dict[str, LoraVariant]:
     """The variants' tensor attribute names, each with one variant that builds its container."""
-    return {v.param_name: v for _, table in sorted(LORA_VARIANTS.items()) for v in table.values()}
+    return {v.param_name: v for _, table in sorted(LORA_VARIANTS.items()) for v in table.values() if v.param_name}
 
 
 def _variant_param_names() -> list[str]:
