@@ -140,6 +140,22 @@ def tiny_mlp() -> nn.Module:
     return TinyMLP().eval()
 
 
+class TwoLinear(nn.Module):
+    """Two linears, 10 -> 20 -> 6 (the shape of peft's custom-model tests), seeded by `two_linear()`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin0, self.lin1 = nn.Linear(10, 20), nn.Linear(20, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin1(torch.relu(self.lin0(x)))
+
+
+def two_linear() -> nn.Module:
+    torch.manual_seed(0)
+    return TwoLinear()
+
+
 # (factory, LoRA targets, input builder) per tiny model; the contract matrix runs every method over these.
 def _ids(vocab: int = 97) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1)

@@ -11,6 +11,7 @@ from torch import nn
 
 import deltatune as dt
 from deltatune.methods.bdlora import BlockDiagonalLinear, block_diagonal
+from tests.conftest import two_linear
 
 TARGETS = ["lin0", "lin1"]
 CONFIGS = [
@@ -18,20 +19,6 @@ CONFIGS = [
     {"target_modules_bd_b": ["lin1"], "nblocks": 2, "match_strict": False},
     {"target_modules_bd_a": ["lin0"], "target_modules_bd_b": ["lin1"], "nblocks": 2},
 ]
-
-
-class _MLP(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin0, self.lin1 = nn.Linear(10, 20), nn.Linear(20, 6)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lin1(torch.relu(self.lin0(x)))
-
-
-def _base() -> nn.Module:
-    torch.manual_seed(0)
-    return _MLP()
 
 
 def test_blocks_sit_on_the_diagonal_and_the_layer_multiplies_by_that_matrix():
@@ -46,7 +33,7 @@ def test_blocks_sit_on_the_diagonal_and_the_layer_multiplies_by_that_matrix():
 
 def test_a_block_diagonal_factor_trains_a_fraction_of_the_values():
     config = dt.LoraConfig(r=4, target_modules=TARGETS, use_bdlora=dt.BdLoraConfig(**CONFIGS[2]))
-    model = dt.get_peft_model(_base(), config)
+    model = dt.get_peft_model(two_linear(), config)
     shapes = {k: tuple(v.shape) for k, v in dt.get_peft_model_state_dict(model).items()}
     assert shapes["base_model.model.lin0.lora_A.weight"] == (4, 5)  # (r, d_in / 2): blocks (2, 5)
     assert shapes["base_model.model.lin1.lora_B.weight"] == (6, 2)  # (d_out, r / 2): blocks (3, 2)
@@ -58,7 +45,7 @@ def test_matches_peft_both_ways(options, tmp_path):
     peft = pytest.importorskip("peft")
     from peft.tuners.lora.config import BdLoraConfig as PeftBdLoraConfig
 
-    base = _base()
+    base = two_linear()
     theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, target_modules=TARGETS,
                                  use_bdlora=PeftBdLoraConfig(**options)))  # fmt: skip
     ours = dt.get_peft_model(copy.deepcopy(base), dt.LoraConfig(r=4, target_modules=TARGETS,
@@ -84,7 +71,7 @@ def test_refusals_name_the_target_and_the_fix():
     with pytest.raises(dt.ConfigError, match="both"):
         dt.BdLoraConfig(target_modules_bd_a=["lin0"], target_modules_bd_b=["lin0"])
     strict = dt.LoraConfig(r=4, target_modules=TARGETS, use_bdlora=dt.BdLoraConfig(target_modules_bd_a=["lin0"]))
-    base = _base()
+    base = two_linear()
     with pytest.raises(dt.ConfigError, match="lin1 matches neither.*match_strict=False"):
         dt.get_peft_model(base, strict)
     assert type(base.lin0) is nn.Linear  # undone
@@ -92,6 +79,6 @@ def test_refusals_name_the_target_and_the_fix():
         r=3, target_modules=["lin0"], use_bdlora=dt.BdLoraConfig(target_modules_bd_a=["lin0"], nblocks=2)
     )
     with pytest.raises(dt.UnsupportedModuleError, match="nblocks=2"):
-        dt.get_peft_model(_base(), odd)
+        dt.get_peft_model(two_linear(), odd)
     with pytest.raises(dt.UnsupportedFieldError, match="use one of them"):
         dt.LoraConfig(target_modules=["lin0"], use_dora=True, use_bdlora=dt.BdLoraConfig())

@@ -12,20 +12,7 @@ from transformers.pytorch_utils import Conv1D
 
 import deltatune as dt
 from deltatune.methods.kasa import truncate_smallest
-
-
-class _MLP(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin0, self.lin1 = nn.Linear(10, 20), nn.Linear(20, 6)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lin1(torch.relu(self.lin0(x)))
-
-
-def _base() -> nn.Module:
-    torch.manual_seed(0)
-    return _MLP()
+from tests.conftest import two_linear
 
 
 def _kasa(base: nn.Module) -> dt.PeftModel:
@@ -42,7 +29,7 @@ def test_truncation_drops_exactly_the_r_smallest_singular_values():
 
 
 def test_forward_is_the_truncated_base_plus_b_diag_a():
-    original = _base()
+    original = two_linear()
     model = _kasa(copy.deepcopy(original)).eval()
     layer = model.base_model.model.lin0
     torch.testing.assert_close(layer.base_layer.weight, truncate_smallest(original.lin0.weight.detach(), 4))
@@ -59,7 +46,7 @@ def test_forward_is_the_truncated_base_plus_b_diag_a():
 
 
 def test_the_regularizer_is_betas_l2_plus_gammas_orthogonality_and_trains_the_diagonal():
-    model = dt.get_peft_model(_base(), dt.LoraConfig(r=4, target_modules=["lin0", "lin1"], init_lora_weights=False,
+    model = dt.get_peft_model(two_linear(), dt.LoraConfig(r=4, target_modules=["lin0", "lin1"], init_lora_weights=False,
                                                      kasa_config={"beta": 0.5, "gamma": 0.25}))  # fmt: skip
     want = 0.0
     for name in ("lin0", "lin1"):
@@ -79,7 +66,7 @@ def test_matches_peft_both_ways(tmp_path):
     peft = pytest.importorskip("peft")
     from peft.tuners.lora.config import KasaConfig as PeftKasaConfig
 
-    base = _base()
+    base = two_linear()
     theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, target_modules=["lin0", "lin1"],
                                  init_lora_weights=False, kasa_config=PeftKasaConfig(beta=0.1)))  # fmt: skip
     ours = dt.get_peft_model(copy.deepcopy(base), dt.LoraConfig(r=4, target_modules=["lin0", "lin1"],
@@ -100,7 +87,7 @@ def test_matches_peft_both_ways(tmp_path):
 
 
 def test_refusals_leave_the_base_untouched():
-    base = _base()
+    base = two_linear()
     weights = {k: v.clone() for k, v in base.state_dict().items()}
 
     def untouched() -> bool:
