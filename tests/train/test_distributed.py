@@ -15,12 +15,13 @@ from safetensors.torch import load_file
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
 
-def _run(args: list[str], tmp: Path) -> None:
+def _run(args: list[str], tmp: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     if torch.cuda.device_count() < 2:  # nccl needs a GPU per process: with fewer, both ranks train on CPU (gloo)
         env["CUDA_VISIBLE_DEVICES"] = ""
     proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=240, cwd=tmp)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
@@ -59,10 +60,12 @@ def test_transformers_trainer_under_accelerate_launch_saves_an_adapter_that_relo
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
               "--main_process_port", "0"]  # fmt: skip
-    _run([*launch, str(HF_WORKER), str(tiny_model_dir), str(tmp_path)], tmp_path)
+    proc = _run([*launch, str(HF_WORKER), str(tiny_model_dir), str(tmp_path)], tmp_path)
+    launch_output = f"\n--- the launch's output ---\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}"
     losses = [(tmp_path / f"losses-{rank}.txt").read_text().split() for rank in (0, 1)]
-    assert len(losses[0]) == 4 and losses[0] == losses[1]
-    assert all((tmp_path / f"wrapped-{rank}.txt").read_text() == "MULTI_CPU DistributedDataParallel" for rank in (0, 1))
+    assert len(losses[0]) == 4 and losses[0] == losses[1], f"losses per rank {losses}{launch_output}"
+    wrapped = [(tmp_path / f"wrapped-{rank}.txt").read_text() for rank in (0, 1)]
+    assert wrapped == ["MULTI_CPU DistributedDataParallel"] * 2, f"{wrapped}{launch_output}"
     saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     assert saved and all("lora_" in k for k in saved)
     from transformers import AutoModelForCausalLM
