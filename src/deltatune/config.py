@@ -12,7 +12,13 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from deltatune.config_types import check_field_types, check_regex
-from deltatune.errors import ConfigError, UnknownFieldWarning, UnsupportedArgumentError, UnsupportedFieldError
+from deltatune.errors import (
+    ConfigError,
+    MissingConfigKeyError,
+    UnknownFieldWarning,
+    UnsupportedArgumentError,
+    UnsupportedFieldError,
+)
 
 CONFIG_NAME = "adapter_config.json"
 MAX_CONFIG_BYTES = 16 * 2**20
@@ -158,7 +164,10 @@ class AdapterConfig(metaclass=_ConfigType):
         if self.layers_to_transform is not None and any(i < 0 for i in self.layers_to_transform):
             raise ConfigError(f"layers_to_transform holds a negative index: {self.layers_to_transform}.")
         if self.layers_pattern and self.layers_to_transform is None:
-            raise ConfigError("layers_pattern is only used with layers_to_transform: set both, or neither.")
+            raise ConfigError(
+                "When `layers_pattern` is specified, `layers_to_transform` must also be specified (peft's rule): "
+                "layers_pattern is only used with layers_to_transform; set both, or neither."
+            )
 
     def _check_task_type(self) -> None:
         from deltatune.peft_types import TaskType
@@ -208,8 +217,9 @@ class AdapterConfig(metaclass=_ConfigType):
         unknown = sorted(k for k in data if k not in quiet)
         if unknown:
             warnings.warn(
-                f"adapter config fields {unknown} are unknown to deltatune's {cls.__name__} (a newer peft, or a typo) "
-                f"and were not applied; if they change the adapter's outputs, this adapter will not behave as saved.",
+                f"Unexpected keyword arguments {unknown} for class {cls.__name__}, these are ignored. "  # peft's words
+                "They are unknown to deltatune (a newer peft, or a typo) and were not applied; if they change the "
+                "adapter's outputs, this adapter will not behave as saved.",
                 UnknownFieldWarning,
                 stacklevel=3,
             )
@@ -232,7 +242,13 @@ class AdapterConfig(metaclass=_ConfigType):
             raise UnsupportedArgumentError(
                 f"{cls.__name__}.from_pretrained got {unknown}; it takes subfolder and {', '.join(HUB_KWARGS)}."
             )
-        data = read_config_dict(config_dir(directory, subfolder, **kwargs))
+        try:
+            data = read_config_dict(config_dir(directory, subfolder, **kwargs))
+        except MissingConfigKeyError as exc:  # peft's words first, for code that matches them
+            raise MissingConfigKeyError(
+                f"The {cls.__name__} config that is trying to be loaded is missing required keys: {{'peft_type'}}. "
+                f"{exc}"
+            ) from None
         target = get_method(data["peft_type"]).config_cls if cls is AdapterConfig else cls
         return target.from_dict(data)
 
@@ -338,5 +354,7 @@ def read_config_dict(directory: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a JSON object, got {type(data).__name__}.")
     if "peft_type" not in data:
-        raise ConfigError(f'{path} has no "peft_type" field; add the method\'s type (see deltatune.list_methods()).')
+        raise MissingConfigKeyError(
+            f'{path} has no "peft_type" field; add the method\'s type (see deltatune.list_methods()).'
+        )
     return data

@@ -39,6 +39,10 @@ class TargetNotFoundError(ConfigError):
         self.suggestions = suggestions or []
 
 
+class MissingConfigKeyError(ConfigError, TypeError):
+    """An adapter config file lacks a key every config needs (`peft_type`). A TypeError too, as peft raises."""
+
+
 class UnsupportedModuleError(ConfigError):
     """A target module's type has no layer in the method's dispatch table."""
 

@@ -345,20 +345,24 @@ class AdapterLayer(nn.Module, metaclass=abc.ABCMeta):
         """The inverse of `compose_bias`."""
         raise NotImplementedError
 
+    def no_bias_to_merge(self, name: str) -> str:
+        """The error when adapter `name` changes a bias the base layer does not have."""
+        return (
+            f"adapter {name!r} trains a bias and this {type(self.base_layer).__name__} has none to merge it into; keep "
+            "the adapter unmerged."
+        )
+
     def _merged_bias(self, name: str, safe_merge: bool) -> Tensor | None:
         if not self.changes_bias(name):
             return None
         bias = getattr(self.base_layer, "bias", None)
         if bias is None:
-            raise MergeError(
-                f"adapter {name!r} trains a bias but {type(self.base_layer).__name__} has none to merge it into; "
-                "keep the adapter unmerged."
-            )
+            raise MergeError(self.no_bias_to_merge(name))
         new_bias = self.compose_bias(name, bias.detach().float())
         if safe_merge and not torch.isfinite(new_bias).all():
             raise MergeError(
-                f"NaNs detected in the merged bias: merging adapter {name!r} gives non-finite values; the base was "
-                "left unchanged."
+                f"NaNs detected in the merged weights (the bias): merging adapter {name!r} gives non-finite values; "
+                "the base was left unchanged."
             )
         return new_bias.to(bias.dtype)
 

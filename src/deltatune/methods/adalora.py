@@ -128,6 +128,7 @@ class AdaLoraConfig(AdapterConfig):
             raise ConfigError(f"total_step must be a positive integer, got {self.total_step!r}.")
         if not 0 <= self.tinit < self.total_step - self.tfinal or self.tfinal < 0:
             raise ConfigError(
+                "The supplied schedule values don't allow for a budgeting phase (peft's words): "
                 f"tinit={self.tinit}, tfinal={self.tfinal} leave no budget phase in total_step={self.total_step} "
                 f"steps (need 0 <= tinit < total_step - tfinal): lower tinit/tfinal or raise total_step."
             )

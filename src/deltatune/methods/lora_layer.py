@@ -324,6 +324,10 @@ class _BiasedUp:
     def changes_bias(self, name: str) -> bool:
         return self.lora_B[name].bias is not None
 
+    def no_bias_to_merge(self, name: str) -> str:
+        generic = super().no_bias_to_merge(name)  # type: ignore[misc]  # the wrapper's (a mixin: AdapterLayer follows)
+        return f"Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias: {generic}"
+
     def compose_bias(self, name: str, bias: Tensor) -> Tensor:
         return bias + self.scaling[name] * self.lora_B[name].bias.detach().float()
 
