@@ -20,10 +20,14 @@ cfg = load_train_config(
         "method.lora_dropout=0.0",
         "data.max_length=200",
         "method.target_modules=[q_proj, v_proj]",
+        f"distributed={strategy}",
     ],
 )
 result = train(cfg)
 rank = dist.get_rank() if dist.is_initialized() else 0
+if dist.is_initialized():  # how the model was spread: FSDP shards parameters into DTensors, DDP replicates them
+    sharded = any(hasattr(p, "full_tensor") for p in result.model.parameters())
+    (out / f"strategy-{rank}.txt").write_text("fsdp" if sharded else "ddp")
 state = {
     k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().contiguous()
     for k, v in result.model.adapter_state_dict("default").items()
