@@ -361,8 +361,8 @@ class AdapterLayer(nn.Module, metaclass=abc.ABCMeta):
         new_bias = self.compose_bias(name, bias.detach().float())
         if safe_merge and not torch.isfinite(new_bias).all():
             raise MergeError(
-                f"NaNs detected in the merged weights (the bias): merging adapter {name!r} gives non-finite values; "
-                "the base was left unchanged."
+                f"NaNs detected in the merged bias: merging adapter {name!r} gives non-finite values (NaNs detected "
+                "in the merged weights, in peft's words for LoRA); the base was left unchanged."
             )
         return new_bias.to(bias.dtype)
 
