@@ -2,6 +2,7 @@
 model; rank 0 saves the adapter from the accelerator's full state dict; each rank writes its losses and how the
 model was wrapped. argv: model_dir out_dir"""
 
+import os
 import sys
 from pathlib import Path
 
@@ -50,3 +51,6 @@ losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
 (out / f"wrapped-{rank}.txt").write_text(wrapped)
 if dist.is_initialized():
     dist.barrier()
+    sys.stdout.flush()  # then leave without the interpreter's teardown (see ddp_worker.py)
+    sys.stderr.flush()
+    os._exit(0)
