@@ -24,6 +24,12 @@ EXPLAINED: list[tuple[str, str, str]] = [
         "behaviour",
         "on purpose: target_modules stays the list it was given (peft turns a list into a set)",
     ),
+    (
+        r"LN tuning runs one adapter at a time",
+        "behaviour",
+        "on purpose: several active LN tuning adapters are refused when activated (peft accepts them and raises at "
+        "the next forward)",
+    ),
     (r"safe_serialization=False", "behaviour", "by design: deltatune never writes or reads pickles (.bin)"),
     (
         r"test_set_adapter_non_overlapping_modules",
