@@ -25,6 +25,12 @@ EXPLAINED: list[tuple[str, str, str]] = [
         "on purpose: target_modules stays the list it was given (peft turns a list into a set)",
     ),
     (
+        r"test_requires_grad_adalora_(same|different)_targets",
+        "behaviour",
+        "on purpose: set_adapter keeps an adapter added for inference (inference_mode=True) frozen unless "
+        "inference_mode=False is passed (peft makes any adapter it activates trainable)",
+    ),
+    (
         r"LN tuning runs one adapter at a time",
         "behaviour",
         "on purpose: several active LN tuning adapters are refused when activated (peft accepts them and raises at "
