@@ -116,19 +116,19 @@ class AdapterLayer(nn.Module, metaclass=abc.ABCMeta):
                 state[key] = fn(tensor)
         return super()._apply(fn, *args, **kwargs)
 
-    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
-        return [p for attr in self.adapter_param_names if name in (c := getattr(self, attr)) for p in _params(c[name])]
+    def adapter_parameters(self, name: str, skip: tuple[str, ...] = ()) -> list[nn.Parameter]:
+        """Adapter `name`'s parameters (those of the attributes in `skip` left out)."""
+        return [
+            p
+            for attr in self.adapter_param_names
+            if attr not in skip and name in (c := getattr(self, attr))
+            for p in _params(c[name])
+        ]
 
     def trainable_parameters(self, name: str) -> list[nn.Parameter]:
         """The parameters of adapter `name` that train when it does: all but those its method keeps fixed
         (`frozen_params`, e.g. MiCA's B)."""
-        frozen = self.frozen_params.get(name, ())
-        return [
-            p
-            for attr in self.adapter_param_names
-            if attr not in frozen and name in (c := getattr(self, attr))
-            for p in _params(c[name])
-        ]
+        return self.adapter_parameters(name, self.frozen_params.get(name, ()))
 
     # -- peft's layer API (what quantization code, other libraries and user loops touch) ------------------------------
     def __getattr__(self, name: str) -> Any:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from deltatune.functional.lora import dropout_keep_mask
+from deltatune.functional.lora import dropout_keep_mask, dropout_seed
 
 
 def column_norm(weight: Tensor) -> Tensor:
@@ -106,5 +106,5 @@ def dora_linear(
     does. The dropout seed comes from torch's global generator (reproducible under `torch.manual_seed`)."""
     if dropout > 0 and weight is None:
         raise ValueError("dora_linear with dropout needs the base weight (d_out, d_in) for the base term.")
-    seed = int(torch.randint(0, 2**31, (1,)).item()) if dropout > 0 else 0
+    seed = dropout_seed(dropout)
     return _DoraLinear.apply(x, result, lora_a, lora_b, magnitude, norm.detach(), scaling, bias, weight, dropout, seed)

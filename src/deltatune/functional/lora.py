@@ -94,8 +94,12 @@ class _LoraUp(torch.autograd.Function):
 def lora_down(x: Tensor, lora_a: Tensor, dropout: float) -> Tensor:
     """dropout(x) A^T without the 1/(1-p) of inverted dropout (`lora_up` applies it), memory-lean in training;
     `lora_a` may stack several modules' A that read the same x (they then share one dropout mask)."""
-    seed = int(torch.randint(0, 2**31, (1,)).item()) if dropout > 0 else 0  # from the global RNG: reproducible
-    return _LoraDown.apply(x, lora_a, dropout, seed)
+    return _LoraDown.apply(x, lora_a, dropout, dropout_seed(dropout))
+
+
+def dropout_seed(dropout: float) -> int:
+    """A seed for `dropout_keep_mask`, drawn from the global RNG (so runs reproduce); 0 without dropout."""
+    return int(torch.randint(0, 2**31, (1,)).item()) if dropout > 0 else 0
 
 
 def lora_up(h: Tensor, lora_b: Tensor, scale: float, dropout: float) -> Tensor:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from deltatune.functional.lora import dropout_keep_mask
+from deltatune.functional.lora import dropout_keep_mask, dropout_seed
 
 
 def group_width(d_in: int, num_groups: int) -> int:
@@ -96,5 +96,4 @@ def velora_down(
 ) -> tuple[Tensor, Tensor]:
     """(dropout(x) A^T with VeLoRA's compressed backward, the projection used): pair the first with `lora_up`, which
     applies 1/(1-p); with `refit` the projection is taken from this batch (the caller stores it)."""
-    seed = int(torch.randint(0, 2**31, (1,)).item()) if dropout > 0 else 0
-    return _VeloraDown.apply(x, lora_a, projection, num_groups, scale, dropout, seed, refit)
+    return _VeloraDown.apply(x, lora_a, projection, num_groups, scale, dropout, dropout_seed(dropout), refit)

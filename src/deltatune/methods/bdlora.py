@@ -122,12 +122,6 @@ class BdLoraVariant:
         term = lora_b(lora_a(xd.to(lora_a.weight.dtype))) * layer.scaling[name]
         return result + term.to(result.dtype)
 
-    def compose(self, layer: _LoraLayer, name: str, weight: Tensor) -> Tensor:
-        return weight + layer.delta_weight(name)
-
-    def decompose(self, layer: _LoraLayer, name: str, weight: Tensor) -> Tensor:
-        return weight - layer.delta_weight(name)
-
 
 def _dense(factor: nn.Module) -> Tensor:
     return factor.dense() if isinstance(factor, BlockDiagonalLinear) else factor.weight

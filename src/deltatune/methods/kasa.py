@@ -101,15 +101,7 @@ class KasaVariant:
             a, b, diag = a.to(x.dtype), b.to(x.dtype), diag.to(x.dtype)
         xd = F.dropout(x, layer.dropout_p[name], layer.training)
         term = ((xd @ a.T) * diag) @ b.T * layer.scaling[name]
-        if layer.lora_B[name].bias is not None:  # lora_bias
-            term = term + layer.scaling[name] * layer.lora_B[name].bias.to(term.dtype)
-        return result + term.to(result.dtype)
-
-    def compose(self, layer: _LoraLayer, name: str, weight: Tensor) -> Tensor:
-        return weight + layer.delta_weight(name)
-
-    def decompose(self, layer: _LoraLayer, name: str, weight: Tensor) -> Tensor:
-        return weight - layer.delta_weight(name)
+        return result + layer.with_lora_bias(name, term).to(result.dtype)
 
 
 def kasa_loss(model: nn.Module, adapter_names: str | list[str] | None = None) -> Tensor | float:

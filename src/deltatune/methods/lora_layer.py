@@ -110,9 +110,8 @@ class LoraVariant(Protocol):
 
     def forward(self, layer: _LoraLayer, name: str, x: Tensor, result: Tensor) -> Tensor: ...
 
-    def compose(self, layer: _LoraLayer, name: str, weight: Tensor) -> Tensor: ...
-
-    def decompose(self, layer: _LoraLayer, name: str, weight: Tensor) -> Tensor: ...
+    # Optional, where the merged weight is not W + delta_weight (DoRA rescales it):
+    #   compose(layer, name, weight) -> Tensor and decompose(layer, name, weight) -> Tensor
 
 
 LORA_VARIANTS: dict[str, dict[type[nn.Module], LoraVariant]] = {}
@@ -235,12 +234,12 @@ class _LoraLayer(AdapterLayer):
         return self._variant_for(self.variant[name]) if name in self.variant else None
 
     def compose(self, name: str, weight: Tensor) -> Tensor:
-        variant = self.variant_of(name)
-        return variant.compose(self, name, weight) if variant else weight + self.delta_weight(name)
+        own = getattr(self.variant_of(name), "compose", None)
+        return own(self, name, weight) if own else weight + self.delta_weight(name)
 
     def decompose(self, name: str, weight: Tensor) -> Tensor:
-        variant = self.variant_of(name)
-        return variant.decompose(self, name, weight) if variant else weight - self.delta_weight(name)
+        own = getattr(self.variant_of(name), "decompose", None)
+        return own(self, name, weight) if own else weight - self.delta_weight(name)
 
     def add_adapter(
         self,
@@ -421,9 +420,12 @@ class LoraLinear(_BiasedUp, _AdditiveLora):
             branch = lora_up(group.down(self, name, x, dropout), b, scale, dropout)
         else:
             branch = lora_branch(x, a, b, scale, dropout, self.training)
-        if self.lora_B[name].bias is not None:  # lora_bias
-            branch = branch + self.scaling[name] * self.lora_B[name].bias.to(branch.dtype)
-        return branch
+        return self.with_lora_bias(name, branch)
+
+    def with_lora_bias(self, name: str, term: Tensor) -> Tensor:
+        """`term` (s·B A x of adapter `name`) plus s·b when B has a bias (`lora_bias`)."""
+        bias = self.lora_B[name].bias
+        return term if bias is None else term + self.scaling[name] * bias.to(term.dtype)
 
     def forward_rows(self, groups: list[tuple[str, Tensor]], x: Tensor, *args: Any, **kwargs: Any) -> Tensor | None:
         """Mixed-adapter batch: the base once on every row, each group's LoRA term on its rows (variants: None)."""

@@ -82,15 +82,7 @@ class VeloraVariant:
             with torch.no_grad():
                 stored.copy_(projection)
         term = lora_up(down, b, layer.scaling[name], p)
-        if layer.lora_B[name].bias is not None:  # lora_bias
-            term = term + layer.scaling[name] * layer.lora_B[name].bias.to(term.dtype)
-        return result + term.to(result.dtype)
-
-    def compose(self, layer: _LoraLayer, name: str, weight: Tensor) -> Tensor:
-        return weight + layer.delta_weight(name)
-
-    def decompose(self, layer: _LoraLayer, name: str, weight: Tensor) -> Tensor:
-        return weight - layer.delta_weight(name)
+        return result + layer.with_lora_bias(name, term).to(result.dtype)
 
 
 register_lora_variant("velora_config", LoraLinear, VeloraVariant())
