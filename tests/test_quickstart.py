@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from typer.testing import CliRunner
 
@@ -9,21 +11,27 @@ from deltatune.cli.app import app
 from tests.conftest import perturb_trainable
 
 
-def _quickstart(tmp_path, steps: int, examples: int):
+def _quickstart(tmp_path, steps: int, examples: int, *overrides: str):
     pytest.importorskip("gguf")
-    result = CliRunner().invoke(
-        app, ["quickstart", "--steps", str(steps), "--eval-examples", str(examples), "--out", str(tmp_path / "qs")]
-    )
+    args = ["quickstart", "--steps", str(steps), "--eval-examples", str(examples), "--out", str(tmp_path / "qs")]
+    result = CliRunner().invoke(app, [*args, *(arg for o in overrides for arg in ("--set", o))])
     assert result.exit_code == 0, result.output
     return result.output
 
 
-@pytest.mark.timeout(600)  # ~32 s on one thread of the fast machine; about 2.5x that on the slow one
+@pytest.mark.timeout(300)  # ~10 s on one thread of the fast machine; about 3x that on the slow one
 def test_quickstart_smoke(tmp_path):
-    out = _quickstart(tmp_path, steps=2, examples=2)
+    """The quickstart command end to end on the real weights, every phase kept but each small (the run's length,
+    the held-out loss and the generation budgets come from `--set`, which the smoke checks too)."""
+    small = ["optim.batch_size=2", "data.eval_limit=4", "max_new_tokens=4", "general_max_new_tokens=4"]
+    out = _quickstart(tmp_path, 2, 2, *small)
+    assert "quickstart: LoRA on SmolLM2-135M-Instruct, 2 steps" in out
     assert "scored by generation" in out and "held-out: before vs after (misses first)" in out
     assert "unseen phrasings" in out and "general questions" in out
     assert (tmp_path / "qs" / "adapter" / "adapter_model.safetensors").exists()
+    metrics = [json.loads(line) for line in (tmp_path / "qs" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "loss" in m][-1] == 2
+    assert any("eval_loss" in m for m in metrics)
 
 
 @pytest.mark.slow

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
 import deltatune as dt
 from deltatune.export import export_gguf_adapter
+from deltatune.export.gguf_file import read_gguf
 from tests.conftest import perturb_trainable
 
 gguf = pytest.importorskip("gguf")
@@ -73,6 +75,28 @@ def test_export_refuses_what_llama_cpp_cannot_load(tmp_path, tiny_model_dir):
     assert not (tmp_path / "x.gguf").exists()
 
 
+def test_read_gguf_reads_what_ggufs_own_reader_reads(tmp_path, tiny_model_dir):
+    """read_gguf (gguf's reader over an ndarray view, for speed) gives the same fields and tensors."""
+    model = dt.get_peft_model(dt_tiny_base(tiny_model_dir), dt.LoraConfig(r=2, target_modules=["q_proj"]))
+    perturb_trainable(model)
+    model.save_pretrained(tmp_path / "a")
+    export_gguf_adapter(tmp_path / "a", tmp_path / "a.gguf", model=str(tiny_model_dir))
+    theirs, ours = gguf.GGUFReader(str(tmp_path / "a.gguf")), read_gguf(tmp_path / "a.gguf")
+    assert list(ours.fields) == list(theirs.fields)
+    for key, field in theirs.fields.items():
+        assert ours.fields[key].types == field.types and ours.fields[key].contents() == field.contents(), key
+    assert [(t.name, t.tensor_type, bytes(t.data)) for t in ours.tensors] == [
+        (t.name, t.tensor_type, bytes(t.data)) for t in theirs.tensors
+    ]
+    assert len(ours.tensors) == 4 and type(ours.tensors[0].data) is np.ndarray  # A and B of 2 layers
+
+
+def dt_tiny_base(model_dir):
+    from deltatune.pretrained import load_causal_lm
+
+    return load_causal_lm(model_dir)[0]
+
+
 def test_merged_export_keeps_the_source_and_adds_the_change(tmp_path):
     """On the bundled SmolLM2 GGUF: untouched tensors are the source's bytes, metadata (tokenizer, chat template) is
     carried over, and each changed weight read back is W + ΔW in the file's layout."""
@@ -89,7 +113,7 @@ def test_merged_export_keeps_the_source_and_adds_the_change(tmp_path):
     perturb_trainable(model)
     model.save_pretrained(tmp_path / "a")
     export_gguf_merged(bundled_gguf_path(), tmp_path / "a", tmp_path / "m.gguf", "f32")
-    source, merged = gguf.GGUFReader(str(bundled_gguf_path())), gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    source, merged = read_gguf(bundled_gguf_path()), read_gguf(tmp_path / "m.gguf")
     assert merged.fields["tokenizer.chat_template"].contents() == source.fields["tokenizer.chat_template"].contents()
     src = {t.name: t for t in source.tensors}
     changed = {"blk.0.attn_q.weight", "blk.0.attn_v.weight"}

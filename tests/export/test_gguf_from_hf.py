@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from deltatune.errors import ConfigError
+from deltatune.export.gguf_file import read_gguf
 from deltatune.export.gguf_from_hf import _pre_tokenizer_name
 
 gguf = pytest.importorskip("gguf")
@@ -32,7 +33,7 @@ def test_the_bundled_model_directory_converts_like_llama_cpps_converter(tmp_path
     from deltatune.pretrained import bundled_gguf_path, default_model_dir
 
     out = export_gguf_from_hf(default_model_dir(), tmp_path / "m.gguf")
-    theirs, ours = gguf.GGUFReader(str(bundled_gguf_path())), gguf.GGUFReader(str(out))
+    theirs, ours = read_gguf(bundled_gguf_path()), read_gguf(out)
     for key in SAME_KEYS:
         assert ours.fields[key].contents() == theirs.fields[key].contents(), key
     # the HF tokenizer.json transformers wrote for this model splits digits in groups: llama.cpp's GPT-2 rule

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import multiprocessing
 import os
 import resource
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -137,17 +137,15 @@ def test_a_real_full_disk_gives_enospc_and_keeps_the_adapter(small_tmpfs):
 
 # -- two writers ------------------------------------------------------------------------------------------------------
 
-WRITER = """
-import sys, time, torch, deltatune as dt
-from pathlib import Path
-from tests.conftest import tiny_llama
-folder, rank, flags = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
-torch.manual_seed(rank)
-model = dt.get_peft_model(tiny_llama(), dt.LoraConfig(r=rank, target_modules=["q_proj", "v_proj", "o_proj"]))
-(flags / f"ready-{rank}").touch()
-while not (flags / "stop").exists():
-    model.save_pretrained(folder)
-"""
+
+def _write_in_a_loop(folder: Path, rank: int, flags: Path) -> None:
+    """A writer process: saves its own adapter (rank `rank`) into `folder` until told to stop."""
+    torch.set_num_threads(1)
+    torch.manual_seed(rank)
+    model = dt.get_peft_model(tiny_llama(), dt.LoraConfig(r=rank, target_modules=["q_proj", "v_proj", "o_proj"]))
+    (flags / f"ready-{rank}").touch()
+    while not (flags / "stop").exists():
+        model.save_pretrained(folder)
 
 
 def _read_while_two_write(folder: Path, flags: Path, rounds: int) -> list[str]:
@@ -165,10 +163,11 @@ def test_two_writers_and_a_reader_never_see_a_mixed_adapter(tmp_path):
     flags.mkdir()
     config = dt.LoraConfig(r=2, target_modules=["q_proj", "v_proj", "o_proj"])
     dt.get_peft_model(tiny_llama(), config).save_pretrained(folder)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "OMP_NUM_THREADS": "1"}
-    writers = [
-        subprocess.Popen([sys.executable, "-c", WRITER, str(folder), str(rank), str(flags)], env=env) for rank in (2, 8)
-    ]
+    # two processes forked from this one (torch already imported: they start at once)
+    fork = multiprocessing.get_context("fork")
+    writers = [fork.Process(target=_write_in_a_loop, args=(folder, rank, flags)) for rank in (2, 8)]
+    for writer in writers:
+        writer.start()
     try:
         deadline = time.monotonic() + 120
         while not all((flags / f"ready-{rank}").exists() for rank in (2, 8)) and time.monotonic() < deadline:
@@ -176,8 +175,9 @@ def test_two_writers_and_a_reader_never_see_a_mixed_adapter(tmp_path):
         problems = _read_while_two_write(folder, flags, rounds=60)  # both processes save in a loop meanwhile
     finally:
         (flags / "stop").touch()
-        codes = [w.wait(timeout=120) for w in writers]
-    assert codes == [0, 0]
+        for writer in writers:
+            writer.join(timeout=120)
+    assert [w.exitcode for w in writers] == [0, 0]
     assert problems == []
     config = dt.load_config(folder)  # the last writer's whole adapter
     assert all(t.shape[0] == config.r for k, t in load_file(folder / "adapter_model.safetensors").items() if "_A" in k)

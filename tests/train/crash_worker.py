@@ -1,4 +1,5 @@
-"""Run by test_crash_resume: `deltatune train ARGS...` in this process, killed by SIGKILL at the point FAULT names.
+"""Used by test_crash_resume in a forked process: `deltatune train ARGS...` there, killed by SIGKILL at the point
+FAULT names (`python tests/train/crash_worker.py FAULT ARGS...` does the same in a process of its own).
 
 FAULT: "none"; "step:N" (a timer fires a few milliseconds into optimizer step N, wherever the step is by then);
 "save:N:FILE" (the N-th checkpoint, halfway through writing FILE); "pointer:N" (the N-th checkpoint, renamed into
@@ -18,7 +19,7 @@ def _die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _install(fault: str) -> None:
+def install(fault: str) -> None:
     kind, *rest = fault.split(":")
     if kind == "step":
         real_step, at = trainer._train_step, int(rest[0])
@@ -54,6 +55,6 @@ def _install(fault: str) -> None:
 
 
 if __name__ == "__main__":
-    _install(sys.argv[1])
+    install(sys.argv[1])
     sys.argv = ["deltatune", *sys.argv[2:]]
     main()

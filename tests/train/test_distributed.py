@@ -25,18 +25,19 @@ def _run(args: list[str], tmp: Path) -> subprocess.CompletedProcess:
 
 
 def test_two_processes_match_single_process(tiny_model_dir, tmp_path):
-    """DDP and FSDP2 each against one single-process run (with one process there is nothing to wrap: the same
-    reference serves both)."""
-    single = tmp_path / "single"
-    single.mkdir()
-    _run([sys.executable, str(WORKER), str(tiny_model_dir), str(single), "4", "ddp"], tmp_path)
-    alone = load_file(single / "adapter-0.safetensors")
-    losses_single = [float(v) for v in (single / "losses-0.txt").read_text().split()]
+    """DDP and FSDP2 (one after the other in one torchrun launch) each against one single-process run, made here
+    (with one process there is nothing to wrap: the same reference serves both)."""
+    import runpy
+
+    worker = runpy.run_path(str(WORKER))  # its __main__ block does not run
+    with torch.random.fork_rng():
+        worker["run"](str(tiny_model_dir), tmp_path / "single", "4", "ddp")
+    alone = load_file(tmp_path / "single" / "adapter-0.safetensors")
+    losses_single = [float(v) for v in (tmp_path / "single" / "losses-0.txt").read_text().split()]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    _run([*torchrun, str(WORKER), str(tiny_model_dir), str(tmp_path), "2", "ddp,fsdp"], tmp_path)
     for strategy in ("ddp", "fsdp"):
         multi = tmp_path / strategy
-        multi.mkdir()
-        _run([*torchrun, str(WORKER), str(tiny_model_dir), str(multi), "2", strategy], tmp_path)
         assert [(multi / f"strategy-{rank}.txt").read_text() for rank in (0, 1)] == [strategy] * 2
         rank0, rank1 = load_file(multi / "adapter-0.safetensors"), load_file(multi / "adapter-1.safetensors")
         assert rank0.keys() == rank1.keys() == alone.keys()

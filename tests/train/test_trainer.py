@@ -362,3 +362,17 @@ def test_base_answers_stand_for_before_only_where_the_adapter_starts_as_the_iden
     tuned = train(_cfg(tiny_model_dir, tmp_path / "prompt", *args, *prompt), base_answers=stand_ins)
     assert tuned.starts_as_identity is False
     assert all(not a.startswith("stand-in") for answers in tuned.answers_before.values() for a in answers)
+
+
+def test_eval_limit_keeps_the_first_held_out_records(tiny_model_dir, tmp_path):
+    """data.eval_limit=2: the held-out loss and the scored held-out set are those of a file of the first 2 records."""
+    records = [{"prompt": f"Date {i}?", "response": f"2020-01-0{i}"} for i in range(1, 6)]
+    (tmp_path / "all.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (tmp_path / "two.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[:2]))
+    args = ["optim.steps=1", "generate_eval=4", "max_new_tokens=2", "data.general_eval=null"]
+    limited = train(
+        _cfg(tiny_model_dir, tmp_path / "a", *args, f"data.eval={tmp_path / 'all.jsonl'}", "data.eval_limit=2")
+    )
+    two = train(_cfg(tiny_model_dir, tmp_path / "b", *args, f"data.eval={tmp_path / 'two.jsonl'}"))
+    assert [s["prompt"] for s in limited.samples] == [s["prompt"] for s in two.samples] and len(two.samples) == 2
+    assert limited.eval_loss == two.eval_loss

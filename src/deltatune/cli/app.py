@@ -51,6 +51,9 @@ def quickstart(
     out: Annotated[Path, typer.Option(help="run directory")] = Path("runs/quickstart"),
     steps: Annotated[int, typer.Option(help="training steps")] = 80,
     eval_examples: Annotated[int, typer.Option(help="held-out examples scored before/after")] = 64,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="any run-config override, as in `deltatune train`")
+    ] = None,
 ) -> None:
     """Fine-tune the bundled SmolLM2-135M-Instruct with LoRA on the bundled date task; report before/after."""
     from deltatune.cli.report import print_train_report
@@ -63,9 +66,10 @@ def quickstart(
             f"optim.steps={steps}",
             f"generate_eval={eval_examples}",
             "max_new_tokens=12",
+            *(set_ or []),  # last: a --set wins over the quickstart's own settings
         ],
     )
-    console.print(f"[bold]quickstart[/]: LoRA on SmolLM2-135M-Instruct, {steps} steps, run dir {out}")
+    console.print(f"[bold]quickstart[/]: LoRA on SmolLM2-135M-Instruct, {cfg.optim.steps} steps, run dir {out}")
     print_train_report(train(cfg, console=console, around_loop=host_tuning(cfg)), console)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 from pathlib import Path
 
 from deltatune import io
@@ -21,6 +22,32 @@ def write_gguf(writer, out: Path) -> None:
         finally:
             writer.close()
         _check_written(tmp, count, out)
+
+
+def read_gguf(path: Path | str):
+    """gguf's `GGUFReader` of `path`, over a plain ndarray view of the file's memory map: the reader slices its data
+    once per value, and a slice of numpy's memmap subclass costs several microseconds more than one of an ndarray;
+    a 49k-token vocabulary is ~740k slices (SmolLM2's GGUF: 3.2 s -> 0.9 s). Same fields and tensors (tensor data
+    are ndarray views of the same map)."""
+    return _plain_array_reader()(str(path))
+
+
+@functools.cache
+def _plain_array_reader() -> type:
+    import gguf
+    import numpy as np
+
+    class PlainArrayReader(gguf.GGUFReader):
+        # the reader's __init__ assigns self.data = np.memmap(...) first: keep an ndarray view of it instead
+        @property
+        def data(self) -> np.ndarray:
+            return self._plain_data
+
+        @data.setter
+        def data(self, value: np.ndarray) -> None:
+            self._plain_data = value.view(np.ndarray)
+
+    return PlainArrayReader
 
 
 def _check_written(path: Path, count: int, out: Path) -> None:
@@ -47,10 +74,8 @@ def check_gguf(path: Path) -> None:
 def _problem(path: Path, count: int | None = None) -> str | None:
     """Why the GGUF at `path` is not whole (unparsable header, a tensor shorter than it declares, or not `count`
     tensors), or None."""
-    import gguf
-
     try:
-        reader = gguf.GGUFReader(str(path))
+        reader = read_gguf(path)
     except (ValueError, OSError, IndexError, KeyError, OverflowError) as exc:
         return f"not a readable GGUF file ({type(exc).__name__}: {exc})"
     short = next((t.name for t in reader.tensors if t.data.nbytes != int(t.n_bytes)), None)

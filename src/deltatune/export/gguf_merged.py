@@ -19,7 +19,7 @@ import torch
 
 from deltatune import io
 from deltatune.errors import ConfigError
-from deltatune.export.gguf_file import write_gguf
+from deltatune.export.gguf_file import read_gguf, write_gguf
 
 MERGED_OUTTYPES = ("source", "f32", "f16", "bf16", "q8_0")
 
@@ -73,7 +73,7 @@ def export_gguf_merged(gguf_path: str | Path, adapter_dir: str | Path, out: str 
         raise ConfigError(f"model_type {family!r}: the exporter knows {sorted(_ARCHS)}.")
     names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, _ARCHS[family]), config["num_hidden_layers"])
     by_gguf = {names.get_name(k, try_suffixes=(".weight",)): (k, d) for k, d in deltas.items()}
-    reader = gguf.GGUFReader(str(gguf_path))
+    reader = read_gguf(gguf_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     writer = gguf.GGUFWriter(str(out), str(reader.fields["general.architecture"].contents()))
     for key, field in reader.fields.items():

@@ -47,6 +47,9 @@ class DataConfig(_Strict):
     data ("bundled:quickstart", "bundled:sentiment", "bundled:intents"); unset: the task's bundled data."""
     eval: str | None = None
     """Held-out data (same forms); for the bundled data its test split is used when unset."""
+    eval_limit: int | None = Field(None, gt=0)
+    """Only the first N held-out records (for the held-out loss and the scored held-out set): a quick run on a large
+    held-out file. Unset: all of them."""
     prompt_field: str = "prompt"
     response_field: str = "response"
     messages_field: str = "messages"

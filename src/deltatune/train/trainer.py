@@ -151,7 +151,7 @@ def _read_inputs(cfg: TrainConfig, objective: CausalLMObjective | Classification
     train_records = read_records(cfg.data.train, "train")
     objective.check(train_records, cfg.data.train)
     eval_source = cfg.data.eval or (cfg.data.train if cfg.data.train.startswith("bundled:") else None)
-    eval_records = read_records(eval_source, "test") if eval_source else []
+    eval_records = read_records(eval_source, "test")[: cfg.data.eval_limit] if eval_source else []
     if eval_source:
         objective.check(eval_records, eval_source)
     if rank == 0:
