@@ -5,6 +5,7 @@ import re
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch import nn
 
 import deltatune as dt
 from deltatune.errors import AdapterError, MergeError, TargetNotFoundError, UnsupportedArgumentError
@@ -242,6 +243,61 @@ def test_adapter_names_mix_adapters_row_by_row_like_separate_batches():
     pm.merge_adapter()
     with pytest.raises(dt.AdapterError, match="unmerge"):
         pm(**ids, adapter_names=rows)
+
+
+def test_mixed_rows_equal_each_adapters_own_forward_exactly_and_base_rows_need_no_adapter():
+    """Regression (peft's TestMixedAdapterBatches): a mixed batch's rows were equal to float tolerance only (a
+    gathered matmul of all groups) and failed peft's allclose on 1.5% of random inits; a batch of "__base__" rows
+    only, or under disable_adapter(), raised 'max() arg is an empty sequence'."""
+    from tests.conftest import two_linear
+
+    rows = [["__base__", "a", "b"][i % 3] for i in range(9)]
+    x = torch.arange(90.0).view(9, 10)
+    for seed in range(12):
+        model = two_linear()
+        torch.manual_seed(seed)
+        pm = dt.get_peft_model(model, dt.LoraConfig(target_modules=["lin0"], init_lora_weights=False), "a")
+        pm.add_adapter("b", dt.LoraConfig(target_modules=["lin1"], init_lora_weights=False))
+        pm.eval()
+        with pm.disable_adapter():
+            base = pm(x)
+            assert torch.equal(pm(x, adapter_names=rows), base)  # disabled wins over the names
+        pm.set_adapter("a")
+        out_a = pm(x)
+        pm.set_adapter("b")
+        out_b = pm(x)
+        mixed = pm(x, adapter_names=rows)
+        assert torch.equal(mixed[::3], base[::3]) and torch.equal(mixed[1::3], out_a[1::3]), seed
+        assert torch.equal(mixed[2::3], out_b[2::3]), seed
+        assert torch.equal(pm(x, adapter_names=["__base__"] * 9), base)
+
+
+class _WithGru(nn.Module):
+    def __init__(self, batch_first: bool) -> None:
+        super().__init__()
+        self.lin0, self.gru = nn.Linear(10, 8), nn.GRU(8, 4, batch_first=batch_first)
+
+    def forward(self, x):
+        return self.gru(self.lin0(x))[0]
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_mixed_batches_refuse_saved_copies_that_cannot_split_rows_in_peft_words(batch_first):
+    """A modules_to_save GRU: without batch_first its batch is dimension 1, with it the output is a tuple; both are
+    refused with peft's TypeError (and its sentence first), never split along the wrong dimension."""
+    torch.manual_seed(0)
+    config = dt.LoraConfig(target_modules=["lin0"], modules_to_save=["gru"], init_lora_weights=False)
+    pm = dt.get_peft_model(_WithGru(batch_first), config, "a")
+    pm.add_adapter("b", config)
+    pm.eval()
+    x = torch.randn(3, 5, 10) if batch_first else torch.randn(5, 3, 10)
+    with pytest.raises(TypeError, match="Mixed batching is only supported for the following modules: Linear, Embed"):
+        pm(x, adapter_names=["a", "b", "a"] if batch_first else ["a", "b", "a", "b", "a"])
+    with pytest.raises(ValueError, match=r"Trying to infer with non-existing adapter\(s\): c, d\. "):
+        pm(x, adapter_names=["c", "d", "a"])
+    pm.merge_adapter(["a"])
+    with pytest.raises(ValueError, match="Cannot pass `adapter_names` when there are merged adapters"):
+        pm(x, adapter_names=["a", "b", "a"])
 
 
 def test_adapter_names_match_peft_with_modules_to_save():

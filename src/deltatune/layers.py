@@ -479,6 +479,15 @@ class TrainableCopy(nn.Module):
             return self.original_module
         return self.modules_to_save[self.active_adapters[0]]
 
+    @property
+    def rows_independent(self) -> bool:
+        """Whether a mixed-adapter batch may run its rows through separate copies: not where the batch is not the
+        first dimension (recurrent and attention modules without batch_first) or rows meet (batch norm training)."""
+        module = self.original_module
+        if isinstance(module, (nn.RNNBase, nn.MultiheadAttention)):
+            return bool(module.batch_first)
+        return not (isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training)
+
     @split_rows
     def forward(self, *args, **kwargs):
         return self.selected()(*args, **kwargs)

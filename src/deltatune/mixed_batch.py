@@ -21,6 +21,15 @@ from torch import Tensor, nn
 from deltatune.errors import AdapterError, MixedBatchError
 
 BASE = "__base__"  # peft's name for "no adapter" in adapter_names
+PEFT_SUPPORTED = (
+    "Mixed batching is only supported for the following modules: Linear, Embedding, Conv1d, Conv2d, Conv3d."
+)
+"""peft's words for a module whose rows it will not split, which its users' code may match; deltatune's follow."""
+
+
+def _described(wrapper: nn.Module) -> str:
+    inner = getattr(wrapper, "original_module", None)  # a modules_to_save copy: name the module it copies
+    return type(inner if inner is not None else wrapper).__name__
 
 
 @functools.lru_cache(maxsize=16)
@@ -40,14 +49,15 @@ def split_rows(forward: Callable[..., Tensor]) -> Callable[..., Tensor]:
             return forward(self, *args, **kwargs)
         if not getattr(self, "rows_independent", True):
             raise MixedBatchError(
-                f"{type(self).__name__} does not support mixed adapter batches: adapter_names= cannot split the rows "
-                "of a batch inside it. Run one adapter per call (set_adapter) instead."
+                f"{PEFT_SUPPORTED} {_described(self)} does not support mixed adapter batches: adapter_names= cannot "
+                "split the rows of a batch inside it. Run one adapter per call (set_adapter) instead."
             )
         x, args = args[0], args[1:]
         if len(names) != x.shape[0]:
             raise AdapterError(
-                f"adapter_names has {len(names)} entries but the batch has {x.shape[0]} rows (beam search and "
-                "num_return_sequences multiply the rows: give one name per row of the expanded batch)."
+                f"Length of `adapter_names` should be the same as the number of inputs, but got {len(names)} names "
+                f"for a batch of {x.shape[0]} rows (beam search and num_return_sequences multiply the rows: give one "
+                "name per row of the expanded batch)."
             )
         groups = row_groups(tuple(names), x.device)
         grouped = getattr(self, "forward_rows", None)  # a layer may run its base once and only its term per group
@@ -59,6 +69,12 @@ def split_rows(forward: Callable[..., Tensor]) -> Callable[..., Tensor]:
             for name, rows in groups:
                 self.active_adapters = [name] if name != BASE and name in self.adapter_names else []
                 part = forward(self, x.index_select(0, rows), *args, **kwargs)
+                if not isinstance(part, Tensor) or part.shape[:1] != rows.shape:
+                    raise MixedBatchError(
+                        f"{PEFT_SUPPORTED} deltatune splits the rows of any module that returns one tensor with the "
+                        f"batch first; {_described(self)} returned {type(part).__name__}. Run one adapter per call "
+                        "(set_adapter) instead."
+                    )
                 if out is None:
                     out = part.new_empty((x.shape[0], *part.shape[1:]))
                 out.index_copy_(0, rows, part)
@@ -78,10 +94,16 @@ def adapters_per_row(model: Any, adapter_names: Sequence[str] | None) -> Iterato
     names = list(adapter_names)
     unknown = sorted({n for n in names if n != BASE and n not in model.peft_config})
     if unknown:
-        raise AdapterError(f"adapter_names has {unknown}, not adapters of this model {sorted(model.peft_config)}.")
+        raise AdapterError(
+            f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}. This model's adapters are "
+            f"{sorted(model.peft_config)} (and {BASE!r} for the base model)."
+        )
     wrappers = [w for _, w in model._wrappers()]
     if any(getattr(w, "merged", False) for w in wrappers):
-        raise AdapterError("adapter_names= needs unmerged adapters; call unmerge_adapter() first.")
+        raise AdapterError(
+            "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first "
+            "(a merged adapter is in every row's weights)."
+        )
     for wrapper in wrappers:
         wrapper.row_adapters = names
     try:

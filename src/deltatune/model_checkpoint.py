@@ -219,6 +219,9 @@ class CheckpointMixin:
             self._check_same_method(spec)
             found = io.from_peft_keys(io.read_tensors(directory, device), spec.module_key_prefix)
         requires_grad = {n: p.requires_grad for n, p in self._base.named_parameters()}
+        # loading into a model that holds adapters keeps what the user set on its parameters (peft's rule); the first
+        # load (from_pretrained) freezes the base as get_peft_model does
+        existing = {p: p.requires_grad for p in self._base.parameters()} if self.peft_config else {}
         with no_init_weights():  # every tensor is overwritten from the file (check_state): skip random inits
             self._inject(adapter_name, config, spec, strict=False)
         adapters.set_adapter_dtype(self._base, adapter_name, autocast_adapter_dtype)
@@ -241,6 +244,8 @@ class CheckpointMixin:
         if not self._active:
             self._active = [adapter_name]
         self._apply_active()
+        for param, flag in existing.items():
+            param.requires_grad_(flag)
         return LoadResult([], [])  # peft's load result; keys that do not fit were refused above
 
     def _initialize_from_base(self, adapter_name: str) -> None:

@@ -93,16 +93,3 @@ def test_hash_mask_is_deterministic_uniform_and_independent_across_seeds(p):
 def test_lora_branch_eval_ignores_dropout():
     x, a, b = torch.randn(3, 6), torch.randn(2, 6), torch.randn(4, 2)
     torch.testing.assert_close(lora_branch(x, a, b, 2.0, 0.9, training=False), x @ a.T @ b.T * 2.0)
-
-
-def test_gathered_lora_rows_equals_each_rows_own_term():
-    from deltatune.functional.lora import gathered_lora_rows
-
-    g = torch.Generator().manual_seed(5)
-    x = torch.randn(5, 3, 6, generator=g)
-    a1, b1 = torch.randn(2, 6, generator=g), torch.randn(4, 2, generator=g)
-    a2, b2 = torch.randn(3, 6, generator=g), torch.randn(4, 3, generator=g)
-    out = gathered_lora_rows(x, [(torch.tensor([0, 3]), a1, b1), (torch.tensor([2]), a2, b2)], 4)
-    for row, (a, b) in {0: (a1, b1), 3: (a1, b1), 2: (a2, b2)}.items():
-        torch.testing.assert_close(out[row], x[row] @ a.T @ b.T)
-    assert torch.all(out[[1, 4]] == 0)  # rows without an adapter here

@@ -329,3 +329,21 @@ def test_two_active_adapters_training_one_module_whole_are_refused_as_in_peft():
     assert model.active_adapters == ["default"]  # deltatune's (the last) refused before changing anything
     model.set_adapter("other")
     assert model.get_base_model().lin1.active_adapters == ["other"]
+
+
+def test_load_adapter_leaves_the_requires_grad_the_user_set_as_peft_does(tmp_path):
+    """peft's TestRequiresGrad::test_loading_adapter_preserves_custom_requires_grad: a base weight unfrozen and an
+    adapter tensor frozen by hand stay so when another adapter is loaded (deltatune re-applied its own rule)."""
+    dt.get_peft_model(tiny_llama(), _lora(dt)).save_pretrained(tmp_path)
+    flags = {}
+    for name, lib in LIBS.items():
+        model = lib.get_peft_model(tiny_llama(), _lora(lib))
+        attention = model.base_model.model.model.layers[0].self_attn
+        attention.q_proj.base_layer.weight.requires_grad = True
+        attention.q_proj.lora_A["default"].weight.requires_grad = False
+        before = {n: p.requires_grad for n, p in model.named_parameters()}
+        model.load_adapter(tmp_path, adapter_name="other", is_trainable=False)
+        after = {n: p.requires_grad for n, p in model.named_parameters()}
+        assert {n: after[n] for n in before} == before, name
+        flags[name] = after
+    assert flags["deltatune"] == flags["peft"]

@@ -146,7 +146,7 @@ CASES = {
         lambda: _lora(),
         _mixed_batch(["a"]),
         dt.AdapterError,
-        "1 entries but the batch has 2 rows",
+        "got 1 names for a batch of 2 rows",
     ),
     "mixed batch: unknown adapter name": (
         lambda: _lora(("a", "b")),

@@ -162,16 +162,3 @@ def relative_to_initial(lora_a: Tensor, lora_b: Tensor, initial_a: Tensor, initi
     base-rewriting init (PiSSA, OLoRA: base W - s·B0 A0) adds to the original W. Works for every factor shape whose
     rank axis is A's first and B's second."""
     return torch.cat([lora_a, initial_a], dim=0), torch.cat([lora_b, -initial_b], dim=1)
-
-
-def gathered_lora_rows(x: Tensor, factors: list[tuple[Tensor, Tensor, Tensor]], d_out: int) -> Tensor:
-    """Each row's own low-rank term for a mixed-adapter batch, in two batched matmuls: `factors` lists (rows,
-    s·A (r, d_in), B (d_out, r)) per adapter; rows without an entry get zero; ranks are zero-padded to the largest."""
-    rank = max(a.shape[0] for _, a, _ in factors)
-    per_row_a = x.new_zeros(x.shape[0], rank, x.shape[-1])
-    per_row_b = x.new_zeros(x.shape[0], d_out, rank)
-    for rows, a, b in factors:
-        per_row_a[rows, : a.shape[0]] = a.to(x.dtype)
-        per_row_b[rows, :, : a.shape[0]] = b.to(x.dtype)
-    flat = x.reshape(x.shape[0], -1, x.shape[-1])
-    return ((flat @ per_row_a.transpose(1, 2)) @ per_row_b.transpose(1, 2)).reshape(*x.shape[:-1], d_out)

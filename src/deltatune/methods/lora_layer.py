@@ -30,7 +30,6 @@ from deltatune.functional.init import (
 )
 from deltatune.functional.lora import (
     embedding_lora_delta,
-    gathered_lora_rows,
     lora_branch,
     lora_delta,
     lora_scale,
@@ -433,10 +432,8 @@ class LoraLinear(_BiasedUp, _AdditiveLora):
         if self.merged or any(n in self.variant for n in names):
             return None
         result = self.base_layer(x, *args, **kwargs)
-        if not any(self.dropout_p[n] and self.training or self.lora_B[n].bias is not None for n in names):
-            factors = [(rows, self.lora_A[n].weight * self.scaling[n], self.lora_B[n].weight) for n, rows in groups
-                       if n in names]  # fmt: skip
-            return result + gathered_lora_rows(x, factors, self.out_features).to(result.dtype)
+        # each group's term computed as a forward under set_adapter computes it (same kernels, same rounding: a row's
+        # output equals that forward's, not only to float tolerance)
         for name, rows in groups:
             if name not in names:
                 continue  # "__base__" rows, or an adapter this layer does not hold
