@@ -18,6 +18,16 @@ from pathlib import Path
 BUCKETS = ("missing import path", "peft internals", "method we do not have", "behaviour")
 # (regex matched against "<test id> <error>", bucket, explanation): the reviewed causes, most specific first
 EXPLAINED: list[tuple[str, str, str]] = [
+    (
+        r"test_mixed_adapter_batches_training_mode_raises",
+        "behaviour",
+        "on purpose: adapter_names= works in training mode, each adapter learning from its rows (peft refuses it)",
+    ),
+    (
+        r"TestPeftConfig::test_set_attributes",
+        "behaviour",
+        "on purpose: a config given another method's peft_type is refused by name (peft keeps the wrong one)",
+    ),
     (r"monteclora_config", "method we do not have", "MonteCLoRA (LoraConfig.monteclora_config): not in deltatune"),
     (
         r"test_save_pretrained_with_target_modules",
