@@ -219,9 +219,7 @@ class CheckpointMixin:
             self._check_same_method(spec)
             found = io.from_peft_keys(io.read_tensors(directory, device), spec.module_key_prefix)
         requires_grad = {n: p.requires_grad for n, p in self._base.named_parameters()}
-        # loading into a model that holds adapters keeps what the user set on its parameters (peft's rule); the first
-        # load (from_pretrained) freezes the base as get_peft_model does
-        existing = {p: p.requires_grad for p in self._base.parameters()} if self.peft_config else {}
+        existing = self._requires_grad_to_keep()
         with no_init_weights():  # every tensor is overwritten from the file (check_state): skip random inits
             self._inject(adapter_name, config, spec, strict=False)
         adapters.set_adapter_dtype(self._base, adapter_name, autocast_adapter_dtype)
@@ -244,9 +242,13 @@ class CheckpointMixin:
         if not self._active:
             self._active = [adapter_name]
         self._apply_active()
-        for param, flag in existing.items():
-            param.requires_grad_(flag)
+        _set_requires_grad(existing)
         return LoadResult([], [])  # peft's load result; keys that do not fit were refused above
+
+    def _requires_grad_to_keep(self) -> dict[nn.Parameter, bool]:
+        """Loading into a model that holds adapters keeps what the user set on its parameters (peft's rule); the
+        first load (from_pretrained) freezes the base as get_peft_model does."""
+        return {p: p.requires_grad for p in self._base.parameters()} if self.peft_config else {}
 
     def _initialize_from_base(self, adapter_name: str) -> None:
         for layer in self._layers():
@@ -296,6 +298,11 @@ class CheckpointMixin:
 def _in_model(path: str, key: str) -> str:
     """A state key of the wrapper at `path` as a model-level key; top-level keys stay as they are."""
     return key if key.startswith(io.ROOT_MARK) else f"{path}.{key}"
+
+
+def _set_requires_grad(flags: dict[nn.Parameter, bool]) -> None:
+    for param, flag in flags.items():
+        param.requires_grad_(flag)
 
 
 def load_options(base: nn.Module, kwargs: dict[str, Any]) -> tuple[torch.device | None, bool]:
