@@ -42,9 +42,8 @@ def _segment_attention(module, query, key, value, attention_mask, dropout=0.0, s
     prefix_lengths, prefix_rows = kwargs.pop("prefix_lengths", None), kwargs.pop("prefix_rows", None)
     if lengths is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
-    groups = query.shape[1] // key.shape[1]
-    if groups > 1:  # grouped-query attention: each key/value head serves `groups` query heads
-        key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    # grouped-query attention (each key/value head serves several query heads) is SDPA's own: no repeated copy
+    gqa = query.shape[1] != key.shape[1]
     lengths = _as_list(lengths)
     prefixes = _as_list(prefix_lengths) if prefix_lengths is not None else [0] * len(lengths)
     # split, and gather once, rather than slice per example: the backward of a slice (or an index_select) writes a
@@ -60,11 +59,15 @@ def _segment_attention(module, query, key, value, attention_mask, dropout=0.0, s
     for q, k, v, n, p in zip(queries, keys, values, lengths, prefixes, strict=True):
         if not p:
             parts.append(
-                nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling)
+                nn.functional.scaled_dot_product_attention(
+                    q, k, v, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa
+                )
             )
             continue
         mask = torch.ones(n, p + n, dtype=torch.bool, device=q.device).tril(p)
-        parts.append(nn.functional.scaled_dot_product_attention(q, k, v, mask, dropout_p=dropout, scale=scaling))
+        parts.append(
+            nn.functional.scaled_dot_product_attention(q, k, v, mask, dropout_p=dropout, scale=scaling, enable_gqa=gqa)
+        )
     return torch.cat(parts, 2).transpose(1, 2).contiguous(), None
 
 
