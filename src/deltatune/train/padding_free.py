@@ -50,43 +50,41 @@ def _segment_attention(module, query, key, value, attention_mask, dropout=0.0, s
     # zero gradient of the whole row and adds it, once per example (~6% of the quickstart's step); a split's is one
     # cat, one gather's one index_add
     queries = query.split(lengths, 2)
+    masks: list[Tensor | None] = [None] * len(lengths)  # None: causal over the example's own tokens
     if prefix_rows is None or not any(prefixes):
         keys, values = key.split(lengths, 2), value.split(lengths, 2)
     else:  # each example's keys/values: the shared prefix it opens with (all of it visible), then its own tokens
-        index, sizes = _gather_index(prefix_rows, tuple(lengths), tuple(prefixes))
+        index, sizes, masks = _gather_index(prefix_rows, tuple(lengths), tuple(prefixes))
         keys, values = key.index_select(2, index).split(sizes, 2), value.index_select(2, index).split(sizes, 2)
-    parts = []
-    for q, k, v, n, p in zip(queries, keys, values, lengths, prefixes, strict=True):
-        if not p:
-            parts.append(
-                nn.functional.scaled_dot_product_attention(
-                    q, k, v, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa
-                )
-            )
-            continue
-        mask = torch.ones(n, p + n, dtype=torch.bool, device=q.device).tril(p)
-        parts.append(
-            nn.functional.scaled_dot_product_attention(q, k, v, mask, dropout_p=dropout, scale=scaling, enable_gqa=gqa)
+    parts = [
+        nn.functional.scaled_dot_product_attention(
+            q, k, v, mask, dropout_p=dropout, is_causal=mask is None, scale=scaling, enable_gqa=gqa
         )
+        for q, k, v, mask in zip(queries, keys, values, masks, strict=True)
+    ]
     return torch.cat(parts, 2).transpose(1, 2).contiguous(), None
 
 
 _last_index: list = []
-"""The last (prefix_rows, lengths, prefixes, index, sizes): every layer of one forward gathers alike. Holding
+"""The last (prefix_rows, lengths, prefixes, index, sizes, masks): every layer of one forward gathers alike. Holding
 prefix_rows keeps its id from being reused while cached."""
 
 
-def _gather_index(prefix_rows: Tensor, lengths: tuple, prefixes: tuple) -> tuple[Tensor, list[int]]:
-    """Row positions of each example's shared prefix then its own tokens, end to end, and each example's count."""
+def _gather_index(prefix_rows: Tensor, lengths: tuple, prefixes: tuple) -> tuple[Tensor, list[int], list]:
+    """Row positions of each example's shared prefix then its own tokens, end to end; each example's count; and
+    its attention mask (all of the prefix, then its own tokens causally; None without a prefix: SDPA's causal)."""
     if _last_index and _last_index[0] is prefix_rows and _last_index[1:3] == [lengths, prefixes]:
-        return _last_index[3], _last_index[4]
+        return _last_index[3], _last_index[4], _last_index[5]
+    device = prefix_rows.device
     chains = prefix_rows.split(list(prefixes))
     starts = list(itertools.accumulate(lengths, initial=0))[:-1]
-    own = [torch.arange(s, s + n, device=prefix_rows.device) for s, n in zip(starts, lengths, strict=True)]
+    own = [torch.arange(s, s + n, device=device) for s, n in zip(starts, lengths, strict=True)]
     index = torch.cat([t for pair in zip(chains, own, strict=True) for t in pair])
     sizes = [p + n for p, n in zip(prefixes, lengths, strict=True)]
-    _last_index[:] = [prefix_rows, lengths, prefixes, index, sizes]
-    return index, sizes
+    masks = [torch.ones(n, p + n, dtype=torch.bool, device=device).tril(p) if p else None
+             for p, n in zip(prefixes, lengths, strict=True)]  # fmt: skip
+    _last_index[:] = [prefix_rows, lengths, prefixes, index, sizes, masks]
+    return index, sizes, masks
 
 
 def _as_list(values) -> list[int]:
