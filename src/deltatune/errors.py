@@ -60,8 +60,9 @@ class MixedBatchError(AdapterError, TypeError):
     a TypeError as peft raises for such layers."""
 
 
-class CheckpointError(DeltatuneError):
-    """A saved adapter is unreadable or does not fit the model (missing/unexpected keys, wrong shapes)."""
+class CheckpointError(DeltatuneError, RuntimeError):
+    """A saved adapter is unreadable or does not fit the model (missing/unexpected keys, wrong shapes). A RuntimeError
+    too, as torch's and peft's loading raise for a size mismatch."""
 
 
 class MergeError(DeltatuneError, RuntimeError, ValueError):

@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -243,8 +244,32 @@ def from_peft_keys(saved: dict[str, Tensor], module_prefix: str = KEY_PREFIX) ->
     return out
 
 
-def check_state(expected: dict[str, Tensor], found: dict[str, Tensor], source: str) -> None:
-    """Raise CheckpointError naming the first missing key, unexpected key, shape/dtype mismatch or non-finite tensor."""
+def drop_mismatched_keys(expected: dict[str, Tensor], found: dict[str, Tensor], source: str) -> list[str]:
+    """`ignore_mismatched_sizes=True`: take the keys whose saved shape differs from the model's out of both dicts
+    (those tensors keep their initial values), with a warning naming each; their names."""
+    mismatched = [k for k, t in found.items() if k in expected and tuple(t.shape) != tuple(expected[k].shape)]
+    if mismatched:
+        shapes = "; ".join(
+            f"{peft_key(k)} {tuple(found[k].shape)} in the file, {tuple(expected[k].shape)} here" for k in mismatched
+        )
+        warnings.warn(
+            f"{source}: ignore_mismatched_sizes=True: {len(mismatched)} tensor(s) not loaded, they keep the new "
+            f"adapter's initial values: {shapes}.",
+            stacklevel=4,
+        )
+    for key in mismatched:
+        del expected[key], found[key]
+    return mismatched
+
+
+def check_state(
+    expected: dict[str, Tensor], found: dict[str, Tensor], source: str, drop_mismatched: bool = False
+) -> None:
+    """Raise CheckpointError naming the first missing key, unexpected key, shape/dtype mismatch or non-finite tensor;
+    with `drop_mismatched` (peft's ignore_mismatched_sizes) the tensors of another shape are first taken out of both
+    dicts, with a warning (`drop_mismatched_keys`)."""
+    if drop_mismatched:
+        drop_mismatched_keys(expected, found, source)
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
     if missing:
@@ -260,12 +285,15 @@ def check_state(expected: dict[str, Tensor], found: dict[str, Tensor], source: s
     for key, tensor in found.items():
         if tuple(tensor.shape) != tuple(expected[key].shape):
             raise CheckpointError(
-                f"{source}: {peft_key(key)} has shape {tuple(tensor.shape)}, the model expects "
-                f"{tuple(expected[key].shape)}; the adapter was trained with another rank or model size."
+                f"{source}: size mismatch for {peft_key(key)}: copying a param with shape {tuple(tensor.shape)} from "
+                f"checkpoint, the shape in current model is {tuple(expected[key].shape)}; the adapter was trained "
+                "with another rank or model size (ignore_mismatched_sizes=True loads the rest, leaving these tensors "
+                "as initialised)."
             )
-        if not tensor.is_floating_point():
-            raise CheckpointError(f"{source}: {peft_key(key)} has dtype {tensor.dtype}, expected a float tensor.")
-        if not bool(torch.isfinite(tensor).all()):
+        if tensor.is_floating_point() != expected[key].is_floating_point():  # (a saved module's integer buffers)
+            kind = "a float" if expected[key].is_floating_point() else f"an integer ({expected[key].dtype})"
+            raise CheckpointError(f"{source}: {peft_key(key)} has dtype {tensor.dtype}, expected {kind} tensor.")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             bad = int((~torch.isfinite(tensor)).sum())
             raise CheckpointError(
                 f"{source}: {peft_key(key)} holds {bad} NaN/inf value(s); the run that saved it diverged. Use an "

@@ -208,7 +208,7 @@ class CheckpointMixin:
             UnsupportedArgumentError: a keyword argument deltatune does not implement.
         """
         revision = kwargs.pop("revision", None)
-        device, autocast_adapter_dtype = load_options(self._base, kwargs)
+        device, autocast_adapter_dtype, ignore_mismatched = load_options(self._base, kwargs)
         self._check_name(adapter_name, exists=False)
         directory = adapter_dir(model_id, subfolder, revision)
         with io.folder_lock(directory, exclusive=False):  # the config and the weights of one save (see saving.py)
@@ -227,7 +227,7 @@ class CheckpointMixin:
         try:
             expected = io.from_peft_keys(self.adapter_state_dict(adapter_name), spec.module_key_prefix)
             expected.update(self._saved_base_weights(found))
-            io.check_state(expected, found, str(directory / io.WEIGHTS_NAME))
+            io.check_state(expected, found, str(directory / io.WEIGHTS_NAME), drop_mismatched=ignore_mismatched)
         except BaseException:
             del self.peft_config[adapter_name]
             self._remove_from_modules(adapter_name)
@@ -265,13 +265,16 @@ class CheckpointMixin:
             out.update({k: plain[k] for k in found if k in plain and k not in out})
         return out
 
-    def load_adapter_tensors(self, adapter_name: str, tensors: dict[str, Tensor]) -> None:
+    def load_adapter_tensors(
+        self, adapter_name: str, tensors: dict[str, Tensor], ignore_mismatched_sizes: bool = False
+    ) -> None:
         """Overwrite an existing adapter's tensors from a peft-keyed dict (e.g. a training checkpoint); checked
-        first."""
+        first (`ignore_mismatched_sizes`: tensors of another shape are left as they are, with a warning)."""
         self._check_name(adapter_name, exists=True)
         prefix = self._module_prefix(self.peft_config[adapter_name])
         found = io.from_peft_keys(tensors, prefix)
-        io.check_state(io.from_peft_keys(self.adapter_state_dict(adapter_name), prefix), found, "adapter tensors")
+        expected = io.from_peft_keys(self.adapter_state_dict(adapter_name), prefix)
+        io.check_state(expected, found, "adapter tensors", drop_mismatched=ignore_mismatched_sizes)
         self._copy_state(adapter_name, found)
 
     @torch.no_grad()
@@ -305,21 +308,22 @@ def _set_requires_grad(flags: dict[nn.Parameter, bool]) -> None:
         param.requires_grad_(flag)
 
 
-def load_options(base: nn.Module, kwargs: dict[str, Any]) -> tuple[torch.device | None, bool]:
-    """peft's `load_adapter` keywords, checked: (the device to read the file into, `autocast_adapter_dtype`). Any
-    other keyword, or a value deltatune cannot honour, is refused by name."""
+def load_options(base: nn.Module, kwargs: dict[str, Any]) -> tuple[torch.device | None, bool, bool]:
+    """peft's `load_adapter` keywords, checked: (the device to read the file into, `autocast_adapter_dtype`,
+    `ignore_mismatched_sizes`). Any other keyword, or a value deltatune cannot honour, is refused by name."""
     options = dict(kwargs)
     torch_device = options.pop("torch_device", None)
     device_map = options.pop("device_map", None)
-    autocast_adapter_dtype = options.pop("autocast_adapter_dtype", True)
-    low_cpu_mem_usage = options.pop("low_cpu_mem_usage", False)
-    for name, value in (("autocast_adapter_dtype", autocast_adapter_dtype), ("low_cpu_mem_usage", low_cpu_mem_usage)):
+    defaults = {"autocast_adapter_dtype": True, "low_cpu_mem_usage": False, "ignore_mismatched_sizes": False}
+    flags = {name: options.pop(name, default) for name, default in defaults.items()}
+    for name, value in flags.items():
         if not isinstance(value, bool):
             raise ConfigError(f"load_adapter(): {name} must be True or False, got {value!r}.")
     refuse_unknown("load_adapter", options, {"ephemeral_gpu_offload": (False,), "key_mapping": (None, {})})
     if device_map is not None:
         check_device_map(base, device_map)
-    return (None if torch_device is None else available_device(torch_device)), autocast_adapter_dtype
+    device = None if torch_device is None else available_device(torch_device)
+    return device, flags["autocast_adapter_dtype"], flags["ignore_mismatched_sizes"]
 
 
 def available_device(torch_device: str | torch.device) -> torch.device:

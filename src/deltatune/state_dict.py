@@ -64,14 +64,15 @@ def set_peft_model_state_dict(
     model: AdapterModel, peft_model_state_dict: dict[str, Tensor], adapter_name: str = "default", **kwargs: Any
 ) -> LoadResult:
     """Load peft-keyed tensors into the existing adapter `adapter_name` (keys and shapes checked first)."""
-    refuse_unknown(
-        "set_peft_model_state_dict", kwargs, {"ignore_mismatched_sizes": (False,), "low_cpu_mem_usage": (False,)}
-    )
+    ignore_mismatched_sizes = kwargs.pop("ignore_mismatched_sizes", False)
+    refuse_unknown("set_peft_model_state_dict", kwargs, {"low_cpu_mem_usage": (False,)})
     view = as_adapter_model(model)
     if view is not model:
         prefix = _prefix(view, adapter_name)
         peft_model_state_dict = {prefix + k: t for k, t in peft_model_state_dict.items()}
-    view.load_adapter_tensors(adapter_name, peft_model_state_dict)
+    view.load_adapter_tensors(
+        adapter_name, peft_model_state_dict, ignore_mismatched_sizes=bool(ignore_mismatched_sizes)
+    )
     return LoadResult([], [])
 
 

@@ -4,6 +4,7 @@ state-dict helpers return what peft's do."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 
@@ -347,3 +348,39 @@ def test_load_adapter_leaves_the_requires_grad_the_user_set_as_peft_does(tmp_pat
         assert {n: after[n] for n in before} == before, name
         flags[name] = after
     assert flags["deltatune"] == flags["peft"]
+
+
+class _EmbLinNorm(torch.nn.Module):
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.emb, self.lin0, self.norm = torch.nn.Embedding(vocab, 8), torch.nn.Linear(8, 4), torch.nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        return self.norm(self.lin0(self.emb(x)).mean(1))
+
+
+def test_ignore_mismatched_sizes_loads_the_rest_and_integer_buffers_round_trip(tmp_path):
+    """peft's test_load_resized_embedding_ignore_mismatched_sizes and test_ignore_mismatched_sizes_with_scalar_
+    modules_to_save: a vocabulary resized from 100 to 105 is a RuntimeError naming both sizes, and with
+    ignore_mismatched_sizes=True everything else loads (as in peft); a saved BatchNorm's integer
+    num_batches_tracked loads back (deltatune refused any non-float tensor)."""
+    torch.manual_seed(0)
+    config = dt.LoraConfig(target_modules=["emb", "lin0"], modules_to_save=["norm"], init_lora_weights=False)
+    source = dt.get_peft_model(_EmbLinNorm(100), config)
+    source.base_model.model.norm.modules_to_save["default"].num_batches_tracked.fill_(7)
+    source.save_pretrained(tmp_path)
+    for lib in LIBS.values():
+        with pytest.raises(RuntimeError, match=r"size mismatch.*\(?8, 100\)?.*\(?8, 105"):
+            lib.PeftModel.from_pretrained(_EmbLinNorm(105), tmp_path)
+    loaded = {}
+    for name, lib in LIBS.items():
+        torch.manual_seed(1)
+        with pytest.warns(UserWarning) if name == "deltatune" else contextlib.nullcontext():
+            loaded[name] = lib.PeftModel.from_pretrained(_EmbLinNorm(105), tmp_path, ignore_mismatched_sizes=True)
+    for model in loaded.values():
+        inner = model.base_model.model
+        assert inner.norm.modules_to_save["default"].num_batches_tracked.item() == 7
+        assert torch.equal(inner.lin0.lora_A["default"].weight, source.base_model.model.lin0.lora_A["default"].weight)
+        assert inner.emb.lora_embedding_A["default"].shape == (8, 105)
+    same = dt.PeftModel.from_pretrained(_EmbLinNorm(100), tmp_path)  # the integer buffer without the flag too
+    assert same.base_model.model.norm.modules_to_save["default"].num_batches_tracked.item() == 7
