@@ -406,8 +406,9 @@ def inject_adapter_in_model(peft_config: AdapterConfig, model: nn.Module, adapte
     spec = spec_for_config(peft_config)
     if spec.kind != "layer" or spec.make_shared is not None:
         raise ConfigError(
-            f"inject_adapter_in_model cannot add {peft_config.peft_type}: its state lives outside the adapted layers "
-            "(shared tensors or virtual tokens). Use get_peft_model instead."
+            f"`inject_adapter_in_model` does not support {peft_config.peft_type} because it uses shared state (tensors "
+            "all its layers share, or virtual tokens) that lives outside the adapted layers. Please use "
+            "`get_peft_model` instead."
         )
     wrapper = PeftModel(model, peft_config, adapter_name)
     base = wrapper.get_base_model()

@@ -384,3 +384,16 @@ def test_ignore_mismatched_sizes_loads_the_rest_and_integer_buffers_round_trip(t
         assert inner.emb.lora_embedding_A["default"].shape == (8, 105)
     same = dt.PeftModel.from_pretrained(_EmbLinNorm(100), tmp_path)  # the integer buffer without the flag too
     assert same.base_model.model.norm.modules_to_save["default"].num_batches_tracked.item() == 7
+
+
+def test_inject_adapter_in_model_refuses_shared_state_methods_in_peft_words():
+    """peft's test_save_load_roundtrip_direct_injection takes a ValueError naming "shared state" and get_peft_model as
+    the refusal of such methods; deltatune refused VeRA (and AdaLoRA, prompt methods) in other words."""
+    for lib in LIBS.values():
+        model = tiny_llama()
+        before = {n: p.clone() for n, p in model.state_dict().items()}
+        with pytest.raises(ValueError, match=r"shared state.*get_peft_model"):
+            lib.inject_adapter_in_model(lib.VeraConfig(r=4, target_modules=["q_proj", "v_proj"]), model)
+        assert all(torch.equal(before[n], p) for n, p in model.state_dict().items()) and len(before) == len(
+            model.state_dict()
+        )
