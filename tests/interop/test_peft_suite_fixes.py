@@ -397,3 +397,23 @@ def test_inject_adapter_in_model_refuses_shared_state_methods_in_peft_words():
         assert all(torch.equal(before[n], p) for n, p in model.state_dict().items()) and len(before) == len(
             model.state_dict()
         )
+
+
+def test_printed_lora_layers_carry_peft_names():
+    """peft's TestLayerRepr: `lora.Linear(...)`, `lora.Embedding(...)`, `lora.Conv2d(...)`, `lora.ParamWrapper(...)`
+    (with the parameter's name), first words equal to peft's on the same models."""
+    from tests.conftest import two_linear
+
+    cases = [
+        (two_linear, {"target_modules": ["lin0"]}, "lin0"),
+        (lambda: torch.nn.Sequential(torch.nn.Embedding(100, 5)), {"target_modules": ["0"]}, "0"),
+        (lambda: torch.nn.Sequential(torch.nn.Conv2d(5, 10, 3)), {"target_modules": ["0"]}, "0"),
+        (two_linear, {"target_parameters": ["lin0.weight"]}, "lin0"),
+    ]
+    for factory, kwargs, path in cases:
+        printed = {
+            name: repr(lib.get_peft_model(factory(), lib.LoraConfig(**kwargs)).base_model.model.get_submodule(path))
+            for name, lib in LIBS.items()
+        }
+        assert printed["deltatune"].split("(")[0] == printed["peft"].split("(")[0], printed
+    assert "parameter_name='weight'" in printed["deltatune"]

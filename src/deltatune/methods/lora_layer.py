@@ -166,6 +166,8 @@ class _LoraLayer(AdapterLayer):
 
     lora_param_names: tuple[str, ...] = ("lora_A", "lora_B")
     param_roles = {"lora_B": "up"}
+    printed_name = "Linear"
+    """peft's name of this kind of LoRA layer: printed models read `lora.Linear(...)`, `lora.Conv2d(...)` as in peft."""
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -178,6 +180,9 @@ class _LoraLayer(AdapterLayer):
         self.variant_options: dict[str, dict[str, Any]] = {}  # adapter name -> its variant's sub-config fields
         for param_name, variant in _variant_containers().items():
             setattr(self, param_name, variant.container())
+
+    def _get_name(self) -> str:  # what nn.Module's repr prints
+        return f"lora.{self.printed_name}"
 
     @property
     def adapter_param_names(self) -> tuple[str, ...]:
@@ -460,6 +465,10 @@ class LoraConv(_BiasedUp, _AdditiveLora):
     every input channel: the adapter's change is dense, which the grouped weight cannot hold, so it is never merged
     (refused by name) and DoRA, which needs that merged weight's norm, is refused on such layers."""
 
+    @property
+    def printed_name(self) -> str:  # lora.Conv1d / lora.Conv2d / lora.Conv3d
+        return type(self.base_layer).__name__
+
     def __init__(self, base_layer: nn.modules.conv._ConvNd) -> None:
         super().__init__(base_layer)
         self.in_features, self.out_features = base_layer.in_channels, base_layer.out_channels  # peft's names
@@ -518,6 +527,7 @@ class LoraEmbedding(_AdditiveLora):
 
     lora_param_names = ("lora_embedding_A", "lora_embedding_B")
     param_roles = {"lora_embedding_B": "up", "lora_embedding_A": "embedding"}
+    printed_name = "Embedding"
 
     def __init__(self, base_layer: nn.Embedding) -> None:
         super().__init__(base_layer)

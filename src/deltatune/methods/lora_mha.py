@@ -28,6 +28,7 @@ class LoraMultiheadAttention(_LoraLayer):
     """LoRA on an `nn.MultiheadAttention` with one packed q/k/v projection (`kdim == vdim == embed_dim`)."""
 
     rows_independent = False  # the batch may be dimension 1 (batch_first=False): rows cannot be split here
+    printed_name = "MultiheadAttention"
 
     def __init__(self, base_layer: nn.MultiheadAttention) -> None:
         if not base_layer._qkv_same_embed_dim:

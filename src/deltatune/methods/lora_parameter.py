@@ -27,6 +27,7 @@ class LoraParameter(_LoraLayer):
     """LoRA on `base_layer.<parameter_name>` (see the module doc)."""
 
     rows_independent = False  # an expert stack routes tokens: a batch cannot be split by rows here
+    printed_name = "ParamWrapper"  # peft's name of this layer
 
     def __init__(self, base_layer: nn.Module, parameter_name: str) -> None:
         super().__init__(base_layer)
@@ -42,6 +43,9 @@ class LoraParameter(_LoraLayer):
             raise UnsupportedModuleError(f"target_parameters: {parameter_name} is {len(shape)}-d; 2-d or 3-d only.")
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
+
+    def extra_repr(self) -> str:
+        return f"parameter_name={self.parameter_name!r}"
 
     def _owner(self) -> nn.Module:
         module = self.base_layer
