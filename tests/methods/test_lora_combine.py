@@ -172,3 +172,31 @@ def test_two_adapters_train_at_once_on_a_mixed_batch_each_from_its_own_rows():
     grads(ids, rows)  # one mixed step trains both
     optimizer.step()
     assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before and ".lora_B." in n)
+
+
+def test_a_module_one_adapter_saves_is_the_combinations_and_one_two_save_is_refused_as_in_peft():
+    """peft's test_multiple_adapters_*_modules_to_save_merging_adapters*: deltatune refused any modules_to_save."""
+    peft = pytest.importorskip("peft")
+    from tests.conftest import two_linear
+
+    for lib in (dt, peft):
+        torch.manual_seed(0)
+        model = lib.get_peft_model(two_linear(), lib.LoraConfig(target_modules=["lin0"], modules_to_save=["lin1"]))
+        model.add_adapter("other", lib.LoraConfig(target_modules=["lin0"]))
+        copies = model.base_model.model.lin1.modules_to_save
+        with torch.no_grad():
+            copies["default"].weight.add_(1.0)  # the saved copy trained
+        model.add_weighted_adapter(["default", "other"], [1.0, 1.0], "merged", combination_type="linear")
+        assert set(copies) == {"default", "merged"}, lib.__name__
+        # deltatune: the trained copy of the adapter that saves it (what peft's test comment says; peft 0.21 copies
+        # the untrained original, a documented difference)
+        want = copies["default"] if lib is dt else model.base_model.model.lin1.original_module
+        assert torch.equal(copies["merged"].weight, want.weight) and copies["merged"].weight is not want.weight
+        model.set_adapter("merged")
+        model(torch.randn(2, 10))
+
+        model.add_adapter("third", lib.LoraConfig(target_modules=["lin0"], modules_to_save=["lin1"]))
+        with pytest.raises(ValueError, match=r"Cannot add weighted adapters if they target the same module with "
+                                             r"modules_to_save, but found 1 such instance\(s\)\."):  # fmt: skip
+            model.add_weighted_adapter(["default", "third"], [1.0, 1.0], "again", combination_type="linear")
+        assert "again" not in model.peft_config

@@ -13,7 +13,9 @@ Where deltatune differs from peft, on purpose: every input's own scale (rsLoRA, 
 folded into the factors and the result has scale 1 per module (its config: `lora_alpha` = `r`, per-module ranks
 in `rank_pattern` with equal `alpha_pattern`), so the result means what the types promise whatever the inputs'
 configs; negative weights keep their sign; DoRA inputs combine through their effective change ΔW = W' − W with the
-svd types (the result is plain LoRA) and are refused by the factor types, as are `lora_bias` and modules_to_save.
+svd types (the result is plain LoRA) and are refused by the factor types, as is `lora_bias`. A module one of the
+adapters saves whole (modules_to_save) is the combination's as that adapter saved it (peft's rule); one that two save is
+refused.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import math
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from deltatune.errors import AdapterError, ConfigError
 from deltatune.functional import merge
@@ -61,17 +63,36 @@ def _check(model: Any, adapters: list[str], weights: list[float], name: str, kin
         raise AdapterError(f"adapter {name!r} already exists; pick another name or delete it first.")
     if kind.removesuffix("_svd") in _NEEDS_DENSITY and (density is None or not 0 < density <= 1):
         raise ConfigError(f"combination_type {kind!r} needs density in (0, 1], got {density!r}.")
+    _saved_module_owners(model, adapters)  # refuses a module two of them save
     for a in adapters:
         config = model.peft_config[a]
-        if config.modules_to_save:
-            raise ConfigError(f"adapter {a!r} has modules_to_save {config.modules_to_save}: whole modules have no "
-                              "weighted combination; combine adapters without them.")  # fmt: skip
         forms = {"use_dora": "DoRA", "kasa_config": "KaSA", "use_bdlora": "BD-LoRA", "lora_bias": "lora_bias"}
         other_form = next((label for f, label in forms.items() if getattr(config, f, None)), None)
         if kind in FACTOR_TYPES and other_form:
             raise ConfigError(f"adapter {a!r} uses {other_form}: its change is not "
                               f"B·A, so {kind!r} would be wrong; use an svd type (e.g. 'svd'), which combines the "
                               "changes themselves into plain LoRA.")  # fmt: skip
+
+
+def _saved_module_owners(model: Any, adapters: list[str]) -> dict[str, str]:
+    """Path of each module one of `adapters` saves whole (modules_to_save, task heads) -> that adapter: peft's rule,
+    the combination takes that adapter's copy (a whole module has no weighted combination); a module two of them
+    save is refused."""
+    owners, shared = {}, {}
+    for path, wrapper in model._wrappers():
+        copies = getattr(wrapper, "modules_to_save", None)
+        holders = [a for a in adapters if isinstance(copies, nn.ModuleDict) and a in copies]
+        if len(holders) > 1:
+            shared[path] = holders
+        elif holders:
+            owners[path] = holders[0]
+    if shared:
+        raise ConfigError(
+            "Cannot add weighted adapters if they target the same module with modules_to_save, but found "
+            f"{len(shared)} such instance(s). ({', '.join(f'{p}: {names}' for p, names in shared.items())}: a whole "
+            "module has no weighted combination; combine adapters that save different modules.)"
+        )
+    return owners
 
 
 def _layer_factors(layer: LoraLinear, adapters: list[str], weights: list[float], kind: str, rank: int | None,
@@ -140,10 +161,17 @@ def combine_lora(
     ranks = {path: a.shape[0] for path, (a, _) in factors.items()}
     top = max(ranks.values())
     pattern = {path: r for path, r in ranks.items() if r != top}
+    owners = _saved_module_owners(model, adapters)
+    saved = list(dict.fromkeys(m for a in adapters for m in model.peft_config[a].modules_to_save or []))
     config = LoraConfig(r=top, lora_alpha=top, target_modules=sorted(factors), lora_dropout=first.lora_dropout,
                         rank_pattern=pattern, alpha_pattern=dict(pattern), task_type=first.task_type,
+                        modules_to_save=saved or None,
                         base_model_name_or_path=first.base_model_name_or_path)  # fmt: skip
     model.add_adapter(adapter_name, config)
+    with torch.no_grad():  # each saved module: its owner's copy
+        for path, owner in owners.items():
+            copies = model.get_base_model().get_submodule(path).modules_to_save
+            copies[adapter_name].load_state_dict(copies[owner].state_dict())
     with torch.no_grad():
         for path, (a, b) in factors.items():
             layer = model.get_base_model().get_submodule(path)
