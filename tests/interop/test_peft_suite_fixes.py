@@ -417,3 +417,14 @@ def test_printed_lora_layers_carry_peft_names():
         }
         assert printed["deltatune"].split("(")[0] == printed["peft"].split("(")[0], printed
     assert "parameter_name='weight'" in printed["deltatune"]
+
+
+def test_adalora_warns_about_r_in_peft_words_and_only_when_given():
+    import warnings
+
+    for lib in LIBS.values():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            lib.AdaLoraConfig(init_r=12, lora_alpha=32, total_step=1)
+        with pytest.warns(UserWarning, match="Note that `r` is not used in AdaLora and will be ignored"):
+            lib.AdaLoraConfig(r=10, total_step=1)

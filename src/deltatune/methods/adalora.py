@@ -115,7 +115,11 @@ class AdaLoraConfig(AdapterConfig):
         if self.bias not in ("none", "all", "lora_only"):
             raise ConfigError(f'bias must be "none", "all" or "lora_only", got {self.bias!r}.')
         if self.r != _UNSET_R:
-            warnings.warn(f"AdaLoRA ignores r={self.r}; its starting rank is init_r={self.init_r}.", stacklevel=3)
+            warnings.warn(
+                f"Note that `r` is not used in AdaLora and will be ignored (r={self.r}): its starting rank is "
+                f"init_r={self.init_r}.",
+                stacklevel=3,
+            )
         if self.total_step is not None:
             self._check_schedule()
         if self.rank_pattern is not None and not all(
