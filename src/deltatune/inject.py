@@ -152,15 +152,16 @@ def visible_module_types(model: nn.Module) -> dict[str, type[nn.Module]]:
     from deltatune.layers import AdapterLayer, TrainableCopy
 
     out: dict[str, type[nn.Module]] = {}
-    hidden: list[str] = []
+    hidden = None  # the wrapper whose insides are skipped: named_modules walks each subtree whole, in one run
     for name, module in model.named_modules():
-        if any(name.startswith(h + ".") for h in hidden):
+        if hidden is not None and name.startswith(hidden):
             continue
+        hidden = None
         if isinstance(module, AdapterLayer):
             out[name] = type(module.base_layer)
-            hidden.append(name)
+            hidden = name + "."
         elif isinstance(module, TrainableCopy):
-            hidden.append(name)
+            hidden = name + "."
         else:
             out[name] = type(module)
     return out
