@@ -5,6 +5,7 @@ and never importing it; methods reach them only as `MethodSpec` data.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 
@@ -21,11 +22,33 @@ from deltatune.registry import MethodSpec, get_method
 Wrapper = (AdapterLayer, TrainableCopy)
 
 
+_FIXED: dict[int, list[tuple[str, AdapterLayer | TrainableCopy]]] = {}
+"""id(base) -> its wrappers, while `fixed_structure(base)` says no module is added or replaced."""
+
+
 def wrappers(base: nn.Module) -> Iterator[tuple[str, AdapterLayer | TrainableCopy]]:
     """(path, wrapper) of every adapter wrapper in `base`, outer before inner."""
+    known = _FIXED.get(id(base))
+    if known is not None:
+        yield from known
+        return
     for name, module in base.named_modules():
         if isinstance(module, Wrapper):
             yield name, module
+
+
+@contextlib.contextmanager
+def fixed_structure(base: nn.Module) -> Iterator[None]:
+    """Within the block `base`'s wrappers are found once (a walk of every module): for a sequence of steps that
+    change tensors and flags but never which modules are where (loading an adapter after its injection)."""
+    if id(base) in _FIXED:  # nested: the outer block's list stands
+        yield
+        return
+    _FIXED[id(base)] = list(wrappers(base))
+    try:
+        yield
+    finally:
+        del _FIXED[id(base)]
 
 
 def adapted_layers(base: nn.Module) -> Iterator[AdapterLayer]:

@@ -199,7 +199,7 @@ class CheckpointMixin:
         keeps that object, with `inference_mode = not is_trainable`, as peft does. peft's loading keywords:
         `torch_device` (where the file is read into; the adapter's tensors then live with their base layers),
         `device_map` (the model's placement; adapters follow their layers), `autocast_adapter_dtype` (as in
-        `add_adapter`) and `low_cpu_mem_usage` (either value: deltatune never builds a random init to overwrite).
+        `add_adapter`), `low_cpu_mem_usage` (either value: no random init is built) and `ignore_mismatched_sizes`.
 
         Raises:
             ConfigError / UnsupportedFieldError / UnknownMethodError: the config is malformed or asks for more than
@@ -218,37 +218,32 @@ class CheckpointMixin:
             config = with_task_heads(self._base, spec.complete(config, self._base), self.task_heads)
             self._check_same_method(spec)
             found = io.from_peft_keys(io.read_tensors(directory, device), spec.module_key_prefix)
-        requires_grad = {n: p.requires_grad for n, p in self._base.named_parameters()}
-        existing = self._requires_grad_to_keep()
+        flags, keep_flags = {p: p.requires_grad for p in self._base.parameters()}, bool(self.peft_config)
         with no_init_weights():  # every tensor is overwritten from the file (check_state): skip random inits
             self._inject(adapter_name, config, spec, strict=False)
-        adapters.set_adapter_dtype(self._base, adapter_name, autocast_adapter_dtype)
-        self.peft_config[adapter_name] = config
         try:
-            expected = io.from_peft_keys(self.adapter_state_dict(adapter_name), spec.module_key_prefix)
-            expected.update(self._saved_base_weights(found))
-            io.check_state(expected, found, str(directory / io.WEIGHTS_NAME), drop_mismatched=ignore_mismatched)
+            with adapters.fixed_structure(self._base):  # no module moves in here: the wrappers are found once
+                adapters.set_adapter_dtype(self._base, adapter_name, autocast_adapter_dtype)
+                self.peft_config[adapter_name] = config
+                expected = io.from_peft_keys(self.adapter_state_dict(adapter_name), spec.module_key_prefix)
+                expected.update(self._saved_base_weights(found))
+                io.check_state(expected, found, str(directory / io.WEIGHTS_NAME), drop_mismatched=ignore_mismatched)
         except BaseException:
-            del self.peft_config[adapter_name]
+            self.peft_config.pop(adapter_name, None)
             self._remove_from_modules(adapter_name)
-            for n, p in self._base.named_parameters():
-                p.requires_grad_(requires_grad[n])
+            _set_requires_grad(flags)
             raise
-        self._initialize_from_base(adapter_name)  # as at creation (peft does the same), then the saved tensors
-        self._copy_state(adapter_name, found, expected)
-        self.peft_config[adapter_name] = given.update_from(config)
-        if is_trainable:  # trains from now on, active or not (peft's rule for loaded adapters)
-            self._loaded_trainable.add(adapter_name)
-        if not self._active:
-            self._active = [adapter_name]
-        self._apply_active()
-        _set_requires_grad(existing)
+        with adapters.fixed_structure(self._base):
+            self._initialize_from_base(adapter_name)  # as at creation (peft does the same), then the saved tensors
+            self._copy_state(adapter_name, found, expected)
+            self.peft_config[adapter_name] = given.update_from(config)
+            if is_trainable:  # trains from now on, active or not (peft's rule for loaded adapters)
+                self._loaded_trainable.add(adapter_name)
+            if not self._active:
+                self._active = [adapter_name]
+            self._apply_active()
+            _set_requires_grad(flags if keep_flags else {})
         return LoadResult([], [])  # peft's load result; keys that do not fit were refused above
-
-    def _requires_grad_to_keep(self) -> dict[nn.Parameter, bool]:
-        """Loading into a model that holds adapters keeps what the user set on its parameters (peft's rule); the
-        first load (from_pretrained) freezes the base as get_peft_model does."""
-        return {p: p.requires_grad for p in self._base.parameters()} if self.peft_config else {}
 
     def _initialize_from_base(self, adapter_name: str) -> None:
         for layer in self._layers():
@@ -304,6 +299,8 @@ def _in_model(path: str, key: str) -> str:
 
 
 def _set_requires_grad(flags: dict[nn.Parameter, bool]) -> None:
+    """Give parameters back their requires_grad: `load_adapter` does on failure, and after loading into a model that
+    holds adapters (peft's rule; a first load, from_pretrained, freezes the base as get_peft_model does)."""
     for param, flag in flags.items():
         param.requires_grad_(flag)
 
