@@ -245,10 +245,12 @@ def test_adapter_names_mix_adapters_row_by_row_like_separate_batches():
         pm(**ids, adapter_names=rows)
 
 
-def test_mixed_rows_equal_each_adapters_own_forward_exactly_and_base_rows_need_no_adapter():
-    """Regression (peft's TestMixedAdapterBatches): a mixed batch's rows were equal to float tolerance only (a
-    gathered matmul of all groups) and failed peft's allclose on 1.5% of random inits; a batch of "__base__" rows
-    only, or under disable_adapter(), raised 'max() arg is an empty sequence'."""
+def test_mixed_rows_match_each_adapters_own_forward_and_base_rows_need_no_adapter():
+    """Regression (peft's TestMixedAdapterBatches): each group's term is computed as the adapter's own forward
+    computes it (a gathered matmul of all groups differed by more rounding and failed peft's allclose on 1.5% of
+    random inits here); a batch of "__base__" rows only, or under disable_adapter(), raised 'max() arg is an empty
+    sequence'. Base rows are bit-identical; adapter rows to float32 rounding (a matmul over a subset of the rows may
+    take other kernels: AVX2 CPUs differ in the last bit)."""
     from tests.conftest import two_linear
 
     rows = [["__base__", "a", "b"][i % 3] for i in range(9)]
@@ -267,8 +269,9 @@ def test_mixed_rows_equal_each_adapters_own_forward_exactly_and_base_rows_need_n
         pm.set_adapter("b")
         out_b = pm(x)
         mixed = pm(x, adapter_names=rows)
-        assert torch.equal(mixed[::3], base[::3]) and torch.equal(mixed[1::3], out_a[1::3]), seed
-        assert torch.equal(mixed[2::3], out_b[2::3]), seed
+        assert torch.equal(mixed[::3], base[::3]), seed
+        torch.testing.assert_close(mixed[1::3], out_a[1::3], rtol=1.3e-6, atol=1e-5)
+        torch.testing.assert_close(mixed[2::3], out_b[2::3], rtol=1.3e-6, atol=1e-5)
         assert torch.equal(pm(x, adapter_names=["__base__"] * 9), base)
 
 
