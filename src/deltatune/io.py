@@ -244,9 +244,9 @@ def from_peft_keys(saved: dict[str, Tensor], module_prefix: str = KEY_PREFIX) ->
     return out
 
 
-def drop_mismatched_keys(expected: dict[str, Tensor], found: dict[str, Tensor], source: str) -> list[str]:
+def drop_mismatched_keys(expected: dict[str, Tensor], found: dict[str, Tensor], source: str) -> None:
     """`ignore_mismatched_sizes=True`: take the keys whose saved shape differs from the model's out of both dicts
-    (those tensors keep their initial values), with a warning naming each; their names."""
+    (those tensors keep their initial values), with a warning naming each."""
     mismatched = [k for k, t in found.items() if k in expected and tuple(t.shape) != tuple(expected[k].shape)]
     if mismatched:
         shapes = "; ".join(
@@ -259,7 +259,6 @@ def drop_mismatched_keys(expected: dict[str, Tensor], found: dict[str, Tensor], 
         )
     for key in mismatched:
         del expected[key], found[key]
-    return mismatched
 
 
 def check_state(

@@ -63,7 +63,6 @@ def _check(model: Any, adapters: list[str], weights: list[float], name: str, kin
         raise AdapterError(f"adapter {name!r} already exists; pick another name or delete it first.")
     if kind.removesuffix("_svd") in _NEEDS_DENSITY and (density is None or not 0 < density <= 1):
         raise ConfigError(f"combination_type {kind!r} needs density in (0, 1], got {density!r}.")
-    _saved_module_owners(model, adapters)  # refuses a module two of them save
     for a in adapters:
         config = model.peft_config[a]
         forms = {"use_dora": "DoRA", "kasa_config": "KaSA", "use_bdlora": "BD-LoRA", "lora_bias": "lora_bias"}
@@ -146,6 +145,7 @@ def combine_lora(
     accepted for peft's signature (the factors are the same either way); `seed` fixes DARE's random masks."""
     adapters, weights = list(adapters), [float(w) for w in weights]
     _check(model, adapters, weights, adapter_name, combination_type, density)
+    owners = _saved_module_owners(model, adapters)  # refuses a module two of them save
     rule = _merge_rule(combination_type.removesuffix("_svd"), density, majority_sign_method,
                        torch.Generator().manual_seed(seed))  # fmt: skip
     factors: dict[str, tuple[Tensor, Tensor]] = {}
@@ -161,18 +161,16 @@ def combine_lora(
     ranks = {path: a.shape[0] for path, (a, _) in factors.items()}
     top = max(ranks.values())
     pattern = {path: r for path, r in ranks.items() if r != top}
-    owners = _saved_module_owners(model, adapters)
     saved = list(dict.fromkeys(m for a in adapters for m in model.peft_config[a].modules_to_save or []))
     config = LoraConfig(r=top, lora_alpha=top, target_modules=sorted(factors), lora_dropout=first.lora_dropout,
                         rank_pattern=pattern, alpha_pattern=dict(pattern), task_type=first.task_type,
                         modules_to_save=saved or None,
                         base_model_name_or_path=first.base_model_name_or_path)  # fmt: skip
     model.add_adapter(adapter_name, config)
-    with torch.no_grad():  # each saved module: its owner's copy
-        for path, owner in owners.items():
+    with torch.no_grad():
+        for path, owner in owners.items():  # each saved module: its owner's copy
             copies = model.get_base_model().get_submodule(path).modules_to_save
             copies[adapter_name].load_state_dict(copies[owner].state_dict())
-    with torch.no_grad():
         for path, (a, b) in factors.items():
             layer = model.get_base_model().get_submodule(path)
             layer.lora_A[adapter_name].weight.copy_(a)

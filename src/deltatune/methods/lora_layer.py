@@ -437,8 +437,8 @@ class LoraLinear(_BiasedUp, _AdditiveLora):
         if self.merged or any(n in self.variant for n in names):
             return None
         result = self.base_layer(x, *args, **kwargs)
-        # each group's term computed as a forward under set_adapter computes it (same kernels, same rounding: a row's
-        # output equals that forward's, not only to float tolerance)
+        # each group's term computed as a forward under set_adapter computes it, on that group's rows (equal to that
+        # forward's rows up to the last bit a matmul over fewer rows may round differently)
         for name, rows in groups:
             if name not in names:
                 continue  # "__base__" rows, or an adapter this layer does not hold
