@@ -2,10 +2,12 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+import deltatune.functional.lora as lora_functional
 from deltatune.functional.lora import (
     _dropout,
     dropout_keep_mask,
@@ -93,3 +95,26 @@ def test_hash_mask_is_deterministic_uniform_and_independent_across_seeds(p):
 def test_lora_branch_eval_ignores_dropout():
     x, a, b = torch.randn(3, 6), torch.randn(2, 6), torch.randn(4, 2)
     torch.testing.assert_close(lora_branch(x, a, b, 2.0, 0.9, training=False), x @ a.T @ b.T * 2.0)
+
+
+def _murmur_mask_reference(n: int, p: float, seed: int) -> np.ndarray:
+    """The documented mask, written out with numpy's uint32 arithmetic: murmur3's finalizer over
+    i * 0x9E3779B9 + spread(seed) - 2^31, each hash's low then high 16 bits as signed uniforms."""
+    spread = (seed * 0x9E3779B97F4A7C15 >> 32) & 0xFFFFFFFF
+    h = np.arange((n + 1) // 2, dtype=np.uint64) * 0x9E3779B9 + spread + 2**31  # -2^31 == +2^31 mod 2^32
+    h = h.astype(np.uint32)
+    h ^= h >> 16
+    h = (h.astype(np.uint64) * 0x85EBCA6B).astype(np.uint32)
+    h ^= h >> 13
+    h = (h.astype(np.uint64) * 0xC2B2AE35).astype(np.uint32)
+    h ^= h >> 16
+    uniform = h.view(np.int16)[:n]  # little-endian: low half first
+    return uniform >= round(p * 65536) - 32768
+
+
+@pytest.mark.parametrize("n", [7, 4096, 100_001])
+def test_hash_mask_matches_the_documented_hash_cached_or_not(n, monkeypatch):
+    want = _murmur_mask_reference(n, 0.1, 1234)
+    assert np.array_equal(dropout_keep_mask((n,), 0.1, 1234, torch.device("cpu")).numpy(), want)
+    monkeypatch.setattr(lora_functional, "_COUNTER_CACHE_MAX", 16)  # the counter built per call past the cache
+    assert np.array_equal(dropout_keep_mask((n,), 0.1, 1234, torch.device("cpu")).numpy(), want)

@@ -77,6 +77,34 @@ def test_offloaded_adamw_steps_exactly_like_adamw():
     assert all(s["exp_avg"].device.type == "cpu" for s in opts[1].state_dict()["state"].values())
 
 
+@pytest.mark.parametrize("loraplus_ratio", [None, 4.0])
+def test_trainer_adamw_is_fused_and_steps_like_torchs_reference_loop(loraplus_ratio):
+    torch.manual_seed(0)
+    models = [
+        dt.get_peft_model(
+            tiny_llama(), dt.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        )
+        for _ in range(2)
+    ]
+    models[1].load_state_dict(models[0].state_dict())
+    fused = build_optimizer(models[0], 1e-2, 0.01, loraplus_ratio, "adamw")
+    assert all(group["fused"] for group in fused.param_groups)
+    groups = [{k: v for k, v in g.items() if k not in ("params", "fused")} for g in fused.param_groups]
+    names = {id(p): n for n, p in models[0].named_parameters()}
+    twin = dict(models[1].named_parameters())
+    for group, fused_group in zip(groups, fused.param_groups, strict=True):
+        group["params"] = [twin[names[id(p)]] for p in fused_group["params"]]
+    loop = torch.optim.AdamW(groups, foreach=False)  # torch's reference implementation, one parameter at a time
+    ids = torch.randint(0, 97, (2, 6))
+    for _ in range(3):
+        for model, opt in zip(models, (fused, loop), strict=True):
+            model(input_ids=ids).logits.pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+    for (n, a), (_, b) in zip(models[0].named_parameters(), models[1].named_parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=n)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU refusal is what is tested")
 def test_paged_optimizers_need_cuda():
     model = dt.get_peft_model(tiny_causal_lm(50), dt.LoraConfig(r=2, target_modules=["q_proj"]))

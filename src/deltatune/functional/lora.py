@@ -130,8 +130,7 @@ def dropout_keep_mask(
     """
     n = math.prod(shape)
     seed = (seed * 0x9E3779B97F4A7C15 >> 32) & 0xFFFFFFFF  # spread the seed's bits before offsetting the counter
-    h = torch.arange((n + 1) // 2, dtype=torch.int32, device=device)
-    h.mul_(_GOLDEN).add_(seed - (1 << 31))  # int32 arithmetic wraps around
+    h = torch.add(_golden_counter((n + 1) // 2, device), seed - (1 << 31))  # int32 arithmetic wraps around
     tmp = torch.empty_like(h)
     for shift, mult in ((16, _MIX1), (13, _MIX2), (16, None)):
         torch.bitwise_right_shift(h, shift, out=tmp)
@@ -141,6 +140,24 @@ def dropout_keep_mask(
     uniform16 = h.view(torch.int16)[:n]  # ~uniform over [-32768, 32767]
     keep = torch.empty(n, dtype=dtype, device=device)
     return torch.ge(uniform16, round(p * 65536) - 32768, out=keep).view(shape)
+
+
+_COUNTER_CACHE_MAX = 1 << 22  # int32 elements (16 MiB): larger masks recompute the counter (cheap beside their matmuls)
+_golden_counters: dict[torch.device, Tensor] = {}
+
+
+def _golden_counter(m: int, device: torch.device) -> Tensor:
+    """[0, 1, ..., m-1] * 0x9E3779B9 in wrapping int32: the hash's input before the seed. A pure function of the
+    position, so one tensor per device serves every shorter mask as a prefix; cached up to `_COUNTER_CACHE_MAX`
+    (building it is 3 of the mask's ~12 passes)."""
+    if m > _COUNTER_CACHE_MAX:
+        return torch.arange(m, dtype=torch.int32, device=device).mul_(_GOLDEN)
+    device = torch.device(device)
+    cached = _golden_counters.get(device)
+    if cached is None or cached.numel() < m:
+        size = min(_COUNTER_CACHE_MAX, max(m, 2 * (0 if cached is None else cached.numel())))
+        cached = _golden_counters[device] = torch.arange(size, dtype=torch.int32, device=device).mul_(_GOLDEN)
+    return cached[:m]
 
 
 def _dropout(x: Tensor, p: float, seed: int) -> Tensor:

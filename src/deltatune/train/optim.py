@@ -116,10 +116,20 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     """The optimizer over trainable parameters only (with LoRA+ groups when a ratio is given)."""
     cls = optimizer_class(name)
-    if loraplus_lr_ratio:
-        return create_loraplus_optimizer(model, cls, lr, loraplus_lr_ratio, loraplus_weight_decay=weight_decay)
     params = [p for p in model.parameters() if p.requires_grad]
-    return cls(params, lr=lr, weight_decay=weight_decay)
+    fused = {"fused": True} if cls is torch.optim.AdamW and fused_adamw_applies(params) else {}
+    if loraplus_lr_ratio:
+        return create_loraplus_optimizer(model, cls, lr, loraplus_lr_ratio, loraplus_weight_decay=weight_decay, **fused)
+    return cls(params, lr=lr, weight_decay=weight_decay, **fused)
+
+
+def fused_adamw_applies(params: list[nn.Parameter]) -> bool:
+    """Whether torch's fused AdamW kernel can step `params`: plain floating tensors on CPU or CUDA. One kernel per
+    step instead of ~10 small ops per parameter (a LoRA has hundreds of small parameters: 9.8 -> 2.8 ms per step for
+    SmolLM2's q,k,v,o on a 2-core CPU); the same update to float rounding."""
+    return bool(params) and all(
+        type(p.data) is torch.Tensor and p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params
+    )
 
 
 class OffloadedAdamW(torch.optim.Optimizer):
@@ -144,7 +154,8 @@ class OffloadedAdamW(torch.optim.Optimizer):
             {**{k: v for k, v in g.items() if k != "params"}, "params": m}
             for g, m in zip(self.param_groups, self.masters, strict=True)
         ]
-        self.inner = torch.optim.AdamW(groups)
+        masters = [m for group in self.masters for m in group]
+        self.inner = torch.optim.AdamW(groups, fused=fused_adamw_applies(masters) or None)
         self.state = self.inner.state  # the moments, on CPU
 
     @torch.no_grad()
