@@ -16,7 +16,7 @@ from transformers.initialization import no_init_weights
 
 from deltatune import adapters, io, saving
 from deltatune.adapter_model import dispatches_on_task_type, task_class
-from deltatune.arguments import refuse_unknown
+from deltatune.arguments import flag, refuse_unknown
 from deltatune.config import AdapterConfig
 from deltatune.errors import ConfigError, UnsupportedArgumentError
 from deltatune.hub import adapter_dir, push_adapter, write_model_card
@@ -301,8 +301,8 @@ def _in_model(path: str, key: str) -> str:
 def _set_requires_grad(flags: dict[nn.Parameter, bool]) -> None:
     """Give parameters back their requires_grad: `load_adapter` does on failure, and after loading into a model that
     holds adapters (peft's rule; a first load, from_pretrained, freezes the base as get_peft_model does)."""
-    for param, flag in flags.items():
-        param.requires_grad_(flag)
+    for param, requires_grad in flags.items():
+        param.requires_grad_(requires_grad)
 
 
 def load_options(base: nn.Module, kwargs: dict[str, Any]) -> tuple[torch.device | None, bool, bool]:
@@ -312,10 +312,7 @@ def load_options(base: nn.Module, kwargs: dict[str, Any]) -> tuple[torch.device 
     torch_device = options.pop("torch_device", None)
     device_map = options.pop("device_map", None)
     defaults = {"autocast_adapter_dtype": True, "low_cpu_mem_usage": False, "ignore_mismatched_sizes": False}
-    flags = {name: options.pop(name, default) for name, default in defaults.items()}
-    for name, value in flags.items():
-        if not isinstance(value, bool):
-            raise ConfigError(f"load_adapter(): {name} must be True or False, got {value!r}.")
+    flags = {name: flag("load_adapter", name, options.pop(name, default)) for name, default in defaults.items()}
     refuse_unknown("load_adapter", options, {"ephemeral_gpu_offload": (False,), "key_mapping": (None, {})})
     if device_map is not None:
         check_device_map(base, device_map)

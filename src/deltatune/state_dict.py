@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from deltatune import io
-from deltatune.arguments import refuse_unknown
+from deltatune.arguments import flag, refuse_unknown
 from deltatune.layers import AdapterLayer, TrainableCopy
 
 if TYPE_CHECKING:  # model.py uses `module_keys` below
@@ -64,15 +64,15 @@ def set_peft_model_state_dict(
     model: AdapterModel, peft_model_state_dict: dict[str, Tensor], adapter_name: str = "default", **kwargs: Any
 ) -> LoadResult:
     """Load peft-keyed tensors into the existing adapter `adapter_name` (keys and shapes checked first)."""
-    ignore_mismatched_sizes = kwargs.pop("ignore_mismatched_sizes", False)
+    ignore_mismatched_sizes = flag(
+        "set_peft_model_state_dict", "ignore_mismatched_sizes", kwargs.pop("ignore_mismatched_sizes", False)
+    )
     refuse_unknown("set_peft_model_state_dict", kwargs, {"low_cpu_mem_usage": (False,)})
     view = as_adapter_model(model)
     if view is not model:
         prefix = _prefix(view, adapter_name)
         peft_model_state_dict = {prefix + k: t for k, t in peft_model_state_dict.items()}
-    view.load_adapter_tensors(
-        adapter_name, peft_model_state_dict, ignore_mismatched_sizes=bool(ignore_mismatched_sizes)
-    )
+    view.load_adapter_tensors(adapter_name, peft_model_state_dict, ignore_mismatched_sizes=ignore_mismatched_sizes)
     return LoadResult([], [])
 
 

@@ -386,6 +386,29 @@ def test_ignore_mismatched_sizes_loads_the_rest_and_integer_buffers_round_trip(t
     assert same.base_model.model.norm.modules_to_save["default"].num_batches_tracked.item() == 7
 
 
+@pytest.mark.parametrize("value", ["False", 0, None])
+def test_ignore_mismatched_sizes_takes_only_a_bool_in_every_loader(tmp_path, value):
+    """A string "False" is truthy: read as a flag it would silently drop tensors. Every loader refuses a non-bool
+    by name, before anything is loaded."""
+    source = dt.get_peft_model(_EmbLinNorm(100), dt.LoraConfig(target_modules=["lin0"], init_lora_weights=False))
+    source.save_pretrained(tmp_path)
+    model = dt.get_peft_model(_EmbLinNorm(100), dt.LoraConfig(target_modules=["lin0"]))
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    calls = [
+        lambda: dt.PeftModel.from_pretrained(_EmbLinNorm(100), tmp_path, ignore_mismatched_sizes=value),
+        lambda: model.load_adapter(tmp_path, adapter_name="other", ignore_mismatched_sizes=value),
+        lambda: dt.set_peft_model_state_dict(
+            model, dt.get_peft_model_state_dict(source), ignore_mismatched_sizes=value
+        ),
+    ]
+    for call in calls:
+        with pytest.raises(dt.ConfigError, match=r"ignore_mismatched_sizes must be True or False"):
+            call()
+    assert all(torch.equal(before[n], t) for n, t in model.state_dict().items()) and len(model.state_dict()) == len(
+        before
+    )
+
+
 def test_inject_adapter_in_model_refuses_shared_state_methods_in_peft_words():
     """peft's test_save_load_roundtrip_direct_injection takes a ValueError naming "shared state" and get_peft_model as
     the refusal of such methods; deltatune refused VeRA (and AdaLoRA, prompt methods) in other words."""
