@@ -23,6 +23,7 @@ prefix) equal the per-example ones (`padding_free_supported`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 from collections.abc import Iterator
 
@@ -65,16 +66,30 @@ def _segment_attention(module, query, key, value, attention_mask, dropout=0.0, s
     return torch.cat(parts, 2).transpose(1, 2).contiguous(), None
 
 
-_last_index: list = []
-"""The last (prefix_rows, lengths, prefixes, index, sizes, masks): every layer of one forward gathers alike. Holding
-prefix_rows keeps its id from being reused while cached."""
+@dataclasses.dataclass(frozen=True)
+class _GatherIndex:
+    """One forward's gather layout, which every layer of it shares. Holding `prefix_rows` keeps its id from being
+    reused by another tensor while this is cached."""
+
+    prefix_rows: Tensor
+    lengths: tuple
+    prefixes: tuple
+    index: Tensor  # row positions: each example's shared prefix, then its own tokens, end to end
+    sizes: list[int]  # each example's count in `index`
+    masks: list[Tensor | None]  # all of the prefix, then its own tokens causally; None without a prefix (causal)
+
+    def serves(self, prefix_rows: Tensor, lengths: tuple, prefixes: tuple) -> bool:
+        return self.prefix_rows is prefix_rows and self.lengths == lengths and self.prefixes == prefixes
+
+
+_last_index: _GatherIndex | None = None
 
 
 def _gather_index(prefix_rows: Tensor, lengths: tuple, prefixes: tuple) -> tuple[Tensor, list[int], list]:
-    """Row positions of each example's shared prefix then its own tokens, end to end; each example's count; and
-    its attention mask (all of the prefix, then its own tokens causally; None without a prefix: SDPA's causal)."""
-    if _last_index and _last_index[0] is prefix_rows and _last_index[1:3] == [lengths, prefixes]:
-        return _last_index[3], _last_index[4], _last_index[5]
+    """(index, sizes, masks) of `_GatherIndex` for one forward, built once for all its layers."""
+    global _last_index
+    if _last_index is not None and _last_index.serves(prefix_rows, lengths, prefixes):
+        return _last_index.index, _last_index.sizes, _last_index.masks
     device = prefix_rows.device
     chains = prefix_rows.split(list(prefixes))
     starts = list(itertools.accumulate(lengths, initial=0))[:-1]
@@ -83,7 +98,7 @@ def _gather_index(prefix_rows: Tensor, lengths: tuple, prefixes: tuple) -> tuple
     sizes = [p + n for p, n in zip(prefixes, lengths, strict=True)]
     masks = [torch.ones(n, p + n, dtype=torch.bool, device=device).tril(p) if p else None
              for p, n in zip(prefixes, lengths, strict=True)]  # fmt: skip
-    _last_index[:] = [prefix_rows, lengths, prefixes, index, sizes, masks]
+    _last_index = _GatherIndex(prefix_rows, lengths, prefixes, index, sizes, masks)
     return index, sizes, masks
 
 
