@@ -69,7 +69,7 @@ def target_names(base: nn.Module, config: AdapterConfig, spec: MethodSpec, stric
             target_modules=target_modules,
             supported=tuple(spec.layers),
             exclude_modules=config.exclude_modules,
-            layers_to_transform=config.layers_to_transform,
+            layers_to_transform=config.layers_to_transform_list(),
             layers_pattern=config.layers_pattern,
             output_head=output_head_name(base),
             strict=strict,

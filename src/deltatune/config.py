@@ -122,6 +122,8 @@ class AdapterConfig(metaclass=_ConfigType):
     unsupported_fields: ClassVar[tuple[str, ...]] = ()
     inert_fields: ClassVar[tuple[str, ...]] = ()
     """peft fields that only qualify an unsupported option (e.g. its group size); read and dropped quietly."""
+    regex_excludes_layer_selection: ClassVar[bool] = False
+    """peft's rule for this method: a str `target_modules` takes no `layers_to_transform` / `layers_pattern`."""
 
     target_modules: list[str] | str | None = None
     """Module names to adapt: a list of name suffixes, a regex matched against the full name, or "all-linear"."""
@@ -159,15 +161,36 @@ class AdapterConfig(metaclass=_ConfigType):
             bad = [t for t in self.target_modules if not isinstance(t, str) or not t]
             if bad:
                 raise ConfigError(f"target_modules must hold non-empty strings; got {bad!r}.")
-        if isinstance(self.layers_to_transform, int):
-            self.layers_to_transform = [self.layers_to_transform]
-        if self.layers_to_transform is not None and any(i < 0 for i in self.layers_to_transform):
-            raise ConfigError(f"layers_to_transform holds a negative index: {self.layers_to_transform}.")
+        if self.regex_excludes_layer_selection:
+            self.refuse_layer_selection_with_regex()
+        indices = self.layers_to_transform_list()  # an int stays as given (peft keeps it), meaning that one layer
+        if indices is not None and any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in indices):
+            raise ConfigError(
+                f"layers_to_transform must be a layer index or a list of them (integers >= 0), got "
+                f"{self.layers_to_transform!r}."
+            )
         if self.layers_pattern and self.layers_to_transform is None:
             raise ConfigError(
                 "When `layers_pattern` is specified, `layers_to_transform` must also be specified (peft's rule): "
                 "layers_pattern is only used with layers_to_transform; set both, or neither."
             )
+
+    def layers_to_transform_list(self) -> list[int] | None:
+        """`layers_to_transform` as a list (an int names one layer), or None: every layer."""
+        value = self.layers_to_transform
+        return [value] if isinstance(value, int) and not isinstance(value, bool) else value
+
+    def refuse_layer_selection_with_regex(self) -> None:
+        """A str `target_modules` with `layers_to_transform` / `layers_pattern` refused (peft's rule for LoRA and
+        AdaLoRA: peft refuses such a config when it reads it, so the adapter would not move to peft)."""
+        if not isinstance(self.target_modules, str):
+            return
+        for name in ("layers_to_transform", "layers_pattern"):
+            if getattr(self, name) is not None:
+                raise ConfigError(
+                    f"`{name}` cannot be used when `target_modules` is a str. Put the layers in the regex (e.g. "
+                    rf"r'.*\.layers\.(0|1)\..*(q_proj|v_proj)'), or list the module names instead of a str."
+                )
 
     def _check_task_type(self) -> None:
         from deltatune.peft_types import TaskType

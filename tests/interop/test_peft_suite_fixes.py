@@ -451,3 +451,34 @@ def test_adalora_warns_about_r_in_peft_words_and_only_when_given():
             lib.AdaLoraConfig(init_r=12, lora_alpha=32, total_step=1)
         with pytest.warns(UserWarning, match="Note that `r` is not used in AdaLora and will be ignored"):
             lib.AdaLoraConfig(r=10, total_step=1)
+
+
+@pytest.mark.parametrize("config_class", ["LoraConfig", "AdaLoraConfig"])
+def test_a_regex_target_with_layer_selection_is_refused_as_peft_refuses_it(config_class):
+    """peft's test_regex_with_layer_indexing_lora: peft refuses layers_to_transform / layers_pattern with a str
+    target_modules when it builds (or reads) the config, so such an adapter could not move to peft; deltatune
+    honoured it. Both refuse now, in the same words; the list form stays accepted."""
+    extra = {"total_step": 10} if config_class == "AdaLoraConfig" else {}
+    for lib in LIBS.values():
+        cls = getattr(lib, config_class)
+        with pytest.raises(ValueError, match="`layers_to_transform` cannot be used when `target_modules` is a str."):
+            cls(target_modules=".*q_proj", layers_to_transform=[0], **extra)
+        with pytest.raises(ValueError, match="`layers_pattern` cannot be used when `target_modules` is a str."):
+            cls(target_modules=".*q_proj", layers_pattern=["layers"], **extra)
+        cls(target_modules=["q_proj"], layers_pattern=["layers"], layers_to_transform=[0], **extra)
+
+
+def test_layers_to_transform_zero_is_kept_as_given_and_selects_the_first_layer(tmp_path):
+    """peft's test_config_layers_to_transform_index_zero: an int index stays the int (deltatune made it [0]); it
+    selects layer 0 only, survives the saved config, and peft wraps the same modules from deltatune's file."""
+    config = dt.LoraConfig(target_modules=["q_proj"], layers_to_transform=0, layers_pattern="layers")
+    assert config.layers_to_transform == 0 and config.layers_pattern == "layers"
+    model = dt.get_peft_model(tiny_llama(), config)
+    wrapped = sorted(n for n, m in model.named_modules() if n.endswith("q_proj") and hasattr(m, "lora_A"))
+    assert wrapped == ["base_model.model.model.layers.0.self_attn.q_proj"]
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["layers_to_transform"] == 0
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    assert sorted(n for n, m in theirs.named_modules() if n.endswith("q_proj") and hasattr(m, "lora_A")) == wrapped
+    with pytest.raises(dt.ConfigError, match="layers_to_transform must be a layer index"):
+        dt.LoraConfig(target_modules=["q_proj"], layers_to_transform=[0, -1])

@@ -49,6 +49,7 @@ class AdaLoraConfig(AdapterConfig):
     """Configuration of an AdaLoRA adapter (peft's field names and defaults)."""
 
     peft_type = "ADALORA"
+    regex_excludes_layer_selection = True
     # peft's AdaLoRA inherits these LoRA options; deltatune refuses them rather than silently ignoring them.
     # peft's AdaLoraConfig extends its LoraConfig, so its files carry every LoRA option too
     unsupported_fields = (

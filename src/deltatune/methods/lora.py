@@ -49,6 +49,7 @@ class LoraConfig(AdapterConfig):
     """Configuration of a LoRA adapter (field names and defaults are peft's)."""
 
     peft_type = "LORA"
+    regex_excludes_layer_selection = True
     # peft options deltatune does not implement (yet): loading an adapter that turns one on is an error, not a guess.
     unsupported_fields = (
         "use_qalora",
