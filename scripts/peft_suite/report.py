@@ -55,6 +55,35 @@ EXPLAINED: list[tuple[str, str, str]] = [
     ),
     (r"monteclora_config", "method we do not have", "MonteCLoRA (LoraConfig.monteclora_config): not in deltatune"),
     (
+        r"test_delete_adapter_multiple_adapters_with_modules_to_save",
+        "behaviour",
+        "on purpose: deleting the last adapter that saves a module gives the original module back (peft keeps an "
+        "empty ModulesToSaveWrapper)",
+    ),
+    (
+        r"TestDynamicDispatch::",
+        "peft internals",
+        "registers a user subclass of peft's LoraLayer for a custom module type (config._register_custom_module); "
+        "deltatune's layers are its own classes",
+    ),
+    (
+        r"test_merge_layers\[Embedding \+ transformers Conv1D 1 LoRA trainable_tokens",
+        "peft internals",
+        "the test perturbs the tokens through peft's TrainableTokensWrapper class and its token_adapter attribute; "
+        "deltatune's trainable tokens are one layer",
+    ),
+    (
+        r"test_multiple_active_adapters_with_same_trainable_token_indices_raises",
+        "behaviour",
+        "wording: refused with a ValueError as in peft, in deltatune's words (peft's names its TrainableTokensWrapper)",
+    ),
+    (
+        r"test_only_params_are_updated\[Embedding \+ transformers Conv1D 2 LoRA-",
+        "behaviour",
+        "chance: 3 SGD steps move lora_embedding_B by less than the 1e-4 tolerance for most draws of the init, in "
+        "peft too (the same model and steps fail for 15 of 20 seeds under peft, 16 under deltatune)",
+    ),
+    (
         r"test_save_pretrained_with_target_modules",
         "behaviour",
         "on purpose: target_modules stays the list it was given (peft turns a list into a set)",

@@ -452,6 +452,11 @@ class TrainableCopy(nn.Module):
     def adapter_names(self) -> list[str]:
         return list(self.modules_to_save.keys())
 
+    @property
+    def adapter_layer_names(self) -> tuple[str, ...]:
+        """peft's attribute: the containers holding per-adapter tensors (here the per-adapter copies)."""
+        return ("modules_to_save",)
+
     def add_adapter(self, name: str) -> None:
         self.modules_to_save[name] = copy.deepcopy(self.original_module)
 

@@ -482,3 +482,23 @@ def test_layers_to_transform_zero_is_kept_as_given_and_selects_the_first_layer(t
     assert sorted(n for n, m in theirs.named_modules() if n.endswith("q_proj") and hasattr(m, "lora_A")) == wrapped
     with pytest.raises(dt.ConfigError, match="layers_to_transform must be a layer index"):
         dt.LoraConfig(target_modules=["q_proj"], layers_to_transform=[0, -1])
+
+
+def test_modules_to_save_wrappers_list_their_adapter_containers_like_peft():
+    """peft's test_set_requires_grad walks `adapter_layer_names` of every wrapper, a modules_to_save one included;
+    deltatune's trainable copy had no such attribute. Same names, same requires_grad after set_requires_grad."""
+    seen = {}
+    for name, lib in LIBS.items():
+        model = lib.get_peft_model(tiny_llama(), _lora(lib), adapter_name="a")
+        model.add_adapter("b", lib.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+        model.set_requires_grad(adapter_names="b")
+        wrapper = model.base_model.model.lm_head
+        seen[name] = (
+            tuple(wrapper.adapter_layer_names),
+            {
+                n: p.requires_grad
+                for c in wrapper.adapter_layer_names
+                for n, p in getattr(wrapper, c)["b"].named_parameters()
+            },
+        )
+    assert seen["deltatune"] == seen["peft"] and seen["peft"][1] and all(seen["peft"][1].values())
