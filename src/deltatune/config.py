@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import inspect
 import json
 import warnings
 from collections.abc import Callable
@@ -93,6 +94,13 @@ class _ConfigType(type):
         own = namespace.get("peft_type")
         if isinstance(own, str) and not isinstance(own, MethodName):
             cls.peft_type = MethodName(own)
+
+    @property
+    def __signature__(cls) -> inspect.Signature:
+        """The fields, as `inspect.signature` / `help()` show a dataclass (`__call__` below would hide them behind
+        *args, **kwargs)."""
+        init = inspect.signature(cls.__init__)
+        return init.replace(parameters=list(init.parameters.values())[1:])  # without self
 
     def __call__(cls, *args: Any, **kwargs: Any) -> Any:
         given = kwargs.pop("peft_type", None)

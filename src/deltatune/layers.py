@@ -457,6 +457,11 @@ class TrainableCopy(nn.Module):
         """peft's attribute: the containers holding per-adapter tensors (here the per-adapter copies)."""
         return ("modules_to_save",)
 
+    @property
+    def other_param_names(self) -> tuple[str, ...]:
+        """peft's attribute: per-adapter plain values (a trainable copy has none)."""
+        return ()
+
     def add_adapter(self, name: str) -> None:
         self.modules_to_save[name] = copy.deepcopy(self.original_module)
 

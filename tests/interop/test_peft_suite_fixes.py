@@ -485,8 +485,9 @@ def test_layers_to_transform_zero_is_kept_as_given_and_selects_the_first_layer(t
 
 
 def test_modules_to_save_wrappers_list_their_adapter_containers_like_peft():
-    """peft's test_set_requires_grad walks `adapter_layer_names` of every wrapper, a modules_to_save one included;
-    deltatune's trainable copy had no such attribute. Same names, same requires_grad after set_requires_grad."""
+    """peft's test_set_requires_grad and test_delete_adapter walk `adapter_layer_names` (+ `other_param_names`) of
+    every wrapper, a modules_to_save one included; deltatune's trainable copy had neither. Same names, same
+    requires_grad after set_requires_grad."""
     seen = {}
     for name, lib in LIBS.items():
         model = lib.get_peft_model(tiny_llama(), _lora(lib), adapter_name="a")
@@ -494,7 +495,7 @@ def test_modules_to_save_wrappers_list_their_adapter_containers_like_peft():
         model.set_requires_grad(adapter_names="b")
         wrapper = model.base_model.model.lm_head
         seen[name] = (
-            tuple(wrapper.adapter_layer_names),
+            (tuple(wrapper.adapter_layer_names), tuple(wrapper.other_param_names)),
             {
                 n: p.requires_grad
                 for c in wrapper.adapter_layer_names
@@ -502,3 +503,13 @@ def test_modules_to_save_wrappers_list_their_adapter_containers_like_peft():
             },
         )
     assert seen["deltatune"] == seen["peft"] and seen["peft"][1] and all(seen["peft"][1].values())
+
+
+def test_config_signatures_list_their_fields_like_peft_s():
+    """peft's test_config_layers_to_transform_index_zero picks the configs with layer selection by
+    inspect.signature(config_class); deltatune's configs showed (*args, **kwargs) (their metaclass's __call__)."""
+    import inspect
+
+    for name in ("LoraConfig", "AdaLoraConfig", "VeraConfig"):
+        ours, theirs = (set(inspect.signature(getattr(lib, name)).parameters) for lib in (dt, peft))
+        assert {"layers_to_transform", "layers_pattern", "target_modules", "r"} <= ours & theirs, name
