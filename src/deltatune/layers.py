@@ -462,6 +462,11 @@ class TrainableCopy(nn.Module):
         """peft's attribute: per-adapter plain values (a trainable copy has none)."""
         return ()
 
+    @property
+    def _adapters(self) -> set[str]:
+        """peft's (private) record of the adapters a wrapper serves; its tests read it after delete_adapter."""
+        return set(self.modules_to_save)
+
     def add_adapter(self, name: str) -> None:
         self.modules_to_save[name] = copy.deepcopy(self.original_module)
 
