@@ -53,7 +53,11 @@ EXPLAINED: list[tuple[str, str, str]] = [
         "behaviour",
         "on purpose: a config given another method's peft_type is refused by name (peft keeps the wrong one)",
     ),
-    (r"monteclora_config", "method we do not have", "MonteCLoRA (LoraConfig.monteclora_config): not in deltatune"),
+    (
+        r"monteclora_config|with Monteclora",
+        "method we do not have",
+        "MonteCLoRA (LoraConfig.monteclora_config): not in deltatune",
+    ),
     (
         r"test_config_layers_to_transform_index_zero",
         "behaviour",
