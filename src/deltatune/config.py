@@ -16,6 +16,7 @@ from deltatune.config_types import check_field_types, check_regex
 from deltatune.errors import (
     ConfigError,
     MissingConfigKeyError,
+    PeftWarning,
     UnknownFieldWarning,
     UnsupportedArgumentError,
     UnsupportedFieldError,
@@ -130,6 +131,9 @@ class AdapterConfig(metaclass=_ConfigType):
     unsupported_fields: ClassVar[tuple[str, ...]] = ()
     inert_fields: ClassVar[tuple[str, ...]] = ()
     """peft fields that only qualify an unsupported option (e.g. its group size); read and dropped quietly."""
+    peft_ignores: ClassVar[tuple[str, ...]] = ()
+    """Fields deltatune honours that peft's config class of this method lacks: peft drops them (with a warning)
+    when it reads the file and adapts other modules than the adapter holds; `save` warns when one is set."""
     regex_excludes_layer_selection: ClassVar[bool] = False
     """peft's rule for this method: a str `target_modules` takes no `layers_to_transform` / `layers_pattern`."""
 
@@ -302,8 +306,23 @@ class AdapterConfig(metaclass=_ConfigType):
         (e.g. `auto_mapping`)."""
         from deltatune.io import atomic_write_bytes
 
+        self._warn_fields_peft_ignores()
         payload = json.dumps({**self.to_dict(), **(metadata or {})}, indent=2, sort_keys=True).encode()
         atomic_write_bytes(Path(directory) / CONFIG_NAME, payload)
+
+    def _warn_fields_peft_ignores(self) -> None:
+        given = {name: getattr(self, name) for name in self.peft_ignores if getattr(self, name) is not None}
+        if given:
+            settings = ", ".join(f"{k}={v!r}" for k, v in given.items())
+            warnings.warn(
+                f"{type(self).__name__}({settings}): peft's {type(self).__name__} has no such "
+                f"{'field' if len(given) == 1 else 'fields'}; peft drops {'it' if len(given) == 1 else 'them'} when "
+                f"it loads this adapter and adapts other modules than the file holds (deltatune loads it as saved). "
+                f"To keep the adapter loadable in peft, choose the modules with target_modules alone (a list of names "
+                f"or a regex that names the layers).",
+                PeftWarning,
+                stacklevel=3,
+            )
 
     def save_pretrained(self, save_directory: str | Path, auto_mapping_dict: dict[str, Any] | None = None) -> None:
         """peft's name for `save`: `save_directory/adapter_config.json` (the folder is created);

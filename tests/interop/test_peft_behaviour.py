@@ -332,3 +332,30 @@ def test_two_trainable_adalora_adapters_each_keep_their_own_state():
         optimizer.zero_grad()
     assert all(torch.equal(v, model.adapter_state_dict("default")[k]) for k, v in first.items())
     assert not torch.equal(model.adapter_state_dict("b")[key], trained_before)
+
+
+@pytest.mark.parametrize("name", ["IA3Config", "LNTuningConfig", "GraloraConfig", "VeraConfig"])
+def test_fields_peft_lacks_are_declared_from_peft_s_own_classes(name):
+    """`peft_ignores` lists exactly the fields deltatune's config has and peft's class of the method has not
+    (read from peft's signatures: the save warning must neither miss one nor cry wolf)."""
+    import inspect
+
+    ours, theirs = (set(inspect.signature(getattr(lib, name)).parameters) for lib in (dt, peft))
+    assert set(getattr(dt, name).peft_ignores) == ours - theirs
+
+
+def test_saving_a_field_peft_ignores_warns_and_peft_indeed_adapts_other_modules(tmp_path):
+    """IA3 on layer 0 only: deltatune honours layers_to_transform, peft 0.21 has no such IA3 field, drops it when
+    loading and wraps every layer (its own warnings say so). The save warns, naming the field and the fix; the same
+    adapter without it saves quietly."""
+    config = dict(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"])
+    model = dt.get_peft_model(tiny_llama(), dt.IA3Config(**config, layers_to_transform=[0]))
+    with pytest.warns(dt.PeftWarning, match=r"IA3Config\(layers_to_transform=\[0\]\).*no such field.*target_modules"):
+        model.save_pretrained(tmp_path / "layer0")
+    with pytest.warns(UserWarning, match="Unexpected keyword arguments"):
+        theirs = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "layer0")
+    wrapped = {n for n, m in theirs.named_modules() if n.endswith("k_proj") and hasattr(m, "ia3_l")}
+    assert len(wrapped) == 2  # both of tiny_llama's layers: the selection did not survive the move
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", dt.PeftWarning)
+        dt.get_peft_model(tiny_llama(), dt.IA3Config(**config)).save_pretrained(tmp_path / "all")

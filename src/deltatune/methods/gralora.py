@@ -35,6 +35,7 @@ class GraloraConfig(AdapterConfig):
     """Configuration of a GraLoRA adapter (peft's field names and defaults)."""
 
     peft_type = "GRALORA"
+    peft_ignores = ("exclude_modules",)  # peft's config class has no such field
 
     r: int = 32
     """Rank budget of the block part (parameter count = LoRA at rank r); must be divisible by gralora_k."""

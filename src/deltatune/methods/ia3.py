@@ -35,6 +35,7 @@ class IA3Config(AdapterConfig):
     """Configuration of an (IA)³ adapter (peft's field names and defaults)."""
 
     peft_type = "IA3"
+    peft_ignores = ("layers_to_transform", "layers_pattern")  # peft's config class has no such field
 
     feedforward_modules: list[str] | str | None = None
     """Targets whose *input* is scaled (the FFN's second linear); must be among target_modules. A list matches name

@@ -29,6 +29,7 @@ class LNTuningConfig(AdapterConfig):
     """Configuration of LayerNorm tuning (peft's field names; peft_type "LN_TUNING")."""
 
     peft_type = "LN_TUNING"
+    peft_ignores = ("layers_to_transform", "layers_pattern")  # peft's config class has no such field
 
 
 def ln_tuning_targets(model_type: str | None) -> list[str] | None:

@@ -33,6 +33,7 @@ class VeraConfig(AdapterConfig):
     """Configuration of a VeRA adapter (peft's field names and defaults)."""
 
     peft_type = "VERA"
+    peft_ignores = ("exclude_modules",)  # peft's config class has no such field
 
     r: int = 256
     """Rank of the shared random projections (VeRA affords much larger r than LoRA: it trains only r + d_out)."""
