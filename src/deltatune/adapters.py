@@ -221,7 +221,8 @@ def set_active(
     for wrapper in found:
         wrapper.set_active(active)
     for p in base.parameters():
-        p.requires_grad_(False)
+        if p.requires_grad:  # most are frozen already: skip the call
+            p.requires_grad_(False)
     params = None
     for name in dict.fromkeys([*active, *also_train]):
         config = configs[name]

@@ -6,6 +6,7 @@ Like the model, it knows methods only through the registry and wrappers only thr
 from __future__ import annotations
 
 import warnings
+from collections.abc import Container
 from pathlib import Path
 from typing import Any
 
@@ -226,7 +227,7 @@ class CheckpointMixin:
                 adapters.set_adapter_dtype(self._base, adapter_name, autocast_adapter_dtype)
                 self.peft_config[adapter_name] = config
                 expected = io.from_peft_keys(self.adapter_state_dict(adapter_name), spec.module_key_prefix)
-                expected.update(self._saved_base_weights(found))
+                expected.update(self._saved_base_weights(found, expected))
                 io.check_state(expected, found, str(directory / io.WEIGHTS_NAME), drop_mismatched=ignore_mismatched)
         except BaseException:
             self.peft_config.pop(adapter_name, None)
@@ -249,13 +250,13 @@ class CheckpointMixin:
         for layer in self._layers():
             layer.initialize_from_base(adapter_name)
 
-    def _saved_base_weights(self, found: dict[str, Tensor]) -> dict[str, Tensor]:
+    def _saved_base_weights(self, found: dict[str, Tensor], adapter_keys: Container[str] = ()) -> dict[str, Tensor]:
         """Base weights that peft stores beside the adapter (`save_embedding_layers`: an adapted embedding's full
         table, `<path>.base_layer.weight`, or a plain embedding's `<path>.weight`, e.g. after resizing the
-        vocabulary): loaded into the base like peft does."""
+        vocabulary): loaded into the base like peft does. `adapter_keys` (the adapter's own) are not looked for."""
         layers = {f"{path}.base_layer.weight": w for path, w in self._wrappers() if isinstance(w, AdapterLayer)}
         out = {k: layers[k].get_base_layer().weight for k in found if k in layers}
-        if any(k.endswith(".weight") and k not in layers for k in found):
+        if any(k.endswith(".weight") and k not in layers and k not in adapter_keys for k in found):
             plain = self._embedding_params()  # a table saved for a layer no adapter wraps
             out.update({k: plain[k] for k in found if k in plain and k not in out})
         return out

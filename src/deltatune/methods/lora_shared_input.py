@@ -95,19 +95,19 @@ SHARED_INPUT_NAMES: tuple[frozenset[str], ...] = (
 
 
 def link_shared_inputs(model: nn.Module, layer_cls: type[nn.Module]) -> None:
-    """Give every `layer_cls` child its sibling group (`SHARED_INPUT_NAMES`, same input width), or None; regrouped
-    from scratch on each call, so adapters added later join."""
-    for parent in model.modules():
-        groups: dict[tuple[int, int], list] = {}
-        for child_name, child in parent.named_children():
-            if not isinstance(child, layer_cls):
-                continue
-            child.input_group = None
-            family = next((i for i, names in enumerate(SHARED_INPUT_NAMES) if child_name in names), None)
-            if family is not None:
-                groups.setdefault((family, child.in_features), []).append(child)
-        for members in groups.values():
-            if len(members) > 1:
-                group = SharedInputGroup(members)
-                for member in members:
-                    member.input_group = group
+    """Give every `layer_cls` module its sibling group (children of one parent, `SHARED_INPUT_NAMES`, same input
+    width), or None; regrouped from scratch on each call (one walk of the model), so adapters added later join."""
+    groups: dict[tuple[str, int, int], list] = {}
+    for path, module in model.named_modules():
+        if not isinstance(module, layer_cls):
+            continue
+        module.input_group = None
+        parent, _, child_name = path.rpartition(".")
+        family = next((i for i, names in enumerate(SHARED_INPUT_NAMES) if child_name in names), None)
+        if family is not None:
+            groups.setdefault((parent, family, module.in_features), []).append(module)
+    for members in groups.values():
+        if len(members) > 1:
+            group = SharedInputGroup(members)
+            for member in members:
+                member.input_group = group
